@@ -1,0 +1,210 @@
+//! The client-facing HTTP API, raftexample's routes:
+//!
+//! | request                  | does                                        |
+//! |--------------------------|---------------------------------------------|
+//! | `GET /<key>`             | 200 with the value, 404 if absent            |
+//! | `PUT /<key>` body=value  | 204 once committed and applied on this node  |
+//! | `POST /<id>` body=URL    | adds node `<id>` with that peer URL; 204     |
+//! | `DELETE /<id>`           | removes node `<id>`; 204                      |
+//!
+//! This module parses and validates requests, hands them to the node, and maps every
+//! outcome to one status with a plain-text message; each error is logged here, once. It
+//! never answers 204 for a write whose outcome it does not know.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_LENGTH};
+use hyper::{Method, Request, Response, StatusCode};
+use slog::{warn, Logger};
+
+use crate::command::Command;
+use crate::http_server::text_response;
+use crate::kv::SharedKv;
+use crate::membership::{parse_node_id, parse_peer_url};
+use crate::node::{MemberChange, NodeHandle, ProposeError};
+
+/// The methods the key and node routes accept.
+const ALLOWED: &str = "GET, PUT, POST, DELETE";
+/// Largest body of a POST /<id> (a peer URL).
+const MAX_URL_BYTES: usize = 4096;
+
+/// What every request handler needs.
+pub struct Api {
+    pub node: NodeHandle,
+    pub kv: SharedKv,
+    pub max_value_bytes: usize,
+    pub request_timeout: Duration,
+    pub logger: Logger,
+}
+
+/// A request that failed: the status and the message the client sees.
+struct Failure(StatusCode, String);
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure(status, message.into())
+    }
+}
+
+impl From<ProposeError> for Failure {
+    fn from(e: ProposeError) -> Failure {
+        match e {
+            ProposeError::Conflict(why) => Failure::new(StatusCode::CONFLICT, why),
+            ProposeError::NoLeader => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no leader: the cluster is electing one or this node is cut off; retry",
+            ),
+            ProposeError::Dropped(why) => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("raft did not accept the proposal ({why}); retry"),
+            ),
+            ProposeError::Timeout => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not applied within the request timeout: the outcome is unknown",
+            ),
+            ProposeError::Stopped => {
+                Failure::new(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down")
+            }
+        }
+    }
+}
+
+impl Api {
+    /// Answers one request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let target = path.strip_prefix('/').unwrap_or(&path).to_string();
+        let result = match method {
+            Method::GET => self.get(&target),
+            Method::PUT => self.put(&target, req).await,
+            Method::POST => self.add_member(&target, req).await,
+            Method::DELETE => self.remove_member(&target).await,
+            _ => Err(Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} is not allowed; use {ALLOWED}"),
+            )),
+        };
+        match result {
+            Ok(response) => response,
+            Err(Failure(status, message)) => {
+                // A missing key is an ordinary answer, not an error worth a log line.
+                if status != StatusCode::NOT_FOUND {
+                    warn!(self.logger, "request failed";
+                        "method" => %method, "path" => &path,
+                        "status" => status.as_u16(), "reason" => &message);
+                }
+                let mut response = text_response(status, &format!("{message}\n"));
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    response
+                        .headers_mut()
+                        .insert(ALLOW, ALLOWED.parse().unwrap());
+                }
+                response
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Response<Full<Bytes>>, Failure> {
+        let key = check_key(key)?;
+        match self.kv.read().unwrap().get(key.as_bytes()) {
+            Some(value) => Ok(Response::new(Full::new(Bytes::from(value)))),
+            None => Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("key {key:?} not found"),
+            )),
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        let key = check_key(key)?.as_bytes().to_vec();
+        let value = read_body(req, self.max_value_bytes).await?;
+        self.node
+            .propose(
+                Command::Put {
+                    key,
+                    value: value.to_vec(),
+                },
+                self.request_timeout,
+            )
+            .await?;
+        Ok(no_content())
+    }
+
+    async fn add_member(
+        &self,
+        id: &str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        let id = parse_node_id(id).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
+        let body = read_body(req, MAX_URL_BYTES).await?;
+        let url = std::str::from_utf8(&body)
+            .map_err(|_| Failure::new(StatusCode::BAD_REQUEST, "peer URL is not UTF-8"))
+            .and_then(|u| {
+                parse_peer_url(u).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))
+            })?;
+        self.node
+            .change_members(
+                MemberChange::Add { id, peer_url: url },
+                self.request_timeout,
+            )
+            .await?;
+        Ok(no_content())
+    }
+
+    async fn remove_member(&self, id: &str) -> Result<Response<Full<Bytes>>, Failure> {
+        let id = parse_node_id(id).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
+        self.node
+            .change_members(MemberChange::Remove { id }, self.request_timeout)
+            .await?;
+        Ok(no_content())
+    }
+}
+
+fn check_key(key: &str) -> Result<&str, Failure> {
+    if key.is_empty() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "missing key: use /<key>",
+        ));
+    }
+    Ok(key)
+}
+
+/// Reads a whole body of at most `limit` bytes; a larger one is refused with 413.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Failure> {
+    let too_large = || {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+fn no_content() -> Response<Full<Bytes>> {
+    text_response(StatusCode::NO_CONTENT, "")
+}

@@ -1,0 +1,105 @@
+//! Command-line flags (each with a `RAFTKVD_*` environment fallback; the flag wins) and
+//! their validation. Nothing here touches the disk or the network.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::membership::parse_peer_url;
+
+/// raftkvd: a replicated key-value store on raft, in the style of etcd's raftexample.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// This node's raft id: its 1-based position in --cluster.
+    #[arg(long, env = "RAFTKVD_ID")]
+    pub id: u64,
+
+    /// Comma-separated peer URLs of the cluster (http://host:port), one per node id in
+    /// order. This node's raft transport listens on the host:port of its own entry.
+    #[arg(long, env = "RAFTKVD_CLUSTER", value_delimiter = ',', required = true)]
+    pub cluster: Vec<String>,
+
+    /// Port of the client HTTP API (GET/PUT /<key>, POST/DELETE /<node-id>).
+    #[arg(long, env = "RAFTKVD_PORT")]
+    pub port: u16,
+
+    /// Address the client HTTP API binds to.
+    #[arg(long, env = "RAFTKVD_LISTEN_HOST", default_value = "127.0.0.1")]
+    pub listen_host: String,
+
+    /// Join an existing cluster (after `POST /<id>` added this node) instead of forming a
+    /// new one from --cluster.
+    #[arg(long, env = "RAFTKVD_JOIN")]
+    pub join: bool,
+
+    /// Where the raft log is kept. Default: raftkvd-<id> in the working directory.
+    #[arg(long, env = "RAFTKVD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Largest value a PUT accepts, in bytes; larger bodies are refused with 413.
+    #[arg(long, env = "RAFTKVD_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_value_bytes: usize,
+
+    /// How long a request waits for its entry to commit and apply before it is answered
+    /// 503 (outcome unknown), in milliseconds.
+    #[arg(long, env = "RAFTKVD_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    pub request_timeout_ms: u64,
+
+    /// Length of one raft tick, in milliseconds.
+    #[arg(long, env = "RAFTKVD_TICK_MS", default_value_t = 100)]
+    pub tick_ms: u64,
+
+    /// Ticks without a leader before a follower starts an election.
+    #[arg(long, env = "RAFTKVD_ELECTION_TICKS", default_value_t = 10)]
+    pub election_ticks: usize,
+
+    /// Ticks between the leader's heartbeats.
+    #[arg(long, env = "RAFTKVD_HEARTBEAT_TICKS", default_value_t = 1)]
+    pub heartbeat_ticks: usize,
+}
+
+impl Config {
+    /// Checks the flags against each other and normalises the peer URLs.
+    pub fn validate(mut self) -> Result<Config, String> {
+        self.cluster = self
+            .cluster
+            .iter()
+            .map(|u| parse_peer_url(u))
+            .collect::<Result<_, _>>()?;
+        if self.id == 0 || self.id as usize > self.cluster.len() {
+            return Err(format!(
+                "--id {} must be between 1 and the number of --cluster URLs ({})",
+                self.id,
+                self.cluster.len()
+            ));
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err("--election-ticks must be greater than --heartbeat-ticks (> 0)".into());
+        }
+        if self.tick_ms == 0 || self.request_timeout_ms == 0 {
+            return Err("--tick-ms and --request-timeout-ms must be positive".into());
+        }
+        Ok(self)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("raftkvd-{}", self.id)))
+    }
+
+    /// This node's own peer URL.
+    pub fn own_peer_url(&self) -> &str {
+        &self.cluster[self.id as usize - 1]
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+}

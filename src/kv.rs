@@ -1,0 +1,33 @@
+//! The replicated state machine: an ordered in-memory map from keys to values.
+//!
+//! Only the node's apply step writes to it, in log order, so every member that has applied
+//! the same prefix of the log holds the same map. Readers take the lock briefly to copy a
+//! value out. It must never be written from anywhere but committed entries.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use crate::command::Command;
+
+/// The map, shared between the node (the only writer) and the HTTP API (readers).
+pub type SharedKv = Arc<RwLock<KvStore>>;
+
+#[derive(Default)]
+pub struct KvStore {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl KvStore {
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.map.get(key).cloned()
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: Command) {
+        match command {
+            Command::Put { key, value } => {
+                self.map.insert(key, value);
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! raftkvd: the process. Parses the flags, opens the data directory, starts the node
+//! thread, the peer transport and the client API, and stops them all in order on SIGTERM,
+//! SIGINT, or when this node is removed from the cluster.
+//!
+//! Reading order for a PUT: `api.rs` (HTTP) -> `node.rs` (propose, Ready loop) ->
+//! `storage.rs` (fsync) and `transport.rs` (to peers) -> `node.rs` (apply) -> `kv.rs`.
+
+mod api;
+mod command;
+mod config;
+mod http_server;
+mod kv;
+mod membership;
+mod node;
+mod storage;
+mod transport;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use clap::Parser;
+use slog::{error, info, o, Drain, Logger};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::api::Api;
+use crate::config::Config;
+use crate::membership::SharedMembership;
+use crate::node::{Node, NodeConfig, NodeExit, NodeHandle, GROUP_ID};
+use crate::storage::LogStore;
+use crate::transport::Transport;
+
+/// Written into the data directory when this node is removed from the cluster.
+const REMOVED_MARKER: &str = "REMOVED";
+
+fn main() {
+    let config = match Config::parse().validate() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("raftkvd: {e}");
+            std::process::exit(2);
+        }
+    };
+    let logger = build_logger().new(o!("node" => config.id));
+    let code = match run(config, &logger) {
+        Ok(()) => 0,
+        Err(e) => {
+            error!(logger, "raftkvd stopped"; "error" => e);
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn build_logger() -> Logger {
+    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+    let drain = slog_term::FullFormat::new(decorator).build().fuse();
+    let drain = slog::LevelFilter::new(drain, slog::Level::Info).fuse();
+    Logger::root(drain, o!())
+}
+
+fn run(config: Config, logger: &Logger) -> Result<(), String> {
+    let data_dir = config.data_dir();
+    refuse_if_removed(&data_dir)?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    let engine = storage::open_engine(&data_dir.join("raft-log"))
+        .map_err(|e| format!("cannot open the raft log in {}: {e}", data_dir.display()))?;
+    let mut store =
+        LogStore::load(engine, GROUP_ID).map_err(|e| format!("cannot read the raft log: {e}"))?;
+    if !store.is_empty() {
+        info!(logger, "restarting from the data dir";
+            "data_dir" => %data_dir.display(), "term" => store.hard_state().term,
+            "commit" => store.hard_state().commit);
+    } else if config.join {
+        info!(
+            logger,
+            "joining an existing cluster; waiting for the leader to send the log"
+        );
+    } else {
+        node::bootstrap(&mut store, &config.cluster)?;
+        info!(logger, "formed a new cluster"; "members" => config.cluster.len());
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let exit = runtime.block_on(serve(config, store, logger.clone()))?;
+    match exit {
+        NodeExit::Stopped => {
+            info!(logger, "stopped");
+            Ok(())
+        }
+        NodeExit::Removed { index } => {
+            let marker = data_dir.join(REMOVED_MARKER);
+            std::fs::write(&marker, format!("removed at raft index {index}\n"))
+                .and_then(|_| std::fs::File::open(&marker)?.sync_all())
+                .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+            info!(logger, "this node was removed from the cluster; exiting"; "index" => index);
+            Ok(())
+        }
+        NodeExit::Failed(e) => Err(e),
+    }
+}
+
+/// A removed node's data must not rejoin the cluster under its old id.
+fn refuse_if_removed(data_dir: &Path) -> Result<(), String> {
+    let marker = data_dir.join(REMOVED_MARKER);
+    if marker.exists() {
+        return Err(format!(
+            "this node was removed from the cluster ({} exists); refusing to start on its old data. \
+             To rejoin, add it under a new id (POST /<id>) and start it with an empty --data-dir and --join",
+            marker.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the node thread and both HTTP servers until the node stops; returns why it did.
+async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeExit, String> {
+    let own_url = reqwest::Url::parse(config.own_peer_url()).expect("validated in config");
+    let peer_addr = format!(
+        "{}:{}",
+        own_url.host_str().unwrap_or("127.0.0.1"),
+        own_url.port().unwrap_or(80)
+    );
+    let peer_listener = TcpListener::bind(&peer_addr)
+        .await
+        .map_err(|e| format!("cannot listen for peers on {peer_addr}: {e}"))?;
+    let api_addr = format!("{}:{}", config.listen_host, config.port);
+    let api_listener = TcpListener::bind(&api_addr)
+        .await
+        .map_err(|e| format!("cannot listen for clients on {api_addr}: {e}"))?;
+
+    let (node_handle, inbox) = NodeHandle::new();
+    let kv = kv::SharedKv::default();
+    let membership = SharedMembership::default();
+    let transport = Arc::new(Transport::new(
+        tokio::runtime::Handle::current(),
+        node_handle.clone(),
+        logger.new(o!("component" => "transport")),
+    ));
+    // Until the log is replayed, the command line is the best guess at where peers are.
+    for (i, url) in config.cluster.iter().enumerate() {
+        let id = i as u64 + 1;
+        if id != config.id {
+            transport.set_peer(id, url);
+        }
+    }
+    let node = Node::new(
+        &NodeConfig {
+            id: config.id,
+            tick: config.tick(),
+            election_ticks: config.election_ticks,
+            heartbeat_ticks: config.heartbeat_ticks,
+        },
+        store,
+        kv.clone(),
+        membership.clone(),
+        transport,
+        logger.new(o!("component" => "raft")),
+    )?;
+    let (exit_tx, mut exit_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("raft-node".into())
+        .spawn(move || {
+            let _ = exit_tx.send(node.run(inbox));
+        })
+        .map_err(|e| format!("cannot start the node thread: {e}"))?;
+
+    let (stop_servers, servers_stopping) = watch::channel(false);
+    let peer_server = {
+        let (node, membership, peer_logger) = (node_handle.clone(), membership, logger.clone());
+        tokio::spawn(http_server::serve(
+            "peer",
+            peer_listener,
+            move |req| {
+                transport::handle_peer_request(
+                    req,
+                    node.clone(),
+                    membership.clone(),
+                    peer_logger.clone(),
+                )
+            },
+            servers_stopping.clone(),
+            logger.clone(),
+        ))
+    };
+    let api = Arc::new(Api {
+        node: node_handle.clone(),
+        kv,
+        max_value_bytes: config.max_value_bytes,
+        request_timeout: config.request_timeout(),
+        logger: logger.new(o!("component" => "api")),
+    });
+    let api_server = tokio::spawn(http_server::serve(
+        "api",
+        api_listener,
+        move |req| api.clone().handle(req),
+        servers_stopping,
+        logger.clone(),
+    ));
+    info!(logger, "serving"; "api" => &api_addr, "peer" => config.own_peer_url());
+
+    let exit = tokio::select! {
+        signal = shutdown_signal() => {
+            info!(logger, "shutting down"; "signal" => signal);
+            // Stop taking requests and let those in flight finish, then stop raft.
+            let _ = stop_servers.send(true);
+            let _ = api_server.await;
+            node_handle.shutdown();
+            exit_rx.await.unwrap_or(NodeExit::Stopped)
+        }
+        exit = &mut exit_rx => {
+            let exit = exit.unwrap_or(NodeExit::Stopped);
+            let _ = stop_servers.send(true);
+            let _ = api_server.await;
+            exit
+        }
+    };
+    peer_server.abort();
+    Ok(exit)
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("can install a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,76 @@
+//! Who is in the cluster and where to reach them: each member's peer URL, and the ids that
+//! were removed (a removed id is never reused, and its messages are refused).
+//!
+//! The node updates it when it applies a conf-change entry, so it is the same on every
+//! member that applied the same log; the peer transport reads it. Peer URLs are checked
+//! here, once, for every path they enter by (command line and HTTP).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+/// Shared between the node (the only writer) and the peer transport.
+pub type SharedMembership = Arc<RwLock<Membership>>;
+
+#[derive(Default, Debug)]
+pub struct Membership {
+    pub peer_urls: BTreeMap<u64, String>,
+    pub removed: BTreeSet<u64>,
+}
+
+/// Checks that `url` is an `http://host:port` peer URL and returns it normalised
+/// (without a trailing slash).
+pub fn parse_peer_url(url: &str) -> Result<String, String> {
+    let trimmed = url.trim();
+    let parsed =
+        reqwest::Url::parse(trimmed).map_err(|e| format!("invalid peer URL {trimmed:?}: {e}"))?;
+    if parsed.scheme() != "http" {
+        return Err(format!("peer URL {trimmed:?} must start with http://"));
+    }
+    if parsed.host_str().is_none() || parsed.port().is_none() {
+        return Err(format!("peer URL {trimmed:?} must name a host and a port"));
+    }
+    if parsed.path() != "/" || parsed.query().is_some() {
+        return Err(format!(
+            "peer URL {trimmed:?} must not have a path or query"
+        ));
+    }
+    Ok(trimmed.trim_end_matches('/').to_string())
+}
+
+/// Parses a node id: a positive integer.
+pub fn parse_node_id(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(format!("node id {text:?} is not a positive integer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_urls() {
+        assert_eq!(
+            parse_peer_url("http://127.0.0.1:42379/").unwrap(),
+            "http://127.0.0.1:42379"
+        );
+        for bad in [
+            "",
+            "127.0.0.1:42379",
+            "https://127.0.0.1:1",
+            "http://127.0.0.1",
+            "http://h:1/x",
+        ] {
+            assert!(parse_peer_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_ids() {
+        assert_eq!(parse_node_id("4"), Ok(4));
+        for bad in ["0", "-1", "x", "", "4.0"] {
+            assert!(parse_node_id(bad).is_err(), "{bad}");
+        }
+    }
+}

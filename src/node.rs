@@ -1,0 +1,584 @@
+//! The raft node: the one thread that owns the raft-rs `RawNode` and drives it.
+//!
+//! Everything that touches raft state arrives as a [`NodeMsg`] on one channel: client
+//! proposals, membership changes, messages from peers. The loop steps them in, ticks the
+//! clock, and handles each `Ready` in the order raft-rs requires:
+//!
+//! 1. send the leader's messages at once (they may go out before the local write);
+//! 2. apply the committed entries to the key-value map and answer their waiting clients;
+//! 3. persist new entries and the hard state in one fsynced batch;
+//! 4. only then send the messages that promise durability (votes, append responses);
+//! 5. `advance`, and do the same for the light ready that follows.
+//!
+//! A client is answered only after its entry is committed and applied here; a request
+//! whose fate is unknown is never answered as a success. This thread must never block on
+//! the network, and must never apply an entry that is not committed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message};
+use raft::{RawNode, StateRole, INVALID_ID};
+use slog::{error, info, warn, Logger};
+use tokio::sync::oneshot;
+
+use crate::command::{Command, MemberContext, Proposal, ProposalId};
+use crate::kv::SharedKv;
+use crate::membership::SharedMembership;
+use crate::storage::LogStore;
+use crate::transport::Transport;
+
+/// The raft group this process serves. Multi-raft will route by it; today there is one.
+pub const GROUP_ID: u64 = 1;
+/// Most messages taken from the channel before the node looks at its Ready again.
+const MAX_MSGS_PER_ROUND: usize = 4096;
+
+/// Why a proposal was not applied. Every variant but `Conflict` means the outcome is
+/// unknown or the cluster cannot take writes now: the client must not assume success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// No leader is known (an election is under way, or this node is cut off).
+    NoLeader,
+    /// The request contradicts the current membership; nothing was proposed.
+    Conflict(String),
+    /// Raft refused the proposal (for instance during a leadership transfer).
+    Dropped(String),
+    /// The entry was not applied within the deadline; it may still commit later.
+    Timeout,
+    /// The node is shutting down.
+    Stopped,
+}
+
+/// A change of membership asked for by a client.
+#[derive(Debug, Clone)]
+pub enum MemberChange {
+    Add { id: u64, peer_url: String },
+    Remove { id: u64 },
+}
+
+type Reply = oneshot::Sender<Result<u64, ProposeError>>;
+
+/// Everything the node thread is asked to do.
+pub enum NodeMsg {
+    Propose(Command, Reply),
+    ChangeMembers(MemberChange, Reply),
+    Step(Box<Message>),
+    Unreachable(u64),
+    RemovedByPeer(u64),
+    Shutdown,
+}
+
+/// A cheap, clonable way for other tasks to talk to the node thread.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<NodeMsg>,
+}
+
+impl NodeHandle {
+    pub fn new() -> (NodeHandle, mpsc::Receiver<NodeMsg>) {
+        let (tx, rx) = mpsc::channel();
+        (NodeHandle { tx }, rx)
+    }
+
+    /// Proposes `command` and waits until it is applied on this node; returns its index.
+    pub async fn propose(&self, command: Command, timeout: Duration) -> Result<u64, ProposeError> {
+        self.ask(|reply| NodeMsg::Propose(command, reply), timeout)
+            .await
+    }
+
+    /// Proposes a membership change and waits until it is applied on this node.
+    pub async fn change_members(
+        &self,
+        change: MemberChange,
+        timeout: Duration,
+    ) -> Result<u64, ProposeError> {
+        self.ask(|reply| NodeMsg::ChangeMembers(change, reply), timeout)
+            .await
+    }
+
+    async fn ask(
+        &self,
+        msg: impl FnOnce(Reply) -> NodeMsg,
+        timeout: Duration,
+    ) -> Result<u64, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(msg(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    /// Hands a message from a peer to raft.
+    pub fn step(&self, msg: Message) {
+        let _ = self.tx.send(NodeMsg::Step(Box::new(msg)));
+    }
+
+    pub fn report_unreachable(&self, peer: u64) {
+        let _ = self.tx.send(NodeMsg::Unreachable(peer));
+    }
+
+    /// A peer answered that this node is no longer a member.
+    pub fn removed_by_peer(&self, peer: u64) {
+        let _ = self.tx.send(NodeMsg::RemovedByPeer(peer));
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(NodeMsg::Shutdown);
+    }
+}
+
+/// How the node loop ended.
+#[derive(Debug)]
+pub enum NodeExit {
+    /// Asked to stop.
+    Stopped,
+    /// This node was removed from the cluster; `index` is the removal entry (0 if a peer
+    /// reported it).
+    Removed { index: u64 },
+    /// Storage failed; continuing could lose data.
+    Failed(String),
+}
+
+/// The first log of a new cluster, the same on every initial member (as etcd does it):
+/// one AddNode entry per member, carrying its peer URL, committed at term 1. A node that
+/// joins later receives these entries from the leader and so learns the whole membership.
+pub fn bootstrap(store: &mut LogStore, cluster: &[String]) -> Result<(), String> {
+    let mut entries = Vec::with_capacity(cluster.len());
+    let mut conf_state = ConfState::default();
+    for (i, url) in cluster.iter().enumerate() {
+        let id = i as u64 + 1;
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = id;
+        cc.context = MemberContext {
+            id: ProposalId::NONE,
+            peer_url: url.clone(),
+        }
+        .encode()
+        .into();
+        let mut entry = Entry::default();
+        entry.set_entry_type(EntryType::EntryConfChange);
+        entry.term = 1;
+        entry.index = id;
+        entry.data = cc.write_to_bytes().map_err(|e| e.to_string())?.into();
+        entries.push(entry);
+        conf_state.voters.push(id);
+    }
+    let hard_state = HardState {
+        term: 1,
+        commit: entries.len() as u64,
+        ..Default::default()
+    };
+    store
+        .bootstrap(&entries, hard_state, conf_state)
+        .map_err(|e| format!("could not write the initial log: {e}"))
+}
+
+/// Settings of the raft node.
+pub struct NodeConfig {
+    pub id: u64,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+}
+
+pub struct Node {
+    raw: RawNode<LogStore>,
+    kv: SharedKv,
+    membership: SharedMembership,
+    transport: Arc<Transport>,
+    /// Clients waiting for their entry to be applied, by proposal id.
+    waiters: HashMap<ProposalId, Reply>,
+    incarnation: u64,
+    next_seq: u64,
+    tick: Duration,
+    /// Set when this node applied its own removal.
+    removed_at: Option<u64>,
+    leader: u64,
+    logger: Logger,
+}
+
+impl Node {
+    pub fn new(
+        config: &NodeConfig,
+        store: LogStore,
+        kv: SharedKv,
+        membership: SharedMembership,
+        transport: Arc<Transport>,
+        logger: Logger,
+    ) -> Result<Node, String> {
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            // The map lives in memory, so after a restart every committed entry is applied
+            // again: raft must hand them all out.
+            applied: 0,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&raft_config, store, &logger)
+            .map_err(|e| format!("could not start raft: {e}"))?;
+        Ok(Node {
+            raw,
+            kv,
+            membership,
+            transport,
+            waiters: HashMap::new(),
+            incarnation: random_u64(),
+            next_seq: 1,
+            tick: config.tick,
+            removed_at: None,
+            leader: INVALID_ID,
+            logger,
+        })
+    }
+
+    /// Runs the loop until shutdown, removal or a storage failure.
+    pub fn run(mut self, inbox: mpsc::Receiver<NodeMsg>) -> NodeExit {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(wait) {
+                Ok(msg) => {
+                    if let Some(exit) = self.handle(msg) {
+                        return exit;
+                    }
+                    for msg in inbox.try_iter().take(MAX_MSGS_PER_ROUND) {
+                        if let Some(exit) = self.handle(msg) {
+                            return exit;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return NodeExit::Stopped,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                self.waiters.retain(|_, reply| !reply.is_closed());
+                next_tick += self.tick;
+                if next_tick < now {
+                    next_tick = now + self.tick;
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                error!(self.logger, "storage failed; stopping to protect the data"; "error" => &e);
+                return NodeExit::Failed(e);
+            }
+            if let Some(index) = self.removed_at {
+                return NodeExit::Removed { index };
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: NodeMsg) -> Option<NodeExit> {
+        match msg {
+            NodeMsg::Propose(command, reply) => self.propose(command, reply),
+            NodeMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
+            NodeMsg::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    warn!(self.logger, "raft rejected a peer message"; "error" => %e);
+                }
+            }
+            NodeMsg::Unreachable(peer) => self.raw.report_unreachable(peer),
+            NodeMsg::RemovedByPeer(peer) => {
+                info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
+                return Some(NodeExit::Removed { index: 0 });
+            }
+            NodeMsg::Shutdown => return Some(NodeExit::Stopped),
+        }
+        None
+    }
+
+    fn next_proposal_id(&mut self) -> ProposalId {
+        let id = ProposalId {
+            incarnation: self.incarnation,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        id
+    }
+
+    fn propose(&mut self, command: Command, reply: Reply) {
+        if self.raw.raft.leader_id == INVALID_ID {
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        let id = self.next_proposal_id();
+        let data = Proposal { id, command }.encode();
+        match self.raw.propose(vec![], data) {
+            Ok(()) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
+        if let Err(why) = self.check_member_change(&change) {
+            let _ = reply.send(Err(ProposeError::Conflict(why)));
+            return;
+        }
+        if self.raw.raft.leader_id == INVALID_ID {
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        let id = self.next_proposal_id();
+        let mut cc = ConfChange::default();
+        let peer_url = match change {
+            MemberChange::Add { id, peer_url } => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+                peer_url
+            }
+            MemberChange::Remove { id } => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+                String::new()
+            }
+        };
+        cc.context = MemberContext { id, peer_url }.encode().into();
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    /// Refuses a change that cannot succeed, instead of letting raft-rs silently turn it
+    /// into an empty entry.
+    fn check_member_change(&self, change: &MemberChange) -> Result<(), String> {
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        let members: BTreeSet<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
+        let membership = self.membership.read().unwrap();
+        match change {
+            MemberChange::Add { id, peer_url } => {
+                if members.contains(id) {
+                    return Err(format!("node {id} is already a member"));
+                }
+                if membership.removed.contains(id) {
+                    return Err(format!(
+                        "node id {id} was removed from this cluster and cannot be reused; add the node under a new id"
+                    ));
+                }
+                if let Some((other, _)) = membership
+                    .peer_urls
+                    .iter()
+                    .find(|(m, url)| members.contains(m) && *url == peer_url)
+                {
+                    return Err(format!(
+                        "peer URL {peer_url} is already used by node {other}"
+                    ));
+                }
+            }
+            MemberChange::Remove { id } => {
+                if !members.contains(id) {
+                    return Err(format!("node {id} is not a member"));
+                }
+                if members.len() == 1 {
+                    return Err("cannot remove the last member of the cluster".into());
+                }
+            }
+        }
+        if self.member_change_pending() {
+            return Err(
+                "another membership change is still in progress; retry once it is applied".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// True while a conf change may still be unapplied. On the leader this is exactly the
+    /// condition under which raft-rs would drop a new one; a follower looks for
+    /// conf-change entries in the part of its log it has not applied yet.
+    fn member_change_pending(&self) -> bool {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader {
+            return raft.has_pending_conf();
+        }
+        let applied = raft.raft_log.applied;
+        let last = raft.raft_log.last_index();
+        if last <= applied {
+            return false;
+        }
+        match self.raw.store().entries_between(applied + 1, last + 1) {
+            Ok(entries) => entries
+                .iter()
+                .any(|e| e.get_entry_type() != EntryType::EntryNormal),
+            // Unstable entries not yet in storage: be conservative.
+            Err(_) => true,
+        }
+    }
+
+    /// Handles one Ready and the LightReady that follows it, in raft-rs's required order.
+    fn on_ready(&mut self) -> Result<(), String> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        if !ready.messages().is_empty() {
+            self.transport.send(GROUP_ID, ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            return Err("received a raft snapshot, which this version cannot install".into());
+        }
+        self.apply(ready.take_committed_entries())?;
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            self.raw
+                .mut_store()
+                .persist(ready.entries(), ready.hs())
+                .map_err(|e| format!("could not persist raft entries: {e}"))?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.transport
+                .send(GROUP_ID, ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw
+                .mut_store()
+                .set_commit(commit)
+                .map_err(|e| format!("could not record the commit index: {e}"))?;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(GROUP_ID, light.take_messages());
+        }
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        if leader != self.leader {
+            info!(self.logger, "leader changed";
+                "leader" => leader, "previous" => self.leader,
+                "role" => ?role, "term" => self.raw.raft.term);
+            self.leader = leader;
+        }
+    }
+
+    /// Applies committed entries in log order.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        for entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryConfChange => self.apply_conf_change(&entry)?,
+                EntryType::EntryConfChangeV2 => {
+                    error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, entry: &Entry) {
+        if entry.data.is_empty() {
+            return; // a new leader's empty entry
+        }
+        let proposal = match Proposal::decode(&entry.data) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
+                return;
+            }
+        };
+        self.kv.write().unwrap().apply(proposal.command);
+        if let Some(reply) = self.waiters.remove(&proposal.id) {
+            let _ = reply.send(Ok(entry.index));
+        }
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), String> {
+        let (cc, context) = match ConfChange::parse_from_bytes(&entry.data)
+            .map_err(|e| e.to_string())
+            .and_then(|cc| {
+                let ctx = MemberContext::decode(&cc.context).map_err(|e| e.to_string())?;
+                Ok((cc, ctx))
+            }) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                error!(self.logger, "skipping an undecodable conf change"; "index" => entry.index, "error" => e);
+                return Ok(());
+            }
+        };
+        // Entries up to the stored conf index were applied to raft before a restart; raft
+        // already starts from their result.
+        if entry.index > self.raw.store().conf_index() {
+            match self.raw.apply_conf_change(&cc) {
+                Ok(conf_state) => self
+                    .raw
+                    .mut_store()
+                    .set_conf_state(conf_state, entry.index)
+                    .map_err(|e| format!("could not persist the conf state: {e}"))?,
+                Err(e) => {
+                    warn!(self.logger, "raft refused a conf change"; "index" => entry.index, "error" => %e);
+                    if let Some(reply) = self.waiters.remove(&context.id) {
+                        let _ = reply.send(Err(ProposeError::Conflict(e.to_string())));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let node = cc.node_id;
+        let own_id = self.raw.raft.id;
+        {
+            let mut membership = self.membership.write().unwrap();
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    membership.peer_urls.insert(node, context.peer_url.clone());
+                    if node != own_id {
+                        self.transport.set_peer(node, &context.peer_url);
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    membership.peer_urls.remove(&node);
+                    membership.removed.insert(node);
+                    self.transport.remove_peer(node);
+                    if node == own_id {
+                        self.removed_at = Some(entry.index);
+                    }
+                }
+            }
+        }
+        info!(self.logger, "membership changed";
+            "change" => ?cc.get_change_type(), "node" => node, "index" => entry.index,
+            "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
+        if let Some(reply) = self.waiters.remove(&context.id) {
+            let _ = reply.send(Ok(entry.index));
+        }
+        Ok(())
+    }
+}
+
+/// A random number from the standard library's per-process hasher keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
