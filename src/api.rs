@@ -6,6 +6,7 @@
 //! | `PUT /<key>` body=value  | 204 once committed and applied on this node  |
 //! | `POST /<id>` body=URL    | adds node `<id>` with that peer URL; 204     |
 //! | `DELETE /<id>`           | removes node `<id>`; 204                      |
+//! | `GET /status`            | JSON: id, term, role, leader, commit, applied, members |
 //!
 //! This module parses and validates requests, hands them to the node, and maps every
 //! outcome to one status with a plain-text message; each error is logged here, once. It
@@ -17,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use slog::{warn, Logger};
 
@@ -80,6 +81,7 @@ impl Api {
         let path = req.uri().path().to_string();
         let target = path.strip_prefix('/').unwrap_or(&path).to_string();
         let result = match method {
+            Method::GET if target == "status" => self.status().await,
             Method::GET => self.get(&target),
             Method::PUT => self.put(&target, req).await,
             Method::POST => self.add_member(&target, req).await,
@@ -118,6 +120,16 @@ impl Api {
                 format!("key {key:?} not found"),
             )),
         }
+    }
+
+    async fn status(&self) -> Result<Response<Full<Bytes>>, Failure> {
+        let status = self.node.status().await?;
+        let body = serde_json::to_vec_pretty(&status).expect("status serialises");
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+        Ok(response)
     }
 
     async fn put(

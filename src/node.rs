@@ -61,6 +61,25 @@ pub enum MemberChange {
 
 type Reply = oneshot::Sender<Result<u64, ProposeError>>;
 
+/// What this node knows about itself and the cluster (`GET /status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub term: u64,
+    pub role: String,
+    /// 0 when no leader is known.
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Member {
+    pub id: u64,
+    pub peer_url: String,
+}
+
 /// Everything the node thread is asked to do.
 pub enum NodeMsg {
     Propose(Command, Reply),
@@ -68,6 +87,7 @@ pub enum NodeMsg {
     Step(Box<Message>),
     Unreachable(u64),
     RemovedByPeer(u64),
+    Status(oneshot::Sender<NodeStatus>),
     Shutdown,
 }
 
@@ -113,6 +133,15 @@ impl NodeHandle {
             Ok(Err(_)) => Err(ProposeError::Stopped),
             Err(_) => Err(ProposeError::Timeout),
         }
+    }
+
+    /// A consistent picture of the node's raft state.
+    pub async fn status(&self) -> Result<NodeStatus, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::Status(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)
     }
 
     /// Hands a message from a peer to raft.
@@ -296,9 +325,35 @@ impl Node {
                 info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
                 return Some(NodeExit::Removed { index: 0 });
             }
+            NodeMsg::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
             NodeMsg::Shutdown => return Some(NodeExit::Stopped),
         }
         None
+    }
+
+    fn status(&self) -> NodeStatus {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let urls = &self.membership.read().unwrap().peer_urls;
+        NodeStatus {
+            id: raft.id,
+            term: raft.term,
+            role: format!("{:?}", raft.state),
+            leader: raft.leader_id,
+            commit: raft.raft_log.committed,
+            applied: raft.raft_log.applied,
+            members: conf
+                .voters
+                .iter()
+                .chain(&conf.learners)
+                .map(|&id| Member {
+                    id,
+                    peer_url: urls.get(&id).cloned().unwrap_or_default(),
+                })
+                .collect(),
+        }
     }
 
     fn next_proposal_id(&mut self) -> ProposalId {
