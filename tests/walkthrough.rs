@@ -123,6 +123,14 @@ fn add_a_fourth_node_then_remove_the_third() {
         cluster.wait_value(id, "after-removal", "ok");
     }
 
+    // Its id is not reused.
+    let (code, text) = http(
+        "POST",
+        &cluster.nodes[0].url("3"),
+        Some(urls[2].clone().into_bytes()),
+    );
+    assert_eq!(code, 409, "{text}");
+
     // Node 3 refuses to start again on its old data, with a clear message.
     cluster.node(3).start();
     let status = cluster.node(3).wait_exit(Duration::from_secs(20));

@@ -1,0 +1,161 @@
+//! Every row of the bad-input list: a clear status and message, never a crash or a hang.
+
+mod common;
+
+use common::{free_port, http, http_with_timeout, Cluster, TempDir, BIN};
+use std::time::Duration;
+
+/// Validation errors, answered without touching raft state.
+#[test]
+fn malformed_requests_get_4xx_with_a_message() {
+    let cluster = Cluster::start("bad-input", 1, &["--max-value-bytes", "10"]);
+    let n1 = &cluster.nodes[0];
+    let url = |p: &str| n1.url(p);
+    let peer = |s: &str| Some(s.as_bytes().to_vec());
+
+    // Malformed node ids and peer URLs: 400.
+    for (method, path, body) in [
+        ("POST", "abc", peer("http://127.0.0.1:1")),
+        ("POST", "0", peer("http://127.0.0.1:1")),
+        ("POST", "-4", peer("http://127.0.0.1:1")),
+        ("DELETE", "x", None),
+        ("POST", "4", peer("not a url")),
+        ("POST", "4", peer("ftp://127.0.0.1:1")),
+        ("POST", "4", peer("http://127.0.0.1")),
+        ("POST", "4", Some(vec![0xff, 0xfe])),
+        ("GET", "", None),
+        ("PUT", "", peer("v")),
+    ] {
+        let (code, text) = http(method, &url(path), body);
+        assert_eq!(code, 400, "{method} /{path}: {text}");
+        assert!(!text.trim().is_empty(), "{method} /{path} needs a message");
+    }
+
+    // Membership conflicts: 409.
+    let (code, text) = http("POST", &url("1"), peer("http://127.0.0.1:1"));
+    assert_eq!(code, 409, "adding an existing member: {text}");
+    assert!(text.contains("already a member"), "{text}");
+    let (code, text) = http("DELETE", &url("9"), None);
+    assert_eq!(code, 409, "removing a non-member: {text}");
+    assert!(text.contains("not a member"), "{text}");
+    let (code, text) = http("DELETE", &url("1"), None);
+    assert_eq!(code, 409, "removing the last member: {text}");
+
+    // Too large: 413, and the limit is exact.
+    let (code, text) = http("PUT", &url("k"), Some(vec![b'x'; 11]));
+    assert_eq!(code, 413, "{text}");
+    assert_eq!(http("PUT", &url("k"), Some(vec![b'x'; 10])).0, 204);
+    assert_eq!(http("POST", &url("4"), Some(vec![b'h'; 100_000])).0, 413);
+
+    // Unsupported method: 405 with Allow.
+    let resp = reqwest::blocking::Client::new()
+        .request(reqwest::Method::PATCH, url("k"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    let allow = resp.headers()["allow"].to_str().unwrap().to_string();
+    for m in ["GET", "PUT", "POST", "DELETE"] {
+        assert!(allow.contains(m), "Allow: {allow}");
+    }
+
+    // The node is still healthy after all of that.
+    assert_eq!(http("GET", &url("k"), None), (200, "x".repeat(10)));
+}
+
+/// Without a quorum: a write whose commit is not reached within the deadline is 503, and
+/// a second membership change while the first is pending is 409, never a false 204.
+#[test]
+fn no_quorum_gives_503_and_pending_membership_change_gives_409() {
+    // A long election timeout keeps node 1 leader (check_quorum would depose it) for the
+    // moment it needs to accept the second proposal.
+    let cluster = Cluster::start(
+        "pending",
+        1,
+        &["--request-timeout-ms", "1500", "--election-ticks", "30"],
+    );
+    let n1 = &cluster.nodes[0];
+    // Adding node 2 commits with the old single-node quorum; node 2 never starts, so
+    // from now on nothing can commit.
+    let dead_peer = format!("http://127.0.0.1:{}", free_port());
+    let (code, text) = http("POST", &n1.url("2"), Some(dead_peer.into_bytes()));
+    assert_eq!(code, 204, "{text}");
+
+    let other_peer = format!("http://127.0.0.1:{}", free_port());
+    let (code, text) = http("POST", &n1.url("3"), Some(other_peer.clone().into_bytes()));
+    assert_eq!(code, 503, "a conf change that cannot commit: {text}");
+    assert!(text.contains("unknown"), "{text}");
+
+    let (code, text) = http("POST", &n1.url("4"), Some(other_peer.into_bytes()));
+    assert_eq!(code, 409, "a second change while one is pending: {text}");
+    assert!(text.contains("in progress"), "{text}");
+
+    let (code, text) = http("PUT", &n1.url("k"), Some(b"v".to_vec()));
+    assert_eq!(code, 503, "a write without quorum: {text}");
+    assert_eq!(
+        http("GET", &n1.url("k"), None).0,
+        404,
+        "the write must not be visible"
+    );
+}
+
+/// A node that was never told who leads answers 503 at once rather than hanging.
+#[test]
+fn joining_node_without_leader_answers_503() {
+    let dir = TempDir::new("no-leader");
+    let (port, peer) = (free_port(), free_port());
+    let mut child = std::process::Command::new(BIN)
+        .args(["--id", "2", "--join", "--port", &port.to_string()])
+        .args([
+            "--cluster",
+            &format!("http://127.0.0.1:{},http://127.0.0.1:{peer}", free_port()),
+        ])
+        .args(["--data-dir", &dir.0.join("n2").to_string_lossy()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/k");
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    let (code, text) = loop {
+        let answer = http_with_timeout("PUT", &url, Some(b"v".to_vec()), Duration::from_secs(3));
+        if answer.0 != 0 || std::time::Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("no leader"), "{text}");
+}
+
+/// Bad flags: a clear message and exit status 2, before anything is written.
+#[test]
+fn bad_flags_are_refused_with_a_message() {
+    for args in [
+        vec![
+            "--id",
+            "3",
+            "--cluster",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--port",
+            "1",
+        ],
+        vec!["--id", "1", "--cluster", "127.0.0.1:1", "--port", "1"],
+        vec![
+            "--id",
+            "0",
+            "--cluster",
+            "http://127.0.0.1:1",
+            "--port",
+            "1",
+        ],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("raftkvd:"), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,109 @@
+//! Every acknowledged PUT survives kill -9: of a single node, and of a whole cluster at
+//! once, with writes in flight at the moment of the kill.
+
+mod common;
+
+use common::{http, Cluster};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+const WRITERS: usize = 6;
+/// Stop writing (and kill) once this many PUTs were acknowledged.
+const ACKED_BEFORE_KILL: usize = 150;
+
+/// (key, value) pairs whose PUT was answered 204.
+type Acked = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Runs `WRITERS` threads PUTting unique keys round-robin over `ports` until `stop`;
+/// returns the shared list of acknowledged (key, value) pairs.
+fn start_writers(ports: Vec<u16>, stop: Arc<AtomicBool>) -> (Acked, Vec<thread::JoinHandle<()>>) {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let handles = (0..WRITERS)
+        .map(|w| {
+            let (ports, stop, acked) = (ports.clone(), stop.clone(), acked.clone());
+            thread::spawn(move || {
+                // Bounded: each writer sends at most 2,000 requests.
+                for i in 0..2000 {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let port = ports[(w + i) % ports.len()];
+                    let (key, value) = (format!("w{w}-k{i}"), format!("value-{w}-{i}"));
+                    let url = format!("http://127.0.0.1:{port}/{key}");
+                    if http("PUT", &url, Some(value.clone().into_bytes())).0 == 204 {
+                        acked.lock().unwrap().push((key, value));
+                    }
+                }
+            })
+        })
+        .collect();
+    (acked, handles)
+}
+
+fn check_all_acked(cluster: &Cluster, acked: &[(String, String)]) {
+    for node in cluster.running() {
+        for (key, value) in acked {
+            cluster.wait_value(node.id, key, value);
+        }
+    }
+}
+
+#[test]
+fn single_node_kill9_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start("durable-single", 1, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, writers) = start_writers(vec![cluster.nodes[0].api_port], stop.clone());
+    cluster.wait_until("enough acknowledged writes", || {
+        acked.lock().unwrap().len() >= ACKED_BEFORE_KILL
+    });
+    cluster.node(1).kill();
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    cluster.node(1).start();
+    cluster.wait_leader();
+    check_all_acked(&cluster, &acked);
+}
+
+#[test]
+fn whole_cluster_kill9_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start("durable-cluster", 3, &[]);
+    let ports = cluster.nodes.iter().map(|n| n.api_port).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, writers) = start_writers(ports, stop.clone());
+    cluster.wait_until("enough acknowledged writes", || {
+        acked.lock().unwrap().len() >= ACKED_BEFORE_KILL
+    });
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= ACKED_BEFORE_KILL);
+
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_leader();
+    check_all_acked(&cluster, &acked);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_restart_keeps_data() {
+    let mut cluster = Cluster::start("sigterm", 1, &[]);
+    cluster.put_ok(1, "k", "v");
+    cluster.node(1).signal("TERM");
+    let status = cluster
+        .node(1)
+        .wait_exit(std::time::Duration::from_secs(20));
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    cluster.node(1).start();
+    cluster.wait_value(1, "k", "v");
+}
