@@ -2,7 +2,7 @@
 //!
 //! | request                  | does                                        |
 //! |--------------------------|---------------------------------------------|
-//! | `GET /<key>`             | 200 with the value, 404 if absent            |
+//! | `GET /<key>`             | 200 with the value, 404 if absent; linearizable (ReadIndex) unless `?consistency=serializable` |
 //! | `PUT /<key>` body=value  | 204 once committed and applied on this node  |
 //! | `POST /<id>` body=URL    | adds node `<id>` with that peer URL; 204     |
 //! | `DELETE /<id>`           | removes node `<id>`; 204                      |
@@ -82,7 +82,7 @@ impl Api {
         let target = path.strip_prefix('/').unwrap_or(&path).to_string();
         let result = match method {
             Method::GET if target == "status" => self.status().await,
-            Method::GET => self.get(&target),
+            Method::GET => self.get(&target, req.uri().query()).await,
             Method::PUT => self.put(&target, req).await,
             Method::POST => self.add_member(&target, req).await,
             Method::DELETE => self.remove_member(&target).await,
@@ -111,8 +111,21 @@ impl Api {
         }
     }
 
-    fn get(&self, key: &str) -> Result<Response<Full<Bytes>>, Failure> {
+    async fn get(&self, key: &str, query: Option<&str>) -> Result<Response<Full<Bytes>>, Failure> {
         let key = check_key(key)?;
+        if read_consistency(query)? == Consistency::Linearizable {
+            self.node
+                .read_index(self.request_timeout)
+                .await
+                .map_err(|e| match e {
+                    ProposeError::Timeout => Failure::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "could not confirm with a quorum that this node is up to date; retry, \
+                         or ask for ?consistency=serializable",
+                    ),
+                    other => other.into(),
+                })?;
+        }
         match self.kv.read().unwrap().get(key.as_bytes()) {
             Some(value) => Ok(Response::new(Full::new(Bytes::from(value)))),
             None => Err(Failure::new(
@@ -179,6 +192,33 @@ impl Api {
             .await?;
         Ok(no_content())
     }
+}
+
+#[derive(PartialEq, Eq)]
+enum Consistency {
+    /// Sees every write acknowledged before the read began (raft ReadIndex). The default.
+    Linearizable,
+    /// This node's map as it is: fast, possibly stale (etcd's word for it).
+    Serializable,
+}
+
+fn read_consistency(query: Option<&str>) -> Result<Consistency, Failure> {
+    let mut consistency = Consistency::Linearizable;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        consistency = match pair {
+            "consistency=linearizable" => Consistency::Linearizable,
+            "consistency=serializable" => Consistency::Serializable,
+            _ => {
+                return Err(Failure::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown query parameter {pair:?}: use consistency=linearizable (the default) or consistency=serializable"
+                    ),
+                ))
+            }
+        };
+    }
+    Ok(consistency)
 }
 
 fn check_key(key: &str) -> Result<&str, Failure> {

@@ -12,6 +12,7 @@ mod http_server;
 mod kv;
 mod membership;
 mod node;
+mod read_index;
 mod storage;
 mod transport;
 

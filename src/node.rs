@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 use crate::command::{Command, MemberContext, Proposal, ProposalId};
 use crate::kv::SharedKv;
 use crate::membership::SharedMembership;
+use crate::read_index::{ReadQueue, ReadReply};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -35,6 +36,8 @@ use crate::transport::Transport;
 pub const GROUP_ID: u64 = 1;
 /// Most messages taken from the channel before the node looks at its Ready again.
 const MAX_MSGS_PER_ROUND: usize = 4096;
+/// Ticks after which an unanswered ReadIndex request is sent again.
+const READ_RETRY_TICKS: u64 = 3;
 
 /// Why a proposal was not applied. Every variant but `Conflict` means the outcome is
 /// unknown or the cluster cannot take writes now: the client must not assume success.
@@ -84,6 +87,7 @@ pub struct Member {
 pub enum NodeMsg {
     Propose(Command, Reply),
     ChangeMembers(MemberChange, Reply),
+    ReadIndex(ReadReply),
     Step(Box<Message>),
     Unreachable(u64),
     RemovedByPeer(u64),
@@ -119,11 +123,17 @@ impl NodeHandle {
             .await
     }
 
-    async fn ask(
+    /// Waits until a linearizable read of the local map is allowed: this node has
+    /// applied everything committed when the read arrived.
+    pub async fn read_index(&self, timeout: Duration) -> Result<(), ProposeError> {
+        self.ask(NodeMsg::ReadIndex, timeout).await
+    }
+
+    async fn ask<T>(
         &self,
-        msg: impl FnOnce(Reply) -> NodeMsg,
+        msg: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> NodeMsg,
         timeout: Duration,
-    ) -> Result<u64, ProposeError> {
+    ) -> Result<T, ProposeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(msg(reply))
@@ -225,6 +235,10 @@ pub struct Node {
     transport: Arc<Transport>,
     /// Clients waiting for their entry to be applied, by proposal id.
     waiters: HashMap<ProposalId, Reply>,
+    reads: ReadQueue,
+    /// Index of the last entry applied to the map.
+    applied: u64,
+    ticks: u64,
     incarnation: u64,
     next_seq: u64,
     tick: Duration,
@@ -264,6 +278,9 @@ impl Node {
             membership,
             transport,
             waiters: HashMap::new(),
+            reads: ReadQueue::default(),
+            applied: 0,
+            ticks: 0,
             incarnation: random_u64(),
             next_seq: 1,
             tick: config.tick,
@@ -295,12 +312,15 @@ impl Node {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
+                self.ticks += 1;
                 self.waiters.retain(|_, reply| !reply.is_closed());
+                self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
                 next_tick += self.tick;
                 if next_tick < now {
                     next_tick = now + self.tick;
                 }
             }
+            self.start_read_batch();
             if let Err(e) = self.on_ready() {
                 error!(self.logger, "storage failed; stopping to protect the data"; "error" => &e);
                 return NodeExit::Failed(e);
@@ -315,6 +335,7 @@ impl Node {
         match msg {
             NodeMsg::Propose(command, reply) => self.propose(command, reply),
             NodeMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
+            NodeMsg::ReadIndex(reply) => self.reads.push(reply),
             NodeMsg::Step(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
                     warn!(self.logger, "raft rejected a peer message"; "error" => %e);
@@ -353,6 +374,17 @@ impl Node {
                     peer_url: urls.get(&id).cloned().unwrap_or_default(),
                 })
                 .collect(),
+        }
+    }
+
+    /// Asks raft for one read index on behalf of every read that arrived since the last
+    /// batch. Without a known leader raft would drop the request; wait for one instead.
+    fn start_read_batch(&mut self) {
+        if self.raw.raft.leader_id == INVALID_ID {
+            return;
+        }
+        if let Some(ctx) = self.reads.start_batch(self.ticks) {
+            self.raw.read_index(ctx);
         }
     }
 
@@ -497,6 +529,10 @@ impl Node {
             return Err("received a raft snapshot, which this version cannot install".into());
         }
         self.apply(ready.take_committed_entries())?;
+        for rs in ready.take_read_states() {
+            self.reads
+                .on_read_state(&rs.request_ctx, rs.index, self.applied);
+        }
         if !ready.entries().is_empty() || ready.hs().is_some() {
             self.raw
                 .mut_store()
@@ -533,6 +569,9 @@ impl Node {
 
     /// Applies committed entries in log order.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
         for entry in entries {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&entry),
@@ -542,6 +581,8 @@ impl Node {
                 }
             }
         }
+        self.applied = last;
+        self.reads.on_applied(last);
         Ok(())
     }
 

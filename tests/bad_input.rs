@@ -25,6 +25,8 @@ fn malformed_requests_get_4xx_with_a_message() {
         ("POST", "4", Some(vec![0xff, 0xfe])),
         ("GET", "", None),
         ("PUT", "", peer("v")),
+        ("GET", "k?consistency=sometimes", None),
+        ("GET", "k?other=1", None),
     ] {
         let (code, text) = http(method, &url(path), body);
         assert_eq!(code, 400, "{method} /{path}: {text}");
@@ -91,11 +93,10 @@ fn no_quorum_gives_503_and_pending_membership_change_gives_409() {
 
     let (code, text) = http("PUT", &n1.url("k"), Some(b"v".to_vec()));
     assert_eq!(code, 503, "a write without quorum: {text}");
-    assert_eq!(
-        http("GET", &n1.url("k"), None).0,
-        404,
-        "the write must not be visible"
-    );
+    let (code, text) = http("GET", &n1.url("k"), None);
+    assert_eq!(code, 503, "a linearizable read without quorum: {text}");
+    let local = http("GET", &n1.url("k?consistency=serializable"), None);
+    assert_eq!(local.0, 404, "the write must not be visible: {local:?}");
 }
 
 /// A node that was never told who leads answers 503 at once rather than hanging.
