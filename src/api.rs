@@ -6,12 +6,14 @@
 //! | `PUT /<key>` body=value  | 204 once committed and applied on this node  |
 //! | `POST /<id>` body=URL    | adds node `<id>` with that peer URL; 204     |
 //! | `DELETE /<id>`           | removes node `<id>`; 204                      |
+//! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
 //! | `GET /status`            | JSON: id, term, role, leader, commit, applied, members |
 //!
 //! This module parses and validates requests, hands them to the node, and maps every
 //! outcome to one status with a plain-text message; each error is logged here, once. It
 //! never answers 204 for a write whose outcome it does not know.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use slog::{warn, Logger};
 
 use crate::command::Command;
+use crate::faults::Partition;
 use crate::http_server::text_response;
 use crate::kv::SharedKv;
 use crate::membership::{parse_node_id, parse_peer_url};
@@ -32,6 +35,8 @@ use crate::node::{MemberChange, NodeHandle, ProposeError};
 const ALLOWED: &str = "GET, PUT, POST, DELETE";
 /// Largest body of a POST /<id> (a peer URL).
 const MAX_URL_BYTES: usize = 4096;
+/// The fault-injection route (without its leading slash).
+const PARTITION_ROUTE: &str = "debug/partition";
 
 /// What every request handler needs.
 pub struct Api {
@@ -39,6 +44,8 @@ pub struct Api {
     pub kv: SharedKv,
     pub max_value_bytes: usize,
     pub request_timeout: Duration,
+    /// Present only with `--enable-fault-injection`.
+    pub partition: Option<Arc<Partition>>,
     pub logger: Logger,
 }
 
@@ -84,6 +91,9 @@ impl Api {
             Method::GET if target == "status" => self.status().await,
             Method::GET => self.get(&target, req.uri().query()).await,
             Method::PUT => self.put(&target, req).await,
+            Method::POST if target == PARTITION_ROUTE && self.partition.is_some() => {
+                self.set_partition(req).await
+            }
             Method::POST => self.add_member(&target, req).await,
             Method::DELETE => self.remove_member(&target).await,
             _ => Err(Failure::new(
@@ -182,6 +192,26 @@ impl Api {
                 self.request_timeout,
             )
             .await?;
+        Ok(no_content())
+    }
+
+    async fn set_partition(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Failure> {
+        let body = read_body(req, MAX_URL_BYTES).await?;
+        let text = String::from_utf8_lossy(&body);
+        let peers = text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(parse_node_id)
+            .collect::<Result<BTreeSet<u64>, String>>()
+            .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
+        warn!(self.logger, "fault injection: dropping raft messages to and from peers"; "peers" => ?peers);
+        if let Some(partition) = &self.partition {
+            partition.set(peers);
+        }
         Ok(no_content())
     }
 

@@ -55,6 +55,11 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_ELECTION_TICKS", default_value_t = 10)]
     pub election_ticks: usize,
 
+    /// TESTS ONLY: enables `POST /debug/partition` (body: comma-separated peer ids whose
+    /// raft messages this node drops; empty heals). Never use it in production.
+    #[arg(long, env = "RAFTKVD_ENABLE_FAULT_INJECTION")]
+    pub enable_fault_injection: bool,
+
     /// Ticks between the leader's heartbeats.
     #[arg(long, env = "RAFTKVD_HEARTBEAT_TICKS", default_value_t = 1)]
     pub heartbeat_ticks: usize,

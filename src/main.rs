@@ -8,6 +8,7 @@
 mod api;
 mod command;
 mod config;
+mod faults;
 mod http_server;
 mod kv;
 mod membership;
@@ -137,9 +138,11 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
     let (node_handle, inbox) = NodeHandle::new();
     let kv = kv::SharedKv::default();
     let membership = SharedMembership::default();
+    let partition = Arc::new(faults::Partition::default());
     let transport = Arc::new(Transport::new(
         tokio::runtime::Handle::current(),
         node_handle.clone(),
+        partition.clone(),
         logger.new(o!("component" => "transport")),
     ));
     // Until the log is replayed, the command line is the best guess at where peers are.
@@ -172,7 +175,12 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
 
     let (stop_servers, servers_stopping) = watch::channel(false);
     let peer_server = {
-        let (node, membership, peer_logger) = (node_handle.clone(), membership, logger.clone());
+        let (node, membership, partition, peer_logger) = (
+            node_handle.clone(),
+            membership,
+            partition.clone(),
+            logger.clone(),
+        );
         tokio::spawn(http_server::serve(
             "peer",
             peer_listener,
@@ -181,6 +189,7 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
                     req,
                     node.clone(),
                     membership.clone(),
+                    partition.clone(),
                     peer_logger.clone(),
                 )
             },
@@ -193,6 +202,7 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
         kv,
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
+        partition: config.enable_fault_injection.then_some(partition),
         logger: logger.new(o!("component" => "api")),
     });
     let api_server = tokio::spawn(http_server::serve(

@@ -244,6 +244,9 @@ pub struct Node {
     tick: Duration,
     /// Set when this node applied its own removal.
     removed_at: Option<u64>,
+    /// Set while a leader hands off leadership before stopping: the deadline.
+    stopping: Option<Instant>,
+    election_timeout: Duration,
     leader: u64,
     logger: Logger,
 }
@@ -285,6 +288,8 @@ impl Node {
             next_seq: 1,
             tick: config.tick,
             removed_at: None,
+            stopping: None,
+            election_timeout: config.tick * config.election_ticks as u32,
             leader: INVALID_ID,
             logger,
         })
@@ -328,6 +333,13 @@ impl Node {
             if let Some(index) = self.removed_at {
                 return NodeExit::Removed { index };
             }
+            if let Some(deadline) = self.stopping {
+                if self.raw.raft.state != StateRole::Leader || Instant::now() > deadline {
+                    info!(self.logger, "leadership handed off; stopping";
+                        "leader" => self.raw.raft.leader_id, "term" => self.raw.raft.term);
+                    return NodeExit::Stopped;
+                }
+            }
         }
     }
 
@@ -349,8 +361,33 @@ impl Node {
             NodeMsg::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            NodeMsg::Shutdown => return Some(NodeExit::Stopped),
+            NodeMsg::Shutdown => return self.begin_shutdown(),
         }
+        None
+    }
+
+    /// A leader first hands leadership to its most up-to-date follower, so that stopping
+    /// it costs the cluster no election timeout; anyone else stops at once.
+    fn begin_shutdown(&mut self) -> Option<NodeExit> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || self.stopping.is_some() {
+            return Some(NodeExit::Stopped);
+        }
+        let own_id = raft.id;
+        let voters = raft.prs().conf().voters().ids();
+        let transferee = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != own_id && voters.contains(**id))
+            .max_by_key(|(_, progress)| progress.matched)
+            .map(|(id, _)| *id);
+        let Some(transferee) = transferee else {
+            return Some(NodeExit::Stopped);
+        };
+        info!(self.logger, "transferring leadership before stopping";
+            "to" => transferee, "term" => raft.term);
+        self.raw.transfer_leader(transferee);
+        self.stopping = Some(Instant::now() + self.election_timeout * 2);
         None
     }
 

@@ -12,7 +12,7 @@
 //! many groups. Nothing here interprets raft messages beyond their addressing.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use raft::eraftpb::Message;
 use slog::{debug, info, warn, Logger};
 use tokio::sync::mpsc;
 
+use crate::faults::Partition;
 use crate::http_server::text_response as reply;
 use crate::membership::SharedMembership;
 use crate::node::{NodeHandle, GROUP_ID};
@@ -49,6 +50,7 @@ pub struct Transport {
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
     node: NodeHandle,
+    partition: Arc<Partition>,
     logger: Logger,
 }
 
@@ -58,7 +60,12 @@ struct Peer {
 }
 
 impl Transport {
-    pub fn new(runtime: tokio::runtime::Handle, node: NodeHandle, logger: Logger) -> Transport {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        node: NodeHandle,
+        partition: Arc<Partition>,
+        logger: Logger,
+    ) -> Transport {
         let client = reqwest::Client::builder()
             .timeout(SEND_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -71,6 +78,7 @@ impl Transport {
             client,
             runtime,
             node,
+            partition,
             logger,
         }
     }
@@ -109,6 +117,9 @@ impl Transport {
         let peers = self.peers.lock().unwrap();
         for msg in messages {
             let to = msg.to;
+            if self.partition.is_blocked(to) {
+                continue;
+            }
             match peers.get(&to) {
                 Some(peer) => {
                     if peer.queue.try_send((group_id, msg)).is_err() {
@@ -205,6 +216,7 @@ pub async fn handle_peer_request(
     req: Request<Incoming>,
     node: NodeHandle,
     membership: SharedMembership,
+    partition: Arc<Partition>,
     logger: Logger,
 ) -> Response<Full<Bytes>> {
     if req.uri().path() != RAFT_PATH {
@@ -241,7 +253,9 @@ pub async fn handle_peer_request(
             warn!(logger, "message for an unknown raft group"; "group" => group_id, "from" => msg.from);
             return reply(StatusCode::NOT_FOUND, "unknown raft group");
         }
-        node.step(msg);
+        if !partition.is_blocked(msg.from) {
+            node.step(msg);
+        }
     }
     reply(StatusCode::NO_CONTENT, "")
 }

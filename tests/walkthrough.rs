@@ -138,3 +138,25 @@ fn add_a_fourth_node_then_remove_the_third() {
     let log = cluster.node(3).log_text();
     assert!(log.contains("refusing to start"), "{log}");
 }
+
+/// A rolling restart costs no election timeout: SIGTERM on the leader hands leadership to
+/// a follower (raft's MsgTimeoutNow) before the process exits 0.
+#[test]
+fn sigterm_on_the_leader_hands_off_leadership() {
+    let mut cluster = Cluster::start("handoff", 3, &[]);
+    let old = cluster.wait_leader();
+    cluster.put_ok(old, "k", "v");
+    cluster.node(old).signal("TERM");
+    let status = cluster.node(old).wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    assert!(cluster.node(old).log_text().contains("leadership handed off"));
+
+    let new = cluster.wait_leader();
+    assert_ne!(new, old);
+    assert!(
+        cluster.node(new).log_text().contains("MsgTimeoutNow"),
+        "the new leader must have been elected by the hand-off:\n{}",
+        cluster.logs()
+    );
+    cluster.put_ok(new, "k", "after");
+}
