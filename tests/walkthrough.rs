@@ -149,7 +149,10 @@ fn sigterm_on_the_leader_hands_off_leadership() {
     cluster.node(old).signal("TERM");
     let status = cluster.node(old).wait_exit(Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
-    assert!(cluster.node(old).log_text().contains("leadership handed off"));
+    assert!(cluster
+        .node(old)
+        .log_text()
+        .contains("leadership handed off"));
 
     let new = cluster.wait_leader();
     assert_ne!(new, old);

@@ -1,0 +1,440 @@
+//! Jepsen-style test: concurrent clients PUT unique values and GET a few keys on every
+//! node of a 3-node cluster while a nemesis injects faults; the recorded history must be
+//! linearizable, and after healing every node must agree.
+//!
+//! Faults (each at least once per run): kill -9 and restart of one node; kill -9 of every
+//! node and restart; SIGSTOP/SIGCONT; partitions that isolate a follower and the leader
+//! (with three nodes a majority/minority split is exactly an isolation); removing a node
+//! and adding a fresh one under a new id. Partitions use the test-only
+//! `POST /debug/partition` hook (`--enable-fault-injection`), which drops raft messages
+//! silently, so traffic stalls instead of being reset.
+//!
+//! `RAFTKVD_SOAK_SECS=600 cargo test --release --test linearizability -- --nocapture`
+//! repeats the nemesis schedule for that long.
+
+mod checker;
+mod common;
+
+use checker::{Kind, Op};
+use common::{free_port, http, http_with_timeout, Cluster};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+const CLIENTS: usize = 6;
+/// Each client sends at most this many requests, a bound on the run.
+const MAX_OPS_PER_CLIENT: usize = 20_000;
+/// Successful operations to wait for while each fault is in place, and after healing.
+const PROGRESS_OPS: usize = 60;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+const FLAGS: &[&str] = &["--enable-fault-injection", "--request-timeout-ms", "1500"];
+
+/// A tiny xorshift generator: the tests need variety, not cryptography.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// The history, and counters the nemesis waits on.
+struct Recorder {
+    epoch: Instant,
+    ops: Mutex<Vec<Op>>,
+    succeeded: AtomicUsize,
+    unknown_writes: AtomicUsize,
+    failed_reads: AtomicUsize,
+    unexpected: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn record(&self, op: Op) {
+        if op.ret.is_some() {
+            self.succeeded.fetch_add(1, Ordering::SeqCst);
+        }
+        self.ops.lock().unwrap().push(op);
+    }
+
+    /// One GET (linearizable) on `port`; records it if it succeeded.
+    fn read(&self, port: u16, key: &str) -> bool {
+        let call = self.now();
+        let url = format!("http://127.0.0.1:{port}/{key}");
+        let (code, body) = http_with_timeout("GET", &url, None, CLIENT_TIMEOUT);
+        let ret = self.now();
+        let value = match code {
+            200 => Some(body),
+            404 => None,
+            0 | 503 => {
+                self.failed_reads.fetch_add(1, Ordering::SeqCst);
+                return false;
+            }
+            other => {
+                self.unexpected
+                    .lock()
+                    .unwrap()
+                    .push(format!("GET {url}: {other} {body}"));
+                return false;
+            }
+        };
+        self.record(Op {
+            key: key.into(),
+            call,
+            ret: Some(ret),
+            kind: Kind::Read(value),
+        });
+        true
+    }
+
+    /// One PUT of a unique value; an unanswered or 503 PUT is recorded as open-ended.
+    fn write(&self, port: u16, key: &str, value: String) {
+        let call = self.now();
+        let url = format!("http://127.0.0.1:{port}/{key}");
+        let (code, body) = http_with_timeout(
+            "PUT",
+            &url,
+            Some(value.clone().into_bytes()),
+            CLIENT_TIMEOUT,
+        );
+        let ret = match code {
+            204 => Some(self.now()),
+            0 | 503 => {
+                self.unknown_writes.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            other => {
+                self.unexpected
+                    .lock()
+                    .unwrap()
+                    .push(format!("PUT {url}: {other} {body}"));
+                None
+            }
+        };
+        self.record(Op {
+            key: key.into(),
+            call,
+            ret,
+            kind: Kind::Write(value),
+        });
+    }
+}
+
+fn run_client(id: usize, ports: Arc<RwLock<Vec<u16>>>, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
+    let mut rng = Rng::new(id as u64 + 1);
+    for n in 0..MAX_OPS_PER_CLIENT {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let port = {
+            let ports = ports.read().unwrap();
+            ports[rng.below(ports.len())]
+        };
+        let key = KEYS[rng.below(KEYS.len())];
+        if rng.below(2) == 0 {
+            rec.write(port, key, format!("c{id}-{n}"));
+        } else {
+            rec.read(port, key);
+        }
+    }
+}
+
+/// Drives faults against the cluster and waits for progress between them.
+struct Nemesis {
+    cluster: Cluster,
+    ports: Arc<RwLock<Vec<u16>>>,
+    rec: Arc<Recorder>,
+    rng: Rng,
+    faults: Vec<String>,
+    next_id: u64,
+}
+
+impl Nemesis {
+    fn progress(&self, what: &str) {
+        let target = self.rec.succeeded.load(Ordering::SeqCst) + PROGRESS_OPS;
+        self.cluster
+            .wait_until(&format!("client progress {what}"), || {
+                self.rec.succeeded.load(Ordering::SeqCst) >= target
+            });
+    }
+
+    fn live_ids(&self) -> Vec<u64> {
+        self.cluster.running().map(|n| n.id).collect()
+    }
+
+    fn random_live(&mut self) -> u64 {
+        let ids = self.live_ids();
+        ids[self.rng.below(ids.len())]
+    }
+
+    fn note(&mut self, fault: String) {
+        eprintln!("nemesis: {fault}");
+        self.faults.push(fault);
+    }
+
+    fn kill_and_restart_one(&mut self) {
+        let id = self.random_live();
+        self.note(format!("kill -9 node {id}"));
+        self.cluster.node(id).kill();
+        self.progress("with a node down");
+        self.cluster.node(id).start();
+        self.progress("after the restart");
+    }
+
+    fn kill_and_restart_all(&mut self) {
+        self.note("kill -9 every node".into());
+        for id in self.live_ids() {
+            self.cluster.node(id).kill();
+        }
+        for id in self.live_ids_all() {
+            self.cluster.node(id).start();
+        }
+        self.progress("after restarting every node");
+    }
+
+    /// Ids of nodes that are members (started at least once and not removed).
+    fn live_ids_all(&self) -> Vec<u64> {
+        self.cluster
+            .nodes
+            .iter()
+            .filter(|n| !n.data_dir.join("REMOVED").exists())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    fn pause_one(&mut self) {
+        let id = self.random_live();
+        self.note(format!("SIGSTOP node {id}"));
+        self.cluster.node(id).signal("STOP");
+        self.progress("with a node paused");
+        self.cluster.node(id).signal("CONT");
+        self.progress("after SIGCONT");
+    }
+
+    fn partition(&self, isolated: u64) {
+        let others: Vec<u64> = self
+            .live_ids()
+            .into_iter()
+            .filter(|&i| i != isolated)
+            .collect();
+        for node in self.cluster.running() {
+            let blocked: Vec<String> = if node.id == isolated {
+                others.iter().map(u64::to_string).collect()
+            } else {
+                vec![isolated.to_string()]
+            };
+            let body = blocked.join(",").into_bytes();
+            assert_eq!(
+                http("POST", &node.url("debug/partition"), Some(body)).0,
+                204
+            );
+        }
+    }
+
+    fn heal(&self) {
+        for node in self.cluster.running() {
+            assert_eq!(
+                http("POST", &node.url("debug/partition"), Some(vec![])).0,
+                204
+            );
+        }
+    }
+
+    fn isolate(&mut self, leader: bool) {
+        let current = self.cluster.wait_leader();
+        let id = if leader {
+            current
+        } else {
+            let followers: Vec<u64> = self
+                .live_ids()
+                .into_iter()
+                .filter(|&i| i != current)
+                .collect();
+            followers[self.rng.below(followers.len())]
+        };
+        let role = if leader { "leader" } else { "follower" };
+        self.note(format!("partition: isolate the {role}, node {id}"));
+        self.partition(id);
+        self.progress("on the majority side");
+        self.heal();
+        self.progress("after healing");
+    }
+
+    /// Removes a follower, then adds a brand-new node under a new id with a fresh data dir.
+    fn replace_a_node(&mut self) {
+        let leader = self.cluster.wait_leader();
+        let victim = self.live_ids().into_iter().find(|&i| i != leader).unwrap();
+        self.note(format!("membership: remove node {victim}"));
+        self.ports
+            .write()
+            .unwrap()
+            .retain(|&p| p != self.cluster.node(victim).api_port);
+        let leader_url = self.cluster.node(leader).url(&victim.to_string());
+        let (code, text) = http("DELETE", &leader_url, None);
+        assert_eq!(code, 204, "remove node {victim}: {text}");
+        let status = self.cluster.node(victim).wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "removed node exited with {status}");
+        self.progress("after the removal");
+
+        let id = self.next_id;
+        self.next_id += 1;
+        self.note(format!("membership: add node {id} with a fresh data dir"));
+        let mut urls: Vec<String> = self
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| n.peer_url.clone())
+            .collect();
+        urls.push(format!("http://127.0.0.1:{}", free_port()));
+        let add_url = self.cluster.node(leader).url(&id.to_string());
+        let (code, text) = http(
+            "POST",
+            &add_url,
+            Some(urls.last().unwrap().clone().into_bytes()),
+        );
+        assert_eq!(code, 204, "add node {id}: {text}");
+        self.cluster.add_node_spec(id, &urls, FLAGS, true);
+        self.cluster.node(id).start();
+        let port = self.cluster.node(id).api_port;
+        self.cluster
+            .wait_until(&format!("node {id} to catch up"), || {
+                let s = self
+                    .cluster
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .unwrap()
+                    .status();
+                s.is_some_and(|s| {
+                    s["leader"].as_u64() != Some(0) && s["applied"].as_u64() > Some(0)
+                })
+            });
+        self.ports.write().unwrap().push(port);
+        self.progress("with the new node serving");
+    }
+
+    fn round(&mut self) {
+        self.kill_and_restart_one();
+        self.pause_one();
+        self.isolate(false);
+        self.isolate(true);
+        self.kill_and_restart_all();
+        self.replace_a_node();
+    }
+}
+
+#[test]
+fn history_under_faults_is_linearizable() {
+    let cluster = Cluster::start("linearizable", 3, FLAGS);
+    let ports = Arc::new(RwLock::new(
+        cluster.nodes.iter().map(|n| n.api_port).collect::<Vec<_>>(),
+    ));
+    let rec = Arc::new(Recorder {
+        epoch: Instant::now(),
+        ops: Mutex::new(Vec::new()),
+        succeeded: AtomicUsize::new(0),
+        unknown_writes: AtomicUsize::new(0),
+        failed_reads: AtomicUsize::new(0),
+        unexpected: Mutex::new(Vec::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (ports, rec, stop) = (ports.clone(), rec.clone(), stop.clone());
+            thread::spawn(move || run_client(i, ports, rec, stop))
+        })
+        .collect();
+
+    let mut nemesis = Nemesis {
+        cluster,
+        ports,
+        rec: rec.clone(),
+        rng: Rng::new(std::process::id() as u64),
+        faults: Vec::new(),
+        next_id: 4,
+    };
+    let soak = std::env::var("RAFTKVD_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs);
+    let started = Instant::now();
+    nemesis.progress("before any fault");
+    loop {
+        nemesis.round();
+        if soak.is_none_or(|d| started.elapsed() >= d) {
+            break;
+        }
+    }
+    nemesis.heal();
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    // Every member converges: each answers a linearizable read of every key (recorded in
+    // the history), and their local maps agree.
+    let cluster = &nemesis.cluster;
+    cluster.wait_leader();
+    for node in cluster.running() {
+        for key in KEYS {
+            cluster.wait_until(&format!("node {} to answer GET {key}", node.id), || {
+                rec.read(node.api_port, key)
+            });
+        }
+    }
+    for key in KEYS {
+        let local = |port: u16| {
+            http(
+                "GET",
+                &format!("http://127.0.0.1:{port}/{key}?consistency=serializable"),
+                None,
+            )
+        };
+        cluster.wait_until(&format!("every node to agree on {key}"), || {
+            let answers: BTreeSet<_> = cluster.running().map(|n| local(n.api_port)).collect();
+            answers.len() == 1
+        });
+    }
+
+    let unexpected = rec.unexpected.lock().unwrap().clone();
+    assert!(unexpected.is_empty(), "unexpected answers: {unexpected:#?}");
+    let history = rec.ops.lock().unwrap().clone();
+    let writes = history
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Write(_)))
+        .count();
+    eprintln!(
+        "linearizability: {} ops checked ({} writes, {} of them unknown outcome; {} reads, \
+         {} failed reads dropped), faults injected: {} ({})",
+        history.len(),
+        writes,
+        rec.unknown_writes.load(Ordering::SeqCst),
+        history.len() - writes,
+        rec.failed_reads.load(Ordering::SeqCst),
+        nemesis.faults.len(),
+        nemesis.faults.join("; "),
+    );
+    // The search recurses once per operation of a key: give it a deep stack.
+    let verdict = thread::Builder::new()
+        .stack_size(512 * 1024 * 1024)
+        .spawn(move || checker::check(&history))
+        .unwrap()
+        .join()
+        .unwrap();
+    if let Err(e) = verdict {
+        panic!("{e}\n{}", cluster.logs());
+    }
+}
