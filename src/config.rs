@@ -42,6 +42,20 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
     pub max_value_bytes: usize,
 
+    /// Take a snapshot after this many applied entries since the last one, then compact
+    /// the raft log.
+    #[arg(long, env = "RAFTKVD_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    pub snapshot_count: u64,
+
+    /// Entries kept in the log behind a snapshot, so that a follower that lags a little
+    /// catches up from the log instead of a whole snapshot.
+    #[arg(
+        long,
+        env = "RAFTKVD_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = 5_000
+    )]
+    pub snapshot_catchup_entries: u64,
+
     /// How long a request waits for its entry to commit and apply before it is answered
     /// 503 (outcome unknown), in milliseconds.
     #[arg(long, env = "RAFTKVD_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
@@ -82,6 +96,9 @@ impl Config {
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
             return Err("--election-ticks must be greater than --heartbeat-ticks (> 0)".into());
+        }
+        if self.snapshot_count == 0 {
+            return Err("--snapshot-count must be positive".into());
         }
         if self.tick_ms == 0 || self.request_timeout_ms == 0 {
             return Err("--tick-ms and --request-timeout-ms must be positive".into());

@@ -1,7 +1,7 @@
 //! The replicated state machine: an ordered in-memory map from keys to values.
 //!
-//! Only the node's apply step writes to it, in log order, so every member that has applied
-//! the same prefix of the log holds the same map. Readers take the lock briefly to copy a
+//! Only the node's apply step (or a snapshot install) writes to it, in log order, so every
+//! member that has applied the same prefix of the log holds the same map. Readers take the lock briefly to copy a
 //! value out. It must never be written from anywhere but committed entries.
 
 use std::collections::BTreeMap;
@@ -20,6 +20,16 @@ pub struct KvStore {
 impl KvStore {
     pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         self.map.get(key).cloned()
+    }
+
+    /// A copy of the whole map, for a snapshot.
+    pub fn copy_map(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        self.map.clone()
+    }
+
+    /// Replaces the whole map with a snapshot's.
+    pub fn replace(&mut self, map: BTreeMap<Vec<u8>, Vec<u8>>) {
+        self.map = map;
     }
 
     /// Applies one committed command.

@@ -14,6 +14,7 @@ mod kv;
 mod membership;
 mod node;
 mod read_index;
+mod snapshot;
 mod storage;
 mod transport;
 
@@ -70,6 +71,21 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         .map_err(|e| format!("cannot open the raft log in {}: {e}", data_dir.display()))?;
     let mut store =
         LogStore::load(engine, GROUP_ID).map_err(|e| format!("cannot read the raft log: {e}"))?;
+    let snap_dir = snapshot::dir_of(&data_dir);
+    let recovered = snapshot::recover(
+        &snap_dir,
+        &store.snapshot_meta(),
+        store.truncated_index(),
+        logger,
+    )?;
+    if let Some(data) = &recovered {
+        if data.meta != store.snapshot_meta() {
+            store
+                .record_snapshot(&data.meta)
+                .map_err(|e| format!("cannot record the snapshot in use: {e}"))?;
+        }
+        info!(logger, "loaded snapshot"; "index" => data.meta.index, "keys" => data.kv.len());
+    }
     if !store.is_empty() {
         info!(logger, "restarting from the data dir";
             "data_dir" => %data_dir.display(), "term" => store.hard_state().term,
@@ -88,7 +104,7 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let exit = runtime.block_on(serve(config, store, logger.clone()))?;
+    let exit = runtime.block_on(serve(config, store, recovered, logger.clone()))?;
     match exit {
         NodeExit::Stopped => {
             info!(logger, "stopped");
@@ -120,7 +136,12 @@ fn refuse_if_removed(data_dir: &Path) -> Result<(), String> {
 }
 
 /// Runs the node thread and both HTTP servers until the node stops; returns why it did.
-async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeExit, String> {
+async fn serve(
+    config: Config,
+    store: LogStore,
+    recovered: Option<snapshot::SnapshotData>,
+    logger: Logger,
+) -> Result<NodeExit, String> {
     let own_url = reqwest::Url::parse(config.own_peer_url()).expect("validated in config");
     let peer_addr = format!(
         "{}:{}",
@@ -138,11 +159,13 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
     let (node_handle, inbox) = NodeHandle::new();
     let kv = kv::SharedKv::default();
     let membership = SharedMembership::default();
+    let snap_dir = snapshot::dir_of(&config.data_dir());
     let partition = Arc::new(faults::Partition::default());
     let transport = Arc::new(Transport::new(
         tokio::runtime::Handle::current(),
         node_handle.clone(),
         partition.clone(),
+        snap_dir.clone(),
         logger.new(o!("component" => "transport")),
     ));
     // Until the log is replayed, the command line is the best guess at where peers are.
@@ -152,17 +175,30 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
             transport.set_peer(id, url);
         }
     }
+    if let Some(data) = recovered {
+        for (&id, url) in &data.membership.peer_urls {
+            if id != config.id {
+                transport.set_peer(id, url);
+            }
+        }
+        kv.write().unwrap().replace(data.kv);
+        *membership.write().unwrap() = data.membership;
+    }
     let node = Node::new(
         &NodeConfig {
             id: config.id,
             tick: config.tick(),
             election_ticks: config.election_ticks,
             heartbeat_ticks: config.heartbeat_ticks,
+            snap_dir: snap_dir.clone(),
+            snapshot_count: config.snapshot_count,
+            catchup_entries: config.snapshot_catchup_entries,
         },
         store,
         kv.clone(),
         membership.clone(),
         transport,
+        node_handle.clone(),
         logger.new(o!("component" => "raft")),
     )?;
     let (exit_tx, mut exit_rx) = oneshot::channel();
@@ -174,29 +210,20 @@ async fn serve(config: Config, store: LogStore, logger: Logger) -> Result<NodeEx
         .map_err(|e| format!("cannot start the node thread: {e}"))?;
 
     let (stop_servers, servers_stopping) = watch::channel(false);
-    let peer_server = {
-        let (node, membership, partition, peer_logger) = (
-            node_handle.clone(),
-            membership,
-            partition.clone(),
-            logger.clone(),
-        );
-        tokio::spawn(http_server::serve(
-            "peer",
-            peer_listener,
-            move |req| {
-                transport::handle_peer_request(
-                    req,
-                    node.clone(),
-                    membership.clone(),
-                    partition.clone(),
-                    peer_logger.clone(),
-                )
-            },
-            servers_stopping.clone(),
-            logger.clone(),
-        ))
-    };
+    let peer_service = Arc::new(transport::PeerService {
+        node: node_handle.clone(),
+        membership,
+        partition: partition.clone(),
+        snap_dir,
+        logger: logger.new(o!("component" => "transport")),
+    });
+    let peer_server = tokio::spawn(http_server::serve(
+        "peer",
+        peer_listener,
+        move |req| transport::handle_peer_request(req, peer_service.clone()),
+        servers_stopping.clone(),
+        logger.clone(),
+    ));
     let api = Arc::new(Api {
         node: node_handle.clone(),
         kv,

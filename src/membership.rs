@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 /// Shared between the node (the only writer) and the peer transport.
 pub type SharedMembership = Arc<RwLock<Membership>>;
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Membership {
     pub peer_urls: BTreeMap<u64, String>,
     pub removed: BTreeSet<u64>,

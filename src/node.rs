@@ -15,13 +15,14 @@
 //! the network, and must never apply an entry that is not committed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message};
-use raft::{RawNode, StateRole, INVALID_ID};
+use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use slog::{error, info, warn, Logger};
 use tokio::sync::oneshot;
 
@@ -29,6 +30,7 @@ use crate::command::{Command, MemberContext, Proposal, ProposalId};
 use crate::kv::SharedKv;
 use crate::membership::SharedMembership;
 use crate::read_index::{ReadQueue, ReadReply};
+use crate::snapshot::{self, SnapshotData, SnapshotMeta};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -74,6 +76,8 @@ pub struct NodeStatus {
     pub leader: u64,
     pub commit: u64,
     pub applied: u64,
+    /// Index of the newest durable snapshot (0: none).
+    pub last_snapshot: u64,
     pub members: Vec<Member>,
 }
 
@@ -91,6 +95,10 @@ pub enum NodeMsg {
     Step(Box<Message>),
     Unreachable(u64),
     RemovedByPeer(u64),
+    /// The transport finished sending a snapshot to a peer (true: delivered).
+    SnapshotSent(u64, bool),
+    /// The background snapshot writer finished.
+    SnapshotWritten(Result<WrittenSnapshot, String>),
     Status(oneshot::Sender<NodeStatus>),
     Shutdown,
 }
@@ -163,6 +171,10 @@ impl NodeHandle {
         let _ = self.tx.send(NodeMsg::Unreachable(peer));
     }
 
+    pub fn report_snapshot(&self, peer: u64, delivered: bool) {
+        let _ = self.tx.send(NodeMsg::SnapshotSent(peer, delivered));
+    }
+
     /// A peer answered that this node is no longer a member.
     pub fn removed_by_peer(&self, peer: u64) {
         let _ = self.tx.send(NodeMsg::RemovedByPeer(peer));
@@ -226,6 +238,19 @@ pub struct NodeConfig {
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// Where snapshot files live.
+    pub snap_dir: PathBuf,
+    /// Applied entries between two snapshots.
+    pub snapshot_count: u64,
+    /// Entries kept in the log behind a snapshot, for followers that lag a little.
+    pub catchup_entries: u64,
+}
+
+/// A snapshot the background writer made durable.
+pub struct WrittenSnapshot {
+    meta: SnapshotMeta,
+    bytes: u64,
+    write_time: Duration,
 }
 
 pub struct Node {
@@ -248,6 +273,16 @@ pub struct Node {
     stopping: Option<Instant>,
     election_timeout: Duration,
     leader: u64,
+    snap_dir: PathBuf,
+    snapshot_count: u64,
+    catchup_entries: u64,
+    /// Index of the newest durable snapshot.
+    last_snapshot: u64,
+    snapshot_in_progress: bool,
+    /// Term of the entry at `applied`.
+    applied_term: u64,
+    /// The node's own inbox, for the snapshot writer's answer.
+    inbox: NodeHandle,
     logger: Logger,
 }
 
@@ -258,15 +293,17 @@ impl Node {
         kv: SharedKv,
         membership: SharedMembership,
         transport: Arc<Transport>,
+        inbox: NodeHandle,
         logger: Logger,
     ) -> Result<Node, String> {
+        // The map was rebuilt from this snapshot (or is empty); raft hands out every
+        // committed entry after it.
+        let snap = store.snapshot_meta();
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
-            // The map lives in memory, so after a restart every committed entry is applied
-            // again: raft must hand them all out.
-            applied: 0,
+            applied: snap.index,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             check_quorum: true,
@@ -282,7 +319,7 @@ impl Node {
             transport,
             waiters: HashMap::new(),
             reads: ReadQueue::default(),
-            applied: 0,
+            applied: snap.index,
             ticks: 0,
             incarnation: random_u64(),
             next_seq: 1,
@@ -291,6 +328,13 @@ impl Node {
             stopping: None,
             election_timeout: config.tick * config.election_ticks as u32,
             leader: INVALID_ID,
+            snap_dir: config.snap_dir.clone(),
+            snapshot_count: config.snapshot_count,
+            catchup_entries: config.catchup_entries,
+            last_snapshot: snap.index,
+            snapshot_in_progress: false,
+            applied_term: snap.term,
+            inbox,
             logger,
         })
     }
@@ -358,6 +402,19 @@ impl Node {
                 info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
                 return Some(NodeExit::Removed { index: 0 });
             }
+            NodeMsg::SnapshotSent(peer, delivered) => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(peer, status);
+            }
+            NodeMsg::SnapshotWritten(result) => {
+                if let Err(e) = self.on_snapshot_written(result) {
+                    error!(self.logger, "could not record a snapshot"; "error" => &e);
+                }
+            }
             NodeMsg::Status(reply) => {
                 let _ = reply.send(self.status());
             }
@@ -402,6 +459,7 @@ impl Node {
             leader: raft.leader_id,
             commit: raft.raft_log.committed,
             applied: raft.raft_log.applied,
+            last_snapshot: self.last_snapshot,
             members: conf
                 .voters
                 .iter()
@@ -563,7 +621,12 @@ impl Node {
             self.transport.send(GROUP_ID, ready.take_messages());
         }
         if !ready.snapshot().is_empty() {
-            return Err("received a raft snapshot, which this version cannot install".into());
+            let meta = ready.snapshot().get_metadata();
+            self.install_snapshot(SnapshotMeta {
+                index: meta.index,
+                term: meta.term,
+                conf_state: meta.get_conf_state().clone(),
+            })?;
         }
         self.apply(ready.take_committed_entries())?;
         for rs in ready.take_read_states() {
@@ -592,6 +655,118 @@ impl Node {
         }
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.maybe_snapshot();
+        Ok(())
+    }
+
+    /// Snapshots when enough entries were applied since the last one, or when raft needs
+    /// a newer one to send to a follower.
+    fn maybe_snapshot(&mut self) {
+        let wanted = self.raw.store().take_snapshot_request();
+        let due = self.applied >= self.last_snapshot + self.snapshot_count;
+        if (wanted || due) && !self.snapshot_in_progress && self.applied > self.last_snapshot {
+            self.start_snapshot();
+        }
+    }
+
+    /// Copies the state machine and has a background thread write it, so the loop
+    /// pauses only for the copy.
+    fn start_snapshot(&mut self) {
+        let started = Instant::now();
+        let data = SnapshotData {
+            meta: SnapshotMeta {
+                index: self.applied,
+                term: self.applied_term,
+                conf_state: self.raw.raft.prs().conf().to_conf_state(),
+            },
+            membership: self.membership.read().unwrap().clone(),
+            kv: self.kv.read().unwrap().copy_map(),
+        };
+        let pause = started.elapsed();
+        info!(self.logger, "snapshot started";
+            "index" => data.meta.index, "keys" => data.kv.len(),
+            "loop_pause_ms" => format!("{:.2}", pause.as_secs_f64() * 1e3));
+        self.snapshot_in_progress = true;
+        let (dir, inbox) = (self.snap_dir.clone(), self.inbox.clone());
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let result = snapshot::write(&dir, &data)
+                    .and_then(|(_, bytes)| {
+                        snapshot::prune(&dir)?;
+                        Ok(bytes)
+                    })
+                    .map(|bytes| WrittenSnapshot {
+                        meta: data.meta,
+                        bytes,
+                        write_time: started.elapsed(),
+                    })
+                    .map_err(|e| format!("writing the snapshot failed: {e}"));
+                let _ = inbox.tx.send(NodeMsg::SnapshotWritten(result));
+            });
+        if let Err(e) = spawned {
+            error!(self.logger, "could not start the snapshot writer"; "error" => %e);
+            self.snapshot_in_progress = false;
+        }
+    }
+
+    /// A snapshot is durable: raft may send it, and the log before it can go, except the
+    /// last `catchup_entries` for followers that lag a little.
+    fn on_snapshot_written(
+        &mut self,
+        result: Result<WrittenSnapshot, String>,
+    ) -> Result<(), String> {
+        self.snapshot_in_progress = false;
+        let written = result?;
+        let index = written.meta.index;
+        let store = self.raw.mut_store();
+        store
+            .record_snapshot(&written.meta)
+            .map_err(|e| e.to_string())?;
+        let first = index.saturating_sub(self.catchup_entries) + 1;
+        store.compact(first).map_err(|e| e.to_string())?;
+        self.last_snapshot = index;
+        info!(self.logger, "snapshot written";
+            "index" => index, "term" => written.meta.term, "bytes" => written.bytes,
+            "write_ms" => written.write_time.as_millis(), "log_starts_at" => first);
+        Ok(())
+    }
+
+    /// Replaces the state machine with a snapshot the leader sent (the transport already
+    /// stored and verified its file), then the log with the snapshot's point.
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), String> {
+        let path = snapshot::path_of(&self.snap_dir, meta.index);
+        let data = snapshot::read(&path)
+            .map_err(|e| format!("cannot load received snapshot {}: {e}", path.display()))?;
+        let own_id = self.raw.raft.id;
+        for (&id, url) in &data.membership.peer_urls {
+            if id != own_id {
+                self.transport.set_peer(id, url);
+            }
+        }
+        for id in &data.membership.removed {
+            self.transport.remove_peer(*id);
+        }
+        if data.membership.removed.contains(&own_id) {
+            self.removed_at = Some(meta.index);
+        }
+        let keys = data.kv.len();
+        self.kv.write().unwrap().replace(data.kv);
+        *self.membership.write().unwrap() = data.membership;
+        self.raw
+            .mut_store()
+            .install_snapshot(&meta)
+            .map_err(|e| format!("could not install the snapshot in the log: {e}"))?;
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        self.last_snapshot = meta.index;
+        self.reads.on_applied(meta.index);
+        if let Err(e) = snapshot::prune(&self.snap_dir) {
+            warn!(self.logger, "could not prune old snapshots"; "error" => %e);
+        }
+        info!(self.logger, "installed a snapshot from the leader";
+            "index" => meta.index, "term" => meta.term, "keys" => keys);
         Ok(())
     }
 
@@ -606,7 +781,7 @@ impl Node {
 
     /// Applies committed entries in log order.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
-        let Some(last) = entries.last().map(|e| e.index) else {
+        let Some((last, last_term)) = entries.last().map(|e| (e.index, e.term)) else {
             return Ok(());
         };
         for entry in entries {
@@ -619,6 +794,7 @@ impl Node {
             }
         }
         self.applied = last;
+        self.applied_term = last_term;
         self.reads.on_applied(last);
         Ok(())
     }

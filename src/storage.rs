@@ -6,11 +6,20 @@
 //! the entries and the hard state in one atomic, fsynced batch: a hard state whose commit
 //! points past the stored log can never be left behind by a crash. This module must never
 //! acknowledge a write it has not synced, and never invents entries it does not hold.
+//!
+//! After a snapshot the log is compacted: entries up to the *truncation point* are gone,
+//! and the point's own (index, term) is kept so that `term(first_index - 1)` still
+//! answers, as raft-rs requires. Installing a snapshot from the leader replaces the whole
+//! log with that point, in one batch.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft_engine::Command;
+
+use crate::snapshot::SnapshotMeta;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use raft_engine::{Config as EngineConfig, Engine, LogBatch, MessageExt};
 
@@ -19,6 +28,10 @@ const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
 /// Index of the conf-change entry that produced the stored conf state.
 const KEY_CONF_INDEX: &[u8] = b"conf_index";
+/// (index, term) of the last entry removed from the log, 16 bytes.
+const KEY_TRUNCATED: &[u8] = b"truncated";
+/// Metadata of the newest durable snapshot (raft SnapshotMetadata).
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
 /// Tells raft-engine how to read the index of a raft-rs entry.
 #[derive(Clone)]
@@ -42,6 +55,11 @@ pub struct LogStore {
     hard_state: HardState,
     conf_state: ConfState,
     conf_index: u64,
+    /// (index, term) just before the first entry in the log.
+    truncated: (u64, u64),
+    snapshot: SnapshotMetadata,
+    /// Set when raft asked for a snapshot that the stored one cannot serve.
+    snapshot_wanted: AtomicBool,
 }
 
 /// Opens (or creates) the raft-engine in `dir`.
@@ -66,12 +84,29 @@ impl LogStore {
             .get(group_id, KEY_CONF_INDEX)
             .and_then(|b| b.try_into().ok().map(u64::from_le_bytes))
             .unwrap_or(0);
+        let truncated = engine
+            .get(group_id, KEY_TRUNCATED)
+            .filter(|b| b.len() == 16)
+            .map(|b| {
+                let (index, term) = b.split_at(8);
+                (
+                    u64::from_le_bytes(index.try_into().unwrap()),
+                    u64::from_le_bytes(term.try_into().unwrap()),
+                )
+            })
+            .unwrap_or((0, 0));
+        let snapshot = engine
+            .get_message::<SnapshotMetadata>(group_id, KEY_SNAPSHOT)?
+            .unwrap_or_default();
         Ok(LogStore {
             engine,
             group_id,
             hard_state,
             conf_state,
             conf_index,
+            truncated,
+            snapshot,
+            snapshot_wanted: AtomicBool::new(false),
         })
     }
 
@@ -167,18 +202,108 @@ impl LogStore {
         Ok(())
     }
 
+    /// The newest durable snapshot (index 0: none yet).
+    pub fn snapshot_meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            index: self.snapshot.index,
+            term: self.snapshot.term,
+            conf_state: self.snapshot.get_conf_state().clone(),
+        }
+    }
+
+    /// True once after raft asked for a snapshot newer than the stored one.
+    pub fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// The index just before the first entry of the log.
+    pub fn truncated_index(&self) -> u64 {
+        self.truncated.0
+    }
+
+    /// Records that the snapshot `meta` is durable on disk; raft-rs may now send it.
+    pub fn record_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let snapshot = to_metadata(meta);
+        let mut batch = LogBatch::default();
+        batch.put_message(self.group_id, KEY_SNAPSHOT.to_vec(), &snapshot)?;
+        self.engine.write(&mut batch, true)?;
+        self.snapshot = snapshot;
+        Ok(())
+    }
+
+    /// Removes the entries before `first`, which must all be applied and covered by a
+    /// durable snapshot; then lets raft-engine delete log files nothing refers to.
+    pub fn compact(&mut self, first: u64) -> Result<(), StoreError> {
+        if first <= self.first() || first > self.last() + 1 {
+            return Ok(());
+        }
+        let truncated_term = self.term(first - 1).map_err(|e| {
+            raft_engine::Error::InvalidArgument(format!("no term for index {}: {e}", first - 1))
+        })?;
+        let mut batch = LogBatch::default();
+        self.add_truncated(&mut batch, first - 1, truncated_term)?;
+        batch.add_command(self.group_id, Command::Compact { index: first });
+        self.engine.write(&mut batch, true)?;
+        self.truncated = (first - 1, truncated_term);
+        self.engine.purge_expired_files()?;
+        Ok(())
+    }
+
+    /// Replaces the whole log with a snapshot received from the leader, in one synced
+    /// batch: the log is emptied, the truncation point and conf state become the
+    /// snapshot's, and the hard state is kept (commit raised to the snapshot).
+    pub fn install_snapshot(&mut self, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let mut hard_state = self.hard_state.clone();
+        hard_state.commit = hard_state.commit.max(meta.index);
+        hard_state.term = hard_state.term.max(meta.term);
+        let snapshot = to_metadata(meta);
+        let mut batch = LogBatch::default();
+        batch.add_command(self.group_id, Command::Clean);
+        batch.put_message(self.group_id, KEY_HARD_STATE.to_vec(), &hard_state)?;
+        self.add_conf_state(&mut batch, &meta.conf_state, meta.index)?;
+        self.add_truncated(&mut batch, meta.index, meta.term)?;
+        batch.put_message(self.group_id, KEY_SNAPSHOT.to_vec(), &snapshot)?;
+        self.engine.write(&mut batch, true)?;
+        self.hard_state = hard_state;
+        self.conf_state = meta.conf_state.clone();
+        self.conf_index = meta.index;
+        self.truncated = (meta.index, meta.term);
+        self.snapshot = snapshot;
+        Ok(())
+    }
+
+    fn add_truncated(&self, batch: &mut LogBatch, index: u64, term: u64) -> Result<(), StoreError> {
+        let mut value = index.to_le_bytes().to_vec();
+        value.extend_from_slice(&term.to_le_bytes());
+        batch.put(self.group_id, KEY_TRUNCATED.to_vec(), value)
+    }
+
     /// Entries in `[low, high)`, all of which must be stored.
     pub fn entries_between(&self, low: u64, high: u64) -> raft::Result<Vec<Entry>> {
         self.entries(low, high, None, GetEntriesContext::empty(false))
     }
 
     fn first(&self) -> u64 {
-        self.engine.first_index(self.group_id).unwrap_or(1)
+        self.engine
+            .first_index(self.group_id)
+            .unwrap_or(self.truncated.0 + 1)
     }
 
     fn last(&self) -> u64 {
-        self.engine.last_index(self.group_id).unwrap_or(0)
+        self.engine
+            .last_index(self.group_id)
+            .unwrap_or(self.truncated.0)
     }
+}
+
+fn to_metadata(meta: &SnapshotMeta) -> SnapshotMetadata {
+    let mut m = SnapshotMetadata {
+        index: meta.index,
+        term: meta.term,
+        ..Default::default()
+    };
+    m.set_conf_state(meta.conf_state.clone());
+    m
 }
 
 fn store_error(e: StoreError) -> raft::Error {
@@ -215,10 +340,8 @@ impl Storage for LogStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        // Until log compaction exists the log starts at index 1, preceded by the empty
-        // "snapshot" at index 0, term 0.
-        if idx == 0 {
-            return Ok(0);
+        if idx == self.truncated.0 {
+            return Ok(self.truncated.1);
         }
         if idx < self.first() {
             return Err(raft::Error::Store(StorageError::Compacted));
@@ -244,11 +367,21 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The log is never compacted yet, so a follower can always be caught up from
-        // entries and raft-rs has no reason to ask for a snapshot.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// The newest durable snapshot. Its data is empty: the transport streams the file
+    /// named by the metadata's index (see transport.rs). A snapshot that predates the
+    /// recipient's membership would be refused by it; then a new one is asked for and
+    /// raft-rs tries again later.
+    fn snapshot(&self, _request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let conf = self.snapshot.get_conf_state();
+        let knows_recipient = conf.voters.contains(&to) || conf.learners.contains(&to);
+        if self.snapshot.index == 0 || !knows_recipient {
+            self.snapshot_wanted.store(true, Ordering::Relaxed);
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(self.snapshot.clone());
+        Ok(snapshot)
     }
 }

@@ -6,31 +6,49 @@
 //! node, and a failed send is reported to raft-rs (`report_unreachable`) and logged once
 //! per outage, not once per message.
 //!
+//! Snapshots do not travel inside a raft message: raft-rs's `MsgSnapshot` carries only the
+//! metadata, and its sender streams the snapshot file (read in chunks, never whole in
+//! memory) to `<peer-url>/raft/snapshot`, with the message itself in a header. The
+//! receiver writes the file, checks its checksum, makes it durable under its final name
+//! and only then steps the message into raft. The outcome goes back to raft-rs through
+//! `report_snapshot`.
+//!
 //! Receiving: [`handle_peer_request`] decodes a body and steps each message into the node.
 //! A message from a removed member is answered 410 Gone, which tells that member it was
 //! removed. Every message carries its raft group id so that one process can later host
 //! many groups. Nothing here interprets raft messages beyond their addressing.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use slog::{debug, info, warn, Logger};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::faults::Partition;
 use crate::http_server::text_response as reply;
 use crate::membership::SharedMembership;
 use crate::node::{NodeHandle, GROUP_ID};
+use crate::snapshot;
 
 /// The path peers POST raft messages to.
 pub const RAFT_PATH: &str = "/raft";
+/// The path peers stream snapshot files to.
+const SNAPSHOT_PATH: &str = "/raft/snapshot";
+/// Headers of a snapshot upload: the hex-encoded MsgSnapshot and its raft group.
+const MESSAGE_HEADER: &str = "x-raft-message";
+const GROUP_HEADER: &str = "x-raft-group";
+/// A snapshot upload may take this long before it is given up.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Messages waiting for one peer before new ones are dropped.
 const PEER_QUEUE_LEN: usize = 4096;
 /// Most messages sent in one request.
@@ -51,6 +69,7 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     node: NodeHandle,
     partition: Arc<Partition>,
+    snap_dir: PathBuf,
     logger: Logger,
 }
 
@@ -64,6 +83,7 @@ impl Transport {
         runtime: tokio::runtime::Handle,
         node: NodeHandle,
         partition: Arc<Partition>,
+        snap_dir: PathBuf,
         logger: Logger,
     ) -> Transport {
         let client = reqwest::Client::builder()
@@ -79,6 +99,7 @@ impl Transport {
             runtime,
             node,
             partition,
+            snap_dir,
             logger,
         }
     }
@@ -121,6 +142,9 @@ impl Transport {
                 continue;
             }
             match peers.get(&to) {
+                Some(peer) if msg.get_msg_type() == MessageType::MsgSnapshot => {
+                    self.send_snapshot(&peer.url, group_id, msg)
+                }
                 Some(peer) => {
                     if peer.queue.try_send((group_id, msg)).is_err() {
                         debug!(self.logger, "peer queue full, dropping a message"; "peer" => to);
@@ -132,6 +156,68 @@ impl Transport {
             }
         }
     }
+}
+
+impl Transport {
+    /// Streams the snapshot file that `msg` refers to, then reports the outcome to raft.
+    fn send_snapshot(&self, peer_url: &str, group_id: u64, msg: Message) {
+        let to = msg.to;
+        let index = msg.get_snapshot().get_metadata().index;
+        let path = snapshot::path_of(&self.snap_dir, index);
+        let url = format!("{peer_url}{SNAPSHOT_PATH}");
+        let header = hex_encode(&msg.write_to_bytes().expect("raft messages always encode"));
+        let (client, node) = (self.client.clone(), self.node.clone());
+        let logger = self.logger.new(slog::o!("peer" => to, "index" => index));
+        info!(logger, "sending a snapshot");
+        self.runtime.spawn(async move {
+            let started = Instant::now();
+            let sent = async {
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                let resp = client
+                    .post(&url)
+                    .header(MESSAGE_HEADER, header)
+                    .header(GROUP_HEADER, group_id.to_string())
+                    .timeout(SNAPSHOT_TIMEOUT)
+                    .body(reqwest::Body::from(file))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    return Err(format!("HTTP {status}: {}", resp.text().await.unwrap_or_default()));
+                }
+                Ok(bytes)
+            }
+            .await;
+            match sent {
+                Ok(bytes) => {
+                    info!(logger, "snapshot sent"; "bytes" => bytes, "ms" => started.elapsed().as_millis());
+                    node.report_snapshot(to, true);
+                }
+                Err(e) => {
+                    warn!(logger, "sending a snapshot failed; raft will retry"; "error" => e);
+                    node.report_snapshot(to, false);
+                }
+            }
+        });
+    }
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The task that drains one peer's queue.
@@ -211,53 +297,161 @@ fn decode_batch(mut bytes: &[u8]) -> Result<Vec<GroupMessage>, String> {
     Ok(out)
 }
 
-/// Answers a request on the peer port: `POST /raft` with a batch of raft messages.
+/// What the peer-facing server needs.
+pub struct PeerService {
+    pub node: NodeHandle,
+    pub membership: SharedMembership,
+    pub partition: Arc<Partition>,
+    pub snap_dir: PathBuf,
+    pub logger: Logger,
+}
+
+/// Answers a request on the peer port: `POST /raft` with a batch of raft messages, or
+/// `POST /raft/snapshot` with a snapshot file.
 pub async fn handle_peer_request(
     req: Request<Incoming>,
-    node: NodeHandle,
-    membership: SharedMembership,
-    partition: Arc<Partition>,
-    logger: Logger,
+    service: Arc<PeerService>,
 ) -> Response<Full<Bytes>> {
-    if req.uri().path() != RAFT_PATH {
-        return reply(StatusCode::NOT_FOUND, "not found");
-    }
     if req.method() != Method::POST {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(e) => {
-            warn!(logger, "could not read a peer request"; "error" => %e);
-            return reply(StatusCode::BAD_REQUEST, "could not read body");
-        }
-    };
-    let batch = match decode_batch(&body) {
-        Ok(batch) => batch,
-        Err(e) => {
-            warn!(logger, "malformed peer request"; "error" => &e);
-            return reply(StatusCode::BAD_REQUEST, &e);
-        }
-    };
-    for (group_id, msg) in batch {
-        if membership.read().unwrap().removed.contains(&msg.from) {
-            return reply(
+    match req.uri().path() {
+        RAFT_PATH => service.receive_messages(req).await,
+        SNAPSHOT_PATH => match service.receive_snapshot(req).await {
+            Ok(response) => response,
+            Err(e) => {
+                warn!(service.logger, "receiving a snapshot failed"; "error" => &e);
+                reply(StatusCode::INTERNAL_SERVER_ERROR, &e)
+            }
+        },
+        _ => reply(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+impl PeerService {
+    /// The answer to a message from `from` for `group_id`, if it must not be stepped:
+    /// 410 for a removed member, 404 for an unknown group.
+    fn refuse(&self, group_id: u64, from: u64) -> Option<Response<Full<Bytes>>> {
+        if self.membership.read().unwrap().removed.contains(&from) {
+            return Some(reply(
                 StatusCode::GONE,
-                &format!("node {} was removed from the cluster", msg.from),
-            );
+                &format!("node {from} was removed from the cluster"),
+            ));
         }
         if group_id != GROUP_ID {
-            warn!(logger, "message for an unknown raft group"; "group" => group_id, "from" => msg.from);
-            return reply(StatusCode::NOT_FOUND, "unknown raft group");
+            warn!(self.logger, "message for an unknown raft group"; "group" => group_id, "from" => from);
+            return Some(reply(StatusCode::NOT_FOUND, "unknown raft group"));
         }
-        if !partition.is_blocked(msg.from) {
-            node.step(msg);
-        }
+        None
     }
-    reply(StatusCode::NO_CONTENT, "")
+
+    async fn receive_messages(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let logger = &self.logger;
+        let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                warn!(logger, "could not read a peer request"; "error" => %e);
+                return reply(StatusCode::BAD_REQUEST, "could not read body");
+            }
+        };
+        let batch = match decode_batch(&body) {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(logger, "malformed peer request"; "error" => &e);
+                return reply(StatusCode::BAD_REQUEST, &e);
+            }
+        };
+        for (group_id, msg) in batch {
+            if let Some(refusal) = self.refuse(group_id, msg.from) {
+                return refusal;
+            }
+            if !self.partition.is_blocked(msg.from) {
+                self.node.step(msg);
+            }
+        }
+        reply(StatusCode::NO_CONTENT, "")
+    }
+
+    /// Stores the streamed file as `snap-<index>.snap` once it is whole and verified,
+    /// then steps the MsgSnapshot into raft.
+    async fn receive_snapshot(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, String> {
+        static UPLOADS: AtomicU64 = AtomicU64::new(0);
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let msg = header(MESSAGE_HEADER)
+            .and_then(hex_decode)
+            .and_then(|bytes| Message::parse_from_bytes(&bytes).ok())
+            .ok_or("missing or malformed raft message header")?;
+        let group_id = header(GROUP_HEADER)
+            .and_then(|g| g.parse().ok())
+            .ok_or("missing or malformed raft group header")?;
+        if let Some(refusal) = self.refuse(group_id, msg.from) {
+            return Ok(refusal);
+        }
+        if self.partition.is_blocked(msg.from) {
+            return Ok(reply(StatusCode::NO_CONTENT, ""));
+        }
+        let index = msg.get_snapshot().get_metadata().index;
+        let upload = UPLOADS.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .snap_dir
+            .join(format!("recv-{index:016x}-{upload}.tmp"));
+        let received = self.write_upload(req.into_body(), &tmp).await;
+        let stored = match received {
+            Ok(bytes) => {
+                let (tmp2, dir) = (tmp.clone(), self.snap_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    snapshot::verify(&tmp2)?;
+                    std::fs::rename(&tmp2, snapshot::path_of(&dir, index))
+                        .and_then(|_| snapshot::sync_dir(&dir))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map(|_| bytes)
+            }
+            Err(e) => Err(e),
+        };
+        let bytes = match stored {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        info!(self.logger, "received a snapshot"; "from" => msg.from, "index" => index, "bytes" => bytes);
+        self.node.step(msg);
+        Ok(reply(StatusCode::NO_CONTENT, ""))
+    }
+
+    async fn write_upload(
+        &self,
+        mut body: Incoming,
+        path: &std::path::Path,
+    ) -> Result<u64, String> {
+        tokio::fs::create_dir_all(&self.snap_dir)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut bytes = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("upload interrupted: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                file.write_all(data).await.map_err(|e| e.to_string())?;
+                bytes += data.len() as u64;
+            }
+        }
+        file.sync_all().await.map_err(|e| e.to_string())?;
+        Ok(bytes)
+    }
 }
 
 #[cfg(test)]

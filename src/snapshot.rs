@@ -1,0 +1,393 @@
+//! Snapshot files: the whole replicated state at one applied index, on disk.
+//!
+//! A snapshot holds the key-value map, the membership (peer URLs, removed ids) and the
+//! raft metadata (index, term, ConfState) of the last entry it includes. One file per
+//! snapshot, `snap-<index as 16 hex digits>.snap`, in the data dir's `snap/` folder:
+//!
+//! ```text
+//! "RKVSNAP1" | index u64 | term u64 | conf state (u32 len + protobuf)
+//! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
+//! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes)
+//! | CRC-32 of everything before it (u32)
+//! ```
+//! (integers little-endian). A file is written to a temporary name, fsynced, renamed and
+//! the directory fsynced, so a crash leaves either the whole snapshot or none; the checksum
+//! catches corruption after that. The same file is what a leader streams to a follower.
+//! This module never returns data that failed its checksum.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::eraftpb::ConfState;
+
+use crate::membership::Membership;
+
+const MAGIC: &[u8; 8] = b"RKVSNAP1";
+/// Snapshot files kept; older ones are deleted once a newer one is durable.
+const KEEP: usize = 3;
+
+/// Raft's view of a snapshot: the last entry it includes and the membership then.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SnapshotMeta {
+    pub index: u64,
+    pub term: u64,
+    pub conf_state: ConfState,
+}
+
+/// Everything needed to rebuild the state machine at `meta.index`.
+#[derive(Default)]
+pub struct SnapshotData {
+    pub meta: SnapshotMeta,
+    pub membership: Membership,
+    pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// The snapshot directory of a data dir.
+pub fn dir_of(data_dir: &Path) -> PathBuf {
+    data_dir.join("snap")
+}
+
+pub fn path_of(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("snap-{index:016x}.snap"))
+}
+
+/// Indexes of the snapshot files in `dir`, newest first.
+pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut indexes = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(hex) = name
+            .strip_prefix("snap-")
+            .and_then(|n| n.strip_suffix(".snap"))
+        {
+            if let Ok(index) = u64::from_str_radix(hex, 16) {
+                indexes.push(index);
+            }
+        }
+    }
+    indexes.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(indexes)
+}
+
+/// A writer that checksums what passes through it.
+struct Checksummed<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn put_bytes(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    w.write_all(bytes)
+}
+
+/// Writes `data` durably as the snapshot of its index; returns the file's path and size.
+pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
+    fs::create_dir_all(dir)?;
+    let path = path_of(dir, data.meta.index);
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp)?;
+    let mut w = Checksummed {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    w.write_all(MAGIC)?;
+    w.write_all(&data.meta.index.to_le_bytes())?;
+    w.write_all(&data.meta.term.to_le_bytes())?;
+    put_bytes(
+        &mut w,
+        &data
+            .meta
+            .conf_state
+            .write_to_bytes()
+            .map_err(io::Error::other)?,
+    )?;
+    w.write_all(&(data.membership.peer_urls.len() as u32).to_le_bytes())?;
+    for (id, url) in &data.membership.peer_urls {
+        w.write_all(&id.to_le_bytes())?;
+        put_bytes(&mut w, url.as_bytes())?;
+    }
+    w.write_all(&(data.membership.removed.len() as u32).to_le_bytes())?;
+    for id in &data.membership.removed {
+        w.write_all(&id.to_le_bytes())?;
+    }
+    w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
+    for (key, value) in &data.kv {
+        put_bytes(&mut w, key)?;
+        put_bytes(&mut w, value)?;
+    }
+    let crc = w.crc.finalize();
+    let mut file = w.inner.into_inner().map_err(|e| e.into_error())?;
+    file.write_all(&crc.to_le_bytes())?;
+    file.sync_all()?;
+    let size = file.metadata()?.len();
+    drop(file);
+    fs::rename(&tmp, &path)?;
+    sync_dir(dir)?;
+    Ok((path, size))
+}
+
+/// Makes a rename or unlink in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Deletes all but the newest `KEEP` snapshot files.
+pub fn prune(dir: &Path) -> io::Result<()> {
+    for index in list(dir)?.into_iter().skip(KEEP) {
+        fs::remove_file(path_of(dir, index))?;
+    }
+    Ok(())
+}
+
+/// A reader that checksums what passes through it.
+struct Verified<R: Read> {
+    inner: R,
+    crc: crc32fast::Hasher,
+}
+
+impl<R: Read> Verified<R> {
+    fn exact(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        self.inner
+            .read_exact(buf)
+            .map_err(|e| format!("truncated snapshot: {e}"))?;
+        self.crc.update(buf);
+        Ok(())
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let mut b = [0; 4];
+        self.exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut b = [0; 8];
+        self.exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn bytes(&mut self, limit: u64) -> Result<Vec<u8>, String> {
+        let len = self.u32()? as u64;
+        if len > limit {
+            return Err(format!(
+                "snapshot field of {len} bytes is larger than the file"
+            ));
+        }
+        let mut buf = vec![0; len as usize];
+        self.exact(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// Checks a snapshot file's magic and checksum without loading it.
+pub fn verify(path: &Path) -> Result<(), String> {
+    let mut file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    if size < MAGIC.len() as u64 + 4 {
+        return Err("snapshot file too short".into());
+    }
+    let mut crc = crc32fast::Hasher::new();
+    let mut body = (&mut file).take(size - 4);
+    let mut buf = vec![0; 1 << 20];
+    let mut first = true;
+    loop {
+        let n = body.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        if first && !buf[..n].starts_with(MAGIC) {
+            return Err("not a raftkvd snapshot file".into());
+        }
+        first = false;
+        crc.update(&buf[..n]);
+    }
+    let mut stored = [0; 4];
+    file.read_exact(&mut stored).map_err(|e| e.to_string())?;
+    if u32::from_le_bytes(stored) != crc.finalize() {
+        return Err("checksum mismatch: the snapshot file is corrupt".into());
+    }
+    Ok(())
+}
+
+/// Reads and verifies the snapshot file at `path`.
+pub fn read(path: &Path) -> Result<SnapshotData, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut r = Verified {
+        inner: BufReader::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    let mut magic = [0; 8];
+    r.exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err("not a raftkvd snapshot file".into());
+    }
+    let mut data = SnapshotData::default();
+    data.meta.index = r.u64()?;
+    data.meta.term = r.u64()?;
+    data.meta.conf_state =
+        ConfState::parse_from_bytes(&r.bytes(size)?).map_err(|e| format!("bad conf state: {e}"))?;
+    for _ in 0..r.u32()? {
+        let id = r.u64()?;
+        let url = String::from_utf8(r.bytes(size)?).map_err(|_| "peer URL is not UTF-8")?;
+        data.membership.peer_urls.insert(id, url);
+    }
+    let mut removed = BTreeSet::new();
+    for _ in 0..r.u32()? {
+        removed.insert(r.u64()?);
+    }
+    data.membership.removed = removed;
+    for _ in 0..r.u64()? {
+        let key = r.bytes(size)?;
+        let value = r.bytes(size)?;
+        data.kv.insert(key, value);
+    }
+    let computed = r.crc.clone().finalize();
+    let mut stored = [0; 4];
+    r.inner
+        .read_exact(&mut stored)
+        .map_err(|e| format!("truncated snapshot: {e}"))?;
+    if u32::from_le_bytes(stored) != computed {
+        return Err("checksum mismatch: the snapshot file is corrupt".into());
+    }
+    if r.inner.read(&mut [0; 1]).map_err(|e| e.to_string())? != 0 {
+        return Err("trailing bytes after the checksum".into());
+    }
+    Ok(data)
+}
+
+/// At start-up: the snapshot to rebuild the state machine from. `wanted` is the newest
+/// snapshot the log store recorded; raft's log holds every entry after `truncated`.
+///
+/// A corrupt file is renamed `*.corrupt` and logged. An older snapshot is used only if
+/// the log still holds every entry after it; otherwise starting would silently lose
+/// data, so this refuses.
+pub fn recover(
+    dir: &Path,
+    wanted: &SnapshotMeta,
+    truncated: u64,
+    logger: &slog::Logger,
+) -> Result<Option<SnapshotData>, String> {
+    if wanted.index == 0 {
+        return Ok(None);
+    }
+    let candidates = list(dir).unwrap_or_default();
+    for index in candidates.into_iter().filter(|&i| i <= wanted.index) {
+        if index < truncated {
+            break;
+        }
+        let path = path_of(dir, index);
+        match read(&path) {
+            Ok(data) => {
+                if index != wanted.index {
+                    slog::warn!(logger, "using an older snapshot; the raft log covers the rest";
+                        "index" => index, "newest" => wanted.index);
+                }
+                return Ok(Some(data));
+            }
+            Err(e) => {
+                slog::error!(logger, "snapshot file is unusable; set aside as .corrupt";
+                    "file" => %path.display(), "error" => &e);
+                let _ = fs::rename(&path, path.with_extension("snap.corrupt"));
+            }
+        }
+    }
+    Err(format!(
+        "no usable snapshot: the newest (index {}) is missing or corrupt and the raft log \
+         does not reach back to an older one (it starts after index {truncated}). Refusing to \
+         start rather than lose data: restore {} from a backup, or remove this node, wipe its \
+         data dir and add it back under a new id",
+        wanted.index,
+        dir.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(index: u64) -> SnapshotData {
+        let mut data = SnapshotData {
+            meta: SnapshotMeta {
+                index,
+                term: 3,
+                conf_state: ConfState {
+                    voters: vec![1, 2, 4],
+                    ..Default::default()
+                },
+            },
+            ..Default::default()
+        };
+        data.membership
+            .peer_urls
+            .insert(1, "http://127.0.0.1:1".into());
+        data.membership.removed.insert(3);
+        for i in 0..100u32 {
+            data.kv
+                .insert(format!("k{i}").into_bytes(), vec![i as u8; 10]);
+        }
+        data
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("raftkvd-snap-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn round_trips_and_prunes() {
+        let dir = temp_dir("roundtrip");
+        for index in [10, 20, 30, 40] {
+            write(&dir, &sample(index)).unwrap();
+        }
+        prune(&dir).unwrap();
+        assert_eq!(list(&dir).unwrap(), vec![40, 30, 20]);
+        let back = read(&path_of(&dir, 40)).unwrap();
+        let want = sample(40);
+        assert_eq!(back.meta, want.meta);
+        assert_eq!(back.kv, want.kv);
+        assert_eq!(back.membership.peer_urls, want.membership.peer_urls);
+        assert_eq!(back.membership.removed, want.membership.removed);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn any_flipped_or_missing_byte_is_detected() {
+        let dir = temp_dir("corrupt");
+        let (path, size) = write(&dir, &sample(7)).unwrap();
+        let good = fs::read(&path).unwrap();
+        for at in (0..size as usize).step_by(37) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x40;
+            fs::write(&path, &bad).unwrap();
+            assert!(read(&path).is_err(), "flipped byte {at} not detected");
+        }
+        fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(read(&path).is_err(), "truncation not detected");
+        assert!(verify(&path).is_err(), "truncation not detected by verify");
+        fs::write(&path, &good).unwrap();
+        assert!(verify(&path).is_ok());
+        let mut bad = good.clone();
+        bad[good.len() / 2] ^= 1;
+        fs::write(&path, &bad).unwrap();
+        assert!(verify(&path).is_err(), "flip not detected by verify");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

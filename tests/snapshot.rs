@@ -1,0 +1,195 @@
+//! Snapshots, log compaction, and catch-up through a snapshot (issue 3), with real
+//! processes and a small --snapshot-count so that compaction happens within seconds.
+
+mod common;
+
+use common::{free_port, http, Cluster};
+use std::thread;
+use std::time::Duration;
+
+/// Snapshot every 100 entries, keep 20 behind: a node that lags more needs a snapshot.
+const FLAGS: &[&str] = &[
+    "--snapshot-count",
+    "100",
+    "--snapshot-catchup-entries",
+    "20",
+];
+
+/// Writes `n` keys `{prefix}{i}` = `v{i}` through the given nodes, 8 writers at a time.
+fn write_keys(cluster: &Cluster, through: &[u64], prefix: &str, n: usize) {
+    let ports: Vec<u16> = through
+        .iter()
+        .map(|id| cluster.nodes.iter().find(|x| x.id == *id).unwrap().api_port)
+        .collect();
+    thread::scope(|s| {
+        for w in 0..8 {
+            let ports = ports.clone();
+            s.spawn(move || {
+                for i in (w..n).step_by(8) {
+                    let url = format!("http://127.0.0.1:{}/{prefix}{i}", ports[i % ports.len()]);
+                    let (code, text) = http("PUT", &url, Some(format!("v{i}").into_bytes()));
+                    assert_eq!(code, 204, "PUT {url}: {text}");
+                }
+            });
+        }
+    });
+}
+
+/// Every key is served by node `id` from its local map.
+fn assert_all_keys(cluster: &Cluster, id: u64, prefix: &str, n: usize) {
+    let node = cluster.nodes.iter().find(|x| x.id == id).unwrap();
+    cluster.wait_value(id, &format!("{prefix}{}", n - 1), &format!("v{}", n - 1));
+    for i in 0..n {
+        let url = node.url(&format!("{prefix}{i}?consistency=serializable"));
+        assert_eq!(
+            http("GET", &url, None),
+            (200, format!("v{i}")),
+            "node {id} key {prefix}{i}"
+        );
+    }
+}
+
+fn status_u64(cluster: &mut Cluster, id: u64, field: &str) -> u64 {
+    cluster.node(id).status().unwrap()[field].as_u64().unwrap()
+}
+
+#[test]
+fn new_node_catches_up_through_a_snapshot_then_membership_still_works() {
+    let mut cluster = Cluster::start("snap-join", 3, FLAGS);
+    write_keys(&cluster, &[1, 2, 3], "k", 5000);
+    assert!(status_u64(&mut cluster, 1, "last_snapshot") >= 4000);
+
+    let mut urls: Vec<String> = cluster.nodes.iter().map(|n| n.peer_url.clone()).collect();
+    urls.push(format!("http://127.0.0.1:{}", free_port()));
+    let (code, text) = http(
+        "POST",
+        &cluster.nodes[0].url("4"),
+        Some(urls[3].clone().into_bytes()),
+    );
+    assert_eq!(code, 204, "{text}");
+    cluster.add_node_spec(4, &urls, FLAGS, true);
+    cluster.node(4).start();
+    assert_all_keys(&cluster, 4, "k", 5000);
+    assert!(
+        cluster
+            .node(4)
+            .log_text()
+            .contains("installed a snapshot from the leader"),
+        "node 4 must have caught up through a snapshot:\n{}",
+        cluster.node(4).log_text()
+    );
+
+    // The snapshot carried the membership: node 4 knows every peer, so its writes reach
+    // the leader, and removing a member still works after compaction.
+    cluster.put_ok(4, "from-4", "yes");
+    let (code, text) = http("DELETE", &cluster.nodes[0].url("3"), None);
+    assert_eq!(code, 204, "{text}");
+    assert!(cluster.node(3).wait_exit(Duration::from_secs(20)).success());
+    cluster.put_ok(4, "after-removal", "ok");
+    cluster.wait_value(1, "after-removal", "ok");
+}
+
+#[test]
+fn lagging_follower_catches_up_through_a_snapshot() {
+    let mut cluster = Cluster::start("snap-lag", 3, FLAGS);
+    let leader = cluster.wait_leader();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
+    write_keys(&cluster, &[leader], "a", 100);
+    cluster.node(follower).kill();
+
+    write_keys(&cluster, &[leader, other], "b", 1000);
+    cluster.node(follower).start();
+    assert_all_keys(&cluster, follower, "b", 1000);
+    assert_all_keys(&cluster, follower, "a", 100);
+    assert!(cluster
+        .node(follower)
+        .log_text()
+        .contains("installed a snapshot from the leader"));
+
+    // After installing, it restarts from its own snapshot.
+    cluster.node(follower).kill();
+    cluster.node(follower).start();
+    assert_all_keys(&cluster, follower, "b", 1000);
+}
+
+#[test]
+fn restart_after_compaction_loads_the_snapshot_and_replays_a_short_tail() {
+    let mut cluster = Cluster::start("snap-restart", 1, FLAGS);
+    write_keys(&cluster, &[1], "k", 1000);
+    let snap = status_u64(&mut cluster, 1, "last_snapshot");
+    assert!(snap >= 900, "last snapshot {snap}");
+    cluster.node(1).kill();
+    cluster.node(1).start();
+    cluster.wait_leader();
+    assert_all_keys(&cluster, 1, "k", 1000);
+    let log = cluster.node(1).log_text();
+    assert!(log.contains("loaded snapshot"), "{log}");
+    // It started from its newest snapshot, so it replayed only the entries after it.
+    let loaded = status_u64(&mut cluster, 1, "last_snapshot");
+    let applied = status_u64(&mut cluster, 1, "applied");
+    assert!(
+        loaded >= snap,
+        "restarted from snapshot {loaded}, had {snap}"
+    );
+    assert!(
+        applied - loaded <= 200,
+        "replayed {} entries",
+        applied - loaded
+    );
+    let data_dir = cluster.node(1).data_dir.clone();
+    let snap_files = std::fs::read_dir(data_dir.join("snap")).unwrap().count();
+    assert!(
+        (1..=3).contains(&snap_files),
+        "old snapshots are pruned: {snap_files}"
+    );
+}
+
+/// Flips a byte in the middle of the newest snapshot file of `data_dir`.
+fn corrupt_newest_snapshot(data_dir: &std::path::Path) {
+    let mut files: Vec<_> = std::fs::read_dir(data_dir.join("snap"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+        .collect();
+    files.sort();
+    let newest = files.last().expect("a snapshot file");
+    let mut bytes = std::fs::read(newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(newest, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_newest_snapshot_falls_back_when_the_log_covers_it() {
+    // Keep plenty of log behind each snapshot so that the previous snapshot is covered.
+    let flags = [
+        "--snapshot-count",
+        "100",
+        "--snapshot-catchup-entries",
+        "1000",
+    ];
+    let mut cluster = Cluster::start("snap-corrupt-ok", 1, &flags);
+    write_keys(&cluster, &[1], "k", 350);
+    cluster.node(1).kill();
+    corrupt_newest_snapshot(&cluster.node(1).data_dir.clone());
+    cluster.node(1).start();
+    cluster.wait_leader();
+    assert_all_keys(&cluster, 1, "k", 350);
+    let log = cluster.node(1).log_text();
+    assert!(log.contains("snapshot file is unusable"), "{log}");
+    assert!(log.contains("using an older snapshot"), "{log}");
+}
+
+#[test]
+fn corrupt_newest_snapshot_refuses_to_start_when_the_log_does_not_cover() {
+    let mut cluster = Cluster::start("snap-corrupt-refuse", 1, FLAGS);
+    write_keys(&cluster, &[1], "k", 350);
+    cluster.node(1).kill();
+    corrupt_newest_snapshot(&cluster.node(1).data_dir.clone());
+    cluster.node(1).start();
+    let status = cluster.node(1).wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    let log = cluster.node(1).log_text();
+    assert!(log.contains("no usable snapshot"), "{log}");
+}
