@@ -66,6 +66,12 @@ pub struct LogStore {
 pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StoreError> {
     let config = EngineConfig {
         dir: dir.to_string_lossy().into_owned(),
+        // raft-engine looks for obsolete log files only once the log exceeds
+        // purge_threshold (10 GiB by default, sized for TiKV), then deletes whole files,
+        // moving what is still live out of them. A small store wants small numbers, so
+        // that its disk use stays bounded near the threshold.
+        target_file_size: raft_engine::ReadableSize::mb(8),
+        purge_threshold: raft_engine::ReadableSize::mb(32),
         ..Default::default()
     };
     Ok(Arc::new(Engine::open(config)?))

@@ -30,7 +30,16 @@ const MAX_OPS_PER_CLIENT: usize = 20_000;
 /// Successful operations to wait for while each fault is in place, and after healing.
 const PROGRESS_OPS: usize = 60;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
-const FLAGS: &[&str] = &["--enable-fault-injection", "--request-timeout-ms", "1500"];
+/// Frequent snapshots, so compaction and snapshot transfer happen under faults too.
+const FLAGS: &[&str] = &[
+    "--enable-fault-injection",
+    "--request-timeout-ms",
+    "1500",
+    "--snapshot-count",
+    "200",
+    "--snapshot-catchup-entries",
+    "50",
+];
 
 /// A tiny xorshift generator: the tests need variety, not cryptography.
 struct Rng(u64);
