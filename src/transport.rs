@@ -1,10 +1,12 @@
 //! Raft messages between members, over HTTP.
 //!
-//! Sending: one queue and one task per peer; the task takes every message waiting in the
-//! queue, encodes them into one body and POSTs it to `<peer-url>/raft` over a persistent
-//! connection. Raft tolerates lost messages, so a full queue drops rather than blocks the
-//! node, and a failed send is reported to raft-rs (`report_unreachable`) and logged once
-//! per outage, not once per message.
+//! Sending: one queue and one task per peer. As etcd's rafthttp does, the task keeps one
+//! long-lived `POST <peer-url>/raft` open per peer and writes into its chunked body, as
+//! they come, frames of every message waiting in the queue: no round trip per message,
+//! no waiting for an answer before the next. When the stream breaks the next message
+//! opens a new one. Raft tolerates lost messages, so a full queue drops rather than
+//! blocks the node, and a failed stream is reported to raft-rs (`report_unreachable`) and
+//! logged once per outage, not once per message.
 //!
 //! Snapshots do not travel inside a raft message: raft-rs's `MsgSnapshot` carries only the
 //! metadata, and its sender streams the snapshot file (read in chunks, never whole in
@@ -13,7 +15,8 @@
 //! and only then steps the message into raft. The outcome goes back to raft-rs through
 //! `report_snapshot`.
 //!
-//! Receiving: [`handle_peer_request`] decodes a body and steps each message into the node.
+//! Receiving: [`handle_peer_request`] decodes frames as they arrive and steps each message
+//! into the node.
 //! A message from a removed member is answered 410 Gone, which tells that member it was
 //! removed. Every message carries its raft group id so that one process can later host
 //! many groups. Nothing here interprets raft messages beyond their addressing.
@@ -25,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use protobuf::Message as _;
@@ -47,13 +50,17 @@ const SNAPSHOT_PATH: &str = "/raft/snapshot";
 /// Headers of a snapshot upload: the hex-encoded MsgSnapshot and its raft group.
 const MESSAGE_HEADER: &str = "x-raft-message";
 const GROUP_HEADER: &str = "x-raft-group";
+/// Batches written ahead into a message stream before the sender waits for it.
+const STREAM_BUFFER: usize = 64;
+/// A message stream lives until it breaks; this only bounds a forgotten one.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// A snapshot upload may take this long before it is given up.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Messages waiting for one peer before new ones are dropped.
 const PEER_QUEUE_LEN: usize = 4096;
 /// Most messages sent in one request.
 const MAX_BATCH: usize = 512;
-/// Largest body a peer may send.
+/// Largest frame a peer may send.
 const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
 /// A peer that does not answer within this long is treated as unreachable.
 const SEND_TIMEOUT: Duration = Duration::from_secs(3);
@@ -234,33 +241,57 @@ impl PeerSender {
         let mut reachable = true;
         let mut batch = Vec::new();
         while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let body = encode_batch(&batch);
+            // Open a message stream, starting with what is waiting now.
+            let (frames, body) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+            let _ = frames.try_send(encode_batch(&batch).into());
             batch.clear();
-            let failure = match self.client.post(&self.endpoint).body(body).send().await {
-                Ok(resp) if resp.status().is_success() => None,
+            let body = futures_util::stream::unfold(body, |mut body| async move {
+                let chunk = body.recv().await?;
+                Some((Ok::<Bytes, std::io::Error>(chunk), body))
+            });
+            let stream = self
+                .client
+                .post(&self.endpoint)
+                .timeout(STREAM_TIMEOUT)
+                .body(reqwest::Body::wrap_stream(body))
+                .send();
+            tokio::pin!(stream);
+            let mut batches_sent = 1;
+            let ended = loop {
+                tokio::select! {
+                    ended = &mut stream => break ended,
+                    n = queue.recv_many(&mut batch, MAX_BATCH) => {
+                        if n == 0 {
+                            return; // the peer was removed from the transport
+                        }
+                        let chunk = Bytes::from(encode_batch(&batch));
+                        batch.clear();
+                        if frames.send(chunk).await.is_err() {
+                            break (&mut stream).await;
+                        }
+                        batches_sent += 1;
+                        if !reachable && batches_sent > 1 {
+                            info!(self.logger, "peer is reachable again");
+                            reachable = true;
+                        }
+                    }
+                }
+            };
+            let failure = match ended {
                 Ok(resp) if resp.status() == StatusCode::GONE => {
                     let reason = resp.text().await.unwrap_or_default();
                     warn!(self.logger, "peer says this node was removed from the cluster"; "reason" => reason);
                     self.node.removed_by_peer(self.id);
                     return;
                 }
-                Ok(resp) => Some(format!("HTTP {}", resp.status())),
-                Err(e) => Some(e.to_string()),
+                Ok(resp) => format!("the peer ended the stream: HTTP {}", resp.status()),
+                Err(e) => e.to_string(),
             };
-            match failure {
-                None if !reachable => {
-                    info!(self.logger, "peer is reachable again");
-                    reachable = true;
-                }
-                None => {}
-                Some(error) => {
-                    if reachable {
-                        warn!(self.logger, "peer unreachable; messages to it are dropped until it answers"; "error" => error);
-                        reachable = false;
-                    }
-                    self.node.report_unreachable(self.id);
-                }
+            if reachable {
+                warn!(self.logger, "peer unreachable; messages to it are dropped until it answers"; "error" => failure);
+                reachable = false;
             }
+            self.node.report_unreachable(self.id);
         }
     }
 }
@@ -277,23 +308,23 @@ fn encode_batch(batch: &[GroupMessage]) -> Vec<u8> {
     buf
 }
 
-fn decode_batch(mut bytes: &[u8]) -> Result<Vec<GroupMessage>, String> {
+/// Removes the complete frames at the front of `buf` and decodes them; an incomplete
+/// frame stays for the next chunk.
+fn take_frames(buf: &mut Vec<u8>) -> Result<Vec<GroupMessage>, String> {
     let mut out = Vec::new();
-    while !bytes.is_empty() {
-        if bytes.len() < 12 {
-            return Err("truncated frame header".into());
+    let mut at = 0;
+    while buf.len() - at >= 12 {
+        let group_id = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+        let len = u32::from_le_bytes(buf[at + 8..at + 12].try_into().unwrap()) as usize;
+        if buf.len() - at - 12 < len {
+            break;
         }
-        let group_id = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-        let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
-        bytes = &bytes[12..];
-        if bytes.len() < len {
-            return Err("truncated frame".into());
-        }
-        let msg = Message::parse_from_bytes(&bytes[..len])
+        let msg = Message::parse_from_bytes(&buf[at + 12..at + 12 + len])
             .map_err(|e| format!("bad raft message: {e}"))?;
         out.push((group_id, msg));
-        bytes = &bytes[len..];
+        at += 12 + len;
     }
+    buf.drain(..at);
     Ok(out)
 }
 
@@ -345,32 +376,38 @@ impl PeerService {
         None
     }
 
+    /// Reads a message stream: frames may arrive split across chunks; each complete one is
+    /// stepped at once.
     async fn receive_messages(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let logger = &self.logger;
-        let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                warn!(logger, "could not read a peer request"; "error" => %e);
-                return reply(StatusCode::BAD_REQUEST, "could not read body");
+        let mut body = req.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(chunk) = frame.map(|f| f.into_data().unwrap_or_default()) else {
+                break; // the sender went away; whatever it sent has been stepped
+            };
+            pending.extend_from_slice(&chunk);
+            if pending.len() > MAX_BODY_BYTES {
+                warn!(self.logger, "peer sent an oversized frame");
+                return reply(StatusCode::PAYLOAD_TOO_LARGE, "frame too large");
             }
-        };
-        let batch = match decode_batch(&body) {
-            Ok(batch) => batch,
-            Err(e) => {
-                warn!(logger, "malformed peer request"; "error" => &e);
-                return reply(StatusCode::BAD_REQUEST, &e);
+            let messages = match take_frames(&mut pending) {
+                Ok(messages) => messages,
+                Err(e) => {
+                    warn!(self.logger, "malformed peer message stream"; "error" => &e);
+                    return reply(StatusCode::BAD_REQUEST, &e);
+                }
+            };
+            for (group_id, msg) in messages {
+                if let Some(refusal) = self.refuse(group_id, msg.from) {
+                    return refusal;
+                }
+                if !self.partition.is_blocked(msg.from) {
+                    self.node.step(msg);
+                }
             }
-        };
-        for (group_id, msg) in batch {
-            if let Some(refusal) = self.refuse(group_id, msg.from) {
-                return refusal;
-            }
-            if !self.partition.is_blocked(msg.from) {
-                self.node.step(msg);
-            }
+        }
+        if !pending.is_empty() {
+            warn!(self.logger, "peer message stream ended inside a frame");
         }
         reply(StatusCode::NO_CONTENT, "")
     }
@@ -460,7 +497,7 @@ mod tests {
     use raft::eraftpb::MessageType;
 
     #[test]
-    fn batch_round_trips_and_rejects_garbage() {
+    fn frames_round_trip_across_any_split_and_garbage_is_rejected() {
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgHeartbeat);
         m.from = 1;
@@ -468,8 +505,15 @@ mod tests {
         m.term = 5;
         let batch = vec![(1, m.clone()), (7, m)];
         let bytes = encode_batch(&batch);
-        assert_eq!(decode_batch(&bytes).unwrap(), batch);
-        assert!(decode_batch(&bytes[..bytes.len() - 1]).is_err());
-        assert!(decode_batch(&[1, 2, 3]).is_err());
+        for split in 0..=bytes.len() {
+            let mut buf = bytes[..split].to_vec();
+            let mut got = take_frames(&mut buf).unwrap();
+            buf.extend_from_slice(&bytes[split..]);
+            got.extend(take_frames(&mut buf).unwrap());
+            assert_eq!(got, batch, "split at {split}");
+            assert!(buf.is_empty());
+        }
+        let mut garbage = vec![1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(take_frames(&mut garbage).is_err());
     }
 }
