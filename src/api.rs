@@ -137,7 +137,7 @@ impl Api {
                 })?;
         }
         match self.kv.read().unwrap().get(key.as_bytes()) {
-            Some(value) => Ok(Response::new(Full::new(Bytes::from(value)))),
+            Some(value) => Ok(Response::new(Full::new(value))),
             None => Err(Failure::new(
                 StatusCode::NOT_FOUND,
                 format!("key {key:?} not found"),
@@ -160,16 +160,10 @@ impl Api {
         key: &str,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Failure> {
-        let key = check_key(key)?.as_bytes().to_vec();
+        let key = Bytes::copy_from_slice(check_key(key)?.as_bytes());
         let value = read_body(req, self.max_value_bytes).await?;
         self.node
-            .propose(
-                Command::Put {
-                    key,
-                    value: value.to_vec(),
-                },
-                self.request_timeout,
-            )
+            .propose(Command::Put { key, value }, self.request_timeout)
             .await?;
         Ok(no_content())
     }

@@ -10,6 +10,8 @@
 
 use std::fmt;
 
+use bytes::Bytes;
+
 /// Leading byte of every encoded proposal and member context.
 const FORMAT_VERSION: u8 = 1;
 /// Operation tag of [`Command::Put`].
@@ -35,7 +37,9 @@ impl ProposalId {
 /// A change to the key-value map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Key and value are shared slices of the bytes they were decoded from: the map keeps
+    /// them without copying, and a snapshot copies only pointers.
+    Put { key: Bytes, value: Bytes },
 }
 
 /// The payload of a normal raft entry.
@@ -77,15 +81,17 @@ impl Proposal {
         buf
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Proposal, DecodeError> {
+    pub fn decode(bytes: &Bytes) -> Result<Proposal, DecodeError> {
         let mut r = Reader(bytes);
         r.version()?;
         let id = r.id()?;
         match r.u8()? {
             OP_PUT => {
                 let key_len = r.u32()? as usize;
-                let key = r.take(key_len)?.to_vec();
-                let value = r.0.to_vec();
+                let key_start = bytes.len() - r.0.len();
+                r.take(key_len)?;
+                let key = bytes.slice(key_start..key_start + key_len);
+                let value = bytes.slice(key_start + key_len..);
                 Ok(Proposal {
                     id,
                     command: Command::Put { key, value },
@@ -172,11 +178,11 @@ mod tests {
                 seq: 42,
             },
             command: Command::Put {
-                key: b"my-key".to_vec(),
-                value: b"hello".to_vec(),
+                key: Bytes::from_static(b"my-key"),
+                value: Bytes::from_static(b"hello"),
             },
         };
-        assert_eq!(Proposal::decode(&p.encode()), Ok(p));
+        assert_eq!(Proposal::decode(&p.encode().into()), Ok(p));
     }
 
     #[test]
@@ -193,14 +199,15 @@ mod tests {
         let p = Proposal {
             id: ProposalId::NONE,
             command: Command::Put {
-                key: b"abc".to_vec(),
-                value: vec![],
+                key: Bytes::from_static(b"abc"),
+                value: Bytes::new(),
             },
         }
         .encode();
         for cut in 0..p.len() {
-            assert!(Proposal::decode(&p[..cut]).is_err(), "cut at {cut}");
+            let cut = Bytes::copy_from_slice(&p[..cut]);
+            assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
         }
-        assert!(Proposal::decode(&[9, 0, 0]).is_err());
+        assert!(Proposal::decode(&Bytes::from_static(&[9, 0, 0])).is_err());
     }
 }

@@ -7,28 +7,33 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
+
 use crate::command::Command;
 
 /// The map, shared between the node (the only writer) and the HTTP API (readers).
 pub type SharedKv = Arc<RwLock<KvStore>>;
 
+/// Keys and values are reference-counted: copying the map for a snapshot copies pointers.
+pub type KvMap = BTreeMap<Bytes, Bytes>;
+
 #[derive(Default)]
 pub struct KvStore {
-    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    map: KvMap,
 }
 
 impl KvStore {
-    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+    pub fn get(&self, key: &[u8]) -> Option<Bytes> {
         self.map.get(key).cloned()
     }
 
     /// A copy of the whole map, for a snapshot.
-    pub fn copy_map(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    pub fn copy_map(&self) -> KvMap {
         self.map.clone()
     }
 
     /// Replaces the whole map with a snapshot's.
-    pub fn replace(&mut self, map: BTreeMap<Vec<u8>, Vec<u8>>) {
+    pub fn replace(&mut self, map: KvMap) {
         self.map = map;
     }
 
@@ -36,6 +41,10 @@ impl KvStore {
     pub fn apply(&mut self, command: Command) {
         match command {
             Command::Put { key, value } => {
+                // Own right-sized copies: slices would pin the whole buffer the entry was
+                // read into (raft-engine reads whole, possibly compressed, blocks).
+                let key = Bytes::copy_from_slice(&key);
+                let value = Bytes::copy_from_slice(&value);
                 self.map.insert(key, value);
             }
         }

@@ -726,6 +726,14 @@ impl Node {
             .map_err(|e| e.to_string())?;
         let first = index.saturating_sub(self.catchup_entries) + 1;
         store.compact(first).map_err(|e| e.to_string())?;
+        let (purge, logger) = (store.purger(), self.logger.clone());
+        let _ = std::thread::Builder::new()
+            .name("log-purge".into())
+            .spawn(move || {
+                if let Err(e) = purge() {
+                    warn!(logger, "could not delete obsolete raft log files"; "error" => %e);
+                }
+            });
         self.last_snapshot = index;
         info!(self.logger, "snapshot written";
             "index" => index, "term" => written.meta.term, "bytes" => written.bytes,

@@ -15,7 +15,7 @@
 //! catches corruption after that. The same file is what a leader streams to a follower.
 //! This module never returns data that failed its checksum.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
+use crate::kv::KvMap;
 use crate::membership::Membership;
 
 const MAGIC: &[u8; 8] = b"RKVSNAP1";
@@ -42,7 +43,7 @@ pub struct SnapshotMeta {
 pub struct SnapshotData {
     pub meta: SnapshotMeta,
     pub membership: Membership,
-    pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub kv: KvMap,
 }
 
 /// The snapshot directory of a data dir.
@@ -256,7 +257,7 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     for _ in 0..r.u64()? {
         let key = r.bytes(size)?;
         let value = r.bytes(size)?;
-        data.kv.insert(key, value);
+        data.kv.insert(key.into(), value.into());
     }
     let computed = r.crc.clone().finalize();
     let mut stored = [0; 4];
@@ -340,7 +341,7 @@ mod tests {
         data.membership.removed.insert(3);
         for i in 0..100u32 {
             data.kv
-                .insert(format!("k{i}").into_bytes(), vec![i as u8; 10]);
+                .insert(format!("k{i}").into(), vec![i as u8; 10].into());
         }
         data
     }

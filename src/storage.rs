@@ -238,7 +238,7 @@ impl LogStore {
     }
 
     /// Removes the entries before `first`, which must all be applied and covered by a
-    /// durable snapshot; then lets raft-engine delete log files nothing refers to.
+    /// durable snapshot. The files they lived in are deleted later by [`Self::purger`].
     pub fn compact(&mut self, first: u64) -> Result<(), StoreError> {
         if first <= self.first() || first > self.last() + 1 {
             return Ok(());
@@ -251,8 +251,14 @@ impl LogStore {
         batch.add_command(self.group_id, Command::Compact { index: first });
         self.engine.write(&mut batch, true)?;
         self.truncated = (first - 1, truncated_term);
-        self.engine.purge_expired_files()?;
         Ok(())
+    }
+
+    /// A job that deletes log files compaction made obsolete (raft-engine may first move
+    /// what is still live out of them, so it is kept off the raft loop).
+    pub fn purger(&self) -> impl FnOnce() -> Result<(), StoreError> + Send + 'static {
+        let engine = self.engine.clone();
+        move || engine.purge_expired_files().map(|_| ())
     }
 
     /// Replaces the whole log with a snapshot received from the leader, in one synced
