@@ -680,7 +680,7 @@ impl Node {
                 conf_state: self.raw.raft.prs().conf().to_conf_state(),
             },
             membership: self.membership.read().unwrap().clone(),
-            kv: self.kv.read().unwrap().copy_map(),
+            kv: self.kv.read().unwrap().freeze(),
         };
         let pause = started.elapsed();
         info!(self.logger, "snapshot started";

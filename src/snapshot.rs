@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
-use crate::kv::KvMap;
+use crate::kv::FrozenKv;
 use crate::membership::Membership;
 
 const MAGIC: &[u8; 8] = b"RKVSNAP1";
@@ -43,7 +43,7 @@ pub struct SnapshotMeta {
 pub struct SnapshotData {
     pub meta: SnapshotMeta,
     pub membership: Membership,
-    pub kv: KvMap,
+    pub kv: FrozenKv,
 }
 
 /// The snapshot directory of a data dir.
@@ -128,7 +128,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         w.write_all(&id.to_le_bytes())?;
     }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
-    for (key, value) in &data.kv {
+    for (key, value) in data.kv.iter() {
         put_bytes(&mut w, key)?;
         put_bytes(&mut w, value)?;
     }
@@ -254,11 +254,14 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
         removed.insert(r.u64()?);
     }
     data.membership.removed = removed;
-    for _ in 0..r.u64()? {
+    let count = r.u64()?;
+    let mut pairs = Vec::with_capacity(count.min(size / 8) as usize);
+    for _ in 0..count {
         let key = r.bytes(size)?;
         let value = r.bytes(size)?;
-        data.kv.insert(key.into(), value.into());
+        pairs.push((key.into(), value.into()));
     }
+    data.kv = FrozenKv::from_pairs(pairs);
     let computed = r.crc.clone().finalize();
     let mut stored = [0; 4];
     r.inner
@@ -339,10 +342,9 @@ mod tests {
             .peer_urls
             .insert(1, "http://127.0.0.1:1".into());
         data.membership.removed.insert(3);
-        for i in 0..100u32 {
-            data.kv
-                .insert(format!("k{i}").into(), vec![i as u8; 10].into());
-        }
+        data.kv = FrozenKv::from_pairs(
+            (0..100u32).map(|i| (format!("k{i}").into(), vec![i as u8; 10].into())),
+        );
         data
     }
 
@@ -363,7 +365,12 @@ mod tests {
         let back = read(&path_of(&dir, 40)).unwrap();
         let want = sample(40);
         assert_eq!(back.meta, want.meta);
-        assert_eq!(back.kv, want.kv);
+        let pairs = |kv: &FrozenKv| {
+            let mut v: Vec<_> = kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(pairs(&back.kv), pairs(&want.kv));
         assert_eq!(back.membership.peer_urls, want.membership.peer_urls);
         assert_eq!(back.membership.removed, want.membership.removed);
         fs::remove_dir_all(&dir).unwrap();
