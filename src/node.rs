@@ -720,6 +720,10 @@ impl Node {
         self.snapshot_in_progress = false;
         let written = result?;
         let index = written.meta.index;
+        if index <= self.last_snapshot {
+            // A newer snapshot from the leader was installed while this one was written.
+            return Ok(());
+        }
         let store = self.raw.mut_store();
         store
             .record_snapshot(&written.meta)
