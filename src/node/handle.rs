@@ -1,0 +1,169 @@
+//! How the rest of the process talks to the node thread: the messages it accepts
+//! ([`NodeMsg`]), a cheap clonable [`NodeHandle`] that sends them and awaits answers with
+//! a deadline, and the answers' types. Nothing here touches raft state.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use raft::eraftpb::Message;
+use tokio::sync::oneshot;
+
+use super::snapshots::WrittenSnapshot;
+use crate::command::Command;
+use crate::read_index::ReadReply;
+
+/// Why a proposal was not applied. Every variant but `Conflict` means the outcome is
+/// unknown or the cluster cannot take writes now: the client must not assume success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// No leader is known (an election is under way, or this node is cut off).
+    NoLeader,
+    /// The request contradicts the current membership; nothing was proposed.
+    Conflict(String),
+    /// Raft refused the proposal (for instance during a leadership transfer).
+    Dropped(String),
+    /// The entry was not applied within the deadline; it may still commit later.
+    Timeout,
+    /// The node is shutting down.
+    Stopped,
+}
+
+/// A change of membership asked for by a client.
+#[derive(Debug, Clone)]
+pub enum MemberChange {
+    Add { id: u64, peer_url: String },
+    Remove { id: u64 },
+}
+
+pub(super) type Reply = oneshot::Sender<Result<u64, ProposeError>>;
+
+/// What this node knows about itself and the cluster (`GET /status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub term: u64,
+    pub role: String,
+    /// 0 when no leader is known.
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    /// Index of the newest durable snapshot (0: none).
+    pub last_snapshot: u64,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Member {
+    pub id: u64,
+    pub peer_url: String,
+}
+
+/// Everything the node thread is asked to do.
+pub enum NodeMsg {
+    Propose(Command, Reply),
+    ChangeMembers(MemberChange, Reply),
+    ReadIndex(ReadReply),
+    Step(Box<Message>),
+    Unreachable(u64),
+    RemovedByPeer(u64),
+    /// The transport finished sending a snapshot to a peer (true: delivered).
+    SnapshotSent(u64, bool),
+    /// The background snapshot writer finished.
+    SnapshotWritten(Result<WrittenSnapshot, String>),
+    Status(oneshot::Sender<NodeStatus>),
+    Shutdown,
+}
+
+/// A cheap, clonable way for other tasks to talk to the node thread.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub(super) tx: mpsc::Sender<NodeMsg>,
+}
+
+impl NodeHandle {
+    pub fn new() -> (NodeHandle, mpsc::Receiver<NodeMsg>) {
+        let (tx, rx) = mpsc::channel();
+        (NodeHandle { tx }, rx)
+    }
+
+    /// Proposes `command` and waits until it is applied on this node; returns its index.
+    pub async fn propose(&self, command: Command, timeout: Duration) -> Result<u64, ProposeError> {
+        self.ask(|reply| NodeMsg::Propose(command, reply), timeout)
+            .await
+    }
+
+    /// Proposes a membership change and waits until it is applied on this node.
+    pub async fn change_members(
+        &self,
+        change: MemberChange,
+        timeout: Duration,
+    ) -> Result<u64, ProposeError> {
+        self.ask(|reply| NodeMsg::ChangeMembers(change, reply), timeout)
+            .await
+    }
+
+    /// Waits until a linearizable read of the local map is allowed: this node has
+    /// applied everything committed when the read arrived.
+    pub async fn read_index(&self, timeout: Duration) -> Result<(), ProposeError> {
+        self.ask(NodeMsg::ReadIndex, timeout).await
+    }
+
+    async fn ask<T>(
+        &self,
+        msg: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> NodeMsg,
+        timeout: Duration,
+    ) -> Result<T, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(msg(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    /// A consistent picture of the node's raft state.
+    pub async fn status(&self) -> Result<NodeStatus, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(NodeMsg::Status(reply))
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)
+    }
+
+    /// Hands a message from a peer to raft.
+    pub fn step(&self, msg: Message) {
+        let _ = self.tx.send(NodeMsg::Step(Box::new(msg)));
+    }
+
+    pub fn report_unreachable(&self, peer: u64) {
+        let _ = self.tx.send(NodeMsg::Unreachable(peer));
+    }
+
+    pub fn report_snapshot(&self, peer: u64, delivered: bool) {
+        let _ = self.tx.send(NodeMsg::SnapshotSent(peer, delivered));
+    }
+
+    /// A peer answered that this node is no longer a member.
+    pub fn removed_by_peer(&self, peer: u64) {
+        let _ = self.tx.send(NodeMsg::RemovedByPeer(peer));
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(NodeMsg::Shutdown);
+    }
+}
+
+/// How the node loop ended.
+#[derive(Debug)]
+pub enum NodeExit {
+    /// Asked to stop.
+    Stopped,
+    /// This node was removed from the cluster; `index` is the removal entry (0 if a peer
+    /// reported it).
+    Removed { index: u64 },
+    /// Storage failed; continuing could lose data.
+    Failed(String),
+}

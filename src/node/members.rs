@@ -1,0 +1,176 @@
+//! Membership changes on the node: checking a requested change against the current
+//! configuration (raft-rs would silently turn a doomed one into an empty entry),
+//! proposing it, and applying committed conf changes to raft, the stored conf state, the
+//! peer list and the transport. A node that applies its own removal stops.
+
+use std::collections::BTreeSet;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType};
+use raft::{StateRole, INVALID_ID};
+use slog::{error, info, warn};
+
+use super::{MemberChange, Node, ProposeError, Reply};
+use crate::command::MemberContext;
+
+impl Node {
+    pub(super) fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
+        if let Err(why) = self.check_member_change(&change) {
+            let _ = reply.send(Err(ProposeError::Conflict(why)));
+            return;
+        }
+        if self.raw.raft.leader_id == INVALID_ID {
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        let id = self.next_proposal_id();
+        let mut cc = ConfChange::default();
+        let peer_url = match change {
+            MemberChange::Add { id, peer_url } => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+                peer_url
+            }
+            MemberChange::Remove { id } => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+                String::new()
+            }
+        };
+        cc.context = MemberContext { id, peer_url }.encode().into();
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    /// Refuses a change that cannot succeed, instead of letting raft-rs silently turn it
+    /// into an empty entry.
+    fn check_member_change(&self, change: &MemberChange) -> Result<(), String> {
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        let members: BTreeSet<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
+        let membership = self.membership.read().unwrap();
+        match change {
+            MemberChange::Add { id, peer_url } => {
+                if members.contains(id) {
+                    return Err(format!("node {id} is already a member"));
+                }
+                if membership.removed.contains(id) {
+                    return Err(format!(
+                        "node id {id} was removed from this cluster and cannot be reused; add the node under a new id"
+                    ));
+                }
+                if let Some((other, _)) = membership
+                    .peer_urls
+                    .iter()
+                    .find(|(m, url)| members.contains(m) && *url == peer_url)
+                {
+                    return Err(format!(
+                        "peer URL {peer_url} is already used by node {other}"
+                    ));
+                }
+            }
+            MemberChange::Remove { id } => {
+                if !members.contains(id) {
+                    return Err(format!("node {id} is not a member"));
+                }
+                if members.len() == 1 {
+                    return Err("cannot remove the last member of the cluster".into());
+                }
+            }
+        }
+        if self.member_change_pending() {
+            return Err(
+                "another membership change is still in progress; retry once it is applied".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// True while a conf change may still be unapplied. On the leader this is exactly the
+    /// condition under which raft-rs would drop a new one; a follower looks for
+    /// conf-change entries in the part of its log it has not applied yet.
+    fn member_change_pending(&self) -> bool {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader {
+            return raft.has_pending_conf();
+        }
+        let applied = raft.raft_log.applied;
+        let last = raft.raft_log.last_index();
+        if last <= applied {
+            return false;
+        }
+        match self.raw.store().entries_between(applied + 1, last + 1) {
+            Ok(entries) => entries
+                .iter()
+                .any(|e| e.get_entry_type() != EntryType::EntryNormal),
+            // Unstable entries not yet in storage: be conservative.
+            Err(_) => true,
+        }
+    }
+
+    pub(super) fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), String> {
+        let (cc, context) = match ConfChange::parse_from_bytes(&entry.data)
+            .map_err(|e| e.to_string())
+            .and_then(|cc| {
+                let ctx = MemberContext::decode(&cc.context).map_err(|e| e.to_string())?;
+                Ok((cc, ctx))
+            }) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                error!(self.logger, "skipping an undecodable conf change"; "index" => entry.index, "error" => e);
+                return Ok(());
+            }
+        };
+        // Entries up to the stored conf index were applied to raft before a restart; raft
+        // already starts from their result.
+        if entry.index > self.raw.store().conf_index() {
+            match self.raw.apply_conf_change(&cc) {
+                Ok(conf_state) => self
+                    .raw
+                    .mut_store()
+                    .set_conf_state(conf_state, entry.index)
+                    .map_err(|e| format!("could not persist the conf state: {e}"))?,
+                Err(e) => {
+                    warn!(self.logger, "raft refused a conf change"; "index" => entry.index, "error" => %e);
+                    if let Some(reply) = self.waiters.remove(&context.id) {
+                        let _ = reply.send(Err(ProposeError::Conflict(e.to_string())));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let node = cc.node_id;
+        let own_id = self.raw.raft.id;
+        {
+            let mut membership = self.membership.write().unwrap();
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    membership.peer_urls.insert(node, context.peer_url.clone());
+                    if node != own_id {
+                        self.transport.set_peer(node, &context.peer_url);
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    membership.peer_urls.remove(&node);
+                    membership.removed.insert(node);
+                    self.transport.remove_peer(node);
+                    if node == own_id {
+                        self.removed_at = Some(entry.index);
+                    }
+                }
+            }
+        }
+        info!(self.logger, "membership changed";
+            "change" => ?cc.get_change_type(), "node" => node, "index" => entry.index,
+            "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
+        if let Some(reply) = self.waiters.remove(&context.id) {
+            let _ = reply.send(Ok(entry.index));
+        }
+        Ok(())
+    }
+}

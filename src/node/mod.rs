@@ -1,0 +1,436 @@
+//! The raft node: the one thread that owns the raft-rs `RawNode` and drives it.
+//!
+//! Everything that touches raft state arrives as a [`NodeMsg`] on one channel: client
+//! proposals, membership changes, messages from peers. The loop steps them in, ticks the
+//! clock, and handles each `Ready` in the order raft-rs requires:
+//!
+//! 1. send the leader's messages at once (they may go out before the local write);
+//! 2. apply the committed entries to the key-value map and answer their waiting clients;
+//! 3. persist new entries and the hard state in one fsynced batch;
+//! 4. only then send the messages that promise durability (votes, append responses);
+//! 5. `advance`, and do the same for the light ready that follows.
+//!
+//! A client is answered only after its entry is committed and applied here; a request
+//! whose fate is unknown is never answered as a success. This thread must never block on
+//! the network, and must never apply an entry that is not committed.
+//!
+//! This file is the loop, the Ready handling, proposals and applying entries. Beside it:
+//! `handle.rs` (how other tasks talk to the node), `members.rs` (membership changes),
+//! `snapshots.rs` (taking, recording and installing snapshots), `bootstrap.rs` (the first
+//! log of a new cluster).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{Entry, EntryType};
+use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
+use slog::{error, info, warn, Logger};
+
+use crate::command::{Command, Proposal, ProposalId};
+use crate::kv::SharedKv;
+use crate::membership::SharedMembership;
+use crate::read_index::ReadQueue;
+use crate::snapshot::SnapshotMeta;
+use crate::storage::LogStore;
+use crate::transport::Transport;
+
+mod bootstrap;
+mod handle;
+mod members;
+mod snapshots;
+
+pub use bootstrap::bootstrap;
+use handle::Reply;
+pub use handle::{Member, MemberChange, NodeExit, NodeHandle, NodeMsg, NodeStatus, ProposeError};
+
+/// The raft group this process serves. Multi-raft will route by it; today there is one.
+pub const GROUP_ID: u64 = 1;
+/// Most messages taken from the channel before the node looks at its Ready again.
+const MAX_MSGS_PER_ROUND: usize = 4096;
+/// Ticks after which an unanswered ReadIndex request is sent again.
+const READ_RETRY_TICKS: u64 = 3;
+
+/// Settings of the raft node.
+pub struct NodeConfig {
+    pub id: u64,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Where snapshot files live.
+    pub snap_dir: PathBuf,
+    /// Applied entries between two snapshots.
+    pub snapshot_count: u64,
+    /// Entries kept in the log behind a snapshot, for followers that lag a little.
+    pub catchup_entries: u64,
+}
+
+pub struct Node {
+    raw: RawNode<LogStore>,
+    kv: SharedKv,
+    membership: SharedMembership,
+    transport: Arc<Transport>,
+    /// Clients waiting for their entry to be applied, by proposal id.
+    waiters: HashMap<ProposalId, Reply>,
+    reads: ReadQueue,
+    /// Index of the last entry applied to the map.
+    applied: u64,
+    ticks: u64,
+    incarnation: u64,
+    next_seq: u64,
+    tick: Duration,
+    /// Set when this node applied its own removal.
+    removed_at: Option<u64>,
+    /// Set while a leader hands off leadership before stopping: the deadline.
+    stopping: Option<Instant>,
+    election_timeout: Duration,
+    leader: u64,
+    snap_dir: PathBuf,
+    snapshot_count: u64,
+    catchup_entries: u64,
+    /// Index of the newest durable snapshot.
+    last_snapshot: u64,
+    snapshot_in_progress: bool,
+    /// Term of the entry at `applied`.
+    applied_term: u64,
+    /// The node's own inbox, for the snapshot writer's answer.
+    inbox: NodeHandle,
+    logger: Logger,
+}
+
+impl Node {
+    pub fn new(
+        config: &NodeConfig,
+        store: LogStore,
+        kv: SharedKv,
+        membership: SharedMembership,
+        transport: Arc<Transport>,
+        inbox: NodeHandle,
+        logger: Logger,
+    ) -> Result<Node, String> {
+        // The map was rebuilt from this snapshot (or is empty); raft hands out every
+        // committed entry after it.
+        let snap = store.snapshot_meta();
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied: snap.index,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&raft_config, store, &logger)
+            .map_err(|e| format!("could not start raft: {e}"))?;
+        Ok(Node {
+            raw,
+            kv,
+            membership,
+            transport,
+            waiters: HashMap::new(),
+            reads: ReadQueue::default(),
+            applied: snap.index,
+            ticks: 0,
+            incarnation: random_u64(),
+            next_seq: 1,
+            tick: config.tick,
+            removed_at: None,
+            stopping: None,
+            election_timeout: config.tick * config.election_ticks as u32,
+            leader: INVALID_ID,
+            snap_dir: config.snap_dir.clone(),
+            snapshot_count: config.snapshot_count,
+            catchup_entries: config.catchup_entries,
+            last_snapshot: snap.index,
+            snapshot_in_progress: false,
+            applied_term: snap.term,
+            inbox,
+            logger,
+        })
+    }
+
+    /// Runs the loop until shutdown, removal or a storage failure.
+    pub fn run(mut self, inbox: mpsc::Receiver<NodeMsg>) -> NodeExit {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(wait) {
+                Ok(msg) => {
+                    if let Some(exit) = self.handle(msg) {
+                        return exit;
+                    }
+                    for msg in inbox.try_iter().take(MAX_MSGS_PER_ROUND) {
+                        if let Some(exit) = self.handle(msg) {
+                            return exit;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return NodeExit::Stopped,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                self.ticks += 1;
+                self.waiters.retain(|_, reply| !reply.is_closed());
+                self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
+                next_tick += self.tick;
+                if next_tick < now {
+                    next_tick = now + self.tick;
+                }
+            }
+            self.start_read_batch();
+            if let Err(e) = self.on_ready() {
+                error!(self.logger, "storage failed; stopping to protect the data"; "error" => &e);
+                return NodeExit::Failed(e);
+            }
+            if let Some(index) = self.removed_at {
+                return NodeExit::Removed { index };
+            }
+            if let Some(deadline) = self.stopping {
+                if self.raw.raft.state != StateRole::Leader || Instant::now() > deadline {
+                    info!(self.logger, "leadership handed off; stopping";
+                        "leader" => self.raw.raft.leader_id, "term" => self.raw.raft.term);
+                    return NodeExit::Stopped;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: NodeMsg) -> Option<NodeExit> {
+        match msg {
+            NodeMsg::Propose(command, reply) => self.propose(command, reply),
+            NodeMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
+            NodeMsg::ReadIndex(reply) => self.reads.push(reply),
+            NodeMsg::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    warn!(self.logger, "raft rejected a peer message"; "error" => %e);
+                }
+            }
+            NodeMsg::Unreachable(peer) => self.raw.report_unreachable(peer),
+            NodeMsg::RemovedByPeer(peer) => {
+                info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
+                return Some(NodeExit::Removed { index: 0 });
+            }
+            NodeMsg::SnapshotSent(peer, delivered) => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(peer, status);
+            }
+            NodeMsg::SnapshotWritten(result) => {
+                if let Err(e) = self.on_snapshot_written(result) {
+                    error!(self.logger, "could not record a snapshot"; "error" => &e);
+                }
+            }
+            NodeMsg::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            NodeMsg::Shutdown => return self.begin_shutdown(),
+        }
+        None
+    }
+
+    /// A leader first hands leadership to its most up-to-date follower, so that stopping
+    /// it costs the cluster no election timeout; anyone else stops at once.
+    fn begin_shutdown(&mut self) -> Option<NodeExit> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || self.stopping.is_some() {
+            return Some(NodeExit::Stopped);
+        }
+        let own_id = raft.id;
+        let voters = raft.prs().conf().voters().ids();
+        let transferee = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != own_id && voters.contains(**id))
+            .max_by_key(|(_, progress)| progress.matched)
+            .map(|(id, _)| *id);
+        let Some(transferee) = transferee else {
+            return Some(NodeExit::Stopped);
+        };
+        info!(self.logger, "transferring leadership before stopping";
+            "to" => transferee, "term" => raft.term);
+        self.raw.transfer_leader(transferee);
+        self.stopping = Some(Instant::now() + self.election_timeout * 2);
+        None
+    }
+
+    fn status(&self) -> NodeStatus {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let urls = &self.membership.read().unwrap().peer_urls;
+        NodeStatus {
+            id: raft.id,
+            term: raft.term,
+            role: format!("{:?}", raft.state),
+            leader: raft.leader_id,
+            commit: raft.raft_log.committed,
+            applied: raft.raft_log.applied,
+            last_snapshot: self.last_snapshot,
+            members: conf
+                .voters
+                .iter()
+                .chain(&conf.learners)
+                .map(|&id| Member {
+                    id,
+                    peer_url: urls.get(&id).cloned().unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Asks raft for one read index on behalf of every read that arrived since the last
+    /// batch. Without a known leader raft would drop the request; wait for one instead.
+    fn start_read_batch(&mut self) {
+        if self.raw.raft.leader_id == INVALID_ID {
+            return;
+        }
+        if let Some(ctx) = self.reads.start_batch(self.ticks) {
+            self.raw.read_index(ctx);
+        }
+    }
+
+    fn next_proposal_id(&mut self) -> ProposalId {
+        let id = ProposalId {
+            incarnation: self.incarnation,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        id
+    }
+
+    fn propose(&mut self, command: Command, reply: Reply) {
+        if self.raw.raft.leader_id == INVALID_ID {
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        let id = self.next_proposal_id();
+        let data = Proposal { id, command }.encode();
+        match self.raw.propose(vec![], data) {
+            Ok(()) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    /// Handles one Ready and the LightReady that follows it, in raft-rs's required order.
+    fn on_ready(&mut self) -> Result<(), String> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        if !ready.messages().is_empty() {
+            self.transport.send(GROUP_ID, ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            let meta = ready.snapshot().get_metadata();
+            self.install_snapshot(SnapshotMeta {
+                index: meta.index,
+                term: meta.term,
+                conf_state: meta.get_conf_state().clone(),
+            })?;
+        }
+        self.apply(ready.take_committed_entries())?;
+        for rs in ready.take_read_states() {
+            self.reads
+                .on_read_state(&rs.request_ctx, rs.index, self.applied);
+        }
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            self.raw
+                .mut_store()
+                .persist(ready.entries(), ready.hs())
+                .map_err(|e| format!("could not persist raft entries: {e}"))?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.transport
+                .send(GROUP_ID, ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw
+                .mut_store()
+                .set_commit(commit)
+                .map_err(|e| format!("could not record the commit index: {e}"))?;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(GROUP_ID, light.take_messages());
+        }
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.maybe_snapshot();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        if leader != self.leader {
+            info!(self.logger, "leader changed";
+                "leader" => leader, "previous" => self.leader,
+                "role" => ?role, "term" => self.raw.raft.term);
+            self.leader = leader;
+        }
+    }
+
+    /// Applies committed entries in log order.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let Some((last, last_term)) = entries.last().map(|e| (e.index, e.term)) else {
+            return Ok(());
+        };
+        for entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryConfChange => self.apply_conf_change(&entry)?,
+                EntryType::EntryConfChangeV2 => {
+                    error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
+                }
+            }
+        }
+        self.applied = last;
+        self.applied_term = last_term;
+        self.reads.on_applied(last);
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, entry: &Entry) {
+        if entry.data.is_empty() {
+            return; // a new leader's empty entry
+        }
+        let proposal = match Proposal::decode(&entry.data) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
+                return;
+            }
+        };
+        self.kv.write().unwrap().apply(proposal.command);
+        if let Some(reply) = self.waiters.remove(&proposal.id) {
+            let _ = reply.send(Ok(entry.index));
+        }
+    }
+}
+
+/// A random number from the standard library's per-process hasher keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}

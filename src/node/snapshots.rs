@@ -1,0 +1,143 @@
+//! The node's side of snapshots: deciding when to take one, handing a frozen view of the
+//! map to a background writer, compacting the log once the file is durable, and
+//! installing a snapshot the leader sent. It never writes a snapshot file on the raft
+//! loop, and never records a snapshot older than the one it has.
+
+use std::time::{Duration, Instant};
+
+use slog::{error, info, warn};
+
+use super::{Node, NodeMsg};
+use crate::snapshot::{self, SnapshotData, SnapshotMeta};
+
+/// A snapshot the background writer made durable.
+pub struct WrittenSnapshot {
+    meta: SnapshotMeta,
+    bytes: u64,
+    write_time: Duration,
+}
+
+impl Node {
+    /// Snapshots when enough entries were applied since the last one, or when raft needs
+    /// a newer one to send to a follower.
+    pub(super) fn maybe_snapshot(&mut self) {
+        let wanted = self.raw.store().take_snapshot_request();
+        let due = self.applied >= self.last_snapshot + self.snapshot_count;
+        if (wanted || due) && !self.snapshot_in_progress && self.applied > self.last_snapshot {
+            self.start_snapshot();
+        }
+    }
+
+    /// Copies the state machine and has a background thread write it, so the loop
+    /// pauses only for the copy.
+    fn start_snapshot(&mut self) {
+        let started = Instant::now();
+        let data = SnapshotData {
+            meta: SnapshotMeta {
+                index: self.applied,
+                term: self.applied_term,
+                conf_state: self.raw.raft.prs().conf().to_conf_state(),
+            },
+            membership: self.membership.read().unwrap().clone(),
+            kv: self.kv.read().unwrap().freeze(),
+        };
+        let pause = started.elapsed();
+        info!(self.logger, "snapshot started";
+            "index" => data.meta.index, "keys" => data.kv.len(),
+            "loop_pause_ms" => format!("{:.2}", pause.as_secs_f64() * 1e3));
+        self.snapshot_in_progress = true;
+        let (dir, inbox) = (self.snap_dir.clone(), self.inbox.clone());
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let result = snapshot::write(&dir, &data)
+                    .and_then(|(_, bytes)| {
+                        snapshot::prune(&dir)?;
+                        Ok(bytes)
+                    })
+                    .map(|bytes| WrittenSnapshot {
+                        meta: data.meta,
+                        bytes,
+                        write_time: started.elapsed(),
+                    })
+                    .map_err(|e| format!("writing the snapshot failed: {e}"));
+                let _ = inbox.tx.send(NodeMsg::SnapshotWritten(result));
+            });
+        if let Err(e) = spawned {
+            error!(self.logger, "could not start the snapshot writer"; "error" => %e);
+            self.snapshot_in_progress = false;
+        }
+    }
+
+    /// A snapshot is durable: raft may send it, and the log before it can go, except the
+    /// last `catchup_entries` for followers that lag a little.
+    pub(super) fn on_snapshot_written(
+        &mut self,
+        result: Result<WrittenSnapshot, String>,
+    ) -> Result<(), String> {
+        self.snapshot_in_progress = false;
+        let written = result?;
+        let index = written.meta.index;
+        if index <= self.last_snapshot {
+            // A newer snapshot from the leader was installed while this one was written.
+            return Ok(());
+        }
+        let store = self.raw.mut_store();
+        store
+            .record_snapshot(&written.meta)
+            .map_err(|e| e.to_string())?;
+        let first = index.saturating_sub(self.catchup_entries) + 1;
+        store.compact(first).map_err(|e| e.to_string())?;
+        let (purge, logger) = (store.purger(), self.logger.clone());
+        let _ = std::thread::Builder::new()
+            .name("log-purge".into())
+            .spawn(move || {
+                if let Err(e) = purge() {
+                    warn!(logger, "could not delete obsolete raft log files"; "error" => %e);
+                }
+            });
+        self.last_snapshot = index;
+        info!(self.logger, "snapshot written";
+            "index" => index, "term" => written.meta.term, "bytes" => written.bytes,
+            "write_ms" => written.write_time.as_millis(), "log_starts_at" => first);
+        Ok(())
+    }
+
+    /// Replaces the state machine with a snapshot the leader sent (the transport already
+    /// stored and verified its file), then the log with the snapshot's point.
+    pub(super) fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), String> {
+        let path = snapshot::path_of(&self.snap_dir, meta.index);
+        let data = snapshot::read(&path)
+            .map_err(|e| format!("cannot load received snapshot {}: {e}", path.display()))?;
+        let own_id = self.raw.raft.id;
+        for (&id, url) in &data.membership.peer_urls {
+            if id != own_id {
+                self.transport.set_peer(id, url);
+            }
+        }
+        for id in &data.membership.removed {
+            self.transport.remove_peer(*id);
+        }
+        if data.membership.removed.contains(&own_id) {
+            self.removed_at = Some(meta.index);
+        }
+        let keys = data.kv.len();
+        self.kv.write().unwrap().replace(data.kv);
+        *self.membership.write().unwrap() = data.membership;
+        self.raw
+            .mut_store()
+            .install_snapshot(&meta)
+            .map_err(|e| format!("could not install the snapshot in the log: {e}"))?;
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        self.last_snapshot = meta.index;
+        self.reads.on_applied(meta.index);
+        if let Err(e) = snapshot::prune(&self.snap_dir) {
+            warn!(self.logger, "could not prune old snapshots"; "error" => %e);
+        }
+        info!(self.logger, "installed a snapshot from the leader";
+            "index" => meta.index, "term" => meta.term, "keys" => keys);
+        Ok(())
+    }
+}
