@@ -8,6 +8,8 @@
 //! | `DELETE /<id>`           | removes node `<id>`; 204                      |
 //! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
 //! | `GET /status`            | JSON: id, term, role, leader, commit, applied, members |
+//! | `GET /health`            | 200 while the process serves                 |
+//! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
 //!
 //! This module parses and validates requests, hands them to the node, and maps every
 //! outcome to one status with a plain-text message; each error is logged here, once. It
@@ -89,6 +91,8 @@ impl Api {
         let target = path.strip_prefix('/').unwrap_or(&path).to_string();
         let result = match method {
             Method::GET if target == "status" => self.status().await,
+            Method::GET if target == "health" => Ok(text_response(StatusCode::OK, "ok\n")),
+            Method::GET if target == "readyz" => self.ready().await,
             Method::GET => self.get(&target, req.uri().query()).await,
             Method::PUT => self.put(&target, req).await,
             Method::POST if target == PARTITION_ROUTE && self.partition.is_some() => {
@@ -153,6 +157,23 @@ impl Api {
             .headers_mut()
             .insert(CONTENT_TYPE, "application/json".parse().unwrap());
         Ok(response)
+    }
+
+    /// Ready to serve: a leader is known and this node has applied all it knows is
+    /// committed.
+    async fn ready(&self) -> Result<Response<Full<Bytes>>, Failure> {
+        let status = self.node.status().await?;
+        let unavailable = |why: String| Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, why));
+        if status.leader == 0 {
+            return unavailable("not ready: no leader known".into());
+        }
+        if status.applied < status.commit {
+            return unavailable(format!(
+                "not ready: applied {} of {} committed entries",
+                status.applied, status.commit
+            ));
+        }
+        Ok(text_response(StatusCode::OK, "ready\n"))
     }
 
     async fn put(

@@ -1,0 +1,105 @@
+//! Operating the daemon: health and readiness probes, flags from the environment,
+//! --version.
+
+mod common;
+
+use common::{free_port, http, Cluster, TempDir, BIN};
+
+#[test]
+fn health_and_readiness() {
+    let cluster = Cluster::start("probes", 3, &[]);
+    for node in &cluster.nodes {
+        assert_eq!(http("GET", &node.url("health"), None), (200, "ok\n".into()));
+        cluster.wait_until("readiness", || {
+            http("GET", &node.url("readyz"), None).0 == 200
+        });
+    }
+
+    // A node that was never added knows no leader: alive, but not ready.
+    let dir = TempDir::new("not-ready");
+    let port = free_port();
+    let peers = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        free_port(),
+        free_port()
+    );
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "--id",
+            "2",
+            "--join",
+            "--cluster",
+            &peers,
+            "--port",
+            &port.to_string(),
+        ])
+        .args(["--data-dir", &dir.0.join("n2").to_string_lossy()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = |p: &str| format!("http://127.0.0.1:{port}/{p}");
+    cluster.wait_until("the lone node to answer", || {
+        http("GET", &url("health"), None).0 == 200
+    });
+    let (code, text) = http("GET", &url("readyz"), None);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("no leader"), "{text}");
+}
+
+#[test]
+fn every_flag_can_come_from_the_environment() {
+    let mut cluster = Cluster::new("env", 1, &[]);
+    let node = cluster.node(1);
+    // Move --port and --data-dir from the arguments into the environment.
+    let port_at = node.args.iter().position(|a| a == "--port").unwrap();
+    let port = node.args.remove(port_at + 1);
+    node.args.remove(port_at);
+    let dir_at = node.args.iter().position(|a| a == "--data-dir").unwrap();
+    let data_dir = node.args.remove(dir_at + 1);
+    node.args.remove(dir_at);
+    let mut child = std::process::Command::new(BIN)
+        .args(&node.args)
+        .env("RAFTKVD_PORT", &port)
+        .env("RAFTKVD_DATA_DIR", &data_dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/k");
+    cluster.wait_until("a PUT on the port from RAFTKVD_PORT", || {
+        http("PUT", &url, Some(b"v".to_vec())).0 == 204
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(std::path::Path::new(&data_dir).join("raft-log").is_dir());
+}
+
+#[test]
+fn version_and_help() {
+    let out = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--id",
+        "--cluster",
+        "--port",
+        "--join",
+        "--data-dir",
+        "--snapshot-count",
+    ] {
+        assert!(help.contains(flag), "--help must explain {flag}");
+    }
+    assert!(
+        help.contains("RAFTKVD_PORT"),
+        "--help names the environment variables"
+    );
+}
