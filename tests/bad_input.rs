@@ -2,8 +2,7 @@
 
 mod common;
 
-use common::{free_port, http, http_with_timeout, Cluster, TempDir, BIN};
-use std::time::Duration;
+use common::{free_port, http, lone_joining_node, Cluster, TempDir, BIN};
 
 /// Validation errors, answered without touching raft state.
 #[test]
@@ -103,28 +102,8 @@ fn no_quorum_gives_503_and_pending_membership_change_gives_409() {
 #[test]
 fn joining_node_without_leader_answers_503() {
     let dir = TempDir::new("no-leader");
-    let (port, peer) = (free_port(), free_port());
-    let mut child = std::process::Command::new(BIN)
-        .args(["--id", "2", "--join", "--port", &port.to_string()])
-        .args([
-            "--cluster",
-            &format!("http://127.0.0.1:{},http://127.0.0.1:{peer}", free_port()),
-        ])
-        .args(["--data-dir", &dir.0.join("n2").to_string_lossy()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/k");
-    let deadline = std::time::Instant::now() + common::DEADLINE;
-    let (code, text) = loop {
-        let answer = http_with_timeout("PUT", &url, Some(b"v".to_vec()), Duration::from_secs(3));
-        if answer.0 != 0 || std::time::Instant::now() > deadline {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let node = lone_joining_node(&dir);
+    let (code, text) = http("PUT", &node.url("k"), Some(b"v".to_vec()));
     assert_eq!(code, 503, "{text}");
     assert!(text.contains("no leader"), "{text}");
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, http, Cluster, TempDir, BIN};
+use common::{http, lone_joining_node, Cluster, TempDir, BIN};
 
 #[test]
 fn health_and_readiness() {
@@ -17,33 +17,8 @@ fn health_and_readiness() {
 
     // A node that was never added knows no leader: alive, but not ready.
     let dir = TempDir::new("not-ready");
-    let port = free_port();
-    let peers = format!(
-        "http://127.0.0.1:{},http://127.0.0.1:{}",
-        free_port(),
-        free_port()
-    );
-    let mut child = std::process::Command::new(BIN)
-        .args([
-            "--id",
-            "2",
-            "--join",
-            "--cluster",
-            &peers,
-            "--port",
-            &port.to_string(),
-        ])
-        .args(["--data-dir", &dir.0.join("n2").to_string_lossy()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = |p: &str| format!("http://127.0.0.1:{port}/{p}");
-    cluster.wait_until("the lone node to answer", || {
-        http("GET", &url("health"), None).0 == 200
-    });
-    let (code, text) = http("GET", &url("readyz"), None);
-    let _ = child.kill();
-    let _ = child.wait();
+    let lone = lone_joining_node(&dir);
+    let (code, text) = http("GET", &lone.url("readyz"), None);
     assert_eq!(code, 503, "{text}");
     assert!(text.contains("no leader"), "{text}");
 }

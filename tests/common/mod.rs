@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -196,31 +196,8 @@ impl Cluster {
 
     /// Records (does not start) a node with `--cluster peer_urls`, `--join` if asked.
     pub fn add_node_spec(&mut self, id: u64, peer_urls: &[String], extra: &[&str], join: bool) {
-        let api_port = free_port();
-        let data_dir = self.dir.0.join(format!("n{id}"));
-        let mut args = vec![
-            "--id".to_string(),
-            id.to_string(),
-            "--cluster".into(),
-            peer_urls.join(","),
-            "--port".into(),
-            api_port.to_string(),
-            "--data-dir".into(),
-            data_dir.to_string_lossy().into_owned(),
-        ];
-        if join {
-            args.push("--join".into());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        self.nodes.push(Node {
-            id,
-            api_port,
-            peer_url: peer_urls[id as usize - 1].clone(),
-            data_dir,
-            args,
-            log: self.dir.0.join(format!("n{id}.log")),
-            child: None,
-        });
+        let node = node_spec(&self.dir.0, id, peer_urls, extra, join);
+        self.nodes.push(node);
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {
@@ -246,14 +223,8 @@ impl Cluster {
     }
 
     /// Polls `cond` until it holds, or fails the test with every node's log.
-    pub fn wait_until(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + DEADLINE;
-        while !cond() {
-            if Instant::now() > deadline {
-                panic!("timed out waiting for {what}\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_until(&self, what: &str, cond: impl FnMut() -> bool) {
+        poll_until(what, cond, || self.logs());
     }
 
     pub fn logs(&self) -> String {
@@ -285,6 +256,62 @@ impl Cluster {
             http("GET", &node.url(key), None) == (200, value.to_string())
         });
     }
+}
+
+/// Polls `cond` every 50 ms until it holds; after `DEADLINE` fails the test, showing
+/// `context()`.
+pub fn poll_until(what: &str, mut cond: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", context());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A node (not started) with its data dir and log under `dir`, a free client port, and
+/// `--cluster peer_urls`; `--join` if asked.
+pub fn node_spec(dir: &Path, id: u64, peer_urls: &[String], extra: &[&str], join: bool) -> Node {
+    let api_port = free_port();
+    let data_dir = dir.join(format!("n{id}"));
+    let mut args = vec![
+        "--id".to_string(),
+        id.to_string(),
+        "--cluster".into(),
+        peer_urls.join(","),
+        "--port".into(),
+        api_port.to_string(),
+        "--data-dir".into(),
+        data_dir.to_string_lossy().into_owned(),
+    ];
+    if join {
+        args.push("--join".into());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Node {
+        id,
+        api_port,
+        peer_url: peer_urls[id as usize - 1].clone(),
+        data_dir,
+        args,
+        log: dir.join(format!("n{id}.log")),
+        child: None,
+    }
+}
+
+/// A node started with `--join` that no cluster ever added: alive, but it knows no
+/// leader. Returns once it answers HTTP.
+pub fn lone_joining_node(dir: &TempDir) -> Node {
+    let peers = [free_port(), free_port()].map(|p| format!("http://127.0.0.1:{p}"));
+    let mut node = node_spec(&dir.0, 2, &peers, &[], true);
+    node.start();
+    poll_until(
+        "the lone node to answer",
+        || http("GET", &node.url("health"), None).0 == 200,
+        || node.log_text(),
+    );
+    node
 }
 
 fn tail(text: &str, lines: usize) -> String {
