@@ -7,6 +7,7 @@
 //! peers) -> `node/mod.rs` (apply) -> `kv.rs`.
 
 mod api;
+mod cluster_id;
 mod command;
 mod config;
 mod faults;
@@ -100,12 +101,16 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         node::bootstrap(&mut store, &config.cluster)?;
         info!(logger, "formed a new cluster"; "members" => config.cluster.len());
     }
+    let cluster_id = Arc::new(cluster_id::ClusterId::load(data_dir.join("cluster-id"))?);
+    if cluster_id.get().is_none() && !config.join {
+        cluster_id.adopt(cluster_id::ClusterId::of_initial_cluster(&config.cluster))?;
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let exit = runtime.block_on(serve(config, store, recovered, logger.clone()))?;
+    let exit = runtime.block_on(serve(config, store, recovered, cluster_id, logger.clone()))?;
     match exit {
         NodeExit::Stopped => {
             info!(logger, "stopped");
@@ -141,6 +146,7 @@ async fn serve(
     config: Config,
     store: LogStore,
     recovered: Option<snapshot::SnapshotData>,
+    cluster_id: Arc<cluster_id::ClusterId>,
     logger: Logger,
 ) -> Result<NodeExit, String> {
     let own_url = reqwest::Url::parse(config.own_peer_url()).expect("validated in config");
@@ -167,6 +173,7 @@ async fn serve(
         node_handle.clone(),
         partition.clone(),
         snap_dir.clone(),
+        cluster_id.clone(),
         logger.new(o!("component" => "transport")),
     ));
     // Until the log is replayed, the command line is the best guess at where peers are.
@@ -216,6 +223,8 @@ async fn serve(
         membership,
         partition: partition.clone(),
         snap_dir,
+        cluster_id,
+        strangers: Default::default(),
         logger: logger.new(o!("component" => "transport")),
     });
     let peer_server = tokio::spawn(http_server::serve(

@@ -16,7 +16,9 @@
 //! `report_snapshot`.
 //!
 //! Receiving: [`handle_peer_request`] decodes frames as they arrive and steps each message
-//! into the node.
+//! into the node. Every stream and upload names its cluster id; one from another cluster
+//! is refused with 412, so a stray peer can neither feed raft nor tell a node it was
+//! removed.
 //! A message from a removed member is answered 410 Gone, which tells that member it was
 //! removed. Every message carries its raft group id so that one process can later host
 //! many groups. Nothing here interprets raft messages beyond their addressing.
@@ -37,6 +39,7 @@ use slog::{debug, info, warn, Logger};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use crate::cluster_id::{self, ClusterId};
 use crate::faults::Partition;
 use crate::http_server::text_response as reply;
 use crate::membership::SharedMembership;
@@ -49,6 +52,8 @@ pub const RAFT_PATH: &str = "/raft";
 const SNAPSHOT_PATH: &str = "/raft/snapshot";
 /// Headers of a snapshot upload: the hex-encoded MsgSnapshot and its raft group.
 const MESSAGE_HEADER: &str = "x-raft-message";
+/// The sender's cluster id (see cluster_id.rs), on every stream and upload.
+const CLUSTER_HEADER: &str = "x-raftkvd-cluster-id";
 const GROUP_HEADER: &str = "x-raft-group";
 /// Batches written ahead into a message stream before the sender waits for it.
 const STREAM_BUFFER: usize = 64;
@@ -77,6 +82,7 @@ pub struct Transport {
     node: NodeHandle,
     partition: Arc<Partition>,
     snap_dir: PathBuf,
+    cluster_id: Arc<ClusterId>,
     logger: Logger,
 }
 
@@ -91,6 +97,7 @@ impl Transport {
         node: NodeHandle,
         partition: Arc<Partition>,
         snap_dir: PathBuf,
+        cluster_id: Arc<ClusterId>,
         logger: Logger,
     ) -> Transport {
         let client = reqwest::Client::builder()
@@ -107,6 +114,7 @@ impl Transport {
             node,
             partition,
             snap_dir,
+            cluster_id,
             logger,
         }
     }
@@ -123,6 +131,7 @@ impl Transport {
             endpoint: format!("{url}{RAFT_PATH}"),
             client: self.client.clone(),
             node: self.node.clone(),
+            cluster_id: self.cluster_id.clone(),
             logger: self.logger.new(slog::o!("peer" => id)),
         };
         self.runtime.spawn(sender.run(rx));
@@ -174,6 +183,11 @@ impl Transport {
         let url = format!("{peer_url}{SNAPSHOT_PATH}");
         let header = hex_encode(&msg.write_to_bytes().expect("raft messages always encode"));
         let (client, node) = (self.client.clone(), self.node.clone());
+        let cluster = self
+            .cluster_id
+            .get()
+            .map(cluster_id::format)
+            .unwrap_or_default();
         let logger = self.logger.new(slog::o!("peer" => to, "index" => index));
         info!(logger, "sending a snapshot");
         self.runtime.spawn(async move {
@@ -187,6 +201,7 @@ impl Transport {
                     .post(&url)
                     .header(MESSAGE_HEADER, header)
                     .header(GROUP_HEADER, group_id.to_string())
+                    .header(CLUSTER_HEADER, cluster)
                     .timeout(SNAPSHOT_TIMEOUT)
                     .body(reqwest::Body::from(file))
                     .send()
@@ -233,6 +248,7 @@ struct PeerSender {
     endpoint: String,
     client: reqwest::Client,
     node: NodeHandle,
+    cluster_id: Arc<ClusterId>,
     logger: Logger,
 }
 
@@ -249,9 +265,11 @@ impl PeerSender {
                 let chunk = body.recv().await?;
                 Some((Ok::<Bytes, std::io::Error>(chunk), body))
             });
+            let cluster = self.cluster_id.get().map(cluster_id::format);
             let stream = self
                 .client
                 .post(&self.endpoint)
+                .header(CLUSTER_HEADER, cluster.unwrap_or_default())
                 .timeout(STREAM_TIMEOUT)
                 .body(reqwest::Body::wrap_stream(body))
                 .send();
@@ -284,7 +302,14 @@ impl PeerSender {
                     self.node.removed_by_peer(self.id);
                     return;
                 }
-                Ok(resp) => format!("the peer ended the stream: HTTP {}", resp.status()),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let reason = resp.text().await.unwrap_or_default();
+                    format!(
+                        "the peer ended the stream: HTTP {status}: {}",
+                        reason.trim()
+                    )
+                }
                 Err(e) => e.to_string(),
             };
             if reachable {
@@ -334,6 +359,9 @@ pub struct PeerService {
     pub membership: SharedMembership,
     pub partition: Arc<Partition>,
     pub snap_dir: PathBuf,
+    pub cluster_id: Arc<ClusterId>,
+    /// Senders of another cluster already logged, so each is logged once.
+    pub strangers: Mutex<std::collections::HashSet<u64>>,
     pub logger: Logger,
 }
 
@@ -345,6 +373,9 @@ pub async fn handle_peer_request(
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::POST {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    }
+    if let Some(refusal) = service.check_cluster(&req) {
+        return refusal;
     }
     match req.uri().path() {
         RAFT_PATH => service.receive_messages(req).await,
@@ -360,6 +391,41 @@ pub async fn handle_peer_request(
 }
 
 impl PeerService {
+    /// Refuses (412) a request from another cluster; a node that joined and has no
+    /// cluster id yet adopts the sender's.
+    fn check_cluster(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let theirs = req
+            .headers()
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(cluster_id::parse)?;
+        let ours = match self.cluster_id.get() {
+            Some(ours) => ours,
+            None => match self.cluster_id.adopt(theirs) {
+                Ok(adopted) => {
+                    info!(self.logger, "joined cluster"; "cluster_id" => cluster_id::format(adopted));
+                    adopted
+                }
+                Err(e) => {
+                    warn!(self.logger, "could not record the cluster id"; "error" => &e);
+                    return Some(reply(StatusCode::INTERNAL_SERVER_ERROR, &e));
+                }
+            },
+        };
+        if ours == theirs {
+            return None;
+        }
+        let why = format!(
+            "this node belongs to cluster {}, the sender to cluster {}",
+            cluster_id::format(ours),
+            cluster_id::format(theirs)
+        );
+        if self.strangers.lock().unwrap().insert(theirs) {
+            warn!(self.logger, "refusing raft traffic from another cluster"; "reason" => &why);
+        }
+        Some(reply(StatusCode::PRECONDITION_FAILED, &why))
+    }
+
     /// The answer to a message from `from` for `group_id`, if it must not be stepped:
     /// 410 for a removed member, 404 for an unknown group.
     fn refuse(&self, group_id: u64, from: u64) -> Option<Response<Full<Bytes>>> {

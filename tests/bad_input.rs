@@ -139,3 +139,45 @@ fn bad_flags_are_refused_with_a_message() {
         assert!(err.contains("raftkvd:"), "{args:?}: {err}");
     }
 }
+
+/// Raft traffic from another cluster (here: a node of cluster A reaching a stranger that
+/// took over a dead member's port) is refused, and neither side is disturbed by it.
+#[test]
+fn traffic_from_another_cluster_is_refused() {
+    let mut a = Cluster::start("cluster-a", 3, &[]);
+    let leader = a.wait_leader();
+    let victim = (1..=3).find(|&id| id != leader).unwrap();
+    a.node(victim).kill();
+    let victim_peer = a.node(victim).peer_url.clone();
+
+    // Cluster B: one node listening on the dead member's peer address.
+    let b_dir = TempDir::new("cluster-b");
+    let mut b = common::node_spec(&b_dir.0, 1, &[victim_peer], &[], false);
+    b.start();
+    let b = Cluster {
+        nodes: vec![b],
+        dir: b_dir,
+    };
+    b.wait_leader();
+    b.put_ok(1, "owner", "b");
+
+    a.put_ok(leader, "owner", "a");
+    b.wait_until("B to log the refusal", || {
+        b.nodes[0]
+            .log_text()
+            .contains("refusing raft traffic from another cluster")
+    });
+    a.put_ok(leader, "still", "serving");
+    assert_eq!(
+        http("GET", &b.nodes[0].url("owner"), None),
+        (200, "b".into())
+    );
+    assert_eq!(b.nodes[0].status().unwrap()["role"], "Leader");
+    let log = b.nodes[0].log_text();
+    assert_eq!(
+        log.matches("refusing raft traffic from another cluster")
+            .count(),
+        1,
+        "logged once per stranger:\n{log}"
+    );
+}

@@ -16,7 +16,7 @@ mod checker;
 mod common;
 
 use checker::{Kind, Op};
-use common::{free_port, http, http_with_timeout, Cluster};
+use common::{http, http_with_timeout, Cluster};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -301,22 +301,7 @@ impl Nemesis {
         let id = self.next_id;
         self.next_id += 1;
         self.note(format!("membership: add node {id} with a fresh data dir"));
-        let mut urls: Vec<String> = self
-            .cluster
-            .nodes
-            .iter()
-            .map(|n| n.peer_url.clone())
-            .collect();
-        urls.push(format!("http://127.0.0.1:{}", free_port()));
-        let add_url = self.cluster.node(leader).url(&id.to_string());
-        let (code, text) = http(
-            "POST",
-            &add_url,
-            Some(urls.last().unwrap().clone().into_bytes()),
-        );
-        assert_eq!(code, 204, "add node {id}: {text}");
-        self.cluster.add_node_spec(id, &urls, FLAGS, true);
-        self.cluster.node(id).start();
+        self.cluster.add_member(id, leader, FLAGS);
         let port = self.cluster.node(id).api_port;
         self.cluster
             .wait_until(&format!("node {id} to catch up"), || {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, http, Cluster};
+use common::{http, Cluster};
 use std::thread;
 use std::time::Duration;
 
@@ -59,24 +59,11 @@ fn new_node_catches_up_through_a_snapshot_then_membership_still_works() {
     write_keys(&cluster, &[1, 2, 3], "k", 5000);
     assert!(status_u64(&mut cluster, 1, "last_snapshot") >= 4000);
 
-    let mut urls: Vec<String> = cluster.nodes.iter().map(|n| n.peer_url.clone()).collect();
-    urls.push(format!("http://127.0.0.1:{}", free_port()));
-    let (code, text) = http(
-        "POST",
-        &cluster.nodes[0].url("4"),
-        Some(urls[3].clone().into_bytes()),
-    );
-    assert_eq!(code, 204, "{text}");
-    cluster.add_node_spec(4, &urls, FLAGS, true);
-    cluster.node(4).start();
+    cluster.add_member(4, 1, FLAGS);
     assert_all_keys(&cluster, 4, "k", 5000);
-    assert!(
-        cluster
-            .node(4)
-            .log_text()
-            .contains("installed a snapshot from the leader"),
-        "node 4 must have caught up through a snapshot:\n{}",
-        cluster.node(4).log_text()
+    cluster.node(4).assert_logged(
+        "installed a snapshot from the leader",
+        "node 4 must have caught up through a snapshot",
     );
 
     // The snapshot carried the membership: node 4 knows every peer, so its writes reach
@@ -102,10 +89,10 @@ fn lagging_follower_catches_up_through_a_snapshot() {
     cluster.node(follower).start();
     assert_all_keys(&cluster, follower, "b", 1000);
     assert_all_keys(&cluster, follower, "a", 100);
-    assert!(cluster
-        .node(follower)
-        .log_text()
-        .contains("installed a snapshot from the leader"));
+    cluster.node(follower).assert_logged(
+        "installed a snapshot from the leader",
+        "it must have caught up through a snapshot",
+    );
 
     // After installing, it restarts from its own snapshot.
     cluster.node(follower).kill();
@@ -123,8 +110,9 @@ fn restart_after_compaction_loads_the_snapshot_and_replays_a_short_tail() {
     cluster.node(1).start();
     cluster.wait_leader();
     assert_all_keys(&cluster, 1, "k", 1000);
-    let log = cluster.node(1).log_text();
-    assert!(log.contains("loaded snapshot"), "{log}");
+    cluster
+        .node(1)
+        .assert_logged("loaded snapshot", "it must restart from its snapshot");
     // It started from its newest snapshot, so it replayed only the entries after it.
     let loaded = status_u64(&mut cluster, 1, "last_snapshot");
     let applied = status_u64(&mut cluster, 1, "applied");
@@ -176,9 +164,15 @@ fn corrupt_newest_snapshot_falls_back_when_the_log_covers_it() {
     cluster.node(1).start();
     cluster.wait_leader();
     assert_all_keys(&cluster, 1, "k", 350);
-    let log = cluster.node(1).log_text();
-    assert!(log.contains("snapshot file is unusable"), "{log}");
-    assert!(log.contains("using an older snapshot"), "{log}");
+    let node = cluster.node(1);
+    node.assert_logged(
+        "snapshot file is unusable",
+        "the corruption must be reported",
+    );
+    node.assert_logged(
+        "using an older snapshot",
+        "it must fall back to the previous one",
+    );
 }
 
 #[test]
@@ -190,6 +184,7 @@ fn corrupt_newest_snapshot_refuses_to_start_when_the_log_does_not_cover() {
     cluster.node(1).start();
     let status = cluster.node(1).wait_exit(Duration::from_secs(20));
     assert!(!status.success());
-    let log = cluster.node(1).log_text();
-    assert!(log.contains("no usable snapshot"), "{log}");
+    cluster
+        .node(1)
+        .assert_logged("no usable snapshot", "it must say why it refuses");
 }

@@ -82,16 +82,7 @@ fn add_a_fourth_node_then_remove_the_third() {
     cluster.put_ok(1, "my-key", "before-join");
 
     // Add node 4 through node 1, whether or not it leads.
-    let mut urls: Vec<String> = cluster.nodes.iter().map(|n| n.peer_url.clone()).collect();
-    urls.push(format!("http://127.0.0.1:{}", common::free_port()));
-    let (code, body) = http(
-        "POST",
-        &cluster.nodes[0].url("4"),
-        Some(urls[3].clone().into_bytes()),
-    );
-    assert_eq!(code, 204, "{body}");
-    cluster.add_node_spec(4, &urls, &[], true);
-    cluster.node(4).start();
+    cluster.add_member(4, 1, &[]);
     cluster.wait_value(4, "my-key", "before-join");
     cluster.put_ok(4, "written-on-4", "yes");
     for id in 1..=3 {
@@ -108,14 +99,9 @@ fn add_a_fourth_node_then_remove_the_third() {
     assert_eq!(code, 204, "{body}");
     let status = cluster.node(3).wait_exit(Duration::from_secs(20));
     assert!(status.success(), "node 3 exited with {status}");
-    assert!(
-        cluster
-            .node(3)
-            .log_text()
-            .contains("removed from the cluster"),
-        "node 3 must say why it exits:\n{}",
-        cluster.node(3).log_text()
-    );
+    cluster
+        .node(3)
+        .assert_logged("removed from the cluster", "node 3 must say why it exits");
 
     // The rest keep serving.
     cluster.put_ok(2, "after-removal", "ok");
@@ -127,7 +113,7 @@ fn add_a_fourth_node_then_remove_the_third() {
     let (code, text) = http(
         "POST",
         &cluster.nodes[0].url("3"),
-        Some(urls[2].clone().into_bytes()),
+        Some(cluster.node(3).peer_url.clone().into_bytes()),
     );
     assert_eq!(code, 409, "{text}");
 
@@ -135,8 +121,10 @@ fn add_a_fourth_node_then_remove_the_third() {
     cluster.node(3).start();
     let status = cluster.node(3).wait_exit(Duration::from_secs(20));
     assert!(!status.success());
-    let log = cluster.node(3).log_text();
-    assert!(log.contains("refusing to start"), "{log}");
+    cluster.node(3).assert_logged(
+        "refusing to start",
+        "a removed node must say why it refuses",
+    );
 }
 
 /// A rolling restart costs no election timeout: SIGTERM on the leader hands leadership to
@@ -149,17 +137,15 @@ fn sigterm_on_the_leader_hands_off_leadership() {
     cluster.node(old).signal("TERM");
     let status = cluster.node(old).wait_exit(Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
-    assert!(cluster
+    cluster
         .node(old)
-        .log_text()
-        .contains("leadership handed off"));
+        .assert_logged("leadership handed off", "it must hand off before exiting");
 
     let new = cluster.wait_leader();
     assert_ne!(new, old);
-    assert!(
-        cluster.node(new).log_text().contains("MsgTimeoutNow"),
-        "the new leader must have been elected by the hand-off:\n{}",
-        cluster.logs()
+    cluster.node(new).assert_logged(
+        "MsgTimeoutNow",
+        "the new leader must have been elected by the hand-off",
     );
     cluster.put_ok(new, "k", "after");
 }

@@ -147,6 +147,12 @@ impl Node {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Fails the test unless this node's log contains `needle`.
+    pub fn assert_logged(&self, needle: &str, why: &str) {
+        let log = self.log_text();
+        assert!(log.contains(needle), "node {}: {why}\n{log}", self.id);
+    }
+
     pub fn status(&self) -> Option<serde_json::Value> {
         let (code, body) = http("GET", &self.url("status"), None);
         (code == 200)
@@ -198,6 +204,27 @@ impl Cluster {
     pub fn add_node_spec(&mut self, id: u64, peer_urls: &[String], extra: &[&str], join: bool) {
         let node = node_spec(&self.dir.0, id, peer_urls, extra, join);
         self.nodes.push(node);
+    }
+
+    /// Adds node `id` (the next id: ids are positions in `--cluster`) through node `via`
+    /// with `POST /<id>`, then starts it with `--join` and the grown `--cluster` list.
+    pub fn add_member(&mut self, id: u64, via: u64, extra: &[&str]) {
+        assert_eq!(
+            id as usize,
+            self.nodes.len() + 1,
+            "node ids are positions in --cluster"
+        );
+        let mut urls: Vec<String> = self.nodes.iter().map(|n| n.peer_url.clone()).collect();
+        urls.push(format!("http://127.0.0.1:{}", free_port()));
+        let url = self.node(via).url(&id.to_string());
+        let (code, text) = http(
+            "POST",
+            &url,
+            Some(urls[id as usize - 1].clone().into_bytes()),
+        );
+        assert_eq!(code, 204, "POST /{id} on node {via}: {text}");
+        self.add_node_spec(id, &urls, extra, true);
+        self.node(id).start();
     }
 
     pub fn node(&mut self, id: u64) -> &mut Node {
