@@ -69,6 +69,14 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_ELECTION_TICKS", default_value_t = 10)]
     pub election_ticks: usize,
 
+    /// Log format: `text` (readable, one line per event) or `json` (one object per line).
+    #[arg(long, env = "RAFTKVD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Least severe level logged: trace, debug, info, warning, error or critical.
+    #[arg(long, env = "RAFTKVD_LOG_LEVEL", default_value = "info", value_parser = parse_level)]
+    pub log_level: slog::Level,
+
     /// TESTS ONLY: enables `POST /debug/partition` (body: comma-separated peer ids whose
     /// raft messages this node drops; empty heals). Never use it in production.
     #[arg(long, env = "RAFTKVD_ENABLE_FAULT_INJECTION")]
@@ -77,6 +85,18 @@ pub struct Config {
     /// Ticks between the leader's heartbeats.
     #[arg(long, env = "RAFTKVD_HEARTBEAT_TICKS", default_value_t = 1)]
     pub heartbeat_ticks: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_level(text: &str) -> Result<slog::Level, String> {
+    text.parse::<slog::Level>().map_err(|_| {
+        format!("unknown log level {text:?}: use trace, debug, info, warning, error or critical")
+    })
 }
 
 impl Config {

@@ -46,7 +46,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let logger = build_logger().new(o!("node" => config.id));
+    let logger = build_logger(config.log_format, config.log_level).new(o!("node" => config.id));
     let code = match run(config, &logger) {
         Ok(()) => 0,
         Err(e) => {
@@ -57,11 +57,22 @@ fn main() {
     std::process::exit(code);
 }
 
-fn build_logger() -> Logger {
-    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator).build().fuse();
-    let drain = slog::LevelFilter::new(drain, slog::Level::Info).fuse();
-    Logger::root(drain, o!())
+/// Logs go to stderr, synchronously: nothing is lost when the process exits.
+fn build_logger(format: config::LogFormat, level: slog::Level) -> Logger {
+    match format {
+        config::LogFormat::Text => {
+            let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+            let drain = slog_term::FullFormat::new(decorator).build().fuse();
+            Logger::root(slog::LevelFilter::new(drain, level).fuse(), o!())
+        }
+        config::LogFormat::Json => {
+            let json = slog_json::Json::new(std::io::stderr())
+                .add_default_keys()
+                .build();
+            let drain = std::sync::Mutex::new(json).fuse();
+            Logger::root(slog::LevelFilter::new(drain, level).fuse(), o!())
+        }
+    }
 }
 
 fn run(config: Config, logger: &Logger) -> Result<(), String> {

@@ -78,3 +78,29 @@ fn version_and_help() {
         "--help names the environment variables"
     );
 }
+
+#[test]
+fn json_logs_at_the_chosen_level() {
+    let mut cluster = Cluster::start("json-logs", 1, &["--log-format", "json"]);
+    cluster.put_ok(1, "k", "v");
+    let log = cluster.node(1).log_text();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(events
+        .iter()
+        .any(|e| e["msg"] == "leader changed" && e["node"] == 1));
+    assert!(events
+        .iter()
+        .all(|e| e["ts"].is_string() && e["level"].is_string()));
+
+    // At --log-level warning the informational lines are gone, the warnings stay.
+    let mut quiet = Cluster::start("quiet-logs", 1, &["--log-level", "warning"]);
+    let url = quiet.node(1).url("k");
+    assert_eq!(http("PATCH", &url, None).0, 405);
+    quiet.node(1).kill();
+    let log = quiet.node(1).log_text();
+    assert!(log.contains("request failed"), "{log}");
+    assert!(!log.contains("INFO"), "{log}");
+}
