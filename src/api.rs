@@ -9,6 +9,7 @@
 //! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
 //! | `GET /status`            | JSON: id, term, role, leader, commit, applied, members |
 //! | `GET /health`            | 200 while the process serves                 |
+//! | `GET /metrics`           | Prometheus text format                        |
 //! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
 //!
 //! This module parses and validates requests, hands them to the node, and maps every
@@ -31,6 +32,7 @@ use crate::faults::Partition;
 use crate::http_server::text_response;
 use crate::kv::SharedKv;
 use crate::membership::{parse_node_id, parse_peer_url};
+use crate::metrics::Metrics;
 use crate::node::{MemberChange, NodeHandle, ProposeError};
 
 /// The methods the key and node routes accept.
@@ -48,6 +50,7 @@ pub struct Api {
     pub request_timeout: Duration,
     /// Present only with `--enable-fault-injection`.
     pub partition: Option<Arc<Partition>>,
+    pub metrics: Arc<Metrics>,
     pub logger: Logger,
 }
 
@@ -86,13 +89,38 @@ impl From<ProposeError> for Failure {
 impl Api {
     /// Answers one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = std::time::Instant::now();
+        self.metrics
+            .requests_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let target = path.strip_prefix('/').unwrap_or(&path).to_string();
-        let result = match method {
+        let route = route_of(&method, &target);
+        let response = self.route(req, &method, &path, &target).await;
+        self.metrics
+            .requests_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .request_done(route, response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        method: &Method,
+        path: &str,
+        target: &str,
+    ) -> Response<Full<Bytes>> {
+        let target = target.to_string();
+        let result = match method.clone() {
             Method::GET if target == "status" => self.status().await,
             Method::GET if target == "health" => Ok(text_response(StatusCode::OK, "ok\n")),
             Method::GET if target == "readyz" => self.ready().await,
+            Method::GET if target == "metrics" => {
+                Ok(text_response(StatusCode::OK, &self.metrics.render()))
+            }
             Method::GET => self.get(&target, req.uri().query()).await,
             Method::PUT => self.put(&target, req).await,
             Method::POST if target == PARTITION_ROUTE && self.partition.is_some() => {
@@ -111,7 +139,7 @@ impl Api {
                 // A missing key is an ordinary answer, not an error worth a log line.
                 if status != StatusCode::NOT_FOUND {
                     warn!(self.logger, "request failed";
-                        "method" => %method, "path" => &path,
+                        "method" => %method, "path" => path,
                         "status" => status.as_u16(), "reason" => &message);
                 }
                 let mut response = text_response(status, &format!("{message}\n"));
@@ -264,6 +292,19 @@ fn read_consistency(query: Option<&str>) -> Result<Consistency, Failure> {
         };
     }
     Ok(consistency)
+}
+
+/// The `route` label of a request in the metrics.
+fn route_of(method: &Method, target: &str) -> &'static str {
+    match (method.as_str(), target) {
+        ("GET", "status" | "health" | "readyz" | "metrics") => "admin",
+        ("POST", PARTITION_ROUTE) => "admin",
+        ("GET", _) => "get",
+        ("PUT", _) => "put",
+        ("POST", _) => "add_member",
+        ("DELETE", _) => "remove_member",
+        _ => "other",
+    }
 }
 
 fn check_key(key: &str) -> Result<&str, Failure> {

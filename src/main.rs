@@ -14,6 +14,7 @@ mod faults;
 mod http_server;
 mod kv;
 mod membership;
+mod metrics;
 mod node;
 mod read_index;
 mod snapshot;
@@ -31,7 +32,7 @@ use tokio::sync::{oneshot, watch};
 use crate::api::Api;
 use crate::config::Config;
 use crate::membership::SharedMembership;
-use crate::node::{Node, NodeConfig, NodeExit, NodeHandle, GROUP_ID};
+use crate::node::{Node, NodeConfig, NodeExit, NodeHandle, NodeShared, GROUP_ID};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -179,12 +180,14 @@ async fn serve(
     let membership = SharedMembership::default();
     let snap_dir = snapshot::dir_of(&config.data_dir());
     let partition = Arc::new(faults::Partition::default());
+    let metrics = Arc::new(metrics::Metrics::default());
     let transport = Arc::new(Transport::new(
         tokio::runtime::Handle::current(),
         node_handle.clone(),
         partition.clone(),
         snap_dir.clone(),
         cluster_id.clone(),
+        metrics.clone(),
         logger.new(o!("component" => "transport")),
     ));
     // Until the log is replayed, the command line is the best guess at where peers are.
@@ -214,10 +217,13 @@ async fn serve(
             catchup_entries: config.snapshot_catchup_entries,
         },
         store,
-        kv.clone(),
-        membership.clone(),
-        transport,
-        node_handle.clone(),
+        NodeShared {
+            kv: kv.clone(),
+            membership: membership.clone(),
+            transport,
+            inbox: node_handle.clone(),
+            metrics: metrics.clone(),
+        },
         logger.new(o!("component" => "raft")),
     )?;
     let (exit_tx, mut exit_rx) = oneshot::channel();
@@ -251,6 +257,7 @@ async fn serve(
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
         partition: config.enable_fault_injection.then_some(partition),
+        metrics,
         logger: logger.new(o!("component" => "api")),
     });
     let api_server = tokio::spawn(http_server::serve(

@@ -43,6 +43,7 @@ use crate::cluster_id::{self, ClusterId};
 use crate::faults::Partition;
 use crate::http_server::text_response as reply;
 use crate::membership::SharedMembership;
+use crate::metrics::Metrics;
 use crate::node::{NodeHandle, GROUP_ID};
 use crate::snapshot;
 
@@ -83,6 +84,7 @@ pub struct Transport {
     partition: Arc<Partition>,
     snap_dir: PathBuf,
     cluster_id: Arc<ClusterId>,
+    metrics: Arc<Metrics>,
     logger: Logger,
 }
 
@@ -98,6 +100,7 @@ impl Transport {
         partition: Arc<Partition>,
         snap_dir: PathBuf,
         cluster_id: Arc<ClusterId>,
+        metrics: Arc<Metrics>,
         logger: Logger,
     ) -> Transport {
         let client = reqwest::Client::builder()
@@ -115,6 +118,7 @@ impl Transport {
             partition,
             snap_dir,
             cluster_id,
+            metrics,
             logger,
         }
     }
@@ -132,6 +136,7 @@ impl Transport {
             client: self.client.clone(),
             node: self.node.clone(),
             cluster_id: self.cluster_id.clone(),
+            metrics: self.metrics.clone(),
             logger: self.logger.new(slog::o!("peer" => id)),
         };
         self.runtime.spawn(sender.run(rx));
@@ -249,6 +254,7 @@ struct PeerSender {
     client: reqwest::Client,
     node: NodeHandle,
     cluster_id: Arc<ClusterId>,
+    metrics: Arc<Metrics>,
     logger: Logger,
 }
 
@@ -312,6 +318,7 @@ impl PeerSender {
                 }
                 Err(e) => e.to_string(),
             };
+            Metrics::inc(&self.metrics.peer_send_errors);
             if reachable {
                 warn!(self.logger, "peer unreachable; messages to it are dropped until it answers"; "error" => failure);
                 reachable = false;

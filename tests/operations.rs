@@ -104,3 +104,44 @@ fn json_logs_at_the_chosen_level() {
     assert!(log.contains("request failed"), "{log}");
     assert!(!log.contains("INFO"), "{log}");
 }
+
+#[test]
+fn prometheus_metrics() {
+    let cluster = Cluster::start("metrics", 1, &["--snapshot-count", "5"]);
+    for i in 0..10 {
+        cluster.put_ok(1, &format!("k{i}"), "v");
+    }
+    assert_eq!(http("GET", &cluster.nodes[0].url("k0"), None).0, 200);
+    let (code, text) = http("GET", &cluster.nodes[0].url("metrics"), None);
+    assert_eq!(code, 200);
+    // Every line is a comment or `name{labels} value` with a numeric value.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "bad value: {line}");
+        assert!(name.starts_with("raftkvd_"), "bad name: {line}");
+    }
+    let value = |series: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    assert_eq!(
+        value("raftkvd_http_requests_total{route=\"put\",status=\"204\"}"),
+        10.0
+    );
+    assert_eq!(
+        value("raftkvd_http_requests_total{route=\"get\",status=\"200\"}"),
+        1.0
+    );
+    assert!(value("raftkvd_proposals_total") >= 10.0);
+    assert!(value("raftkvd_applied_entries_total") >= 10.0);
+    assert!(value("raftkvd_log_fsync_duration_seconds_count") >= 10.0);
+    assert!(value("raftkvd_leader_changes_total") >= 1.0);
+    cluster.wait_until("a snapshot to be counted", || {
+        let (_, text) = http("GET", &cluster.nodes[0].url("metrics"), None);
+        text.lines()
+            .any(|l| l.starts_with("raftkvd_snapshots_total ") && !l.ends_with(" 0"))
+    });
+}

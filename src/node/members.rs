@@ -12,6 +12,7 @@ use slog::{error, info, warn};
 
 use super::{MemberChange, Node, ProposeError, Reply};
 use crate::command::MemberContext;
+use crate::metrics::Metrics;
 
 impl Node {
     pub(super) fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
@@ -40,6 +41,7 @@ impl Node {
         cc.context = MemberContext { id, peer_url }.encode().into();
         match self.raw.propose_conf_change(vec![], cc) {
             Ok(()) => {
+                Metrics::inc(&self.metrics.proposals);
                 self.waiters.insert(id, reply);
             }
             Err(e) => {

@@ -32,6 +32,7 @@ use slog::{error, info, warn, Logger};
 use crate::command::{Command, Proposal, ProposalId};
 use crate::kv::SharedKv;
 use crate::membership::SharedMembership;
+use crate::metrics::Metrics;
 use crate::read_index::ReadQueue;
 use crate::snapshot::SnapshotMeta;
 use crate::storage::LogStore;
@@ -67,6 +68,18 @@ pub struct NodeConfig {
     pub catchup_entries: u64,
 }
 
+/// What the node shares with the rest of the process.
+pub struct NodeShared {
+    /// The state machine (the node writes, the API reads).
+    pub kv: SharedKv,
+    /// Peer URLs and removed ids (the node writes, the transport reads).
+    pub membership: SharedMembership,
+    pub transport: Arc<Transport>,
+    /// The node's own inbox, for answers from its helper threads.
+    pub inbox: NodeHandle,
+    pub metrics: Arc<Metrics>,
+}
+
 pub struct Node {
     raw: RawNode<LogStore>,
     kv: SharedKv,
@@ -97,6 +110,7 @@ pub struct Node {
     applied_term: u64,
     /// The node's own inbox, for the snapshot writer's answer.
     inbox: NodeHandle,
+    metrics: Arc<Metrics>,
     logger: Logger,
 }
 
@@ -104,12 +118,16 @@ impl Node {
     pub fn new(
         config: &NodeConfig,
         store: LogStore,
-        kv: SharedKv,
-        membership: SharedMembership,
-        transport: Arc<Transport>,
-        inbox: NodeHandle,
+        shared: NodeShared,
         logger: Logger,
     ) -> Result<Node, String> {
+        let NodeShared {
+            kv,
+            membership,
+            transport,
+            inbox,
+            metrics,
+        } = shared;
         // The map was rebuilt from this snapshot (or is empty); raft hands out every
         // committed entry after it.
         let snap = store.snapshot_meta();
@@ -149,6 +167,7 @@ impl Node {
             snapshot_in_progress: false,
             applied_term: snap.term,
             inbox,
+            metrics,
             logger,
         })
     }
@@ -315,6 +334,7 @@ impl Node {
         let data = Proposal { id, command }.encode();
         match self.raw.propose(vec![], data) {
             Ok(()) => {
+                Metrics::inc(&self.metrics.proposals);
                 self.waiters.insert(id, reply);
             }
             Err(e) => {
@@ -349,10 +369,12 @@ impl Node {
                 .on_read_state(&rs.request_ctx, rs.index, self.applied);
         }
         if !ready.entries().is_empty() || ready.hs().is_some() {
+            let started = Instant::now();
             self.raw
                 .mut_store()
                 .persist(ready.entries(), ready.hs())
                 .map_err(|e| format!("could not persist raft entries: {e}"))?;
+            self.metrics.log_fsync.observe(started.elapsed());
         }
         if !ready.persisted_messages().is_empty() {
             self.transport
@@ -380,6 +402,7 @@ impl Node {
                 "leader" => leader, "previous" => self.leader,
                 "role" => ?role, "term" => self.raw.raft.term);
             self.leader = leader;
+            Metrics::inc(&self.metrics.leader_changes);
         }
     }
 
@@ -397,6 +420,9 @@ impl Node {
                 }
             }
         }
+        self.metrics
+            .applied_entries
+            .fetch_add(last - self.applied, std::sync::atomic::Ordering::Relaxed);
         self.applied = last;
         self.applied_term = last_term;
         self.reads.on_applied(last);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use slog::{error, info, warn};
 
 use super::{Node, NodeMsg};
+use crate::metrics::Metrics;
 use crate::snapshot::{self, SnapshotData, SnapshotMeta};
 
 /// A snapshot the background writer made durable.
@@ -98,6 +99,8 @@ impl Node {
                 }
             });
         self.last_snapshot = index;
+        Metrics::inc(&self.metrics.snapshots);
+        self.metrics.snapshot_duration.observe(written.write_time);
         info!(self.logger, "snapshot written";
             "index" => index, "term" => written.meta.term, "bytes" => written.bytes,
             "write_ms" => written.write_time.as_millis(), "log_starts_at" => first);

@@ -1,0 +1,162 @@
+//! Process metrics in the Prometheus text format (`GET /metrics`): plain atomic counters
+//! and fixed-bucket histograms, updated where things happen and rendered on demand.
+//! Updating a metric never blocks on anything but a short uncontended lock, and never
+//! fails.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Bucket upper bounds in seconds, from 100 us to 10 s.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
+];
+
+/// A latency histogram with cumulative buckets, as Prometheus expects.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            let n = bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (route, status) -> requests answered.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// route -> latency.
+    request_latency: Mutex<BTreeMap<&'static str, Arc<Histogram>>>,
+    pub requests_in_flight: AtomicI64,
+    pub proposals: AtomicU64,
+    pub applied_entries: AtomicU64,
+    pub leader_changes: AtomicU64,
+    pub peer_send_errors: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub snapshot_duration: Histogram,
+    /// One synced write of entries and hard state to the raft log.
+    pub log_fsync: Histogram,
+}
+
+impl Metrics {
+    /// Counts one answered request and its latency.
+    pub fn request_done(&self, route: &'static str, status: u16, took: Duration) {
+        *self
+            .requests
+            .lock()
+            .unwrap()
+            .entry((route, status))
+            .or_default() += 1;
+        let histogram = self
+            .request_latency
+            .lock()
+            .unwrap()
+            .entry(route)
+            .or_default()
+            .clone();
+        histogram.observe(took);
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        out.push_str("# HELP raftkvd_http_requests_total Client requests answered, by route and status.\n# TYPE raftkvd_http_requests_total counter\n");
+        for ((route, status), n) in self.requests.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "raftkvd_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP raftkvd_http_request_duration_seconds Client request latency, by route.\n# TYPE raftkvd_http_request_duration_seconds histogram\n");
+        for (route, h) in self.request_latency.lock().unwrap().iter() {
+            h.render(
+                &mut out,
+                "raftkvd_http_request_duration_seconds",
+                &format!("route=\"{route}\""),
+            );
+        }
+        let in_flight = self.requests_in_flight.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP raftkvd_http_requests_in_flight Client requests being served.\n# TYPE raftkvd_http_requests_in_flight gauge\nraftkvd_http_requests_in_flight {in_flight}");
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "raftkvd_proposals_total",
+            "Entries proposed by this node.",
+            load(&self.proposals),
+        );
+        counter(
+            &mut out,
+            "raftkvd_applied_entries_total",
+            "Committed entries applied to the state machine.",
+            load(&self.applied_entries),
+        );
+        counter(
+            &mut out,
+            "raftkvd_leader_changes_total",
+            "Times this node saw the leader change.",
+            load(&self.leader_changes),
+        );
+        counter(
+            &mut out,
+            "raftkvd_peer_send_errors_total",
+            "Peer message streams that failed.",
+            load(&self.peer_send_errors),
+        );
+        counter(
+            &mut out,
+            "raftkvd_snapshots_total",
+            "Snapshots written.",
+            load(&self.snapshots),
+        );
+        out.push_str("# HELP raftkvd_snapshot_duration_seconds Time to write a snapshot file.\n# TYPE raftkvd_snapshot_duration_seconds histogram\n");
+        self.snapshot_duration
+            .render(&mut out, "raftkvd_snapshot_duration_seconds", "");
+        out.push_str("# HELP raftkvd_log_fsync_duration_seconds Synced raft log writes (entries and hard state).\n# TYPE raftkvd_log_fsync_duration_seconds histogram\n");
+        self.log_fsync
+            .render(&mut out, "raftkvd_log_fsync_duration_seconds", "");
+        out
+    }
+}
