@@ -12,7 +12,6 @@ use slog::{error, info, warn};
 
 use super::{MemberChange, Node, ProposeError, Reply};
 use crate::command::MemberContext;
-use crate::metrics::Metrics;
 
 impl Node {
     pub(super) fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
@@ -39,15 +38,8 @@ impl Node {
             }
         };
         cc.context = MemberContext { id, peer_url }.encode().into();
-        match self.raw.propose_conf_change(vec![], cc) {
-            Ok(()) => {
-                Metrics::inc(&self.metrics.proposals);
-                self.waiters.insert(id, reply);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(ProposeError::Dropped(e.to_string())));
-            }
-        }
+        let proposed = self.raw.propose_conf_change(vec![], cc);
+        self.await_proposal(id, proposed, reply);
     }
 
     /// Refuses a change that cannot succeed, instead of letting raft-rs silently turn it

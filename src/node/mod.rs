@@ -332,7 +332,14 @@ impl Node {
         }
         let id = self.next_proposal_id();
         let data = Proposal { id, command }.encode();
-        match self.raw.propose(vec![], data) {
+        let proposed = self.raw.propose(vec![], data);
+        self.await_proposal(id, proposed, reply);
+    }
+
+    /// Registers the waiter of a proposal raft accepted (it is answered when the entry is
+    /// applied), or tells the client why raft refused it.
+    fn await_proposal(&mut self, id: ProposalId, proposed: raft::Result<()>, reply: Reply) {
+        match proposed {
             Ok(()) => {
                 Metrics::inc(&self.metrics.proposals);
                 self.waiters.insert(id, reply);
