@@ -113,7 +113,6 @@ impl Api {
         path: &str,
         target: &str,
     ) -> Response<Full<Bytes>> {
-        let target = target.to_string();
         let result = match method.clone() {
             Method::GET if target == "status" => self.status().await,
             Method::GET if target == "health" => Ok(text_response(StatusCode::OK, "ok\n")),
@@ -121,13 +120,13 @@ impl Api {
             Method::GET if target == "metrics" => {
                 Ok(text_response(StatusCode::OK, &self.metrics.render()))
             }
-            Method::GET => self.get(&target, req.uri().query()).await,
-            Method::PUT => self.put(&target, req).await,
+            Method::GET => self.get(target, req.uri().query()).await,
+            Method::PUT => self.put(target, req).await,
             Method::POST if target == PARTITION_ROUTE && self.partition.is_some() => {
                 self.set_partition(req).await
             }
-            Method::POST => self.add_member(&target, req).await,
-            Method::DELETE => self.remove_member(&target).await,
+            Method::POST => self.add_member(target, req).await,
+            Method::DELETE => self.remove_member(target).await,
             _ => Err(Failure::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method {method} is not allowed; use {ALLOWED}"),

@@ -64,12 +64,11 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Messages waiting for one peer before new ones are dropped.
 const PEER_QUEUE_LEN: usize = 4096;
-/// Most messages sent in one request.
+/// Most messages written as one chunk of a stream.
 const MAX_BATCH: usize = 512;
 /// Largest frame a peer may send.
-const MAX_BODY_BYTES: usize = 256 * 1024 * 1024;
-/// A peer that does not answer within this long is treated as unreachable.
-const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
+/// A peer that does not accept a connection within this long is unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One message addressed to one raft group.
@@ -103,8 +102,8 @@ impl Transport {
         metrics: Arc<Metrics>,
         logger: Logger,
     ) -> Transport {
+        // Each request sets its own timeout (a stream or a snapshot upload).
         let client = reqwest::Client::builder()
-            .timeout(SEND_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .pool_max_idle_per_host(1)
@@ -459,7 +458,7 @@ impl PeerService {
                 break; // the sender went away; whatever it sent has been stepped
             };
             pending.extend_from_slice(&chunk);
-            if pending.len() > MAX_BODY_BYTES {
+            if pending.len() > MAX_FRAME_BYTES {
                 warn!(self.logger, "peer sent an oversized frame");
                 return reply(StatusCode::PAYLOAD_TOO_LARGE, "frame too large");
             }
