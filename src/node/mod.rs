@@ -5,6 +5,7 @@
 //! clock, and handles each `Ready` in the order raft-rs requires:
 //!
 //! 1. send the leader's messages at once (they may go out before the local write);
+//!    install the snapshot the leader sent, if the Ready carries one (`snapshots.rs`);
 //! 2. apply the committed entries to the key-value map and answer their waiting clients;
 //! 3. persist new entries and the hard state in one fsynced batch;
 //! 4. only then send the messages that promise durability (votes, append responses);
