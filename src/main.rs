@@ -198,11 +198,7 @@ async fn serve(
         }
     }
     if let Some(data) = recovered {
-        for (&id, url) in &data.membership.peer_urls {
-            if id != config.id {
-                transport.set_peer(id, url);
-            }
-        }
+        transport.follow(config.id, &data.membership);
         kv.write().unwrap().replace(data.kv);
         *membership.write().unwrap() = data.membership;
     }

@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use crate::cluster_id::{self, ClusterId};
 use crate::faults::Partition;
 use crate::http_server::text_response as reply;
-use crate::membership::SharedMembership;
+use crate::membership::{Membership, SharedMembership};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, GROUP_ID};
 use crate::snapshot;
@@ -146,6 +146,18 @@ impl Transport {
                 queue,
             },
         );
+    }
+
+    /// Sends to every member of `membership` but `own_id`, and to none of the removed.
+    pub fn follow(&self, own_id: u64, membership: &Membership) {
+        for (&id, url) in &membership.peer_urls {
+            if id != own_id {
+                self.set_peer(id, url);
+            }
+        }
+        for id in &membership.removed {
+            self.remove_peer(*id);
+        }
     }
 
     /// Stops sending to `id`; its task ends when its queue is dropped.

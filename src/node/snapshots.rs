@@ -114,14 +114,7 @@ impl Node {
         let data = snapshot::read(&path)
             .map_err(|e| format!("cannot load received snapshot {}: {e}", path.display()))?;
         let own_id = self.raw.raft.id;
-        for (&id, url) in &data.membership.peer_urls {
-            if id != own_id {
-                self.transport.set_peer(id, url);
-            }
-        }
-        for id in &data.membership.removed {
-            self.transport.remove_peer(*id);
-        }
+        self.transport.follow(own_id, &data.membership);
         if data.membership.removed.contains(&own_id) {
             self.removed_at = Some(meta.index);
         }
