@@ -2,14 +2,15 @@
 //! URL pointing at the wrong place, a port reused by another cluster's node) is refused
 //! instead of obeyed. As etcd does, the id is derived from the initial `--cluster` URLs
 //! when a cluster is formed; a node that joins adopts it from the first peer stream it
-//! accepts. It is kept in `<data-dir>/cluster-id` (written to a temporary file, fsynced,
-//! renamed), and never changes once known.
+//! accepts. It is kept in `<data-dir>/cluster-id` (written durably, see durable.rs), and
+//! never changes once known.
 
 use std::fs;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+
+use crate::durable;
 
 pub struct ClusterId {
     value: OnceLock<u64>,
@@ -49,18 +50,8 @@ impl ClusterId {
         if let Some(current) = self.get() {
             return Ok(current);
         }
-        let tmp = self.file.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            writeln!(f, "{id:016x}")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.file)?;
-            if let Some(dir) = self.file.parent() {
-                fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| format!("cannot write {}: {e}", self.file.display()))?;
+        durable::write_file(&self.file, format!("{}\n", format(id)).as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", self.file.display()))?;
         Ok(*self.value.get_or_init(|| id))
     }
 }

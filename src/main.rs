@@ -10,6 +10,7 @@ mod api;
 mod cluster_id;
 mod command;
 mod config;
+mod durable;
 mod faults;
 mod http_server;
 mod kv;
@@ -130,9 +131,11 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         }
         NodeExit::Removed { index } => {
             let marker = data_dir.join(REMOVED_MARKER);
-            std::fs::write(&marker, format!("removed at raft index {index}\n"))
-                .and_then(|_| std::fs::File::open(&marker)?.sync_all())
-                .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+            durable::write_file(
+                &marker,
+                format!("removed at raft index {index}\n").as_bytes(),
+            )
+            .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
             info!(logger, "this node was removed from the cluster; exiting"; "index" => index);
             Ok(())
         }

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
+use crate::durable;
 use crate::kv::FrozenKv;
 use crate::membership::Membership;
 
@@ -139,13 +140,8 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     let size = file.metadata()?.len();
     drop(file);
     fs::rename(&tmp, &path)?;
-    sync_dir(dir)?;
+    durable::sync_dir(dir)?;
     Ok((path, size))
-}
-
-/// Makes a rename or unlink in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Deletes all but the newest `KEEP` snapshot files.

@@ -40,6 +40,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::cluster_id::{self, ClusterId};
+use crate::durable;
 use crate::faults::Partition;
 use crate::http_server::text_response as reply;
 use crate::membership::{Membership, SharedMembership};
@@ -529,7 +530,7 @@ impl PeerService {
                 tokio::task::spawn_blocking(move || {
                     snapshot::verify(&tmp2)?;
                     std::fs::rename(&tmp2, snapshot::path_of(&dir, index))
-                        .and_then(|_| snapshot::sync_dir(&dir))
+                        .and_then(|_| durable::sync_dir(&dir))
                         .map_err(|e| e.to_string())
                 })
                 .await
