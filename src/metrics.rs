@@ -97,66 +97,82 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        out.push_str("# HELP raftkvd_http_requests_total Client requests answered, by route and status.\n# TYPE raftkvd_http_requests_total counter\n");
+        let name = "raftkvd_http_requests_total";
+        header(
+            &mut out,
+            name,
+            "counter",
+            "Client requests answered, by route and status.",
+        );
         for ((route, status), n) in self.requests.lock().unwrap().iter() {
-            let _ = writeln!(
-                out,
-                "raftkvd_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+            let _ = writeln!(out, "{name}{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
-        out.push_str("# HELP raftkvd_http_request_duration_seconds Client request latency, by route.\n# TYPE raftkvd_http_request_duration_seconds histogram\n");
+        let name = "raftkvd_http_request_duration_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Client request latency, by route.",
+        );
         for (route, h) in self.request_latency.lock().unwrap().iter() {
-            h.render(
-                &mut out,
-                "raftkvd_http_request_duration_seconds",
-                &format!("route=\"{route}\""),
-            );
+            h.render(&mut out, name, &format!("route=\"{route}\""));
         }
+        let name = "raftkvd_http_requests_in_flight";
+        header(&mut out, name, "gauge", "Client requests being served.");
         let in_flight = self.requests_in_flight.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP raftkvd_http_requests_in_flight Client requests being served.\n# TYPE raftkvd_http_requests_in_flight gauge\nraftkvd_http_requests_in_flight {in_flight}");
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        counter(
-            &mut out,
-            "raftkvd_proposals_total",
-            "Entries proposed by this node.",
-            load(&self.proposals),
-        );
-        counter(
-            &mut out,
-            "raftkvd_applied_entries_total",
-            "Committed entries applied to the state machine.",
-            load(&self.applied_entries),
-        );
-        counter(
-            &mut out,
-            "raftkvd_leader_changes_total",
-            "Times this node saw the leader change.",
-            load(&self.leader_changes),
-        );
-        counter(
-            &mut out,
-            "raftkvd_peer_send_errors_total",
-            "Peer message streams that failed.",
-            load(&self.peer_send_errors),
-        );
-        counter(
-            &mut out,
-            "raftkvd_snapshots_total",
-            "Snapshots written.",
-            load(&self.snapshots),
-        );
-        out.push_str("# HELP raftkvd_snapshot_duration_seconds Time to write a snapshot file.\n# TYPE raftkvd_snapshot_duration_seconds histogram\n");
-        self.snapshot_duration
-            .render(&mut out, "raftkvd_snapshot_duration_seconds", "");
-        out.push_str("# HELP raftkvd_log_fsync_duration_seconds Synced raft log writes (entries and hard state).\n# TYPE raftkvd_log_fsync_duration_seconds histogram\n");
-        self.log_fsync
-            .render(&mut out, "raftkvd_log_fsync_duration_seconds", "");
+        let _ = writeln!(out, "{name} {in_flight}");
+        let counters = [
+            (
+                "raftkvd_proposals_total",
+                "Entries proposed by this node.",
+                &self.proposals,
+            ),
+            (
+                "raftkvd_applied_entries_total",
+                "Committed entries applied to the state machine.",
+                &self.applied_entries,
+            ),
+            (
+                "raftkvd_leader_changes_total",
+                "Times this node saw the leader change.",
+                &self.leader_changes,
+            ),
+            (
+                "raftkvd_peer_send_errors_total",
+                "Peer message streams that failed.",
+                &self.peer_send_errors,
+            ),
+            (
+                "raftkvd_snapshots_total",
+                "Snapshots written.",
+                &self.snapshots,
+            ),
+        ];
+        for (name, help, value) in counters {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let histograms = [
+            (
+                "raftkvd_snapshot_duration_seconds",
+                "Time to write a snapshot file.",
+                &self.snapshot_duration,
+            ),
+            (
+                "raftkvd_log_fsync_duration_seconds",
+                "Synced raft log writes (entries and hard state).",
+                &self.log_fsync,
+            ),
+        ];
+        for (name, help, histogram) in histograms {
+            header(&mut out, name, "histogram", help);
+            histogram.render(&mut out, name, "");
+        }
         out
     }
+}
+
+/// The `# HELP` and `# TYPE` lines that precede a metric's samples.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
