@@ -2,7 +2,10 @@
 //!
 //! A normal entry holds a [`Proposal`]: the command to apply to the key-value map and the
 //! [`ProposalId`] of the request that proposed it, so that the node that proposed it can
-//! answer its waiting client once the entry is applied. A conf-change entry carries a
+//! answer its waiting client once the entry is applied. A [`Command`] is a list of writes
+//! (puts and deletes) applied together, at one revision (the entry's index), and only if
+//! every revision check it carries holds: that is how compare-and-swap and the atomic
+//! multi-key set work. A conf-change entry carries a
 //! [`MemberContext`] (the proposal id and the new member's peer URL) in its context.
 //!
 //! The format is a small hand-written binary layout with a version byte, so that entries
@@ -14,8 +17,13 @@ use bytes::Bytes;
 
 /// Leading byte of every encoded proposal and member context.
 const FORMAT_VERSION: u8 = 1;
-/// Operation tag of [`Command::Put`].
+/// Operation tag of one unconditional put: the compact layout of the common case.
 const OP_PUT: u8 = 1;
+/// Operation tag of a general command: checks, then writes.
+const OP_TXN: u8 = 2;
+/// Write tags inside an [`OP_TXN`] command.
+const WRITE_PUT: u8 = 1;
+const WRITE_DELETE: u8 = 2;
 
 /// Identifies one client request across the cluster, so its waiter can be found when the
 /// entry is applied. `incarnation` is random per process start: a restarted node never
@@ -34,12 +42,38 @@ impl ProposalId {
     };
 }
 
-/// A change to the key-value map.
+/// One write to the key-value map. Keys and values are shared slices of the bytes they
+/// were decoded from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    /// Key and value are shared slices of the bytes they were decoded from: the map keeps
-    /// them without copying, and a snapshot copies only pointers.
+pub enum Write {
     Put { key: Bytes, value: Bytes },
+    Delete { key: Bytes },
+}
+
+/// A condition on a key's revision (etcd's mod_revision: the index of the entry that
+/// last wrote it). `revision` 0 means "the key must not exist".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevisionCheck {
+    pub key: Bytes,
+    pub revision: u64,
+}
+
+/// A change to the key-value map: all of `writes`, at one revision, if every check holds;
+/// otherwise nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Command {
+    pub checks: Vec<RevisionCheck>,
+    pub writes: Vec<Write>,
+}
+
+impl Command {
+    /// An unconditional put of one key.
+    pub fn put(key: Bytes, value: Bytes) -> Command {
+        Command {
+            checks: Vec::new(),
+            writes: vec![Write::Put { key, value }],
+        }
+    }
 }
 
 /// The payload of a normal raft entry.
@@ -70,35 +104,82 @@ impl std::error::Error for DecodeError {}
 
 impl Proposal {
     pub fn encode(&self) -> Vec<u8> {
-        let Command::Put { key, value } = &self.command;
-        let mut buf = Vec::with_capacity(1 + 16 + 1 + 4 + key.len() + value.len());
+        let Command { checks, writes } = &self.command;
+        let mut buf = Vec::with_capacity(64 + writes.iter().map(write_len).sum::<usize>());
         buf.push(FORMAT_VERSION);
         put_id(&mut buf, self.id);
-        buf.push(OP_PUT);
-        buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        buf.extend_from_slice(key);
-        buf.extend_from_slice(value);
+        if let ([], [Write::Put { key, value }]) = (checks.as_slice(), writes.as_slice()) {
+            buf.push(OP_PUT);
+            put_bytes(&mut buf, key);
+            buf.extend_from_slice(value);
+            return buf;
+        }
+        buf.push(OP_TXN);
+        buf.extend_from_slice(&(checks.len() as u32).to_le_bytes());
+        for check in checks {
+            put_bytes(&mut buf, &check.key);
+            buf.extend_from_slice(&check.revision.to_le_bytes());
+        }
+        buf.extend_from_slice(&(writes.len() as u32).to_le_bytes());
+        for write in writes {
+            match write {
+                Write::Put { key, value } => {
+                    buf.push(WRITE_PUT);
+                    put_bytes(&mut buf, key);
+                    put_bytes(&mut buf, value);
+                }
+                Write::Delete { key } => {
+                    buf.push(WRITE_DELETE);
+                    put_bytes(&mut buf, key);
+                }
+            }
+        }
         buf
     }
 
     pub fn decode(bytes: &Bytes) -> Result<Proposal, DecodeError> {
-        let mut r = Reader(bytes);
+        let mut r = Reader { all: bytes, at: 0 };
         r.version()?;
         let id = r.id()?;
-        match r.u8()? {
+        let command = match r.u8()? {
             OP_PUT => {
-                let key_len = r.u32()? as usize;
-                let key_start = bytes.len() - r.0.len();
-                r.take(key_len)?;
-                let key = bytes.slice(key_start..key_start + key_len);
-                let value = bytes.slice(key_start + key_len..);
-                Ok(Proposal {
-                    id,
-                    command: Command::Put { key, value },
-                })
+                let key = r.bytes()?;
+                let value = bytes.slice(r.at..);
+                Command::put(key, value)
             }
-            _ => Err(DecodeError("unknown operation")),
-        }
+            OP_TXN => {
+                let mut command = Command::default();
+                for _ in 0..r.count()? {
+                    let key = r.bytes()?;
+                    let revision = r.u64()?;
+                    command.checks.push(RevisionCheck { key, revision });
+                }
+                for _ in 0..r.count()? {
+                    let write = match r.u8()? {
+                        WRITE_PUT => Write::Put {
+                            key: r.bytes()?,
+                            value: r.bytes()?,
+                        },
+                        WRITE_DELETE => Write::Delete { key: r.bytes()? },
+                        _ => return Err(DecodeError("unknown write")),
+                    };
+                    command.writes.push(write);
+                }
+                if r.at != bytes.len() {
+                    return Err(DecodeError("trailing bytes"));
+                }
+                command
+            }
+            _ => return Err(DecodeError("unknown operation")),
+        };
+        Ok(Proposal { id, command })
+    }
+}
+
+fn write_len(write: &Write) -> usize {
+    match write {
+        Write::Put { key, value } => 9 + key.len() + value.len(),
+        Write::Delete { key } => 5 + key.len(),
     }
 }
 
@@ -112,11 +193,11 @@ impl MemberContext {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<MemberContext, DecodeError> {
-        let mut r = Reader(bytes);
+        let mut r = Reader { all: bytes, at: 0 };
         r.version()?;
         let id = r.id()?;
-        let peer_url =
-            String::from_utf8(r.0.to_vec()).map_err(|_| DecodeError("peer URL is not UTF-8"))?;
+        let peer_url = String::from_utf8(bytes[r.at..].to_vec())
+            .map_err(|_| DecodeError("peer URL is not UTF-8"))?;
         Ok(MemberContext { id, peer_url })
     }
 }
@@ -126,17 +207,25 @@ fn put_id(buf: &mut Vec<u8>, id: ProposalId) {
     buf.extend_from_slice(&id.seq.to_le_bytes());
 }
 
-/// A cursor over the bytes being decoded.
-struct Reader<'a>(&'a [u8]);
+fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    buf.extend_from_slice(bytes);
+}
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.0.len() < n {
+/// A cursor over the bytes being decoded.
+struct Reader<'a, B: AsRef<[u8]> + ?Sized> {
+    all: &'a B,
+    at: usize,
+}
+
+impl<B: AsRef<[u8]> + ?Sized> Reader<'_, B> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let rest = &self.all.as_ref()[self.at..];
+        if rest.len() < n {
             return Err(DecodeError("truncated"));
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        self.at += n;
+        Ok(&rest[..n])
     }
 
     fn u8(&mut self) -> Result<u8, DecodeError> {
@@ -149,6 +238,16 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    /// A count of items, each at least one byte long (so a forged count cannot make the
+    /// decoder loop far past the end of the bytes).
+    fn count(&mut self) -> Result<u32, DecodeError> {
+        let n = self.u32()?;
+        if n as usize > self.all.as_ref().len() - self.at {
+            return Err(DecodeError("count larger than the payload"));
+        }
+        Ok(n)
     }
 
     fn version(&mut self) -> Result<(), DecodeError> {
@@ -166,6 +265,16 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Reader<'_, Bytes> {
+    /// A length-prefixed field, as a slice sharing the payload's buffer.
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        let len = self.u32()? as usize;
+        let start = self.at;
+        self.take(len)?;
+        Ok(self.all.slice(start..start + len))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,11 +286,38 @@ mod tests {
                 incarnation: 7,
                 seq: 42,
             },
-            command: Command::Put {
-                key: Bytes::from_static(b"my-key"),
-                value: Bytes::from_static(b"hello"),
-            },
+            command: Command::put(Bytes::from_static(b"my-key"), Bytes::from_static(b"hello")),
         };
+        assert_eq!(Proposal::decode(&p.encode().into()), Ok(p));
+    }
+
+    fn checked_txn() -> Proposal {
+        Proposal {
+            id: ProposalId {
+                incarnation: 1,
+                seq: 2,
+            },
+            command: Command {
+                checks: vec![RevisionCheck {
+                    key: Bytes::from_static(b"a"),
+                    revision: 0,
+                }],
+                writes: vec![
+                    Write::Put {
+                        key: Bytes::from_static(b"a"),
+                        value: Bytes::from_static(b"1"),
+                    },
+                    Write::Delete {
+                        key: Bytes::from_static(b"b"),
+                    },
+                ],
+            },
+        }
+    }
+
+    #[test]
+    fn checked_multi_write_round_trips() {
+        let p = checked_txn();
         assert_eq!(Proposal::decode(&p.encode().into()), Ok(p));
     }
 
@@ -198,14 +334,16 @@ mod tests {
     fn truncated_and_foreign_bytes_are_errors() {
         let p = Proposal {
             id: ProposalId::NONE,
-            command: Command::Put {
-                key: Bytes::from_static(b"abc"),
-                value: Bytes::new(),
-            },
+            command: Command::put(Bytes::from_static(b"abc"), Bytes::new()),
         }
         .encode();
         for cut in 0..p.len() {
             let cut = Bytes::copy_from_slice(&p[..cut]);
+            assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
+        }
+        let txn = checked_txn().encode();
+        for cut in 0..txn.len() {
+            let cut = Bytes::copy_from_slice(&txn[..cut]);
             assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
         }
         assert!(Proposal::decode(&Bytes::from_static(&[9, 0, 0])).is_err());

@@ -1,4 +1,5 @@
-//! The replicated state machine: an in-memory map from keys to values.
+//! The replicated state machine: an in-memory map from keys to values, each value with
+//! its revision (the raft index of the entry that last wrote it, etcd's mod_revision).
 //!
 //! Only the node's apply step (or a snapshot install) writes to it, in log order, so every
 //! member that has applied the same prefix of the log holds the same map. Readers take the
@@ -16,13 +17,29 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use crate::command::Command;
+use crate::command::{Command, Write};
 
 /// The map, shared between the node (the only writer) and the HTTP API (readers).
 pub type SharedKv = Arc<RwLock<KvStore>>;
 
+/// A value and the revision that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Bytes,
+    pub revision: u64,
+}
+
 /// One shard; keys and values are reference-counted.
-pub type KvMap = BTreeMap<Bytes, Bytes>;
+pub type KvMap = BTreeMap<Bytes, Versioned>;
+
+/// What applying a command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Every write happened; `deleted` counts the keys that a delete found.
+    Written { deleted: u64 },
+    /// A revision check failed, so nothing was written: `key` is at `revision` (0: absent).
+    CheckFailed { key: Bytes, revision: u64 },
+}
 
 /// Enough shards that copying one is a small pause even with millions of keys.
 const SHARDS: usize = 64;
@@ -39,12 +56,32 @@ impl FrozenKv {
     }
 
     /// Every pair, shard by shard (not in key order).
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Versioned)> {
         self.shards.iter().flat_map(|s| s.iter())
     }
 
+    /// Up to `limit` pairs whose key starts with `prefix`, in key order, and whether more
+    /// follow. Each shard is sorted, so this merges the first `limit + 1` matches of each.
+    pub fn list(&self, prefix: &[u8], limit: usize) -> (Vec<(Bytes, Versioned)>, bool) {
+        let mut found: Vec<(Bytes, Versioned)> = Vec::new();
+        for shard in &self.shards {
+            let matches = shard
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(key, _)| key.starts_with(prefix))
+                .take(limit.saturating_add(1));
+            found.extend(matches.map(|(k, v)| (k.clone(), v.clone())));
+        }
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > limit;
+        found.truncate(limit);
+        (found, more)
+    }
+
     /// Builds a view from pairs read back from a snapshot file.
-    pub fn from_pairs(pairs: impl IntoIterator<Item = (Bytes, Bytes)>) -> FrozenKv {
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (Bytes, Versioned)>) -> FrozenKv {
         let mut shards = vec![KvMap::new(); SHARDS];
         for (key, value) in pairs {
             shards[shard_of(&key)].insert(key, value);
@@ -73,7 +110,7 @@ pub struct KvStore {
 }
 
 impl KvStore {
-    pub fn get(&self, key: &[u8]) -> Option<Bytes> {
+    pub fn get(&self, key: &[u8]) -> Option<Versioned> {
         self.map.shards[shard_of(key)].get(key).cloned()
     }
 
@@ -87,46 +124,127 @@ impl KvStore {
         self.map = map;
     }
 
-    /// Applies one committed command.
-    pub fn apply(&mut self, command: Command) {
-        match command {
-            Command::Put { key, value } => {
-                // Own right-sized copies: slices would pin the whole buffer the entry was
-                // read into (raft-engine reads whole, possibly compressed, blocks).
-                let key = Bytes::copy_from_slice(&key);
-                let value = Bytes::copy_from_slice(&value);
-                let shard = &mut self.map.shards[shard_of(&key)];
-                Arc::make_mut(shard).insert(key, value);
+    fn revision_of(&self, key: &[u8]) -> u64 {
+        self.map.shards[shard_of(key)]
+            .get(key)
+            .map_or(0, |v| v.revision)
+    }
+
+    /// Applies one committed command as of `revision` (its entry's index): all of its
+    /// writes if every check holds, else none.
+    pub fn apply(&mut self, command: Command, revision: u64) -> Applied {
+        for check in &command.checks {
+            let current = self.revision_of(&check.key);
+            if current != check.revision {
+                return Applied::CheckFailed {
+                    key: check.key.clone(),
+                    revision: current,
+                };
             }
         }
+        let mut deleted = 0;
+        for write in command.writes {
+            match write {
+                Write::Put { key, value } => {
+                    // Own right-sized copies: slices would pin the whole buffer the entry
+                    // was read into (raft-engine reads whole, possibly compressed, blocks).
+                    let key = Bytes::copy_from_slice(&key);
+                    let value = Bytes::copy_from_slice(&value);
+                    let shard = &mut self.map.shards[shard_of(&key)];
+                    Arc::make_mut(shard).insert(key, Versioned { value, revision });
+                }
+                Write::Delete { key } => {
+                    let shard = &mut self.map.shards[shard_of(&key)];
+                    if shard.contains_key(&key) && Arc::make_mut(shard).remove(&key).is_some() {
+                        deleted += 1;
+                    }
+                }
+            }
+        }
+        Applied::Written { deleted }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::RevisionCheck;
 
-    fn put(kv: &mut KvStore, k: &str, v: &str) {
-        kv.apply(Command::Put {
-            key: Bytes::copy_from_slice(k.as_bytes()),
-            value: Bytes::copy_from_slice(v.as_bytes()),
-        });
+    fn b(text: &str) -> Bytes {
+        Bytes::copy_from_slice(text.as_bytes())
+    }
+
+    fn put(kv: &mut KvStore, k: &str, v: &str, revision: u64) -> Applied {
+        kv.apply(Command::put(b(k), b(v)), revision)
     }
 
     #[test]
     fn a_frozen_view_does_not_see_later_writes() {
         let mut kv = KvStore::default();
         for i in 0..1000 {
-            put(&mut kv, &format!("k{i}"), "old");
+            put(&mut kv, &format!("k{i}"), "old", 1);
         }
         let frozen = kv.freeze();
         for i in 0..1000 {
-            put(&mut kv, &format!("k{i}"), "new");
+            put(&mut kv, &format!("k{i}"), "new", 2);
         }
-        put(&mut kv, "extra", "x");
+        put(&mut kv, "extra", "x", 3);
         assert_eq!(frozen.len(), 1000);
-        assert!(frozen.iter().all(|(_, v)| v == "old"));
-        assert_eq!(kv.get(b"k7").unwrap(), "new");
+        assert!(frozen.iter().all(|(_, v)| v.value == "old"));
+        assert_eq!(kv.get(b"k7").unwrap().value, "new");
         assert_eq!(kv.freeze().len(), 1001);
+    }
+
+    #[test]
+    fn writes_record_their_revision_and_checks_guard_them() {
+        let mut kv = KvStore::default();
+        let create = |value: &str| Command {
+            checks: vec![RevisionCheck {
+                key: b("k"),
+                revision: 0,
+            }],
+            writes: vec![Write::Put {
+                key: b("k"),
+                value: b(value),
+            }],
+        };
+        assert_eq!(kv.apply(create("a"), 5), Applied::Written { deleted: 0 });
+        assert_eq!(kv.get(b"k").unwrap().revision, 5);
+        assert_eq!(
+            kv.apply(create("b"), 6),
+            Applied::CheckFailed {
+                key: b("k"),
+                revision: 5
+            }
+        );
+        assert_eq!(kv.get(b"k").unwrap().value, "a");
+        let delete = Command {
+            checks: vec![],
+            writes: vec![Write::Delete { key: b("k") }, Write::Delete { key: b("x") }],
+        };
+        assert_eq!(kv.apply(delete, 7), Applied::Written { deleted: 1 });
+        assert!(kv.get(b"k").is_none());
+    }
+
+    #[test]
+    fn listing_is_in_key_order_across_shards() {
+        let mut kv = KvStore::default();
+        for i in (0..500).rev() {
+            put(&mut kv, &format!("p/{i:04}"), "v", i + 1);
+            put(&mut kv, &format!("q/{i:04}"), "v", i + 1);
+        }
+        let frozen = kv.freeze();
+        let (page, more) = frozen.list(b"p/", 100);
+        let keys: Vec<String> = page
+            .iter()
+            .map(|(k, _)| String::from_utf8(k.to_vec()).unwrap())
+            .collect();
+        let expected: Vec<String> = (0..100).map(|i| format!("p/{i:04}")).collect();
+        assert_eq!(keys, expected);
+        assert!(more);
+        let (all, more) = frozen.list(b"p/", 1000);
+        assert_eq!((all.len(), more), (500, false));
+        assert_eq!(frozen.list(b"", 2000).0.len(), 1000);
+        assert!(frozen.list(b"z", 10).0.is_empty());
     }
 }

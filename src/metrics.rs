@@ -62,6 +62,7 @@ pub struct Metrics {
     request_latency: Mutex<BTreeMap<&'static str, Arc<Histogram>>>,
     pub requests_in_flight: AtomicI64,
     pub proposals: AtomicU64,
+    pub committed_entries: AtomicU64,
     pub applied_entries: AtomicU64,
     pub leader_changes: AtomicU64,
     pub peer_send_errors: AtomicU64,
@@ -126,6 +127,11 @@ impl Metrics {
                 "raftkvd_proposals_total",
                 "Entries proposed by this node.",
                 &self.proposals,
+            ),
+            (
+                "raftkvd_committed_entries_total",
+                "Entries this node learned are committed (its commit index advanced by them).",
+                &self.committed_entries,
             ),
             (
                 "raftkvd_applied_entries_total",

@@ -5,12 +5,13 @@
 //! snapshot, `snap-<index as 16 hex digits>.snap`, in the data dir's `snap/` folder:
 //!
 //! ```text
-//! "RKVSNAP1" | index u64 | term u64 | conf state (u32 len + protobuf)
+//! "RKVSNAP2" | index u64 | term u64 | conf state (u32 len + protobuf)
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
-//! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes)
+//! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
-//! (integers little-endian). A file is written to a temporary name, fsynced, renamed and
+//! (integers little-endian). Files of the first format, "RKVSNAP1", had no revisions;
+//! they are still read, and give every key the snapshot's index as its revision. A file is written to a temporary name, fsynced, renamed and
 //! the directory fsynced, so a crash leaves either the whole snapshot or none; the checksum
 //! catches corruption after that. The same file is what a leader streams to a follower.
 //! This module never returns data that failed its checksum.
@@ -24,10 +25,14 @@ use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
 use crate::durable;
-use crate::kv::FrozenKv;
+use crate::kv::{FrozenKv, Versioned};
 use crate::membership::Membership;
 
-const MAGIC: &[u8; 8] = b"RKVSNAP1";
+const MAGIC: &[u8; 8] = b"RKVSNAP2";
+/// The first format, without revisions.
+const MAGIC_V1: &[u8; 8] = b"RKVSNAP1";
+/// What every format's magic starts with.
+const MAGIC_FAMILY: &[u8; 7] = b"RKVSNAP";
 /// Snapshot files kept; older ones are deleted once a newer one is durable.
 const KEEP: usize = 3;
 
@@ -129,9 +134,10 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         w.write_all(&id.to_le_bytes())?;
     }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
-    for (key, value) in data.kv.iter() {
+    for (key, versioned) in data.kv.iter() {
         put_bytes(&mut w, key)?;
-        put_bytes(&mut w, value)?;
+        put_bytes(&mut w, &versioned.value)?;
+        w.write_all(&versioned.revision.to_le_bytes())?;
     }
     let crc = w.crc.finalize();
     let mut file = w.inner.into_inner().map_err(|e| e.into_error())?;
@@ -208,7 +214,7 @@ pub fn verify(path: &Path) -> Result<(), String> {
         if n == 0 {
             break;
         }
-        if first && !buf[..n].starts_with(MAGIC) {
+        if first && !buf[..n].starts_with(MAGIC_FAMILY) {
             return Err("not a raftkvd snapshot file".into());
         }
         first = false;
@@ -232,9 +238,11 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     };
     let mut magic = [0; 8];
     r.exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err("not a raftkvd snapshot file".into());
-    }
+    let has_revisions = match &magic {
+        MAGIC => true,
+        MAGIC_V1 => false,
+        _ => return Err("not a raftkvd snapshot file".into()),
+    };
     let mut data = SnapshotData::default();
     data.meta.index = r.u64()?;
     data.meta.term = r.u64()?;
@@ -254,8 +262,13 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     let mut pairs = Vec::with_capacity(count.min(size / 8) as usize);
     for _ in 0..count {
         let key = r.bytes(size)?;
-        let value = r.bytes(size)?;
-        pairs.push((key.into(), value.into()));
+        let value = r.bytes(size)?.into();
+        let revision = if has_revisions {
+            r.u64()?
+        } else {
+            data.meta.index
+        };
+        pairs.push((key.into(), Versioned { value, revision }));
     }
     data.kv = FrozenKv::from_pairs(pairs);
     let computed = r.crc.clone().finalize();
@@ -338,9 +351,16 @@ mod tests {
             .peer_urls
             .insert(1, "http://127.0.0.1:1".into());
         data.membership.removed.insert(3);
-        data.kv = FrozenKv::from_pairs(
-            (0..100u32).map(|i| (format!("k{i}").into(), vec![i as u8; 10].into())),
-        );
+        data.kv = FrozenKv::from_pairs((0..100u32).map(|i| {
+            let value = vec![i as u8; 10].into();
+            (
+                format!("k{i}").into(),
+                Versioned {
+                    value,
+                    revision: i as u64 + 1,
+                },
+            )
+        }));
         data
     }
 
@@ -363,7 +383,7 @@ mod tests {
         assert_eq!(back.meta, want.meta);
         let pairs = |kv: &FrozenKv| {
             let mut v: Vec<_> = kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            v.sort();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
         assert_eq!(pairs(&back.kv), pairs(&want.kv));

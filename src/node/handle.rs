@@ -5,6 +5,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use raft::eraftpb::Message;
 use tokio::sync::oneshot;
 
@@ -12,10 +13,14 @@ use super::snapshots::WrittenSnapshot;
 use crate::command::Command;
 use crate::read_index::ReadReply;
 
-/// Why a proposal was not applied. Every variant but `Conflict` means the outcome is
-/// unknown or the cluster cannot take writes now: the client must not assume success.
+/// Why a proposal was not applied. Every variant but `Conflict` and `CheckFailed` means
+/// the outcome is unknown or the cluster cannot take writes now: the client must not
+/// assume success.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeError {
+    /// The command was committed, but a revision check failed, so it wrote nothing: `key`
+    /// is at `revision` (0: absent).
+    CheckFailed { key: Bytes, revision: u64 },
     /// No leader is known (an election is under way, or this node is cut off).
     NoLeader,
     /// The request contradicts the current membership; nothing was proposed.
@@ -35,7 +40,16 @@ pub enum MemberChange {
     Remove { id: u64 },
 }
 
-pub(super) type Reply = oneshot::Sender<Result<u64, ProposeError>>;
+/// What a proposal did once its entry was applied on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The entry's raft index: the revision of every key it wrote.
+    pub revision: u64,
+    /// Keys its deletes found and removed.
+    pub deleted: u64,
+}
+
+pub(super) type Reply = oneshot::Sender<Result<Written, ProposeError>>;
 
 /// What this node knows about itself and the cluster (`GET /status`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -86,8 +100,12 @@ impl NodeHandle {
         (NodeHandle { tx }, rx)
     }
 
-    /// Proposes `command` and waits until it is applied on this node; returns its index.
-    pub async fn propose(&self, command: Command, timeout: Duration) -> Result<u64, ProposeError> {
+    /// Proposes `command` and waits until it is applied on this node.
+    pub async fn propose(
+        &self,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<Written, ProposeError> {
         self.ask(|reply| NodeMsg::Propose(command, reply), timeout)
             .await
     }
@@ -97,7 +115,7 @@ impl NodeHandle {
         &self,
         change: MemberChange,
         timeout: Duration,
-    ) -> Result<u64, ProposeError> {
+    ) -> Result<Written, ProposeError> {
         self.ask(|reply| NodeMsg::ChangeMembers(change, reply), timeout)
             .await
     }

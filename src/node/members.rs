@@ -10,7 +10,7 @@ use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType};
 use raft::{StateRole, INVALID_ID};
 use slog::{error, info, warn};
 
-use super::{MemberChange, Node, ProposeError, Reply};
+use super::{MemberChange, Node, ProposeError, Reply, Written};
 use crate::command::MemberContext;
 
 impl Node {
@@ -163,7 +163,10 @@ impl Node {
             "change" => ?cc.get_change_type(), "node" => node, "index" => entry.index,
             "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
         if let Some(reply) = self.waiters.remove(&context.id) {
-            let _ = reply.send(Ok(entry.index));
+            let _ = reply.send(Ok(Written {
+                revision: entry.index,
+                deleted: 0,
+            }));
         }
         Ok(())
     }

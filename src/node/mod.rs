@@ -31,7 +31,7 @@ use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use slog::{error, info, warn, Logger};
 
 use crate::command::{Command, Proposal, ProposalId};
-use crate::kv::SharedKv;
+use crate::kv::{Applied, SharedKv};
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
 use crate::read_index::ReadQueue;
@@ -46,7 +46,9 @@ mod snapshots;
 
 pub use bootstrap::bootstrap;
 use handle::Reply;
-pub use handle::{Member, MemberChange, NodeExit, NodeHandle, NodeMsg, NodeStatus, ProposeError};
+pub use handle::{
+    Member, MemberChange, NodeExit, NodeHandle, NodeMsg, NodeStatus, ProposeError, Written,
+};
 
 /// The raft group this process serves. Multi-raft will route by it; today there is one.
 pub const GROUP_ID: u64 = 1;
@@ -91,6 +93,8 @@ pub struct Node {
     reads: ReadQueue,
     /// Index of the last entry applied to the map.
     applied: u64,
+    /// The commit index last counted in the metrics.
+    committed: u64,
     ticks: u64,
     incarnation: u64,
     next_seq: u64,
@@ -146,6 +150,7 @@ impl Node {
         let raw = RawNode::new(&raft_config, store, &logger)
             .map_err(|e| format!("could not start raft: {e}"))?;
         Ok(Node {
+            committed: raw.raft.raft_log.committed,
             raw,
             kv,
             membership,
@@ -400,6 +405,14 @@ impl Node {
         }
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        let committed = self.raw.raft.raft_log.committed;
+        if committed > self.committed {
+            self.metrics.committed_entries.fetch_add(
+                committed - self.committed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.committed = committed;
+        }
         self.maybe_snapshot();
         Ok(())
     }
@@ -448,9 +461,21 @@ impl Node {
                 return;
             }
         };
-        self.kv.write().unwrap().apply(proposal.command);
+        let applied = self
+            .kv
+            .write()
+            .unwrap()
+            .apply(proposal.command, entry.index);
         if let Some(reply) = self.waiters.remove(&proposal.id) {
-            let _ = reply.send(Ok(entry.index));
+            let _ = reply.send(match applied {
+                Applied::Written { deleted } => Ok(Written {
+                    revision: entry.index,
+                    deleted,
+                }),
+                Applied::CheckFailed { key, revision } => {
+                    Err(ProposeError::CheckFailed { key, revision })
+                }
+            });
         }
     }
 }
