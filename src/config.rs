@@ -18,8 +18,19 @@ pub struct Config {
 
     /// Comma-separated peer URLs of the cluster (http://host:port), one per node id in
     /// order. This node's raft transport listens on the host:port of its own entry.
-    #[arg(long, env = "RAFTKVD_CLUSTER", value_delimiter = ',', required = true)]
+    /// Optional with --join-via.
+    #[arg(
+        long,
+        env = "RAFTKVD_CLUSTER",
+        value_delimiter = ',',
+        required_unless_present = "join_via"
+    )]
     pub cluster: Vec<String>,
+
+    /// This node's own peer URL (http://host:port), where its raft transport listens.
+    /// Default: the --id'th entry of --cluster. Needed with --join-via without --cluster.
+    #[arg(long, env = "RAFTKVD_PEER_URL")]
+    pub peer_url: Option<String>,
 
     /// Port of the client HTTP API (GET/PUT /<key>, POST/DELETE /<node-id>).
     #[arg(long, env = "RAFTKVD_PORT")]
@@ -33,6 +44,12 @@ pub struct Config {
     /// new one from --cluster.
     #[arg(long, env = "RAFTKVD_JOIN")]
     pub join: bool,
+
+    /// Join an existing cluster in one step: on first start (empty data dir), ask the
+    /// member whose client API is at this URL (http://host:port) to add this node with
+    /// its --peer-url, then start as with --join.
+    #[arg(long, env = "RAFTKVD_JOIN_VIA")]
+    pub join_via: Option<String>,
 
     /// Where the raft log is kept. Default: raftkvd-<id> in the working directory.
     #[arg(long, env = "RAFTKVD_DATA_DIR")]
@@ -107,12 +124,33 @@ impl Config {
             .iter()
             .map(|u| parse_peer_url(u))
             .collect::<Result<_, _>>()?;
-        if self.id == 0 || self.id as usize > self.cluster.len() {
-            return Err(format!(
-                "--id {} must be between 1 and the number of --cluster URLs ({})",
-                self.id,
-                self.cluster.len()
-            ));
+        if self.id == 0 {
+            return Err("--id must be a positive integer".into());
+        }
+        let listed = self.cluster.get(self.id as usize - 1).cloned();
+        self.peer_url = match (self.peer_url.as_deref().map(parse_peer_url), listed) {
+            (Some(Err(e)), _) => return Err(format!("--peer-url: {e}")),
+            (Some(Ok(own)), Some(listed)) if own != listed => {
+                return Err(format!(
+                    "--peer-url {own} differs from this node's entry in --cluster ({listed})"
+                ))
+            }
+            (Some(Ok(own)), _) => Some(own),
+            (None, Some(listed)) => Some(listed),
+            (None, None) if self.join_via.is_some() => {
+                return Err("--join-via needs this node's --peer-url (or --cluster)".into())
+            }
+            (None, None) => {
+                return Err(format!(
+                    "--id {} must be between 1 and the number of --cluster URLs ({})",
+                    self.id,
+                    self.cluster.len()
+                ))
+            }
+        };
+        if let Some(via) = &self.join_via {
+            self.join_via = Some(parse_peer_url(via).map_err(|e| format!("--join-via: {e}"))?);
+            self.join = true;
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
             return Err("--election-ticks must be greater than --heartbeat-ticks (> 0)".into());
@@ -134,7 +172,7 @@ impl Config {
 
     /// This node's own peer URL.
     pub fn own_peer_url(&self) -> &str {
-        &self.cluster[self.id as usize - 1]
+        self.peer_url.as_deref().expect("set by validate")
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -13,6 +13,7 @@ mod config;
 mod durable;
 mod faults;
 mod http_server;
+mod join;
 mod kv;
 mod membership;
 mod metrics;
@@ -101,11 +102,27 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         }
         info!(logger, "loaded snapshot"; "index" => data.meta.index, "keys" => data.kv.len());
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    // Until the log is replayed, the command line (or the join answer) is the best guess
+    // at where the peers are.
+    let mut known_peers: Vec<(u64, String)> = (1..).zip(config.cluster.iter().cloned()).collect();
     if !store.is_empty() {
         info!(logger, "restarting from the data dir";
             "data_dir" => %data_dir.display(), "term" => store.hard_state().term,
             "commit" => store.hard_state().commit);
     } else if config.join {
+        if let Some(via) = &config.join_via {
+            let members = runtime.block_on(join::ask_to_join(
+                via,
+                config.id,
+                config.own_peer_url(),
+                logger,
+            ))?;
+            known_peers = members.into_iter().map(|m| (m.id, m.peer_url)).collect();
+        }
         info!(
             logger,
             "joining an existing cluster; waiting for the leader to send the log"
@@ -119,11 +136,14 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         cluster_id.adopt(cluster_id::ClusterId::of_initial_cluster(&config.cluster))?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let exit = runtime.block_on(serve(config, store, recovered, cluster_id, logger.clone()))?;
+    let exit = runtime.block_on(serve(
+        config,
+        store,
+        recovered,
+        known_peers,
+        cluster_id,
+        logger.clone(),
+    ))?;
     match exit {
         NodeExit::Stopped => {
             info!(logger, "stopped");
@@ -161,6 +181,7 @@ async fn serve(
     config: Config,
     store: LogStore,
     recovered: Option<snapshot::SnapshotData>,
+    known_peers: Vec<(u64, String)>,
     cluster_id: Arc<cluster_id::ClusterId>,
     logger: Logger,
 ) -> Result<NodeExit, String> {
@@ -193,11 +214,9 @@ async fn serve(
         metrics.clone(),
         logger.new(o!("component" => "transport")),
     ));
-    // Until the log is replayed, the command line is the best guess at where peers are.
-    for (i, url) in config.cluster.iter().enumerate() {
-        let id = i as u64 + 1;
-        if id != config.id {
-            transport.set_peer(id, url);
+    for (id, url) in &known_peers {
+        if *id != config.id {
+            transport.set_peer(*id, url);
         }
     }
     if let Some(data) = recovered {
@@ -256,6 +275,7 @@ async fn serve(
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
         partition: config.enable_fault_injection.then_some(partition),
+        data_dir: config.data_dir(),
         metrics,
         logger: logger.new(o!("component" => "api")),
     });

@@ -1,22 +1,22 @@
-//! The client-facing HTTP API, raftexample's routes:
+//! The client-facing HTTP API: one router over three families of routes.
 //!
-//! | request                  | does                                        |
-//! |--------------------------|---------------------------------------------|
-//! | `GET /<key>`             | 200 with the value, 404 if absent; linearizable (ReadIndex) unless `?consistency=serializable` |
-//! | `PUT /<key>` body=value  | 204 once committed and applied on this node  |
-//! | `POST /<id>` body=URL    | adds node `<id>` with that peer URL; 204     |
-//! | `DELETE /<id>`           | removes node `<id>`; 204                      |
-//! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
-//! | `GET /status`            | JSON: id, term, role, leader, commit, applied, members |
-//! | `GET /health`            | 200 while the process serves                 |
-//! | `GET /metrics`           | Prometheus text format                        |
-//! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
+//! | routes                                   | file              |
+//! |------------------------------------------|-------------------|
+//! | raftexample's: `GET`/`PUT /<key>`, `POST`/`DELETE /<node-id>` | `raftexample.rs` |
+//! | `/v1/kv...`: keys with revisions, listing, multi-key set, compare-and-swap | `kv_v1.rs` |
+//! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
+//! | `/status`, `/health`, `/readyz`, `/metrics`, `/debug/partition` | `admin.rs` |
 //!
-//! This module parses and validates requests, hands them to the node, and maps every
-//! outcome to one status with a plain-text message; each error is logged here, once. It
-//! never answers 204 for a write whose outcome it does not know.
+//! `GET /v1/openapi.json` serves the OpenAPI document of the `/v1` routes (`openapi.json`
+//! beside this file; `tests/openapi.rs` keeps it true).
+//!
+//! This module finds the handler, counts the request in the metrics, and turns every
+//! failure into one status with a message: plain text on raftexample's routes, a JSON
+//! `{"error": ...}` on `/v1`. Each error is logged here, once. No handler ever answers
+//! success for a write whose outcome it does not know.
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,20 +27,19 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use slog::{warn, Logger};
 
-use crate::command::Command;
 use crate::faults::Partition;
 use crate::http_server::text_response;
 use crate::kv::SharedKv;
-use crate::membership::{parse_node_id, parse_peer_url};
 use crate::metrics::Metrics;
-use crate::node::{MemberChange, NodeHandle, ProposeError};
+use crate::node::{NodeHandle, ProposeError};
 
-/// The methods the key and node routes accept.
-const ALLOWED: &str = "GET, PUT, POST, DELETE";
-/// Largest body of a POST /<id> (a peer URL).
-const MAX_URL_BYTES: usize = 4096;
-/// The fault-injection route (without its leading slash).
-const PARTITION_ROUTE: &str = "debug/partition";
+mod admin;
+mod kv_v1;
+mod members_v1;
+mod raftexample;
+
+/// The OpenAPI document of the `/v1` routes.
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What every request handler needs.
 pub struct Api {
@@ -50,16 +49,46 @@ pub struct Api {
     pub request_timeout: Duration,
     /// Present only with `--enable-fault-injection`.
     pub partition: Option<Arc<Partition>>,
+    /// Measured for `GET /status`.
+    pub data_dir: PathBuf,
     pub metrics: Arc<Metrics>,
     pub logger: Logger,
 }
 
-/// A request that failed: the status and the message the client sees.
-struct Failure(StatusCode, String);
+type Reply = Result<Response<Full<Bytes>>, Failure>;
+
+/// A request that failed: the status and the message the client sees, and for a failed
+/// revision check the key's current revision.
+struct Failure {
+    status: StatusCode,
+    message: String,
+    revision: Option<u64>,
+    /// For 405: the methods the route does accept.
+    allow: Option<&'static str>,
+}
 
 impl Failure {
     fn new(status: StatusCode, message: impl Into<String>) -> Failure {
-        Failure(status, message.into())
+        Failure {
+            status,
+            message: message.into(),
+            revision: None,
+            allow: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn method_not_allowed(method: &Method, allow: &'static str) -> Failure {
+        Failure {
+            allow: Some(allow),
+            ..Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} is not allowed here; use {allow}"),
+            )
+        }
     }
 }
 
@@ -67,6 +96,17 @@ impl From<ProposeError> for Failure {
     fn from(e: ProposeError) -> Failure {
         match e {
             ProposeError::Conflict(why) => Failure::new(StatusCode::CONFLICT, why),
+            ProposeError::CheckFailed { key, revision } => Failure {
+                revision: Some(revision),
+                ..Failure::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    format!(
+                        "revision check failed: key {:?} is at revision {revision}{}; nothing was written",
+                        String::from_utf8_lossy(&key),
+                        if revision == 0 { " (absent)" } else { "" }
+                    ),
+                )
+            },
             ProposeError::NoLeader => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no leader: the cluster is electing one or this node is cut off; retry",
@@ -89,184 +129,146 @@ impl From<ProposeError> for Failure {
 impl Api {
     /// Answers one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
-        self.metrics
-            .requests_in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.requests_in_flight.fetch_add(1, Relaxed);
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let target = path.strip_prefix('/').unwrap_or(&path).to_string();
-        let route = route_of(&method, &target);
-        let response = self.route(req, &method, &path, &target).await;
-        self.metrics
-            .requests_in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let route = route_of(&method, &path);
+        let response = match self.route(req, &method, &path).await {
+            Ok(response) => response,
+            Err(failure) => self.failure_response(&method, &path, failure),
+        };
+        self.metrics.requests_in_flight.fetch_sub(1, Relaxed);
         self.metrics
             .request_done(route, response.status().as_u16(), started.elapsed());
         response
     }
 
-    async fn route(
-        &self,
-        req: Request<Incoming>,
-        method: &Method,
-        path: &str,
-        target: &str,
-    ) -> Response<Full<Bytes>> {
-        let result = match method.clone() {
-            Method::GET if target == "status" => self.status().await,
-            Method::GET if target == "health" => Ok(text_response(StatusCode::OK, "ok\n")),
-            Method::GET if target == "readyz" => self.ready().await,
-            Method::GET if target == "metrics" => {
-                Ok(text_response(StatusCode::OK, &self.metrics.render()))
-            }
-            Method::GET => self.get(target, req.uri().query()).await,
-            Method::PUT => self.put(target, req).await,
-            Method::POST if target == PARTITION_ROUTE && self.partition.is_some() => {
+    async fn route(&self, req: Request<Incoming>, method: &Method, path: &str) -> Reply {
+        let target = path.strip_prefix('/').unwrap_or(path);
+        if target == "v1" || target.starts_with("v1/") {
+            return self.route_v1(req, method, &target[2..]).await;
+        }
+        match (method, target) {
+            (&Method::GET, "status") => self.status().await,
+            (&Method::GET, "health") => Ok(text_response(StatusCode::OK, "ok\n")),
+            (&Method::GET, "readyz") => self.ready().await,
+            (&Method::GET, "metrics") => Ok(text_response(StatusCode::OK, &self.metrics.render())),
+            (&Method::POST, admin::PARTITION_ROUTE) if self.partition.is_some() => {
                 self.set_partition(req).await
             }
-            Method::POST => self.add_member(target, req).await,
-            Method::DELETE => self.remove_member(target).await,
-            _ => Err(Failure::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method {method} is not allowed; use {ALLOWED}"),
+            (&Method::GET, key) => self.get_key(key, req.uri().query()).await,
+            (&Method::PUT, key) => self.put_key(key, req).await,
+            (&Method::POST, id) => self.add_member(id, req).await,
+            (&Method::DELETE, id) => self.remove_member(id).await,
+            _ => Err(Failure::method_not_allowed(
+                method,
+                raftexample::ALLOWED_METHODS,
             )),
-        };
-        match result {
-            Ok(response) => response,
-            Err(Failure(status, message)) => {
-                // A missing key is an ordinary answer, not an error worth a log line.
-                if status != StatusCode::NOT_FOUND {
-                    warn!(self.logger, "request failed";
-                        "method" => %method, "path" => path,
-                        "status" => status.as_u16(), "reason" => &message);
-                }
-                let mut response = text_response(status, &format!("{message}\n"));
-                if status == StatusCode::METHOD_NOT_ALLOWED {
-                    response
-                        .headers_mut()
-                        .insert(ALLOW, ALLOWED.parse().unwrap());
-                }
-                response
+        }
+    }
+
+    /// `rest` is the path after `/v1`.
+    async fn route_v1(&self, req: Request<Incoming>, method: &Method, rest: &str) -> Reply {
+        let query = req.uri().query().map(str::to_string);
+        let query = query.as_deref();
+        if rest == "/kv" {
+            return match *method {
+                Method::GET => self.list_keys(query).await,
+                Method::POST => self.set_many(req).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
+            };
+        }
+        if let Some(key) = rest.strip_prefix("/kv/") {
+            let key = decode_path_segment(key)?;
+            return match *method {
+                Method::GET => self.get_versioned(key, query, req.headers()).await,
+                Method::PUT => self.put_versioned(key, query, req).await,
+                Method::DELETE => self.delete_versioned(key, query).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, PUT, DELETE")),
+            };
+        }
+        if rest == "/members" {
+            return match *method {
+                Method::GET => self.list_members().await,
+                Method::POST => self.add_member_v1(req).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
+            };
+        }
+        if let Some(id) = rest.strip_prefix("/members/") {
+            return match *method {
+                Method::DELETE => self.remove_member_v1(id).await,
+                _ => Err(Failure::method_not_allowed(method, "DELETE")),
+            };
+        }
+        if rest == "/openapi.json" {
+            return match *method {
+                Method::GET => Ok(json_bytes(StatusCode::OK, OPENAPI.as_bytes().to_vec())),
+                _ => Err(Failure::method_not_allowed(method, "GET")),
+            };
+        }
+        Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            format!("no such route /v1{rest}; see GET /v1/openapi.json"),
+        ))
+    }
+
+    /// The response for a failure, logged once (a missing key is an ordinary answer, not
+    /// an error worth a log line).
+    fn failure_response(
+        &self,
+        method: &Method,
+        path: &str,
+        failure: Failure,
+    ) -> Response<Full<Bytes>> {
+        let Failure {
+            status,
+            message,
+            revision,
+            allow,
+        } = failure;
+        if status != StatusCode::NOT_FOUND {
+            warn!(self.logger, "request failed";
+                "method" => %method, "path" => path,
+                "status" => status.as_u16(), "reason" => &message);
+        }
+        let mut response = if path.starts_with("/v1/") || path == "/v1" {
+            let mut body = serde_json::json!({ "error": message });
+            if let Some(revision) = revision {
+                body["revision"] = revision.into();
             }
+            json_response(status, &body)
+        } else {
+            text_response(status, &format!("{message}\n"))
+        };
+        if let Some(allow) = allow {
+            response.headers_mut().insert(ALLOW, allow.parse().unwrap());
         }
-    }
-
-    async fn get(&self, key: &str, query: Option<&str>) -> Result<Response<Full<Bytes>>, Failure> {
-        let key = check_key(key)?;
-        if read_consistency(query)? == Consistency::Linearizable {
-            self.node
-                .read_index(self.request_timeout)
-                .await
-                .map_err(|e| match e {
-                    ProposeError::Timeout => Failure::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "could not confirm with a quorum that this node is up to date; retry, \
-                         or ask for ?consistency=serializable",
-                    ),
-                    other => other.into(),
-                })?;
-        }
-        match self.kv.read().unwrap().get(key.as_bytes()) {
-            Some(value) => Ok(Response::new(Full::new(value))),
-            None => Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                format!("key {key:?} not found"),
-            )),
-        }
-    }
-
-    async fn status(&self) -> Result<Response<Full<Bytes>>, Failure> {
-        let status = self.node.status().await?;
-        let body = serde_json::to_vec_pretty(&status).expect("status serialises");
-        let mut response = Response::new(Full::new(Bytes::from(body)));
         response
-            .headers_mut()
-            .insert(CONTENT_TYPE, "application/json".parse().unwrap());
-        Ok(response)
     }
 
-    /// Ready to serve: a leader is known and this node has applied all it knows is
-    /// committed.
-    async fn ready(&self) -> Result<Response<Full<Bytes>>, Failure> {
-        let status = self.node.status().await?;
-        let unavailable = |why: String| Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, why));
-        if status.leader == 0 {
-            return unavailable("not ready: no leader known".into());
+    /// Returns once a linearizable read of the local map is allowed (raft ReadIndex), or
+    /// at once for a serializable read.
+    async fn wait_until_readable(&self, consistency: Consistency) -> Result<(), Failure> {
+        if consistency == Consistency::Serializable {
+            return Ok(());
         }
-        if status.applied < status.commit {
-            return unavailable(format!(
-                "not ready: applied {} of {} committed entries",
-                status.applied, status.commit
-            ));
-        }
-        Ok(text_response(StatusCode::OK, "ready\n"))
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Failure> {
-        let key = Bytes::copy_from_slice(check_key(key)?.as_bytes());
-        let value = read_body(req, self.max_value_bytes).await?;
         self.node
-            .propose(Command::Put { key, value }, self.request_timeout)
-            .await?;
-        Ok(no_content())
-    }
-
-    async fn add_member(
-        &self,
-        id: &str,
-        req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Failure> {
-        let id = parse_node_id(id).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
-        let body = read_body(req, MAX_URL_BYTES).await?;
-        let url = std::str::from_utf8(&body)
-            .map_err(|_| Failure::new(StatusCode::BAD_REQUEST, "peer URL is not UTF-8"))
-            .and_then(|u| {
-                parse_peer_url(u).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))
-            })?;
-        self.node
-            .change_members(
-                MemberChange::Add { id, peer_url: url },
-                self.request_timeout,
-            )
-            .await?;
-        Ok(no_content())
-    }
-
-    async fn set_partition(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Failure> {
-        let body = read_body(req, MAX_URL_BYTES).await?;
-        let text = String::from_utf8_lossy(&body);
-        let peers = text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(parse_node_id)
-            .collect::<Result<BTreeSet<u64>, String>>()
-            .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
-        warn!(self.logger, "fault injection: dropping raft messages to and from peers"; "peers" => ?peers);
-        if let Some(partition) = &self.partition {
-            partition.set(peers);
-        }
-        Ok(no_content())
-    }
-
-    async fn remove_member(&self, id: &str) -> Result<Response<Full<Bytes>>, Failure> {
-        let id = parse_node_id(id).map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
-        self.node
-            .change_members(MemberChange::Remove { id }, self.request_timeout)
-            .await?;
-        Ok(no_content())
+            .read_index(self.request_timeout)
+            .await
+            .map_err(|e| match e {
+                ProposeError::Timeout => Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "could not confirm with a quorum that this node is up to date; retry, \
+                     or ask for ?consistency=serializable",
+                ),
+                other => other.into(),
+            })
     }
 }
 
-#[derive(PartialEq, Eq)]
+#[derive(PartialEq, Eq, Clone, Copy)]
 enum Consistency {
     /// Sees every write acknowledged before the read began (raft ReadIndex). The default.
     Linearizable,
@@ -274,46 +276,91 @@ enum Consistency {
     Serializable,
 }
 
-fn read_consistency(query: Option<&str>) -> Result<Consistency, Failure> {
-    let mut consistency = Consistency::Linearizable;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        consistency = match pair {
-            "consistency=linearizable" => Consistency::Linearizable,
-            "consistency=serializable" => Consistency::Serializable,
-            _ => {
-                return Err(Failure::new(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown query parameter {pair:?}: use consistency=linearizable (the default) or consistency=serializable"
-                    ),
-                ))
-            }
-        };
+impl Consistency {
+    fn parse(value: &str) -> Result<Consistency, Failure> {
+        match value {
+            "linearizable" => Ok(Consistency::Linearizable),
+            "serializable" => Ok(Consistency::Serializable),
+            _ => Err(Failure::bad_request(format!(
+                "consistency={value:?}: use linearizable (the default) or serializable"
+            ))),
+        }
     }
-    Ok(consistency)
+}
+
+/// The query string's parameters, percent-decoded. Any name not in `known` is refused, so
+/// that a misspelt condition is never silently ignored.
+fn parse_query(query: Option<&str>, known: &[&str]) -> Result<HashMap<String, String>, Failure> {
+    let mut params = HashMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name)?;
+        if !known.contains(&name.as_str()) {
+            return Err(Failure::bad_request(format!(
+                "unknown query parameter {name:?}; this route takes: {}",
+                known.join(", ")
+            )));
+        }
+        params.insert(name, percent_decode(value)?);
+    }
+    Ok(params)
+}
+
+/// Reads an unsigned integer query parameter.
+fn number_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Failure> {
+    params
+        .get(name)
+        .map(|text| {
+            text.parse::<u64>().map_err(|_| {
+                Failure::bad_request(format!("{name}={text:?} is not a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+fn percent_decode(text: &str) -> Result<String, Failure> {
+    let plus_as_space = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_as_space)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Failure::bad_request(format!("{text:?} is not UTF-8 once percent-decoded")))
+}
+
+/// A key from a `/v1/kv/<key>` path: percent-decoded, UTF-8, not empty.
+fn decode_path_segment(raw: &str) -> Result<Bytes, Failure> {
+    if raw.is_empty() {
+        return Err(Failure::bad_request("missing key: use /v1/kv/<key>"));
+    }
+    let key = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| {
+            Failure::bad_request(format!("key {raw:?} is not UTF-8 once percent-decoded"))
+        })?;
+    Ok(Bytes::from(key.into_owned()))
 }
 
 /// The `route` label of a request in the metrics.
-fn route_of(method: &Method, target: &str) -> &'static str {
+fn route_of(method: &Method, path: &str) -> &'static str {
+    let target = path.strip_prefix('/').unwrap_or(path);
     match (method.as_str(), target) {
         ("GET", "status" | "health" | "readyz" | "metrics") => "admin",
-        ("POST", PARTITION_ROUTE) => "admin",
+        ("POST", admin::PARTITION_ROUTE) => "admin",
+        ("GET", "v1/kv") => "v1_list",
+        ("POST", "v1/kv") => "v1_set_many",
+        (_, t) if t.starts_with("v1/kv/") => match method.as_str() {
+            "GET" => "v1_get",
+            "PUT" => "v1_put",
+            "DELETE" => "v1_delete",
+            _ => "other",
+        },
+        (_, t) if t == "v1/members" || t.starts_with("v1/members/") => "v1_members",
+        (_, t) if t == "v1" || t.starts_with("v1/") => "other",
         ("GET", _) => "get",
         ("PUT", _) => "put",
         ("POST", _) => "add_member",
         ("DELETE", _) => "remove_member",
         _ => "other",
     }
-}
-
-fn check_key(key: &str) -> Result<&str, Failure> {
-    if key.is_empty() {
-        return Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            "missing key: use /<key>",
-        ));
-    }
-    Ok(key)
 }
 
 /// Reads a whole body of at most `limit` bytes; a larger one is refused with 413.
@@ -335,13 +382,60 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Failur
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => Ok(body.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the request body: {e}"),
-        )),
+        Err(e) => Err(Failure::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
     }
+}
+
+/// Parses a JSON body into `T`, with serde's explanation on failure.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    json_bytes(
+        status,
+        serde_json::to_vec(body).expect("JSON values serialise"),
+    )
+}
+
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+    response
 }
 
 fn no_content() -> Response<Full<Bytes>> {
     text_response(StatusCode::NO_CONTENT, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded_and_unknown_ones_refused() {
+        let params = parse_query(Some("prefix=a%2Fb+c&limit=5"), &["prefix", "limit"])
+            .ok()
+            .unwrap();
+        assert_eq!(params["prefix"], "a/b c");
+        assert_eq!(number_param(&params, "limit").ok().unwrap(), Some(5));
+        assert!(parse_query(Some("prefx=a"), &["prefix"]).is_err());
+        let bad = parse_query(Some("limit=-1"), &["limit"]).ok().unwrap();
+        assert!(number_param(&bad, "limit").is_err());
+    }
+
+    #[test]
+    fn metrics_routes_keep_v1_apart_from_raftexample_keys() {
+        assert_eq!(route_of(&Method::GET, "/v1/kv/a/b"), "v1_get");
+        assert_eq!(route_of(&Method::GET, "/v1/kv"), "v1_list");
+        assert_eq!(route_of(&Method::DELETE, "/v1/members/3"), "v1_members");
+        assert_eq!(route_of(&Method::GET, "/a"), "get");
+        assert_eq!(route_of(&Method::DELETE, "/3"), "remove_member");
+    }
 }

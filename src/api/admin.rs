@@ -1,0 +1,102 @@
+//! The operator's routes:
+//!
+//! | request                  | does                                        |
+//! |--------------------------|---------------------------------------------|
+//! | `GET /status`            | JSON: id, term, role, leader, commit, applied, last snapshot, members, data-dir size |
+//! | `GET /health`            | 200 while the process serves                 |
+//! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
+//! | `GET /metrics`           | Prometheus text format (`metrics.rs`)         |
+//! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
+//!
+//! Nothing here changes replicated state.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use slog::warn;
+
+use super::raftexample::MAX_URL_BYTES;
+use super::{json_response, no_content, read_body, Api, Failure, Reply};
+use crate::http_server::text_response;
+use crate::membership::parse_node_id;
+use crate::node::NodeStatus;
+
+/// The fault-injection route (without its leading slash).
+pub(super) const PARTITION_ROUTE: &str = "debug/partition";
+
+/// `GET /status`: the node's view plus what only the process knows.
+#[derive(serde::Serialize)]
+struct Status {
+    #[serde(flatten)]
+    node: NodeStatus,
+    /// Bytes under the data dir: raft log, snapshots, markers.
+    data_dir_bytes: u64,
+}
+
+impl Api {
+    pub(super) async fn status(&self) -> Reply {
+        let node = self.node.status().await?;
+        let dir = self.data_dir.clone();
+        let data_dir_bytes = tokio::task::spawn_blocking(move || size_of_dir(&dir))
+            .await
+            .unwrap_or(0);
+        Ok(json_response(
+            StatusCode::OK,
+            &Status {
+                node,
+                data_dir_bytes,
+            },
+        ))
+    }
+
+    /// Ready to serve: a leader is known and this node has applied all it knows is
+    /// committed.
+    pub(super) async fn ready(&self) -> Reply {
+        let status = self.node.status().await?;
+        let unavailable = |why: String| Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, why));
+        if status.leader == 0 {
+            return unavailable("not ready: no leader known".into());
+        }
+        if status.applied < status.commit {
+            return unavailable(format!(
+                "not ready: applied {} of {} committed entries",
+                status.applied, status.commit
+            ));
+        }
+        Ok(text_response(StatusCode::OK, "ready\n"))
+    }
+
+    pub(super) async fn set_partition(&self, req: Request<Incoming>) -> Reply {
+        let body = read_body(req, MAX_URL_BYTES).await?;
+        let text = String::from_utf8_lossy(&body);
+        let peers = text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(parse_node_id)
+            .collect::<Result<BTreeSet<u64>, String>>()
+            .map_err(Failure::bad_request)?;
+        warn!(self.logger, "fault injection: dropping raft messages to and from peers"; "peers" => ?peers);
+        if let Some(partition) = &self.partition {
+            partition.set(peers);
+        }
+        Ok(no_content())
+    }
+}
+
+/// Total size of the files under `dir` (files that vanish meanwhile count as 0).
+fn size_of_dir(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => size_of_dir(&entry.path()),
+            Ok(_) => entry.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -1,0 +1,69 @@
+//! `/v1/members`: the member list, and adding and removing members, in JSON.
+//!
+//! | request                                   | does |
+//! |-------------------------------------------|------|
+//! | `GET /v1/members`                         | 200 `{"leader", "members": [{"id","peer_url"}...]}`, as this node knows them |
+//! | `POST /v1/members` `{"id":4,"peer_url":"http://host:port"}` | adds the node once the change is applied here; 201 `{"revision","members"}` |
+//! | `DELETE /v1/members/<id>`                 | removes the node; 200 `{"revision"}` |
+//!
+//! The same checks as raftexample's `POST`/`DELETE /<id>` apply (409 for an id already a
+//! member, a removed id, a URL in use, or while another change is pending). A node started
+//! with `--join-via` calls `POST` here and takes the member list it gets back as its
+//! first picture of the cluster.
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+
+use super::raftexample::MAX_URL_BYTES;
+use super::{json_response, parse_json, read_body, Api, Failure, Reply};
+use crate::membership::{parse_node_id, parse_peer_url};
+use crate::node::MemberChange;
+
+/// The body of `POST /v1/members`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMember {
+    pub id: u64,
+    pub peer_url: String,
+}
+
+impl Api {
+    pub(super) async fn list_members(&self) -> Reply {
+        let status = self.node.status().await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "leader": status.leader, "members": status.members }),
+        ))
+    }
+
+    pub(super) async fn add_member_v1(&self, req: Request<Incoming>) -> Reply {
+        let body = read_body(req, MAX_URL_BYTES).await?;
+        let new: NewMember = parse_json(&body)?;
+        if new.id == 0 {
+            return Err(Failure::bad_request("id must be a positive integer"));
+        }
+        let id = new.id;
+        let peer_url = parse_peer_url(&new.peer_url).map_err(Failure::bad_request)?;
+        let written = self
+            .node
+            .change_members(MemberChange::Add { id, peer_url }, self.request_timeout)
+            .await?;
+        let status = self.node.status().await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &serde_json::json!({ "revision": written.revision, "members": status.members }),
+        ))
+    }
+
+    pub(super) async fn remove_member_v1(&self, id: &str) -> Reply {
+        let id = parse_node_id(id).map_err(Failure::bad_request)?;
+        let written = self
+            .node
+            .change_members(MemberChange::Remove { id }, self.request_timeout)
+            .await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "revision": written.revision }),
+        ))
+    }
+}
