@@ -3,7 +3,7 @@
 //! partition stalls traffic as a real one does, instead of resetting connections.
 //!
 //! Only reachable when raftkvd runs with `--enable-fault-injection`, through
-//! `POST /debug/partition` (see api.rs). It must never be switched on in production.
+//! `POST /debug/partition` (see api/admin.rs). It must never be switched on in production.
 
 use std::collections::BTreeSet;
 use std::sync::RwLock;

@@ -60,16 +60,24 @@ impl FrozenKv {
         self.shards.iter().flat_map(|s| s.iter())
     }
 
-    /// Up to `limit` pairs whose key starts with `prefix`, in key order, and whether more
-    /// follow. Each shard is sorted, so this merges the first `limit + 1` matches of each.
-    pub fn list(&self, prefix: &[u8], limit: usize) -> (Vec<(Bytes, Versioned)>, bool) {
+    /// Up to `limit` pairs whose key starts with `prefix` (and, for the next page, comes
+    /// after `after`), in key order, and whether more follow. Each shard is sorted, so
+    /// this merges the first `limit + 1` matches of each.
+    pub fn list(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> (Vec<(Bytes, Versioned)>, bool) {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let start = match after {
+            Some(after) if after >= prefix => Excluded(after),
+            _ => Included(prefix),
+        };
         let mut found: Vec<(Bytes, Versioned)> = Vec::new();
         for shard in &self.shards {
             let matches = shard
-                .range::<[u8], _>((
-                    std::ops::Bound::Included(prefix),
-                    std::ops::Bound::Unbounded,
-                ))
+                .range::<[u8], _>((start, Unbounded))
                 .take_while(|(key, _)| key.starts_with(prefix))
                 .take(limit.saturating_add(1));
             found.extend(matches.map(|(k, v)| (k.clone(), v.clone())));
@@ -234,7 +242,7 @@ mod tests {
             put(&mut kv, &format!("q/{i:04}"), "v", i + 1);
         }
         let frozen = kv.freeze();
-        let (page, more) = frozen.list(b"p/", 100);
+        let (page, more) = frozen.list(b"p/", None, 100);
         let keys: Vec<String> = page
             .iter()
             .map(|(k, _)| String::from_utf8(k.to_vec()).unwrap())
@@ -242,9 +250,12 @@ mod tests {
         let expected: Vec<String> = (0..100).map(|i| format!("p/{i:04}")).collect();
         assert_eq!(keys, expected);
         assert!(more);
-        let (all, more) = frozen.list(b"p/", 1000);
+        let (next, _) = frozen.list(b"p/", Some(b"p/0099"), 1);
+        assert_eq!(next[0].0, "p/0100");
+        let (all, more) = frozen.list(b"p/", None, 1000);
         assert_eq!((all.len(), more), (500, false));
-        assert_eq!(frozen.list(b"", 2000).0.len(), 1000);
-        assert!(frozen.list(b"z", 10).0.is_empty());
+        assert_eq!(frozen.list(b"", None, 2000).0.len(), 1000);
+        assert!(frozen.list(b"z", None, 10).0.is_empty());
+        assert!(frozen.list(b"p/", Some(b"p/0499"), 10).0.is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! thread, the peer transport and the client API, and stops them all in order on SIGTERM,
 //! SIGINT, or when this node is removed from the cluster.
 //!
-//! Reading order for a PUT: `api.rs` (HTTP) -> `node/handle.rs` (to the node thread) ->
+//! Reading order for a PUT: `api/raftexample.rs` (HTTP) -> `node/handle.rs` (to the node thread) ->
 //! `node/mod.rs` (propose, Ready loop) -> `storage.rs` (fsync) and `transport.rs` (to
 //! peers) -> `node/mod.rs` (apply) -> `kv.rs`.
 

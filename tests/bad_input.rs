@@ -181,3 +181,62 @@ fn traffic_from_another_cluster_is_refused() {
         "logged once per stranger:\n{log}"
     );
 }
+
+/// The `/v1` routes answer bad requests with a JSON `{"error": ...}` and the right status.
+#[test]
+fn v1_bad_requests_get_json_errors() {
+    let cluster = Cluster::start("bad-input-v1", 1, &["--max-value-bytes", "10"]);
+    let url = |p: &str| cluster.nodes[0].url(p);
+    let json = |s: &str| Some(s.as_bytes().to_vec());
+    for (method, path, body, status) in [
+        ("GET", "v1/kv/", None, 400),
+        ("GET", "v1/kv/%FF", None, 400),
+        ("GET", "v1/kv/k?consistency=maybe", None, 400),
+        ("GET", "v1/kv/k?if_revison=1", None, 400),
+        ("PUT", "v1/kv/k?if_revision=-1", json("v"), 400),
+        ("PUT", "v1/kv/k?if_revision=1&colour=red", json("v"), 400),
+        ("PUT", "v1/kv/k", json("0123456789abc"), 413),
+        ("GET", "v1/kv?limit=10001", None, 400),
+        ("GET", "v1/kv?limit=ten", None, 400),
+        ("POST", "v1/kv", json("not json"), 400),
+        ("POST", "v1/kv", json("{\"k\":1}"), 400),
+        ("POST", "v1/members", json("{\"id\": 5}"), 400),
+        (
+            "POST",
+            "v1/members",
+            json("{\"id\": 5, \"peer_url\": \"ftp://x:1\"}"),
+            400,
+        ),
+        (
+            "POST",
+            "v1/members",
+            json("{\"id\": 1, \"peer_url\": \"http://127.0.0.1:1\"}"),
+            409,
+        ),
+        ("DELETE", "v1/members/1", None, 409),
+        ("DELETE", "v1/members/x", None, 400),
+        ("PATCH", "v1/kv/k", None, 405),
+        ("PUT", "v1/kv", None, 405),
+        ("GET", "v1/members/1", None, 405),
+        ("GET", "v1/nothing", None, 404),
+    ] {
+        let (code, text) = http(method, &url(path), body);
+        assert_eq!(code, status, "{method} /{path}: {text}");
+        let body: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} /{path}: not JSON: {text}"));
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} /{path}: {text}"
+        );
+    }
+    // A JSON PUT with the wrong shape is refused, and nothing was written.
+    let client = reqwest::blocking::Client::new();
+    let answer = client
+        .put(url("v1/kv/k"))
+        .header("content-type", "application/json")
+        .body("{\"val\":1}")
+        .send()
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 400);
+    assert_eq!(http("GET", &url("v1/kv/k"), None).0, 404);
+}

@@ -1,5 +1,6 @@
 //! Every acknowledged PUT survives kill -9: of a single node, and of a whole cluster at
-//! once, with writes in flight at the moment of the kill.
+//! once, with writes in flight at the moment of the kill. A SIGTERM with writes in flight
+//! answers each of them (success, or 503 / a closed connection) and exits 0.
 
 mod common;
 
@@ -14,14 +15,27 @@ const ACKED_BEFORE_KILL: usize = 150;
 
 /// (key, value) pairs whose PUT was answered 204.
 type Acked = Arc<Mutex<Vec<(String, String)>>>;
+/// Answers other than 204, 503 and "no answer" (connection refused or closed).
+type Unexpected = Arc<Mutex<Vec<(u16, String)>>>;
 
 /// Runs `WRITERS` threads PUTting unique keys round-robin over `ports` until `stop`;
 /// returns the shared list of acknowledged (key, value) pairs.
 fn start_writers(ports: Vec<u16>, stop: Arc<AtomicBool>) -> (Acked, Vec<thread::JoinHandle<()>>) {
+    let (acked, _, handles) = start_checked_writers(ports, stop);
+    (acked, handles)
+}
+
+/// As `start_writers`, and also collects the answers no write should ever get.
+fn start_checked_writers(
+    ports: Vec<u16>,
+    stop: Arc<AtomicBool>,
+) -> (Acked, Unexpected, Vec<thread::JoinHandle<()>>) {
     let acked = Arc::new(Mutex::new(Vec::new()));
+    let unexpected: Unexpected = Arc::new(Mutex::new(Vec::new()));
     let handles = (0..WRITERS)
         .map(|w| {
             let (ports, stop, acked) = (ports.clone(), stop.clone(), acked.clone());
+            let unexpected = unexpected.clone();
             thread::spawn(move || {
                 // Bounded: each writer sends at most 2,000 requests.
                 for i in 0..2000 {
@@ -31,14 +45,16 @@ fn start_writers(ports: Vec<u16>, stop: Arc<AtomicBool>) -> (Acked, Vec<thread::
                     let port = ports[(w + i) % ports.len()];
                     let (key, value) = (format!("w{w}-k{i}"), format!("value-{w}-{i}"));
                     let url = format!("http://127.0.0.1:{port}/{key}");
-                    if http("PUT", &url, Some(value.clone().into_bytes())).0 == 204 {
-                        acked.lock().unwrap().push((key, value));
+                    match http("PUT", &url, Some(value.clone().into_bytes())) {
+                        (204, _) => acked.lock().unwrap().push((key, value)),
+                        (0 | 503, _) => {}
+                        other => unexpected.lock().unwrap().push(other),
                     }
                 }
             })
         })
         .collect();
-    (acked, handles)
+    (acked, unexpected, handles)
 }
 
 fn check_all_acked(cluster: &Cluster, acked: &[(String, String)]) {
@@ -106,4 +122,41 @@ fn sigterm_stops_cleanly_and_restart_keeps_data() {
     assert!(status.success(), "SIGTERM must exit 0, got {status}");
     cluster.node(1).start();
     cluster.wait_value(1, "k", "v");
+}
+
+#[test]
+fn sigterm_with_writes_in_flight_answers_them_and_exits_0() {
+    let mut cluster = Cluster::start("sigterm-busy", 3, &[]);
+    let leader = cluster.wait_leader();
+    let port = cluster.node(leader).api_port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, unexpected, writers) = start_checked_writers(vec![port], stop.clone());
+    cluster.wait_until("enough acknowledged writes", || {
+        acked.lock().unwrap().len() >= ACKED_BEFORE_KILL
+    });
+    cluster.node(leader).signal("TERM");
+    let status = cluster
+        .node(leader)
+        .wait_exit(std::time::Duration::from_secs(30));
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    let unexpected = unexpected.lock().unwrap().clone();
+    assert!(
+        unexpected.is_empty(),
+        "answers during shutdown: {unexpected:?}"
+    );
+    cluster
+        .node(leader)
+        .assert_logged("transferring leadership", "a stopping leader hands off");
+
+    // The others elect a leader at once and hold every acknowledged write; so does the
+    // stopped node once restarted.
+    cluster.wait_leader();
+    let acked = acked.lock().unwrap().clone();
+    check_all_acked(&cluster, &acked);
+    cluster.node(leader).start();
+    check_all_acked(&cluster, &acked);
 }

@@ -137,6 +137,7 @@ fn prometheus_metrics() {
     );
     assert!(value("raftkvd_proposals_total") >= 10.0);
     assert!(value("raftkvd_applied_entries_total") >= 10.0);
+    assert!(value("raftkvd_committed_entries_total") >= 10.0);
     assert!(value("raftkvd_log_fsync_duration_seconds_count") >= 10.0);
     assert!(value("raftkvd_leader_changes_total") >= 1.0);
     cluster.wait_until("a snapshot to be counted", || {
@@ -144,4 +145,26 @@ fn prometheus_metrics() {
         text.lines()
             .any(|l| l.starts_with("raftkvd_snapshots_total ") && !l.ends_with(" 0"))
     });
+}
+
+#[test]
+fn status_reports_raft_state_members_and_disk_use() {
+    let cluster = Cluster::start("status", 3, &[]);
+    cluster.put_ok(1, "k", "v");
+    let status = cluster.nodes[0].status().unwrap();
+    for field in ["id", "term", "leader", "commit", "applied", "last_snapshot"] {
+        assert!(status[field].is_u64(), "{field} in {status}");
+    }
+    assert_eq!(status["id"], 1);
+    assert!(["Leader", "Follower"].contains(&status["role"].as_str().unwrap()));
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert_eq!(members[1]["peer_url"], cluster.nodes[1].peer_url.as_str());
+    // The raft log's files are on disk, so the data dir cannot be empty.
+    let size = status["data_dir_bytes"].as_u64().unwrap();
+    let on_disk: u64 = std::fs::read_dir(cluster.nodes[0].data_dir.join("raft-log"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size >= on_disk && on_disk > 0, "{size} vs {on_disk}");
 }

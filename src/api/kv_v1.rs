@@ -5,7 +5,7 @@
 //! | `GET /v1/kv/<key>`                       | 200 `{"key","value","revision"}`, 404 if absent. With `Accept: application/octet-stream`, the raw value and an `X-Raftkvd-Revision` header |
 //! | `PUT /v1/kv/<key>[?if_revision=N]`       | body: the raw value, or `{"value": "..."}` with `Content-Type: application/json`; 200 `{"key","revision"}` |
 //! | `DELETE /v1/kv/<key>[?if_revision=N]`    | 200 `{"key","revision","deleted"}` (`deleted` 0 if the key was absent) |
-//! | `GET /v1/kv?prefix=<p>&limit=<n>`        | 200 `{"items": [{"key","value","revision"}...], "more"}`, in key order |
+//! | `GET /v1/kv?prefix=<p>&limit=<n>[&after=<key>]` | 200 `{"items": [{"key","value","revision"}...], "more"}`, in key order; the next page starts `after` the last key |
 //! | `POST /v1/kv` body `{"k1":"v1",...}`     | sets every key at one revision, atomically; 200 `{"revision","keys"}` |
 //!
 //! A key's revision is the raft index of the entry that last wrote it (etcd's
@@ -136,7 +136,7 @@ impl Api {
     }
 
     pub(super) async fn list_keys(&self, query: Option<&str>) -> Reply {
-        let params = parse_query(query, &["prefix", "limit", "consistency"])?;
+        let params = parse_query(query, &["prefix", "after", "limit", "consistency"])?;
         let limit = number_param(&params, "limit")?.unwrap_or(DEFAULT_LIMIT);
         if limit == 0 || limit > MAX_LIMIT {
             return Err(Failure::bad_request(format!(
@@ -148,7 +148,8 @@ impl Api {
             .await?;
         // Freeze (a pointer copy per shard) and walk the copy without holding the lock.
         let frozen = self.kv.read().unwrap().freeze();
-        let (pairs, more) = frozen.list(prefix.as_bytes(), limit as usize);
+        let after = params.get("after").map(String::as_bytes);
+        let (pairs, more) = frozen.list(prefix.as_bytes(), after, limit as usize);
         let items = pairs
             .into_iter()
             .map(|(key, versioned)| as_json(key, versioned))

@@ -373,3 +373,61 @@ pub fn http_with_timeout(
         Err(e) => (0, e.to_string()),
     }
 }
+
+/// One request with an optional JSON body; returns the status and the parsed JSON answer
+/// (Null if the body is not JSON, or no answer came).
+pub fn http_json(
+    method: &str,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let mut req = client.request(method.parse().unwrap(), url);
+    if let Some(body) = body {
+        req = req.header("content-type", "application/json").body(body);
+    }
+    match req.send() {
+        Ok(resp) => {
+            let code = resp.status().as_u16();
+            let text = resp.text().unwrap_or_default();
+            (
+                code,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            )
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// A node (not started) that joins in one step: `--join-via via_api --peer-url <fresh>`,
+/// without `--cluster`.
+pub fn join_via_spec(dir: &Path, id: u64, via_api: &str) -> Node {
+    let api_port = free_port();
+    let peer_url = format!("http://127.0.0.1:{}", free_port());
+    let data_dir = dir.join(format!("n{id}"));
+    let args = vec![
+        "--id".to_string(),
+        id.to_string(),
+        "--peer-url".into(),
+        peer_url.clone(),
+        "--join-via".into(),
+        via_api.to_string(),
+        "--port".into(),
+        api_port.to_string(),
+        "--data-dir".into(),
+        data_dir.to_string_lossy().into_owned(),
+    ];
+    Node {
+        id,
+        api_port,
+        peer_url,
+        data_dir,
+        args,
+        log: dir.join(format!("n{id}.log")),
+        child: None,
+    }
+}

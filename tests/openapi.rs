@@ -1,0 +1,306 @@
+//! Keeps the OpenAPI document (`src/api/openapi.json`, served at `GET /v1/openapi.json`)
+//! true: every documented operation is called on a real cluster, every answer's status
+//! must be documented for its operation, and every JSON answer must match the documented
+//! schema. An operation the document lists but no call exercises fails the test too.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{http, http_json, Cluster};
+use serde_json::{json, Value};
+
+const DOCUMENT: &str = include_str!("../src/api/openapi.json");
+
+/// One call: the documented path template and method, the concrete request, and the
+/// status this call must get.
+struct Call {
+    template: &'static str,
+    method: &'static str,
+    path: String,
+    body: Option<Body>,
+    expect: u16,
+}
+
+enum Body {
+    Json(Value),
+    Raw(Vec<u8>),
+}
+
+fn call(
+    template: &'static str,
+    method: &'static str,
+    path: &str,
+    body: Option<Body>,
+    expect: u16,
+) -> Call {
+    Call {
+        template,
+        method,
+        path: path.to_string(),
+        body,
+        expect,
+    }
+}
+
+#[test]
+fn the_openapi_document_matches_the_server() {
+    let doc: Value = serde_json::from_str(DOCUMENT).expect("the document is JSON");
+    let cluster = Cluster::start("openapi", 3, &["--max-value-bytes", "1024"]);
+    let node = &cluster.nodes[0];
+
+    let (code, served) = http_json("GET", &node.url("v1/openapi.json"), None);
+    assert_eq!(
+        (code, &served),
+        (200, &doc),
+        "the server serves the document"
+    );
+
+    let spare_peer = format!("http://127.0.0.1:{}", common::free_port());
+    let kv = "/v1/kv/{key}";
+    let calls = vec![
+        call(
+            kv,
+            "put",
+            "/v1/kv/doc/a",
+            Some(Body::Raw(b"raw".to_vec())),
+            200,
+        ),
+        call(
+            kv,
+            "put",
+            "/v1/kv/doc/a",
+            Some(Body::Json(json!({"value": "json"}))),
+            200,
+        ),
+        call(
+            kv,
+            "put",
+            "/v1/kv/doc/a?if_revision=1",
+            Some(Body::Raw(b"x".to_vec())),
+            412,
+        ),
+        call(
+            kv,
+            "put",
+            "/v1/kv/doc/a?if_revision=x",
+            Some(Body::Raw(b"x".to_vec())),
+            400,
+        ),
+        call(
+            kv,
+            "put",
+            "/v1/kv/doc/big",
+            Some(Body::Raw(vec![b'x'; 2048])),
+            413,
+        ),
+        call(
+            kv,
+            "put",
+            "/v1/kv/doc/bin",
+            Some(Body::Raw(vec![0xff, 0xfe])),
+            200,
+        ),
+        call(kv, "get", "/v1/kv/doc/a", None, 200),
+        call(
+            kv,
+            "get",
+            "/v1/kv/doc/a?consistency=serializable",
+            None,
+            200,
+        ),
+        call(kv, "get", "/v1/kv/doc/a?consistency=eventual", None, 400),
+        call(kv, "get", "/v1/kv/doc/missing", None, 404),
+        call(kv, "get", "/v1/kv/doc/bin", None, 406),
+        call(kv, "delete", "/v1/kv/doc/a?if_revision=1", None, 412),
+        call(kv, "delete", "/v1/kv/doc/a", None, 200),
+        call(
+            "/v1/kv",
+            "post",
+            "/v1/kv",
+            Some(Body::Json(json!({"doc/x": "1", "doc/y": "2"}))),
+            200,
+        ),
+        call("/v1/kv", "post", "/v1/kv", Some(Body::Json(json!({}))), 400),
+        call("/v1/kv", "get", "/v1/kv?prefix=doc%2Fx&limit=5", None, 200),
+        call("/v1/kv", "get", "/v1/kv?prefix=doc%2F", None, 406),
+        call("/v1/kv", "get", "/v1/kv?limit=0", None, 400),
+        call("/v1/members", "get", "/v1/members", None, 200),
+        call(
+            "/v1/members",
+            "post",
+            "/v1/members",
+            Some(Body::Json(json!({"id": 4, "peer_url": spare_peer}))),
+            201,
+        ),
+        call(
+            "/v1/members",
+            "post",
+            "/v1/members",
+            Some(Body::Json(json!({"id": 4, "peer_url": spare_peer}))),
+            409,
+        ),
+        call(
+            "/v1/members",
+            "post",
+            "/v1/members",
+            Some(Body::Json(json!({"id": 0}))),
+            400,
+        ),
+        call("/v1/members/{id}", "delete", "/v1/members/4", None, 200),
+        call("/v1/members/{id}", "delete", "/v1/members/4", None, 409),
+        call("/v1/members/{id}", "delete", "/v1/members/zero", None, 400),
+        call("/v1/openapi.json", "get", "/v1/openapi.json", None, 200),
+    ];
+
+    let mut exercised = BTreeSet::new();
+    for c in &calls {
+        let operation = &doc["paths"][c.template][c.method];
+        assert!(
+            operation.is_object(),
+            "{} {} is not documented",
+            c.method,
+            c.template
+        );
+        exercised.insert((c.template.to_string(), c.method.to_string()));
+        let (code, body) = send(&node.url(&c.path), c.method, c.body.as_ref());
+        assert_eq!(code, c.expect, "{} {}: {body}", c.method, c.path);
+        let response = resolve(&doc, &operation["responses"][code.to_string()]);
+        assert!(
+            response.is_object(),
+            "{} {} answered {code}, which the document does not list",
+            c.method,
+            c.template
+        );
+        if let Some(schema) = response.pointer("/content/application~1json/schema") {
+            let body: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{} {}: not JSON ({e}): {body}", c.method, c.path));
+            if let Err(why) = validate(&doc, schema, &body) {
+                panic!("{} {} -> {code}: {why}\nbody: {body}", c.method, c.path);
+            }
+        }
+    }
+
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| *m != "parameters")
+                .map(move |m| (path.clone(), m.clone()))
+        })
+        .collect();
+    assert_eq!(
+        documented, exercised,
+        "every documented operation is exercised"
+    );
+}
+
+fn send(url: &str, method: &str, body: Option<&Body>) -> (u16, String) {
+    let method = method.to_uppercase();
+    match body {
+        Some(Body::Json(value)) => {
+            let client = reqwest::blocking::Client::new();
+            let resp = client
+                .request(method.parse().unwrap(), url)
+                .header("content-type", "application/json")
+                .body(value.to_string())
+                .send()
+                .unwrap();
+            let code = resp.status().as_u16();
+            (code, resp.text().unwrap())
+        }
+        Some(Body::Raw(bytes)) => http(&method, url, Some(bytes.clone())),
+        None => http(&method, url, None),
+    }
+}
+
+/// Follows a `$ref` within the document.
+fn resolve<'a>(doc: &'a Value, node: &'a Value) -> &'a Value {
+    match node.get("$ref").and_then(Value::as_str) {
+        Some(reference) => {
+            let target = doc
+                .pointer(reference.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("dangling $ref {reference}"));
+            resolve(doc, target)
+        }
+        None => node,
+    }
+}
+
+/// Checks `value` against the subset of JSON Schema the document uses.
+fn validate(doc: &Value, schema: &Value, value: &Value) -> Result<(), String> {
+    let schema = resolve(doc, schema);
+    let kind = schema.get("type").and_then(Value::as_str);
+    let type_ok = match kind {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_u64() || value.is_i64(),
+        Some("boolean") => value.is_boolean(),
+        Some(other) => return Err(format!("the test does not know type {other}")),
+        None => true,
+    };
+    if !type_ok {
+        return Err(format!("{value} is not of type {}", kind.unwrap()));
+    }
+    if let (Some(min), Some(n)) = (
+        schema.get("minimum").and_then(Value::as_i64),
+        value.as_i64(),
+    ) {
+        if n < min {
+            return Err(format!("{n} is below the minimum {min}"));
+        }
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+        if !allowed.contains(value) {
+            return Err(format!("{value} is not one of {allowed:?}"));
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for name in schema["required"].as_array().into_iter().flatten() {
+            if !object.contains_key(name.as_str().unwrap()) {
+                return Err(format!("missing required property {name}"));
+            }
+        }
+        for (name, field) in object {
+            match schema["properties"].get(name) {
+                Some(field_schema) => {
+                    validate(doc, field_schema, field).map_err(|e| format!("{name}: {e}"))?
+                }
+                None => match schema.get("additionalProperties") {
+                    Some(Value::Bool(false)) => {
+                        return Err(format!("undocumented property {name}"))
+                    }
+                    Some(extra @ Value::Object(_)) => validate(doc, extra, field)?,
+                    _ => {}
+                },
+            }
+        }
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+        for (i, item) in array.iter().enumerate() {
+            validate(doc, items, item).map_err(|e| format!("[{i}]: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_validator_rejects_what_the_document_forbids() {
+    let doc: Value = serde_json::from_str(DOCUMENT).unwrap();
+    let kv = json!({"$ref": "#/components/schemas/KeyValue"});
+    assert!(validate(&doc, &kv, &json!({"key": "k", "value": "v", "revision": 3})).is_ok());
+    for bad in [
+        json!({"key": "k", "value": "v"}),
+        json!({"key": "k", "value": 1, "revision": 3}),
+        json!({"key": "k", "value": "v", "revision": 0}),
+        json!({"key": "k", "value": "v", "revision": 3, "extra": true}),
+        json!([]),
+    ] {
+        assert!(validate(&doc, &kv, &bad).is_err(), "{bad}");
+    }
+}

@@ -1,0 +1,213 @@
+//! The `/v1` API on real clusters: revisions and compare-and-swap, ordered prefix
+//! listing, the atomic multi-key set, `/v1/members`, and the one-step `--join-via`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{http, http_json, join_via_spec, Cluster};
+use serde_json::{json, Value};
+
+fn revision(body: &Value) -> u64 {
+    body["revision"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no revision in {body}"))
+}
+
+#[test]
+fn revisions_and_compare_and_swap() {
+    let cluster = Cluster::start("v1-cas", 3, &[]);
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+
+    // A raw PUT answers the revision; every member then reads the same revision.
+    let (code, put) = http_json("PUT", &n1.url("v1/kv/cfg/a"), None);
+    assert_eq!(code, 200, "{put}");
+    let (code, _) = http("PUT", &n1.url("v1/kv/cfg/a"), Some(b"one".to_vec()));
+    assert_eq!(code, 200);
+    let (_, got) = http_json("GET", &n2.url("v1/kv/cfg%2Fa"), None);
+    assert_eq!(got["key"], "cfg/a");
+    assert_eq!(got["value"], "one");
+    let r1 = revision(&got);
+    assert!(r1 > revision(&put), "a later write has a later revision");
+
+    // Compare-and-swap: the right revision wins once; the stale one gets 412 and the
+    // current revision, and changes nothing.
+    let url = |rev: u64| n2.url(&format!("v1/kv/cfg/a?if_revision={rev}"));
+    let (code, swapped) = http_json("PUT", &url(r1), Some(json!({"value": "two"})));
+    assert_eq!(code, 200, "{swapped}");
+    let r2 = revision(&swapped);
+    let (code, refused) = http_json("PUT", &url(r1), Some(json!({"value": "three"})));
+    assert_eq!(code, 412, "{refused}");
+    assert_eq!(revision(&refused), r2);
+    let (_, got) = http_json("GET", &n1.url("v1/kv/cfg/a"), None);
+    assert_eq!((got["value"].as_str(), revision(&got)), (Some("two"), r2));
+
+    // Revision 0: create only if absent.
+    let (code, _) = http_json("PUT", &url(0), Some(json!({"value": "x"})));
+    assert_eq!(code, 412);
+    let create = n1.url("v1/kv/fresh?if_revision=0");
+    assert_eq!(http("PUT", &create, Some(b"new".to_vec())).0, 200);
+    assert_eq!(http("PUT", &create, Some(b"again".to_vec())).0, 412);
+
+    // Conditional delete, then an unconditional one of an absent key.
+    let (code, refused) = http_json("DELETE", &url(r1), None);
+    assert_eq!((code, revision(&refused)), (412, r2), "{refused}");
+    let (code, deleted) = http_json("DELETE", &url(r2), None);
+    assert_eq!(
+        (code, deleted["deleted"].as_u64()),
+        (200, Some(1)),
+        "{deleted}"
+    );
+    let (code, deleted) = http_json("DELETE", &n1.url("v1/kv/cfg/a"), None);
+    assert_eq!(
+        (code, deleted["deleted"].as_u64()),
+        (200, Some(0)),
+        "{deleted}"
+    );
+    let (code, missing) = http_json("GET", &n1.url("v1/kv/cfg/a"), None);
+    assert_eq!(code, 404);
+    assert!(missing["error"].as_str().unwrap().contains("not found"));
+
+    // The raftexample routes write the same map: a key PUT there has a revision here,
+    // and the raw form carries it in a header.
+    cluster.put_ok(1, "plain", "text");
+    let raw = reqwest::blocking::Client::new()
+        .get(n2.url("v1/kv/plain"))
+        .header("accept", "application/octet-stream")
+        .send()
+        .unwrap();
+    let header = raw.headers()["x-raftkvd-revision"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(raw.text().unwrap(), "text");
+    let (_, got) = http_json("GET", &n2.url("v1/kv/plain"), None);
+    assert_eq!(header, revision(&got).to_string());
+}
+
+#[test]
+fn prefix_listing_and_atomic_multi_set() {
+    let cluster = Cluster::start("v1-list", 3, &[]);
+    let (n1, n3) = (&cluster.nodes[0], &cluster.nodes[2]);
+
+    let mut pairs = serde_json::Map::new();
+    for i in (0..300).rev() {
+        pairs.insert(format!("user/{i:03}"), json!(format!("v{i}")));
+    }
+    pairs.insert("userx".into(), json!("not under user/"));
+    let (code, set) = http_json("POST", &n1.url("v1/kv"), Some(Value::Object(pairs)));
+    assert_eq!((code, set["keys"].as_u64()), (200, Some(301)), "{set}");
+    let at = revision(&set);
+
+    // Pages in key order; `more` says whether another page follows, `after` asks for it.
+    let mut listed: Vec<String> = Vec::new();
+    loop {
+        let after = listed
+            .last()
+            .map_or(String::new(), |k| format!("&after={k}"));
+        let url = n3.url(&format!("v1/kv?prefix=user%2F&limit=128{after}"));
+        let (code, page) = http_json("GET", &url, None);
+        assert_eq!(code, 200, "{page}");
+        for item in page["items"].as_array().unwrap() {
+            assert_eq!(revision(item), at, "one revision for the whole multi-set");
+            listed.push(item["key"].as_str().unwrap().to_string());
+        }
+        if !page["more"].as_bool().unwrap() {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..300).map(|i| format!("user/{i:03}")).collect();
+    assert_eq!(listed, expected);
+
+    let (_, all) = http_json("GET", &n1.url("v1/kv?prefix=user&limit=1000"), None);
+    assert_eq!(all["items"].as_array().unwrap().len(), 301);
+    assert_eq!(all["more"], false);
+    let (_, none) = http_json("GET", &n1.url("v1/kv?prefix=zzz"), None);
+    assert_eq!(none, json!({"items": [], "more": false}));
+
+    // A bad multi-set writes nothing.
+    for bad in [
+        json!({}),
+        json!({"k": 1}),
+        json!(["k", "v"]),
+        json!({"": "v"}),
+    ] {
+        let (code, body) = http_json("POST", &n1.url("v1/kv"), Some(bad.clone()));
+        assert_eq!(code, 400, "{bad} -> {body}");
+        assert!(body["error"].is_string());
+    }
+    assert_eq!(http_json("GET", &n1.url("v1/kv/k"), None).0, 404);
+}
+
+#[test]
+fn members_can_be_listed_added_and_removed() {
+    let mut cluster = Cluster::start("v1-members", 3, &[]);
+    let (code, list) = http_json("GET", &cluster.nodes[1].url("v1/members"), None);
+    assert_eq!(code, 200);
+    assert_eq!(list["members"].as_array().unwrap().len(), 3);
+    assert_ne!(list["leader"], 0);
+
+    // Add node 4 through /v1/members, then start it with --join (the two-step flow).
+    let mut urls: Vec<String> = cluster.nodes.iter().map(|n| n.peer_url.clone()).collect();
+    urls.push(format!("http://127.0.0.1:{}", common::free_port()));
+    let new = json!({"id": 4, "peer_url": urls[3]});
+    let (code, added) = http_json(
+        "POST",
+        &cluster.nodes[2].url("v1/members"),
+        Some(new.clone()),
+    );
+    assert_eq!(code, 201, "{added}");
+    let members = added["members"].as_array().unwrap();
+    assert!(
+        members.contains(&json!({"id": 4, "peer_url": urls[3]})),
+        "{added}"
+    );
+    let (code, again) = http_json("POST", &cluster.nodes[0].url("v1/members"), Some(new));
+    assert_eq!(code, 409, "{again}");
+    cluster.add_node_spec(4, &urls, &[], true);
+    cluster.node(4).start();
+    cluster.put_ok(1, "after-add", "yes");
+    cluster.wait_value(4, "after-add", "yes");
+
+    // Remove it: it shuts itself down, and the list no longer has it.
+    let (code, removed) = http_json("DELETE", &cluster.nodes[0].url("v1/members/4"), None);
+    assert_eq!(code, 200, "{removed}");
+    let status = cluster.node(4).wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "a removed node exits 0");
+    cluster.wait_until("node 4 to leave the member list", || {
+        let (_, list) = http_json("GET", &cluster.nodes[1].url("v1/members"), None);
+        list["members"].as_array().is_some_and(|m| m.len() == 3)
+    });
+    let (code, body) = http_json("DELETE", &cluster.nodes[0].url("v1/members/4"), None);
+    assert_eq!(code, 409, "{body}");
+}
+
+#[test]
+fn join_via_adds_a_node_in_one_step() {
+    let mut cluster = Cluster::start("v1-join-via", 3, &[]);
+    cluster.put_ok(1, "before-join", "old");
+    // Ask a follower, so the change is forwarded to the leader.
+    let leader = cluster.wait_leader();
+    let via = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .unwrap()
+        .url("");
+    let node = join_via_spec(&cluster.dir.0, 4, via.trim_end_matches('/'));
+    cluster.nodes.push(node);
+    cluster.node(4).start();
+    cluster.wait_value(4, "before-join", "old");
+    cluster.put_ok(4, "from-the-new-node", "hello");
+    cluster.wait_value(2, "from-the-new-node", "hello");
+    let (_, list) = http_json("GET", &cluster.nodes[0].url("v1/members"), None);
+    assert_eq!(list["members"].as_array().unwrap().len(), 4, "{list}");
+
+    // A restart finds its data and does not ask to join again.
+    cluster.node(4).kill();
+    cluster.node(4).start();
+    cluster.wait_value(4, "from-the-new-node", "hello");
+    let log = cluster.node(4).log_text();
+    assert_eq!(log.matches("added to the cluster").count(), 1, "{log}");
+    assert!(log.contains("restarting from the data dir"), "{log}");
+}
