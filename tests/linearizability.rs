@@ -9,6 +9,13 @@
 //! `POST /debug/partition` hook (`--enable-fault-injection`), which drops raft messages
 //! silently, so traffic stalls instead of being reset.
 //!
+//! Beside them, `CAS_CLIENTS` clients increment one counter with compare-and-swap on
+//! `/v1/kv` (read value and revision, write value + 1 `?if_revision=`). A CAS that two
+//! clients both won from the same revision would write the same number twice; a lost
+//! update would leave the counter below the number of acknowledged increments. After
+//! healing, the counter must be at least the acknowledged increments and at most those
+//! plus the increments whose outcome is unknown, and no number may be acknowledged twice.
+//!
 //! `RAFTKVD_SOAK_SECS=600 cargo test --release --test linearizability -- --nocapture`
 //! repeats the nemesis schedule for that long.
 
@@ -25,6 +32,8 @@ use std::time::{Duration, Instant};
 
 const KEYS: [&str; 4] = ["a", "b", "c", "d"];
 const CLIENTS: usize = 6;
+const CAS_CLIENTS: usize = 2;
+const COUNTER: &str = "cas-counter";
 /// Each client sends at most this many requests, a bound on the run.
 const MAX_OPS_PER_CLIENT: usize = 20_000;
 /// Successful operations to wait for while each fault is in place, and after healing.
@@ -157,6 +166,70 @@ fn run_client(id: usize, ports: Arc<RwLock<Vec<u16>>>, rec: Arc<Recorder>, stop:
             rec.write(port, key, format!("c{id}-{n}"));
         } else {
             rec.read(port, key);
+        }
+    }
+}
+
+/// What the compare-and-swap clients saw.
+#[derive(Default)]
+struct CasTally {
+    /// Counter values written by a CAS that was answered 200.
+    acked: Vec<u64>,
+    /// CAS writes with no answer or a 503: they may or may not have landed.
+    unknown: usize,
+    /// CAS writes refused with 412 (another client got there first).
+    refused: usize,
+    unexpected: Vec<String>,
+}
+
+/// Reads the counter linearizably: Some((value, revision)), (0, 0) if absent, None if
+/// the read failed.
+fn read_counter(port: u16) -> Option<(u64, u64)> {
+    let url = format!("http://127.0.0.1:{port}/v1/kv/{COUNTER}");
+    let (code, body) = http_with_timeout("GET", &url, None, CLIENT_TIMEOUT);
+    match code {
+        200 => {
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let value = v["value"].as_str()?.parse().ok()?;
+            Some((value, v["revision"].as_u64()?))
+        }
+        404 => Some((0, 0)),
+        _ => None,
+    }
+}
+
+fn run_cas_client(
+    id: usize,
+    ports: Arc<RwLock<Vec<u16>>>,
+    tally: Arc<Mutex<CasTally>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = Rng::new(1000 + id as u64);
+    for _ in 0..MAX_OPS_PER_CLIENT {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let port = {
+            let ports = ports.read().unwrap();
+            ports[rng.below(ports.len())]
+        };
+        let Some((value, revision)) = read_counter(port) else {
+            continue;
+        };
+        let next = value + 1;
+        let url = format!("http://127.0.0.1:{port}/v1/kv/{COUNTER}?if_revision={revision}");
+        let (code, body) = http_with_timeout(
+            "PUT",
+            &url,
+            Some(next.to_string().into_bytes()),
+            CLIENT_TIMEOUT,
+        );
+        let mut tally = tally.lock().unwrap();
+        match code {
+            200 => tally.acked.push(next),
+            412 => tally.refused += 1,
+            0 | 503 => tally.unknown += 1,
+            other => tally.unexpected.push(format!("PUT {url}: {other} {body}")),
         }
     }
 }
@@ -330,6 +403,45 @@ impl Nemesis {
     }
 }
 
+/// The counter after healing against what the CAS clients were told.
+fn check_counter(cluster: &Cluster, tally: &CasTally) {
+    assert!(
+        tally.unexpected.is_empty(),
+        "unexpected CAS answers: {:#?}",
+        tally.unexpected
+    );
+    let mut acked = tally.acked.clone();
+    acked.sort_unstable();
+    let distinct = acked.len();
+    acked.dedup();
+    assert_eq!(
+        acked.len(),
+        distinct,
+        "two compare-and-swaps won from the same revision"
+    );
+    let mut counter = None;
+    let port = cluster.running().next().unwrap().api_port;
+    cluster.wait_until("a linearizable read of the counter", || {
+        counter = read_counter(port);
+        counter.is_some()
+    });
+    let (value, _) = counter.unwrap();
+    let low = distinct as u64;
+    let high = low + tally.unknown as u64;
+    eprintln!(
+        "compare-and-swap counter: {value}; {distinct} increments acknowledged, {} refused \
+         (412), {} of unknown outcome",
+        tally.refused, tally.unknown
+    );
+    assert!(
+        (low..=high).contains(&value) && acked.last().is_none_or(|&max| value >= max),
+        "counter is {value}, but {low} increments were acknowledged (max {:?}) and {} unknown",
+        acked.last(),
+        tally.unknown
+    );
+    assert!(low > 0, "no compare-and-swap ever succeeded");
+}
+
 #[test]
 fn history_under_faults_is_linearizable() {
     let cluster = Cluster::start("linearizable", 3, FLAGS);
@@ -349,6 +461,13 @@ fn history_under_faults_is_linearizable() {
         .map(|i| {
             let (ports, rec, stop) = (ports.clone(), rec.clone(), stop.clone());
             thread::spawn(move || run_client(i, ports, rec, stop))
+        })
+        .collect();
+    let tally = Arc::new(Mutex::new(CasTally::default()));
+    let cas_clients: Vec<_> = (0..CAS_CLIENTS)
+        .map(|i| {
+            let (ports, tally, stop) = (ports.clone(), tally.clone(), stop.clone());
+            thread::spawn(move || run_cas_client(i, ports, tally, stop))
         })
         .collect();
 
@@ -374,7 +493,7 @@ fn history_under_faults_is_linearizable() {
     }
     nemesis.heal();
     stop.store(true, Ordering::SeqCst);
-    for c in clients {
+    for c in clients.into_iter().chain(cas_clients) {
         c.join().unwrap();
     }
 
@@ -405,6 +524,7 @@ fn history_under_faults_is_linearizable() {
 
     let unexpected = rec.unexpected.lock().unwrap().clone();
     assert!(unexpected.is_empty(), "unexpected answers: {unexpected:#?}");
+    check_counter(cluster, &tally.lock().unwrap());
     let history = rec.ops.lock().unwrap().clone();
     let writes = history
         .iter()
