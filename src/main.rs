@@ -7,6 +7,7 @@
 //! peers) -> `node/mod.rs` (apply) -> `kv.rs`.
 
 mod api;
+mod background;
 mod cluster_id;
 mod command;
 mod config;

@@ -35,6 +35,8 @@ const MAGIC_V1: &[u8; 8] = b"RKVSNAP1";
 const MAGIC_FAMILY: &[u8; 7] = b"RKVSNAP";
 /// Snapshot files kept; older ones are deleted once a newer one is durable.
 const KEEP: usize = 3;
+/// Bytes written between two syncs of a snapshot file being written.
+const SYNC_EVERY: u64 = 1 << 20;
 
 /// Raft's view of a snapshot: the last entry it includes and the membership then.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -61,6 +63,11 @@ pub fn path_of(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("snap-{index:016x}.snap"))
 }
 
+/// The size of a snapshot file in bytes (0 if it cannot be read).
+pub fn size_of(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
 /// Indexes of the snapshot files in `dir`, newest first.
 pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
     let mut indexes = Vec::new();
@@ -78,6 +85,28 @@ pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
     }
     indexes.sort_unstable_by(|a, b| b.cmp(a));
     Ok(indexes)
+}
+
+/// A file that is synced every `SYNC_EVERY` bytes written to it.
+struct SyncedAsWritten {
+    file: File,
+    unsynced: u64,
+}
+
+impl Write for SyncedAsWritten {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// A writer that checksums what passes through it.
@@ -110,7 +139,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     let tmp = path.with_extension("tmp");
     let file = File::create(&tmp)?;
     let mut w = Checksummed {
-        inner: BufWriter::with_capacity(1 << 20, file),
+        inner: BufWriter::with_capacity(SYNC_EVERY as usize, SyncedAsWritten { file, unsynced: 0 }),
         crc: crc32fast::Hasher::new(),
     };
     w.write_all(MAGIC)?;
@@ -140,7 +169,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         w.write_all(&versioned.revision.to_le_bytes())?;
     }
     let crc = w.crc.finalize();
-    let mut file = w.inner.into_inner().map_err(|e| e.into_error())?;
+    let mut file = w.inner.into_inner().map_err(|e| e.into_error())?.file;
     file.write_all(&crc.to_le_bytes())?;
     file.sync_all()?;
     let size = file.metadata()?.len();

@@ -35,7 +35,7 @@ use crate::kv::{Applied, SharedKv};
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
 use crate::read_index::ReadQueue;
-use crate::snapshot::SnapshotMeta;
+use crate::snapshot::{self, SnapshotMeta};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -110,6 +110,10 @@ pub struct Node {
     catchup_entries: u64,
     /// Index of the newest durable snapshot.
     last_snapshot: u64,
+    /// Size of that snapshot's file.
+    last_snapshot_bytes: u64,
+    /// Payload bytes of the entries applied since the last snapshot began.
+    applied_bytes_since_snapshot: u64,
     snapshot_in_progress: bool,
     /// Term of the entry at `applied`.
     applied_term: u64,
@@ -170,6 +174,11 @@ impl Node {
             snapshot_count: config.snapshot_count,
             catchup_entries: config.catchup_entries,
             last_snapshot: snap.index,
+            last_snapshot_bytes: snapshot::size_of(&snapshot::path_of(
+                &config.snap_dir,
+                snap.index,
+            )),
+            applied_bytes_since_snapshot: 0,
             snapshot_in_progress: false,
             applied_term: snap.term,
             inbox,
@@ -433,6 +442,7 @@ impl Node {
             return Ok(());
         };
         for entry in entries {
+            self.applied_bytes_since_snapshot += entry.data.len() as u64;
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&entry),
                 EntryType::EntryConfChange => self.apply_conf_change(&entry)?,

@@ -2,14 +2,38 @@
 //! map to a background writer, compacting the log once the file is durable, and
 //! installing a snapshot the leader sent. It never writes a snapshot file on the raft
 //! loop, and never records a snapshot older than the one it has.
+//!
+//! When: after `--snapshot-count` applied entries. Once the map is large (its last
+//! snapshot over `CHEAP_SNAPSHOT_BYTES`), also only when the entries applied since hold
+//! at least as many bytes as that snapshot: rewriting the whole map costs its size, and
+//! waiting until the log has grown as much bounds the extra writing at one byte of
+//! snapshot per byte of log. At the latest after `MAX_ENTRIES_FACTOR` times
+//! `--snapshot-count` entries, which bounds the log replayed at restart.
 
 use std::time::{Duration, Instant};
 
 use slog::{error, info, warn};
 
 use super::{Node, NodeMsg};
+use crate::background;
 use crate::metrics::Metrics;
 use crate::snapshot::{self, SnapshotData, SnapshotMeta};
+
+/// However large the map, a snapshot is due after this many times `--snapshot-count`
+/// entries.
+const MAX_ENTRIES_FACTOR: u64 = 10;
+/// A snapshot smaller than this is cheap to rewrite: the next one is due on the entry
+/// count alone.
+const CHEAP_SNAPSHOT_BYTES: u64 = 4 << 20;
+
+/// Whether a snapshot is due, `entries` (with `bytes` of payload) having been applied
+/// since the last snapshot, whose file has `last_bytes`.
+fn snapshot_due(entries: u64, snapshot_count: u64, bytes: u64, last_bytes: u64) -> bool {
+    entries >= snapshot_count
+        && (last_bytes < CHEAP_SNAPSHOT_BYTES
+            || bytes >= last_bytes
+            || entries >= snapshot_count * MAX_ENTRIES_FACTOR)
+}
 
 /// A snapshot the background writer made durable.
 pub struct WrittenSnapshot {
@@ -19,11 +43,16 @@ pub struct WrittenSnapshot {
 }
 
 impl Node {
-    /// Snapshots when enough entries were applied since the last one, or when raft needs
-    /// a newer one to send to a follower.
+    /// Snapshots when enough entries were applied since the last one (see the module
+    /// doc), or when raft needs a newer one to send to a follower.
     pub(super) fn maybe_snapshot(&mut self) {
         let wanted = self.raw.store().take_snapshot_request();
-        let due = self.applied >= self.last_snapshot + self.snapshot_count;
+        let due = snapshot_due(
+            self.applied.saturating_sub(self.last_snapshot),
+            self.snapshot_count,
+            self.applied_bytes_since_snapshot,
+            self.last_snapshot_bytes,
+        );
         if (wanted || due) && !self.snapshot_in_progress && self.applied > self.last_snapshot {
             self.start_snapshot();
         }
@@ -47,24 +76,23 @@ impl Node {
             "index" => data.meta.index, "keys" => data.kv.len(),
             "loop_pause_ms" => format!("{:.2}", pause.as_secs_f64() * 1e3));
         self.snapshot_in_progress = true;
+        self.applied_bytes_since_snapshot = 0;
         let (dir, inbox) = (self.snap_dir.clone(), self.inbox.clone());
-        let spawned = std::thread::Builder::new()
-            .name("snapshot-writer".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let result = snapshot::write(&dir, &data)
-                    .and_then(|(_, bytes)| {
-                        snapshot::prune(&dir)?;
-                        Ok(bytes)
-                    })
-                    .map(|bytes| WrittenSnapshot {
-                        meta: data.meta,
-                        bytes,
-                        write_time: started.elapsed(),
-                    })
-                    .map_err(|e| format!("writing the snapshot failed: {e}"));
-                let _ = inbox.tx.send(NodeMsg::SnapshotWritten(result));
-            });
+        let spawned = background::spawn("snapshot-writer", move || {
+            let started = Instant::now();
+            let result = snapshot::write(&dir, &data)
+                .and_then(|(_, bytes)| {
+                    snapshot::prune(&dir)?;
+                    Ok(bytes)
+                })
+                .map(|bytes| WrittenSnapshot {
+                    meta: data.meta,
+                    bytes,
+                    write_time: started.elapsed(),
+                })
+                .map_err(|e| format!("writing the snapshot failed: {e}"));
+            let _ = inbox.tx.send(NodeMsg::SnapshotWritten(result));
+        });
         if let Err(e) = spawned {
             error!(self.logger, "could not start the snapshot writer"; "error" => %e);
             self.snapshot_in_progress = false;
@@ -91,14 +119,13 @@ impl Node {
         let first = index.saturating_sub(self.catchup_entries) + 1;
         store.compact(first).map_err(|e| e.to_string())?;
         let (purge, logger) = (store.purger(), self.logger.clone());
-        let _ = std::thread::Builder::new()
-            .name("log-purge".into())
-            .spawn(move || {
-                if let Err(e) = purge() {
-                    warn!(logger, "could not delete obsolete raft log files"; "error" => %e);
-                }
-            });
+        let _ = background::spawn("log-purge", move || {
+            if let Err(e) = purge() {
+                warn!(logger, "could not delete obsolete raft log files"; "error" => %e);
+            }
+        });
         self.last_snapshot = index;
+        self.last_snapshot_bytes = written.bytes;
         Metrics::inc(&self.metrics.snapshots);
         self.metrics.snapshot_duration.observe(written.write_time);
         info!(self.logger, "snapshot written";
@@ -128,6 +155,8 @@ impl Node {
         self.applied = meta.index;
         self.applied_term = meta.term;
         self.last_snapshot = meta.index;
+        self.last_snapshot_bytes = snapshot::size_of(&path);
+        self.applied_bytes_since_snapshot = 0;
         self.reads.on_applied(meta.index);
         if let Err(e) = snapshot::prune(&self.snap_dir) {
             warn!(self.logger, "could not prune old snapshots"; "error" => %e);
@@ -135,5 +164,24 @@ impl Node {
         info!(self.logger, "installed a snapshot from the leader";
             "index" => meta.index, "term" => meta.term, "keys" => keys);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_maps_snapshot_on_count_and_large_ones_when_the_log_has_grown_as_much() {
+        let mb = 1 << 20;
+        // Too few entries: never.
+        assert!(!snapshot_due(9_999, 10_000, 100 * mb, 0));
+        // A cheap snapshot: on the count alone.
+        assert!(snapshot_due(10_000, 10_000, 1, 3 * mb));
+        // A 28 MB snapshot: not until 28 MB of entries were applied ...
+        assert!(!snapshot_due(50_000, 10_000, 14 * mb, 28 * mb));
+        assert!(snapshot_due(95_000, 10_000, 28 * mb, 28 * mb));
+        // ... or ten times the count, whichever comes first.
+        assert!(snapshot_due(100_000, 10_000, mb, 500 * mb));
     }
 }
