@@ -4,33 +4,43 @@
 //! Only the node's apply step (or a snapshot install) writes to it, in log order, so every
 //! member that has applied the same prefix of the log holds the same map. Readers take the
 //! lock briefly to clone a value out (a reference-count increment). It must never be
-//! written from anywhere but committed entries.
+//! written from anywhere but committed entries. Each key is one [`Record`].
 //!
 //! The map is split into shards, each behind an `Arc`, so that a snapshot is taken in
 //! O(shards): [`KvStore::freeze`] clones the shard pointers, and a later write to a shard
 //! the snapshot writer still holds copies that one shard first (copy-on-write). The cost
 //! of copying is spread over the writes that follow instead of pausing the raft loop.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
 use crate::command::{Command, Write};
+use crate::record::Record;
 
 /// The map, shared between the node (the only writer) and the HTTP API (readers).
 pub type SharedKv = Arc<RwLock<KvStore>>;
 
-/// A value and the revision that wrote it.
+/// A value and the revision that wrote it, as readers get them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned {
     pub value: Bytes,
     pub revision: u64,
 }
 
-/// One shard; keys and values are reference-counted.
-pub type KvMap = BTreeMap<Bytes, Versioned>;
+impl From<&Record> for Versioned {
+    fn from(record: &Record) -> Versioned {
+        Versioned {
+            value: record.value_bytes(),
+            revision: record.revision(),
+        }
+    }
+}
+
+/// One shard: records ordered by key.
+pub type KvMap = BTreeSet<Record>;
 
 /// What applying a command did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,8 +65,8 @@ impl FrozenKv {
         self.shards.iter().map(|s| s.len()).sum()
     }
 
-    /// Every pair, shard by shard (not in key order).
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Versioned)> {
+    /// Every record, shard by shard (not in key order).
+    pub fn iter(&self) -> impl Iterator<Item = &Record> {
         self.shards.iter().flat_map(|s| s.iter())
     }
 
@@ -78,9 +88,9 @@ impl FrozenKv {
         for shard in &self.shards {
             let matches = shard
                 .range::<[u8], _>((start, Unbounded))
-                .take_while(|(key, _)| key.starts_with(prefix))
+                .take_while(|record| record.key().starts_with(prefix))
                 .take(limit.saturating_add(1));
-            found.extend(matches.map(|(k, v)| (k.clone(), v.clone())));
+            found.extend(matches.map(|r| (Bytes::copy_from_slice(r.key()), r.into())));
         }
         found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let more = found.len() > limit;
@@ -88,11 +98,11 @@ impl FrozenKv {
         (found, more)
     }
 
-    /// Builds a view from pairs read back from a snapshot file.
-    pub fn from_pairs(pairs: impl IntoIterator<Item = (Bytes, Versioned)>) -> FrozenKv {
+    /// Builds a view from records read back from a snapshot file.
+    pub fn from_records(records: impl IntoIterator<Item = Record>) -> FrozenKv {
         let mut shards = vec![KvMap::new(); SHARDS];
-        for (key, value) in pairs {
-            shards[shard_of(&key)].insert(key, value);
+        for record in records {
+            shards[shard_of(record.key())].replace(record);
         }
         FrozenKv {
             shards: shards.into_iter().map(Arc::new).collect(),
@@ -102,7 +112,7 @@ impl FrozenKv {
 
 impl Default for FrozenKv {
     fn default() -> FrozenKv {
-        FrozenKv::from_pairs([])
+        FrozenKv::from_records([])
     }
 }
 
@@ -119,7 +129,7 @@ pub struct KvStore {
 
 impl KvStore {
     pub fn get(&self, key: &[u8]) -> Option<Versioned> {
-        self.map.shards[shard_of(key)].get(key).cloned()
+        self.map.shards[shard_of(key)].get(key).map(Versioned::from)
     }
 
     /// The whole map as it is now, in O(shards).
@@ -135,7 +145,7 @@ impl KvStore {
     fn revision_of(&self, key: &[u8]) -> u64 {
         self.map.shards[shard_of(key)]
             .get(key)
-            .map_or(0, |v| v.revision)
+            .map_or(0, Record::revision)
     }
 
     /// Applies one committed command as of `revision` (its entry's index): all of its
@@ -154,16 +164,15 @@ impl KvStore {
         for write in command.writes {
             match write {
                 Write::Put { key, value } => {
-                    // Own right-sized copies: slices would pin the whole buffer the entry
-                    // was read into (raft-engine reads whole, possibly compressed, blocks).
-                    let key = Bytes::copy_from_slice(&key);
-                    let value = Bytes::copy_from_slice(&value);
+                    // A record of its own: slices of the entry would pin the whole buffer
+                    // it was read into (raft-engine reads whole, possibly compressed,
+                    // blocks).
                     let shard = &mut self.map.shards[shard_of(&key)];
-                    Arc::make_mut(shard).insert(key, Versioned { value, revision });
+                    Arc::make_mut(shard).replace(Record::new(&key, &value, revision));
                 }
                 Write::Delete { key } => {
                     let shard = &mut self.map.shards[shard_of(&key)];
-                    if shard.contains_key(&key) && Arc::make_mut(shard).remove(&key).is_some() {
+                    if shard.contains(&key[..]) && Arc::make_mut(shard).remove(&key[..]) {
                         deleted += 1;
                     }
                 }
@@ -198,7 +207,7 @@ mod tests {
         }
         put(&mut kv, "extra", "x", 3);
         assert_eq!(frozen.len(), 1000);
-        assert!(frozen.iter().all(|(_, v)| v.value == "old"));
+        assert!(frozen.iter().all(|r| r.value() == b"old"));
         assert_eq!(kv.get(b"k7").unwrap().value, "new");
         assert_eq!(kv.freeze().len(), 1001);
     }

@@ -20,6 +20,7 @@ mod membership;
 mod metrics;
 mod node;
 mod read_index;
+mod record;
 mod snapshot;
 mod storage;
 mod transport;

@@ -25,8 +25,9 @@ use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
 use crate::durable;
-use crate::kv::{FrozenKv, Versioned};
+use crate::kv::FrozenKv;
 use crate::membership::Membership;
+use crate::record::Record;
 
 const MAGIC: &[u8; 8] = b"RKVSNAP2";
 /// The first format, without revisions.
@@ -163,10 +164,10 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         w.write_all(&id.to_le_bytes())?;
     }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
-    for (key, versioned) in data.kv.iter() {
-        put_bytes(&mut w, key)?;
-        put_bytes(&mut w, &versioned.value)?;
-        w.write_all(&versioned.revision.to_le_bytes())?;
+    for record in data.kv.iter() {
+        put_bytes(&mut w, record.key())?;
+        put_bytes(&mut w, record.value())?;
+        w.write_all(&record.revision().to_le_bytes())?;
     }
     let crc = w.crc.finalize();
     let mut file = w.inner.into_inner().map_err(|e| e.into_error())?.file;
@@ -288,18 +289,18 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     }
     data.membership.removed = removed;
     let count = r.u64()?;
-    let mut pairs = Vec::with_capacity(count.min(size / 8) as usize);
+    let mut records = Vec::with_capacity(count.min(size / 8) as usize);
     for _ in 0..count {
         let key = r.bytes(size)?;
-        let value = r.bytes(size)?.into();
+        let value = r.bytes(size)?;
         let revision = if has_revisions {
             r.u64()?
         } else {
             data.meta.index
         };
-        pairs.push((key.into(), Versioned { value, revision }));
+        records.push(Record::new(&key, &value, revision));
     }
-    data.kv = FrozenKv::from_pairs(pairs);
+    data.kv = FrozenKv::from_records(records);
     let computed = r.crc.clone().finalize();
     let mut stored = [0; 4];
     r.inner
@@ -380,16 +381,10 @@ mod tests {
             .peer_urls
             .insert(1, "http://127.0.0.1:1".into());
         data.membership.removed.insert(3);
-        data.kv = FrozenKv::from_pairs((0..100u32).map(|i| {
-            let value = vec![i as u8; 10].into();
-            (
-                format!("k{i}").into(),
-                Versioned {
-                    value,
-                    revision: i as u64 + 1,
-                },
-            )
-        }));
+        data.kv = FrozenKv::from_records(
+            (0..100u32)
+                .map(|i| Record::new(format!("k{i}").as_bytes(), &[i as u8; 10], i as u64 + 1)),
+        );
         data
     }
 
@@ -411,8 +406,11 @@ mod tests {
         let want = sample(40);
         assert_eq!(back.meta, want.meta);
         let pairs = |kv: &FrozenKv| {
-            let mut v: Vec<_> = kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut v: Vec<_> = kv
+                .iter()
+                .map(|r| (r.key().to_vec(), r.value().to_vec(), r.revision()))
+                .collect();
+            v.sort();
             v
         };
         assert_eq!(pairs(&back.kv), pairs(&want.kv));
