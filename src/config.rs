@@ -129,6 +129,14 @@ impl Config {
         if self.id == 0 {
             return Err("--id must be a positive integer".into());
         }
+        let joining = self.join || self.join_via.is_some();
+        if !joining && self.id as usize > self.cluster.len() {
+            return Err(format!(
+                "--id {} must be between 1 and the number of --cluster URLs ({}) when forming a cluster",
+                self.id,
+                self.cluster.len()
+            ));
+        }
         let listed = self.cluster.get(self.id as usize - 1).cloned();
         self.peer_url = match (self.peer_url.as_deref().map(parse_peer_url), listed) {
             (Some(Err(e)), _) => return Err(format!("--peer-url: {e}")),
@@ -144,7 +152,7 @@ impl Config {
             }
             (None, None) => {
                 return Err(format!(
-                    "--id {} must be between 1 and the number of --cluster URLs ({})",
+                    "--id {} has no entry in --cluster ({} URLs): give this node's --peer-url",
                     self.id,
                     self.cluster.len()
                 ))

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use slog::{info, warn, Logger};
 
+use crate::node::CHANGE_IN_PROGRESS;
+
 /// How long to keep asking before giving up.
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between attempts.
@@ -62,7 +64,7 @@ pub async fn ask_to_join(
                             info!(logger, "already a member of the cluster"; "via" => via);
                             return Ok(members);
                         }
-                        _ if text.contains("pending") => format!("{status}: {text}"),
+                        _ if text.contains(CHANGE_IN_PROGRESS) => format!("{status}: {text}"),
                         _ => return Err(format!("{via} refused to add this node: {text}")),
                     },
                     503 => format!("{status}: {text}"),

@@ -60,7 +60,7 @@ impl Api {
         headers: &HeaderMap,
     ) -> Reply {
         let params = parse_query(query, &["consistency"])?;
-        self.wait_until_readable(consistency_of(params.get("consistency"))?)
+        self.wait_until_readable(Consistency::from_params(&params)?)
             .await?;
         let found = self.kv.read().unwrap().get(&key);
         let Some(versioned) = found else {
@@ -144,7 +144,7 @@ impl Api {
             )));
         }
         let prefix = params.get("prefix").cloned().unwrap_or_default();
-        self.wait_until_readable(consistency_of(params.get("consistency"))?)
+        self.wait_until_readable(Consistency::from_params(&params)?)
             .await?;
         // Freeze (a pointer copy per shard) and walk the copy without holding the lock.
         let frozen = self.kv.read().unwrap().freeze();
@@ -188,10 +188,6 @@ impl Api {
             &serde_json::json!({ "revision": written.revision, "keys": keys }),
         ))
     }
-}
-
-fn consistency_of(value: Option<&String>) -> Result<Consistency, Failure> {
-    value.map_or(Ok(Consistency::Linearizable), |v| Consistency::parse(v))
 }
 
 fn revision_check(key: &Bytes, revision: Option<u64>) -> Vec<RevisionCheck> {

@@ -277,12 +277,13 @@ enum Consistency {
 }
 
 impl Consistency {
-    fn parse(value: &str) -> Result<Consistency, Failure> {
-        match value {
-            "linearizable" => Ok(Consistency::Linearizable),
-            "serializable" => Ok(Consistency::Serializable),
-            _ => Err(Failure::bad_request(format!(
-                "consistency={value:?}: use linearizable (the default) or serializable"
+    /// The `consistency` query parameter, if any; linearizable when absent.
+    fn from_params(params: &HashMap<String, String>) -> Result<Consistency, Failure> {
+        match params.get("consistency").map(String::as_str) {
+            None | Some("linearizable") => Ok(Consistency::Linearizable),
+            Some("serializable") => Ok(Consistency::Serializable),
+            Some(other) => Err(Failure::bad_request(format!(
+                "consistency={other:?}: use linearizable (the default) or serializable"
             ))),
         }
     }

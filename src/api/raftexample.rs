@@ -29,11 +29,8 @@ impl Api {
     pub(super) async fn get_key(&self, key: &str, query: Option<&str>) -> Reply {
         let key = check_key(key)?;
         let params = parse_query(query, &["consistency"])?;
-        let consistency = match params.get("consistency") {
-            Some(value) => Consistency::parse(value)?,
-            None => Consistency::Linearizable,
-        };
-        self.wait_until_readable(consistency).await?;
+        self.wait_until_readable(Consistency::from_params(&params)?)
+            .await?;
         match self.kv.read().unwrap().get(key.as_bytes()) {
             Some(versioned) => Ok(Response::new(Full::new(versioned.value))),
             None => Err(Failure::new(

@@ -13,6 +13,10 @@ use slog::{error, info, warn};
 use super::{MemberChange, Node, ProposeError, Reply, Written};
 use crate::command::MemberContext;
 
+/// The start of the message that refuses a change while another is unapplied; a client
+/// that sees it may retry (`join.rs` does).
+pub const CHANGE_IN_PROGRESS: &str = "another membership change is still in progress";
+
 impl Node {
     pub(super) fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
         if let Err(why) = self.check_member_change(&change) {
@@ -78,9 +82,7 @@ impl Node {
             }
         }
         if self.member_change_pending() {
-            return Err(
-                "another membership change is still in progress; retry once it is applied".into(),
-            );
+            return Err(format!("{CHANGE_IN_PROGRESS}; retry once it is applied"));
         }
         Ok(())
     }

@@ -49,6 +49,7 @@ use handle::Reply;
 pub use handle::{
     Member, MemberChange, NodeExit, NodeHandle, NodeMsg, NodeStatus, ProposeError, Written,
 };
+pub use members::CHANGE_IN_PROGRESS;
 
 /// The raft group this process serves. Multi-raft will route by it; today there is one.
 pub const GROUP_ID: u64 = 1;
