@@ -42,7 +42,10 @@ impl Node {
             }
         };
         cc.context = MemberContext { id, peer_url }.encode().into();
-        let proposed = self.raw.propose_conf_change(vec![], cc);
+        let proposed = self
+            .raw
+            .propose_conf_change(vec![], cc)
+            .map_err(|e| e.to_string());
         self.await_proposal(id, proposed, reply);
     }
 
