@@ -1,8 +1,9 @@
 //! The raft node: the one thread that owns the raft-rs `RawNode` and drives it.
 //!
 //! Everything that touches raft state arrives as a [`NodeMsg`] on one channel: client
-//! proposals, membership changes, messages from peers. The loop steps them in, ticks the
-//! clock, and handles each `Ready` in the order raft-rs requires:
+//! proposals, membership changes, messages from peers. The loop steps them in (the client
+//! writes of one round as one proposal of many entries), ticks the clock, and handles
+//! each `Ready` in the order raft-rs requires:
 //!
 //! 1. send the leader's messages at once (they may go out before the local write);
 //!    install the snapshot the leader sent, if the Ready carries one (`snapshots.rs`);
@@ -378,10 +379,7 @@ impl Node {
         msg.set_entries(entries.into());
         let refused = self.raw.raft.step(msg).err().map(|e| e.to_string());
         for (id, reply) in waiters {
-            let proposed = match &refused {
-                None => Ok(()),
-                Some(why) => Err(why.clone()),
-            };
+            let proposed = refused.as_ref().map_or(Ok(()), |why| Err(why.clone()));
             self.await_proposal(id, proposed, reply);
         }
     }
