@@ -2,9 +2,10 @@
 //! thread, the peer transport and the client API, and stops them all in order on SIGTERM,
 //! SIGINT, or when this node is removed from the cluster.
 //!
-//! Reading order for a PUT: `api/raftexample.rs` (HTTP) -> `node/handle.rs` (to the node thread) ->
-//! `node/mod.rs` (propose, Ready loop) -> `storage.rs` (fsync) and `transport.rs` (to
-//! peers) -> `node/mod.rs` (apply) -> `kv.rs`.
+//! Reading order for a PUT: `api/mod.rs` (routing) -> `api/raftexample.rs` or
+//! `api/kv_v1.rs` (the request) -> `node/handle.rs` (to the node thread) -> `command.rs`
+//! (the entry) -> `node/mod.rs` (propose, Ready loop) -> `storage.rs` (fsync) and
+//! `transport.rs` (to peers) -> `node/mod.rs` (apply) -> `kv.rs` and `record.rs`.
 
 mod api;
 mod background;
