@@ -463,7 +463,8 @@ impl Node {
         if leader != self.leader {
             info!(self.logger, "leader changed";
                 "leader" => leader, "previous" => self.leader,
-                "role" => ?role, "term" => self.raw.raft.term);
+                "role" => ?role, "term" => self.raw.raft.term,
+                "commit" => self.raw.raft.raft_log.committed);
             self.leader = leader;
             Metrics::inc(&self.metrics.leader_changes);
         }
