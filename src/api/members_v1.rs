@@ -22,9 +22,9 @@ use crate::node::MemberChange;
 /// The body of `POST /v1/members`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewMember {
-    pub id: u64,
-    pub peer_url: String,
+struct NewMember {
+    id: u64,
+    peer_url: String,
 }
 
 impl Api {
@@ -42,11 +42,16 @@ impl Api {
         if new.id == 0 {
             return Err(Failure::bad_request("id must be a positive integer"));
         }
-        let id = new.id;
         let peer_url = parse_peer_url(&new.peer_url).map_err(Failure::bad_request)?;
         let written = self
             .node
-            .change_members(MemberChange::Add { id, peer_url }, self.request_timeout)
+            .change_members(
+                MemberChange::Add {
+                    id: new.id,
+                    peer_url,
+                },
+                self.request_timeout,
+            )
             .await?;
         let status = self.node.status().await?;
         Ok(json_response(
