@@ -58,6 +58,11 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
+    /// One of `items`, at random.
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
     fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -157,10 +162,7 @@ fn run_client(id: usize, ports: Arc<RwLock<Vec<u16>>>, rec: Arc<Recorder>, stop:
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let port = {
-            let ports = ports.read().unwrap();
-            ports[rng.below(ports.len())]
-        };
+        let port = rng.pick(&ports.read().unwrap());
         let key = KEYS[rng.below(KEYS.len())];
         if rng.below(2) == 0 {
             rec.write(port, key, format!("c{id}-{n}"));
@@ -209,10 +211,7 @@ fn run_cas_client(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let port = {
-            let ports = ports.read().unwrap();
-            ports[rng.below(ports.len())]
-        };
+        let port = rng.pick(&ports.read().unwrap());
         let Some((value, revision)) = read_counter(port) else {
             continue;
         };
