@@ -147,8 +147,8 @@ impl Api {
 
     async fn route(&self, req: Request<Incoming>, method: &Method, path: &str) -> Reply {
         let target = path.strip_prefix('/').unwrap_or(path);
-        if target == "v1" || target.starts_with("v1/") {
-            return self.route_v1(req, method, &target[2..]).await;
+        if let Some(rest) = v1_rest(target) {
+            return self.route_v1(req, method, rest).await;
         }
         match (method, target) {
             (&Method::GET, "status") => self.status().await,
@@ -233,7 +233,8 @@ impl Api {
                 "method" => %method, "path" => path,
                 "status" => status.as_u16(), "reason" => &message);
         }
-        let mut response = if path.starts_with("/v1/") || path == "/v1" {
+        let on_v1 = v1_rest(path.strip_prefix('/').unwrap_or(path)).is_some();
+        let mut response = if on_v1 {
             let mut body = serde_json::json!({ "error": message });
             if let Some(revision) = revision {
                 body["revision"] = revision.into();
@@ -340,6 +341,14 @@ fn decode_path_segment(raw: &str) -> Result<Bytes, Failure> {
     Ok(Bytes::from(key.into_owned()))
 }
 
+/// For a path (without its leading slash) under `/v1`, the rest after `v1` (empty or
+/// starting with `/`); `None` for raftexample's and the admin routes.
+fn v1_rest(target: &str) -> Option<&str> {
+    target
+        .strip_prefix("v1")
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The `route` label of a request in the metrics.
 fn route_of(method: &Method, path: &str) -> &'static str {
     let target = path.strip_prefix('/').unwrap_or(path);
@@ -355,7 +364,7 @@ fn route_of(method: &Method, path: &str) -> &'static str {
             _ => "other",
         },
         (_, t) if t == "v1/members" || t.starts_with("v1/members/") => "v1_members",
-        (_, t) if t == "v1" || t.starts_with("v1/") => "other",
+        (_, t) if v1_rest(t).is_some() => "other",
         ("GET", _) => "get",
         ("PUT", _) => "put",
         ("POST", _) => "add_member",
