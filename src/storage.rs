@@ -3,8 +3,9 @@
 //! commit), and served to raft-rs through the [`raft::Storage`] trait.
 //!
 //! Every write that raft-rs needs durable goes through [`LogStore::persist`], which puts
-//! the entries and the hard state in one atomic, fsynced batch: a hard state whose commit
-//! points past the stored log can never be left behind by a crash. This module must never
+//! the entries and the hard state in one atomic batch, fsynced whenever it holds entries
+//! or a new term or vote: a hard state whose commit points past the stored log can never
+//! be left behind by a crash. This module must never
 //! acknowledge a write it has not synced, and never invents entries it does not hold.
 //!
 //! After a snapshot the log is compacted: entries up to the *truncation point* are gone,
@@ -153,22 +154,31 @@ impl LogStore {
     }
 
     /// Appends `entries` (replacing any conflicting suffix) and stores `hard_state`, in one
-    /// atomic batch, synced to disk before it returns.
+    /// atomic batch, synced to disk before it returns whenever raft needs it durable: new
+    /// entries, or a new term or vote. A hard state that only moves the commit index is
+    /// written but not synced (etcd's `MustSync` rule): it is a fact the leader holds
+    /// durably anyway and tells again, and the log file is replayed as a prefix, so a
+    /// commit index that survives a crash never points past entries that did not.
+    /// Returns whether the batch was synced.
     pub fn persist(
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut batch = LogBatch::default();
         batch.add_entries::<RaftEntries>(self.group_id, entries)?;
         if let Some(hs) = hard_state {
             batch.put_message(self.group_id, KEY_HARD_STATE.to_vec(), hs)?;
         }
-        self.engine.write(&mut batch, true)?;
+        let must_sync = !entries.is_empty()
+            || hard_state.is_some_and(|hs| {
+                hs.term != self.hard_state.term || hs.vote != self.hard_state.vote
+            });
+        self.engine.write(&mut batch, must_sync)?;
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();
         }
-        Ok(())
+        Ok(must_sync)
     }
 
     /// Records a commit index that raft-rs reports after the entries are durable. Not

@@ -8,7 +8,7 @@
 //! 1. send the leader's messages at once (they may go out before the local write);
 //!    install the snapshot the leader sent, if the Ready carries one (`snapshots.rs`);
 //! 2. apply the committed entries to the key-value map and answer their waiting clients;
-//! 3. persist new entries and the hard state in one fsynced batch;
+//! 3. persist new entries and the hard state in one batch, fsynced (`storage.rs` says when);
 //! 4. only then send the messages that promise durability (votes, append responses);
 //! 5. `advance`, and do the same for the light ready that follows.
 //!
@@ -425,11 +425,14 @@ impl Node {
         }
         if !ready.entries().is_empty() || ready.hs().is_some() {
             let started = Instant::now();
-            self.raw
+            let synced = self
+                .raw
                 .mut_store()
                 .persist(ready.entries(), ready.hs())
                 .map_err(|e| format!("could not persist raft entries: {e}"))?;
-            self.metrics.log_fsync.observe(started.elapsed());
+            if synced {
+                self.metrics.log_fsync.observe(started.elapsed());
+            }
         }
         if !ready.persisted_messages().is_empty() {
             self.transport
