@@ -20,6 +20,7 @@ mod kv;
 mod membership;
 mod metrics;
 mod node;
+mod peer_stream;
 mod read_index;
 mod record;
 mod snapshot;

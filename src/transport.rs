@@ -1,12 +1,13 @@
 //! Raft messages between members, over HTTP.
 //!
-//! Sending: one queue and one task per peer. As etcd's rafthttp does, the task keeps one
-//! long-lived `POST <peer-url>/raft` open per peer and writes into its chunked body, as
-//! they come, frames of every message waiting in the queue: no round trip per message,
-//! no waiting for an answer before the next. When the stream breaks the next message
-//! opens a new one. Raft tolerates lost messages, so a full queue drops rather than
-//! blocks the node, and a failed stream is reported to raft-rs (`report_unreachable`) and
-//! logged once per outage, not once per message.
+//! Sending: as etcd's rafthttp does, one long-lived `POST <peer-url>/raft` per peer whose
+//! chunked body carries frames of raft messages as they come: no round trip per
+//! message, no waiting for an answer before the next. `peer_stream.rs` keeps that stream
+//! (the node's thread writes into the socket itself); this file routes each Ready's
+//! messages to their peers' streams, one chunk per peer. When a stream breaks the next
+//! message opens a new one. Raft tolerates lost messages, so a full backlog drops rather
+//! than blocks the node, and a failed stream is reported to raft-rs
+//! (`report_unreachable`) and logged once per outage, not once per message.
 //!
 //! Snapshots do not travel inside a raft message: raft-rs's `MsgSnapshot` carries only the
 //! metadata, and its sender streams the snapshot file (read in chunks, never whole in
@@ -37,7 +38,6 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use slog::{debug, info, warn, Logger};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 
 use crate::cluster_id::{self, ClusterId};
 use crate::durable;
@@ -46,6 +46,7 @@ use crate::http_server::text_response as reply;
 use crate::membership::{Membership, SharedMembership};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, GROUP_ID};
+use crate::peer_stream::{PeerStream, StreamTarget};
 use crate::snapshot;
 
 /// The path peers POST raft messages to.
@@ -57,25 +58,18 @@ const MESSAGE_HEADER: &str = "x-raft-message";
 /// The sender's cluster id (see cluster_id.rs), on every stream and upload.
 const CLUSTER_HEADER: &str = "x-raftkvd-cluster-id";
 const GROUP_HEADER: &str = "x-raft-group";
-/// Batches written ahead into a message stream before the sender waits for it.
-const STREAM_BUFFER: usize = 64;
-/// A message stream lives until it breaks; this only bounds a forgotten one.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// A snapshot upload may take this long before it is given up.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Messages waiting for one peer before new ones are dropped.
-const PEER_QUEUE_LEN: usize = 4096;
-/// Most messages written as one chunk of a stream.
-const MAX_BATCH: usize = 512;
 /// Largest frame a peer may send.
 const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
-/// A peer that does not accept a connection within this long is unreachable.
+/// A peer that does not accept a snapshot upload's connection within this long is
+/// unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One message addressed to one raft group.
 type GroupMessage = (u64, Message);
 
-/// The sending half: a queue per peer.
+/// The sending half: a stream per peer.
 pub struct Transport {
     peers: Mutex<HashMap<u64, Peer>>,
     client: reqwest::Client,
@@ -90,7 +84,7 @@ pub struct Transport {
 
 struct Peer {
     url: String,
-    queue: mpsc::Sender<GroupMessage>,
+    stream: Arc<PeerStream>,
 }
 
 impl Transport {
@@ -129,24 +123,33 @@ impl Transport {
         if peers.get(&id).is_some_and(|p| p.url == url) {
             return;
         }
-        let (queue, rx) = mpsc::channel(PEER_QUEUE_LEN);
-        let sender = PeerSender {
-            id,
-            endpoint: format!("{url}{RAFT_PATH}"),
-            client: self.client.clone(),
-            node: self.node.clone(),
-            cluster_id: self.cluster_id.clone(),
-            metrics: self.metrics.clone(),
-            logger: self.logger.new(slog::o!("peer" => id)),
+        let cluster_id = self.cluster_id.clone();
+        let target = StreamTarget {
+            authority: url.trim_start_matches("http://").to_string(),
+            path: RAFT_PATH.to_string(),
+            headers: Box::new(move || {
+                let id = cluster_id.get().map(cluster_id::format);
+                id.map(|id| (CLUSTER_HEADER, id)).into_iter().collect()
+            }),
         };
-        self.runtime.spawn(sender.run(rx));
-        peers.insert(
+        let stream = PeerStream::start(
+            id,
+            target,
+            &self.runtime,
+            self.node.clone(),
+            self.metrics.clone(),
+            self.logger.new(slog::o!("peer" => id)),
+        );
+        let old = peers.insert(
             id,
             Peer {
                 url: url.to_string(),
-                queue,
+                stream,
             },
         );
+        if let Some(old) = old {
+            old.stream.close();
+        }
     }
 
     /// Sends to every member of `membership` but `own_id`, and to none of the removed.
@@ -161,14 +164,18 @@ impl Transport {
         }
     }
 
-    /// Stops sending to `id`; its task ends when its queue is dropped.
+    /// Stops sending to `id`.
     pub fn remove_peer(&self, id: u64) {
-        self.peers.lock().unwrap().remove(&id);
+        if let Some(peer) = self.peers.lock().unwrap().remove(&id) {
+            peer.stream.close();
+        }
     }
 
-    /// Queues raft messages of `group_id` for their recipients. Never blocks.
+    /// Sends raft messages of `group_id` to their recipients, one chunk per peer. Never
+    /// blocks.
     pub fn send(&self, group_id: u64, messages: Vec<Message>) {
         let peers = self.peers.lock().unwrap();
+        let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
         for msg in messages {
             let to = msg.to;
             if self.partition.is_blocked(to) {
@@ -178,15 +185,23 @@ impl Transport {
                 Some(peer) if msg.get_msg_type() == MessageType::MsgSnapshot => {
                     self.send_snapshot(&peer.url, group_id, msg)
                 }
-                Some(peer) => {
-                    if peer.queue.try_send((group_id, msg)).is_err() {
-                        debug!(self.logger, "peer queue full, dropping a message"; "peer" => to);
-                    }
+                Some(_) => {
+                    let at = match chunks.iter().position(|(id, _)| *id == to) {
+                        Some(at) => at,
+                        None => {
+                            chunks.push((to, Vec::new()));
+                            chunks.len() - 1
+                        }
+                    };
+                    encode_frame(&mut chunks[at].1, group_id, &msg);
                 }
                 None => {
                     debug!(self.logger, "no address for peer, dropping a message"; "peer" => to)
                 }
             }
+        }
+        for (to, frames) in chunks {
+            peers[&to].stream.send(&frames, &self.logger);
         }
     }
 }
@@ -259,97 +274,13 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// The task that drains one peer's queue.
-struct PeerSender {
-    id: u64,
-    endpoint: String,
-    client: reqwest::Client,
-    node: NodeHandle,
-    cluster_id: Arc<ClusterId>,
-    metrics: Arc<Metrics>,
-    logger: Logger,
-}
-
-impl PeerSender {
-    async fn run(self, mut queue: mpsc::Receiver<GroupMessage>) {
-        let mut reachable = true;
-        let mut batch = Vec::new();
-        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            // Open a message stream, starting with what is waiting now.
-            let (frames, body) = mpsc::channel::<Bytes>(STREAM_BUFFER);
-            let _ = frames.try_send(encode_batch(&batch).into());
-            batch.clear();
-            let body = futures_util::stream::unfold(body, |mut body| async move {
-                let chunk = body.recv().await?;
-                Some((Ok::<Bytes, std::io::Error>(chunk), body))
-            });
-            let cluster = self.cluster_id.get().map(cluster_id::format);
-            let stream = self
-                .client
-                .post(&self.endpoint)
-                .header(CLUSTER_HEADER, cluster.unwrap_or_default())
-                .timeout(STREAM_TIMEOUT)
-                .body(reqwest::Body::wrap_stream(body))
-                .send();
-            tokio::pin!(stream);
-            let mut batches_sent = 1;
-            let ended = loop {
-                tokio::select! {
-                    ended = &mut stream => break ended,
-                    n = queue.recv_many(&mut batch, MAX_BATCH) => {
-                        if n == 0 {
-                            return; // the peer was removed from the transport
-                        }
-                        let chunk = Bytes::from(encode_batch(&batch));
-                        batch.clear();
-                        if frames.send(chunk).await.is_err() {
-                            break (&mut stream).await;
-                        }
-                        batches_sent += 1;
-                        if !reachable && batches_sent > 1 {
-                            info!(self.logger, "peer is reachable again");
-                            reachable = true;
-                        }
-                    }
-                }
-            };
-            let failure = match ended {
-                Ok(resp) if resp.status() == StatusCode::GONE => {
-                    let reason = resp.text().await.unwrap_or_default();
-                    warn!(self.logger, "peer says this node was removed from the cluster"; "reason" => reason);
-                    self.node.removed_by_peer(self.id);
-                    return;
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let reason = resp.text().await.unwrap_or_default();
-                    format!(
-                        "the peer ended the stream: HTTP {status}: {}",
-                        reason.trim()
-                    )
-                }
-                Err(e) => e.to_string(),
-            };
-            Metrics::inc(&self.metrics.peer_send_errors);
-            if reachable {
-                warn!(self.logger, "peer unreachable; messages to it are dropped until it answers"; "error" => failure);
-                reachable = false;
-            }
-            self.node.report_unreachable(self.id);
-        }
-    }
-}
-
-/// Frames: `group id (u64 LE) | length (u32 LE) | protobuf-encoded raft message`, repeated.
-fn encode_batch(batch: &[GroupMessage]) -> Vec<u8> {
-    let mut buf = Vec::new();
-    for (group_id, msg) in batch {
-        let bytes = msg.write_to_bytes().expect("raft messages always encode");
-        buf.extend_from_slice(&group_id.to_le_bytes());
-        buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&bytes);
-    }
-    buf
+/// Appends one frame to `buf`: `group id (u64 LE) | length (u32 LE) | protobuf-encoded
+/// raft message`. A stream is a sequence of frames.
+fn encode_frame(buf: &mut Vec<u8>, group_id: u64, msg: &Message) {
+    let bytes = msg.write_to_bytes().expect("raft messages always encode");
+    buf.extend_from_slice(&group_id.to_le_bytes());
+    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&bytes);
 }
 
 /// Removes the complete frames at the front of `buf` and decodes them; an incomplete
@@ -589,7 +520,10 @@ mod tests {
         m.to = 2;
         m.term = 5;
         let batch = vec![(1, m.clone()), (7, m)];
-        let bytes = encode_batch(&batch);
+        let mut bytes = Vec::new();
+        for (group_id, msg) in &batch {
+            encode_frame(&mut bytes, *group_id, msg);
+        }
         for split in 0..=bytes.len() {
             let mut buf = bytes[..split].to_vec();
             let mut got = take_frames(&mut buf).unwrap();
