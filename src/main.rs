@@ -5,7 +5,8 @@
 //! Reading order for a PUT: `api/mod.rs` (routing) -> `api/raftexample.rs` or
 //! `api/kv_v1.rs` (the request) -> `node/handle.rs` (to the node thread) -> `command.rs`
 //! (the entry) -> `node/mod.rs` (propose, Ready loop) -> `storage.rs` (fsync) and
-//! `transport.rs` (to peers) -> `node/mod.rs` (apply) -> `kv.rs` and `record.rs`.
+//! `transport.rs` + `peer_stream.rs` (to peers) -> `node/mod.rs` (apply) -> `kv.rs` and
+//! `record.rs`.
 
 mod api;
 mod background;

@@ -55,6 +55,7 @@ pub struct PeerStream {
     /// Wakes the task: something to connect for, to flush, or the stream was closed.
     wake: Notify,
     closed: AtomicBool,
+    logger: Logger,
 }
 
 struct Outbox {
@@ -100,6 +101,7 @@ impl PeerStream {
             }),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
+            logger: logger.clone(),
         });
         let task = StreamTask {
             stream: stream.clone(),
@@ -114,7 +116,7 @@ impl PeerStream {
 
     /// Writes `frames` (encoded raft messages) as one chunk of the stream, or queues it.
     /// Never blocks; drops the chunk when the backlog is full (raft resends what matters).
-    pub fn send(&self, frames: &[u8], logger: &Logger) {
+    pub fn send(&self, frames: &[u8]) {
         let chunk = chunk_of(frames);
         let mut out = self.outbox.lock().unwrap();
         let mut written = 0;
@@ -133,7 +135,7 @@ impl PeerStream {
             _ => {}
         }
         if written == 0 && out.backlog.len() + chunk.len() > MAX_BACKLOG_BYTES {
-            debug!(logger, "peer backlog full, dropping messages"; "peer" => self.id);
+            debug!(self.logger, "peer backlog full, dropping messages");
             return;
         }
         out.backlog.extend_from_slice(&chunk[written..]);

@@ -201,7 +201,7 @@ impl Transport {
             }
         }
         for (to, frames) in chunks {
-            peers[&to].stream.send(&frames, &self.logger);
+            peers[&to].stream.send(&frames);
         }
     }
 }
