@@ -196,8 +196,9 @@ async fn serve(
         own_url.host_str().unwrap_or("127.0.0.1"),
         own_url.port().unwrap_or(80)
     );
-    let peer_listener = TcpListener::bind(&peer_addr)
-        .await
+    // Bound here, served on the raft thread (see below).
+    let peer_listener = std::net::TcpListener::bind(&peer_addr)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
         .map_err(|e| format!("cannot listen for peers on {peer_addr}: {e}"))?;
     let api_addr = format!("{}:{}", config.listen_host, config.port);
     let api_listener = TcpListener::bind(&api_addr)
@@ -249,14 +250,6 @@ async fn serve(
         },
         logger.new(o!("component" => "raft")),
     )?;
-    let (exit_tx, mut exit_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("raft-node".into())
-        .spawn(move || {
-            let _ = exit_tx.send(node.run(inbox));
-        })
-        .map_err(|e| format!("cannot start the node thread: {e}"))?;
-
     let (stop_servers, servers_stopping) = watch::channel(false);
     let peer_service = Arc::new(transport::PeerService {
         node: node_handle.clone(),
@@ -267,13 +260,20 @@ async fn serve(
         strangers: Default::default(),
         logger: logger.new(o!("component" => "transport")),
     });
-    let peer_server = tokio::spawn(http_server::serve(
-        "peer",
-        peer_listener,
-        move |req| transport::handle_peer_request(req, peer_service.clone()),
-        servers_stopping.clone(),
-        logger.clone(),
-    ));
+    let (exit_tx, mut exit_rx) = oneshot::channel();
+    let peer_server = PeerServer {
+        listener: peer_listener,
+        service: peer_service,
+        stopping: servers_stopping.clone(),
+        logger: logger.clone(),
+    };
+    std::thread::Builder::new()
+        .name("raft-node".into())
+        .spawn(move || {
+            let _ = exit_tx.send(run_raft_thread(node, inbox, peer_server));
+        })
+        .map_err(|e| format!("cannot start the node thread: {e}"))?;
+
     let api = Arc::new(Api {
         node: node_handle.clone(),
         kv,
@@ -309,8 +309,49 @@ async fn serve(
             exit
         }
     };
-    peer_server.abort();
     Ok(exit)
+}
+
+/// The peer-facing server, before it starts on the raft thread.
+struct PeerServer {
+    listener: std::net::TcpListener,
+    service: Arc<transport::PeerService>,
+    stopping: watch::Receiver<bool>,
+    logger: Logger,
+}
+
+/// The raft thread: a single-threaded runtime that runs the node loop and the peer
+/// server, so that a message from a peer is read and stepped on one thread without a
+/// wake-up between them. When the loop ends, the runtime and the peer server go with it.
+fn run_raft_thread(
+    node: Node,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<node::NodeMsg>,
+    peers: PeerServer,
+) -> NodeExit {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return NodeExit::Failed(format!("cannot start the raft thread's runtime: {e}")),
+    };
+    let exit = runtime.block_on(async move {
+        let listener = match TcpListener::from_std(peers.listener) {
+            Ok(listener) => listener,
+            Err(e) => return NodeExit::Failed(format!("cannot serve peers: {e}")),
+        };
+        let service = peers.service;
+        tokio::spawn(http_server::serve(
+            "peer",
+            listener,
+            move |req| transport::handle_peer_request(req, service.clone()),
+            peers.stopping,
+            peers.logger,
+        ));
+        node.run(inbox).await
+    });
+    runtime.shutdown_background();
+    exit
 }
 
 async fn shutdown_signal() -> &'static str {

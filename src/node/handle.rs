@@ -2,12 +2,11 @@
 //! ([`NodeMsg`]), a cheap clonable [`NodeHandle`] that sends them and awaits answers with
 //! a deadline, and the answers' types. Nothing here touches raft state.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use raft::eraftpb::Message;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::snapshots::WrittenSnapshot;
 use crate::command::Command;
@@ -91,12 +90,12 @@ pub enum NodeMsg {
 /// A cheap, clonable way for other tasks to talk to the node thread.
 #[derive(Clone)]
 pub struct NodeHandle {
-    pub(super) tx: mpsc::Sender<NodeMsg>,
+    pub(super) tx: mpsc::UnboundedSender<NodeMsg>,
 }
 
 impl NodeHandle {
-    pub fn new() -> (NodeHandle, mpsc::Receiver<NodeMsg>) {
-        let (tx, rx) = mpsc::channel();
+    pub fn new() -> (NodeHandle, mpsc::UnboundedReceiver<NodeMsg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         (NodeHandle { tx }, rx)
     }
 

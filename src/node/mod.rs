@@ -23,13 +23,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use slog::{error, info, warn, Logger};
+use tokio::sync::mpsc;
 
 use crate::command::{Command, Proposal, ProposalId};
 use crate::kv::{Applied, SharedKv};
@@ -193,23 +193,31 @@ impl Node {
     }
 
     /// Runs the loop until shutdown, removal or a storage failure.
-    pub fn run(mut self, inbox: mpsc::Receiver<NodeMsg>) -> NodeExit {
+    ///
+    /// This is async only to wait: the loop runs on its own single-threaded runtime,
+    /// the raft thread, beside the tasks that read the peers' message streams, so that a
+    /// message from a peer reaches raft without waking another thread. Everything else
+    /// (stepping, fsync, applying) blocks this thread on purpose, as a plain loop would.
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<NodeMsg>) -> NodeExit {
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match inbox.recv_timeout(wait) {
-                Ok(msg) => {
+            let first = tokio::select! {
+                msg = inbox.recv() => match msg {
+                    Some(msg) => Some(msg),
+                    None => return NodeExit::Stopped,
+                },
+                _ = tokio::time::sleep_until(next_tick.into()) => None,
+            };
+            if let Some(msg) = first {
+                if let Some(exit) = self.handle(msg) {
+                    return exit;
+                }
+                for _ in 0..MAX_MSGS_PER_ROUND {
+                    let Ok(msg) = inbox.try_recv() else { break };
                     if let Some(exit) = self.handle(msg) {
                         return exit;
                     }
-                    for msg in inbox.try_iter().take(MAX_MSGS_PER_ROUND) {
-                        if let Some(exit) = self.handle(msg) {
-                            return exit;
-                        }
-                    }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return NodeExit::Stopped,
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -238,6 +246,9 @@ impl Node {
                     return NodeExit::Stopped;
                 }
             }
+            // Let the peer streams read what arrived during this round: under load the
+            // inbox is never empty, and the loop would otherwise not yield for many rounds.
+            tokio::task::yield_now().await;
         }
     }
 
