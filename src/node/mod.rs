@@ -14,7 +14,8 @@
 //!
 //! A client is answered only after its entry is committed and applied here; a request
 //! whose fate is unknown is never answered as a success. This thread must never block on
-//! the network, and must never apply an entry that is not committed.
+//! the network, and must never apply an entry that is not committed. (The thread is a
+//! single-threaded runtime that also reads the peers' streams, see `run`.)
 //!
 //! This file is the loop, the Ready handling, proposals and applying entries. Beside it:
 //! `handle.rs` (how other tasks talk to the node), `members.rs` (membership changes),
