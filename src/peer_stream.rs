@@ -3,8 +3,8 @@
 //!
 //! The raft node's thread writes each chunk into the socket itself, with a non-blocking
 //! write: a message costs one system call and no thread wake-up before it is on the
-//! wire (handing it to a task first cost one more wake-up per hop, a fifth of a write's
-//! latency when measured). Only what the socket does not take at once, and everything
+//! wire (handing it to a task first cost one more wake-up per hop: put1 latency fell
+//! 15% without it). Only what the socket does not take at once, and everything
 //! while the connection opens, waits in a bounded backlog that a task writes out.
 //!
 //! That task also opens the connection (never the node's thread: a connect may wait a
