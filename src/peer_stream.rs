@@ -29,8 +29,9 @@ use tokio::sync::Notify;
 use crate::metrics::Metrics;
 use crate::node::NodeHandle;
 
-/// A peer that does not accept a connection within this long is unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A peer that does not accept a connection within this long is unreachable (for
+/// snapshot uploads too).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes waiting for one peer before new messages to it are dropped (raft resends).
 const MAX_BACKLOG_BYTES: usize = 16 * 1024 * 1024;
 /// A stream still open this long after it was opened shows the peer reachable again.

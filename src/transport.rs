@@ -46,7 +46,7 @@ use crate::http_server::text_response as reply;
 use crate::membership::{Membership, SharedMembership};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, GROUP_ID};
-use crate::peer_stream::{PeerStream, StreamTarget};
+use crate::peer_stream::{PeerStream, StreamTarget, CONNECT_TIMEOUT};
 use crate::snapshot;
 
 /// The path peers POST raft messages to.
@@ -62,9 +62,6 @@ const GROUP_HEADER: &str = "x-raft-group";
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest frame a peer may send.
 const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
-/// A peer that does not accept a snapshot upload's connection within this long is
-/// unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One message addressed to one raft group.
 type GroupMessage = (u64, Message);
