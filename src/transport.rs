@@ -84,6 +84,14 @@ struct Peer {
     stream: Arc<PeerStream>,
 }
 
+impl Drop for Peer {
+    /// A peer the transport no longer holds (removed, or moved to a new URL) gets no
+    /// more messages: its stream's task closes the connection and ends.
+    fn drop(&mut self) {
+        self.stream.close();
+    }
+}
+
 impl Transport {
     pub fn new(
         runtime: tokio::runtime::Handle,
@@ -137,16 +145,13 @@ impl Transport {
             self.metrics.clone(),
             self.logger.new(slog::o!("peer" => id)),
         );
-        let old = peers.insert(
+        peers.insert(
             id,
             Peer {
                 url: url.to_string(),
                 stream,
             },
         );
-        if let Some(old) = old {
-            old.stream.close();
-        }
     }
 
     /// Sends to every member of `membership` but `own_id`, and to none of the removed.
@@ -163,9 +168,7 @@ impl Transport {
 
     /// Stops sending to `id`.
     pub fn remove_peer(&self, id: u64) {
-        if let Some(peer) = self.peers.lock().unwrap().remove(&id) {
-            peer.stream.close();
-        }
+        self.peers.lock().unwrap().remove(&id);
     }
 
     /// Sends raft messages of `group_id` to their recipients, one chunk per peer. Never
