@@ -1,15 +1,18 @@
 //! What a raft log entry carries, and its byte encoding.
 //!
-//! A normal entry holds a [`Proposal`]: the command to apply to the key-value map and the
-//! [`ProposalId`] of the request that proposed it, so that the node that proposed it can
-//! answer its waiting client once the entry is applied. A [`Command`] is a list of writes
-//! (puts and deletes) applied together, at one revision (the entry's index), and only if
-//! every revision check it carries holds: that is how compare-and-swap and the atomic
-//! multi-key set work. A conf-change entry carries a
-//! [`MemberContext`] (the proposal id and the new member's peer URL) in its context.
+//! A normal entry holds one or more [`Proposal`]s: each the command to apply to the
+//! key-value map and the [`ProposalId`] of the request that proposed it, so that the node
+//! that proposed it can answer its waiting client once the entry is applied. A node puts
+//! every write it took in during one loop round into one entry (see `Node::propose_batch`).
+//! A [`Command`] is a list of writes (puts and deletes) applied together, at one revision,
+//! and only if every revision check it carries holds: that is how compare-and-swap and the
+//! atomic multi-key set work. A conf-change entry carries a [`MemberContext`] (the
+//! proposal id and the new member's peer URL) in its context.
 //!
 //! The format is a small hand-written binary layout with a version byte, so that entries
-//! written today stay readable. Decoding never panics: bad bytes are an error.
+//! written today stay readable: version 1 is one proposal, version 2 a batch of them
+//! (each a version-1 encoding with its length in front). Decoding never panics: bad bytes
+//! are an error.
 
 use std::fmt;
 
@@ -17,6 +20,8 @@ use bytes::Bytes;
 
 /// Leading byte of every encoded proposal and member context.
 const FORMAT_VERSION: u8 = 1;
+/// Leading byte of an entry that carries several proposals.
+const FORMAT_BATCH: u8 = 2;
 /// Operation tag of one unconditional put: the compact layout of the common case.
 const OP_PUT: u8 = 1;
 /// Operation tag of a general command: checks, then writes.
@@ -50,7 +55,7 @@ pub enum Write {
     Delete { key: Bytes },
 }
 
-/// A condition on a key's revision (etcd's mod_revision: the index of the entry that
+/// A condition on a key's revision (etcd's mod_revision: the revision of the command that
 /// last wrote it). `revision` 0 means "the key must not exist".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevisionCheck {
@@ -174,6 +179,39 @@ impl Proposal {
         };
         Ok(Proposal { id, command })
     }
+}
+
+/// The payload of an entry carrying all of `encoded` (each a [`Proposal::encode`]), in
+/// order: the proposal itself if there is one.
+pub fn encode_entry(encoded: &[Vec<u8>]) -> Vec<u8> {
+    if let [one] = encoded {
+        return one.clone();
+    }
+    let len = 5 + encoded.iter().map(|p| 4 + p.len()).sum::<usize>();
+    let mut buf = Vec::with_capacity(len);
+    buf.push(FORMAT_BATCH);
+    buf.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+    for proposal in encoded {
+        put_bytes(&mut buf, proposal);
+    }
+    buf
+}
+
+/// The proposals of a normal entry's payload, in order.
+pub fn decode_entry(bytes: &Bytes) -> Result<Vec<Proposal>, DecodeError> {
+    if bytes.first() != Some(&FORMAT_BATCH) {
+        return Proposal::decode(bytes).map(|p| vec![p]);
+    }
+    let mut r = Reader { all: bytes, at: 1 };
+    let count = r.count()?;
+    let mut proposals = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        proposals.push(Proposal::decode(&r.bytes()?)?);
+    }
+    if r.at != bytes.len() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    Ok(proposals)
 }
 
 fn write_len(write: &Write) -> usize {
@@ -319,6 +357,27 @@ mod tests {
     fn checked_multi_write_round_trips() {
         let p = checked_txn();
         assert_eq!(Proposal::decode(&p.encode().into()), Ok(p));
+    }
+
+    #[test]
+    fn an_entry_carries_one_proposal_or_a_batch() {
+        let single = checked_txn();
+        let one = encode_entry(&[single.encode()]);
+        assert_eq!(one, single.encode(), "a lone proposal is written as before");
+        assert_eq!(decode_entry(&one.into()), Ok(vec![single.clone()]));
+        let put = Proposal {
+            id: ProposalId::NONE,
+            command: Command::put(Bytes::from_static(b"k"), Bytes::from_static(b"v")),
+        };
+        let batch = encode_entry(&[put.encode(), single.encode(), put.encode()]);
+        assert_eq!(
+            decode_entry(&Bytes::copy_from_slice(&batch)),
+            Ok(vec![put.clone(), single, put])
+        );
+        for cut in 0..batch.len() {
+            let cut = Bytes::copy_from_slice(&batch[..cut]);
+            assert!(decode_entry(&cut).is_err(), "cut at {cut:?}");
+        }
     }
 
     #[test]

@@ -59,9 +59,9 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
     pub max_value_bytes: usize,
 
-    /// Take a snapshot after at least this many applied entries since the last one, then
+    /// Take a snapshot after at least this many applied writes since the last one, then
     /// compact the raft log. Once snapshots exceed 4 MiB, the next waits until the log since
-    /// the last one is as large as it (at most 10 times this many entries), so rewriting
+    /// the last one is as large as it (at most 10 times this many writes), so rewriting
     /// the map never costs more disk writes than the log itself.
     #[arg(long, env = "RAFTKVD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,

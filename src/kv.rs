@@ -1,5 +1,11 @@
 //! The replicated state machine: an in-memory map from keys to values, each value with
-//! its revision (the raft index of the entry that last wrote it, etcd's mod_revision).
+//! its revision (the revision of the command that last wrote it, etcd's mod_revision).
+//!
+//! The map's revision counts the commands applied: every command takes the next one,
+//! whether its checks hold or not, and an entry that carries no command (a new leader's
+//! empty entry, a membership change) takes one too. So while every entry carries one
+//! command the revision is the raft index, as it was before entries were batched, and a
+//! snapshot records the revision it was taken at.
 //!
 //! Only the node's apply step (or a snapshot install) writes to it, in log order, so every
 //! member that has applied the same prefix of the log holds the same map. Readers take the
@@ -58,9 +64,15 @@ const SHARDS: usize = 64;
 #[derive(Clone)]
 pub struct FrozenKv {
     shards: Vec<Arc<KvMap>>,
+    /// The revision of the last command applied.
+    revision: u64,
 }
 
 impl FrozenKv {
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.len()).sum()
     }
@@ -98,21 +110,22 @@ impl FrozenKv {
         (found, more)
     }
 
-    /// Builds a view from records read back from a snapshot file.
-    pub fn from_records(records: impl IntoIterator<Item = Record>) -> FrozenKv {
+    /// Builds a view at `revision` from records read back from a snapshot file.
+    pub fn from_records(records: impl IntoIterator<Item = Record>, revision: u64) -> FrozenKv {
         let mut shards = vec![KvMap::new(); SHARDS];
         for record in records {
             shards[shard_of(record.key())].replace(record);
         }
         FrozenKv {
             shards: shards.into_iter().map(Arc::new).collect(),
+            revision,
         }
     }
 }
 
 impl Default for FrozenKv {
     fn default() -> FrozenKv {
-        FrozenKv::from_records([])
+        FrozenKv::from_records([], 0)
     }
 }
 
@@ -148,9 +161,27 @@ impl KvStore {
             .map_or(0, Record::revision)
     }
 
-    /// Applies one committed command as of `revision` (its entry's index): all of its
-    /// writes if every check holds, else none.
-    pub fn apply(&mut self, command: Command, revision: u64) -> Applied {
+    /// The revision of the last command applied.
+    pub fn revision(&self) -> u64 {
+        self.map.revision
+    }
+
+    /// Counts an applied entry that carries no command (see the module doc); returns the
+    /// revision it took.
+    pub fn skip_revision(&mut self) -> u64 {
+        self.map.revision += 1;
+        self.map.revision
+    }
+
+    /// Applies one committed command at the next revision: all of its writes if every
+    /// check holds, else none. Returns the revision it took.
+    pub fn apply(&mut self, command: Command) -> (u64, Applied) {
+        self.map.revision += 1;
+        let revision = self.map.revision;
+        (revision, self.apply_at(command, revision))
+    }
+
+    fn apply_at(&mut self, command: Command, revision: u64) -> Applied {
         for check in &command.checks {
             let current = self.revision_of(&check.key);
             if current != check.revision {
@@ -191,21 +222,21 @@ mod tests {
         Bytes::copy_from_slice(text.as_bytes())
     }
 
-    fn put(kv: &mut KvStore, k: &str, v: &str, revision: u64) -> Applied {
-        kv.apply(Command::put(b(k), b(v)), revision)
+    fn put(kv: &mut KvStore, k: &str, v: &str) -> Applied {
+        kv.apply(Command::put(b(k), b(v))).1
     }
 
     #[test]
     fn a_frozen_view_does_not_see_later_writes() {
         let mut kv = KvStore::default();
         for i in 0..1000 {
-            put(&mut kv, &format!("k{i}"), "old", 1);
+            put(&mut kv, &format!("k{i}"), "old");
         }
         let frozen = kv.freeze();
         for i in 0..1000 {
-            put(&mut kv, &format!("k{i}"), "new", 2);
+            put(&mut kv, &format!("k{i}"), "new");
         }
-        put(&mut kv, "extra", "x", 3);
+        put(&mut kv, "extra", "x");
         assert_eq!(frozen.len(), 1000);
         assert!(frozen.iter().all(|r| r.value() == b"old"));
         assert_eq!(kv.get(b"k7").unwrap().value, "new");
@@ -225,30 +256,34 @@ mod tests {
                 value: b(value),
             }],
         };
-        assert_eq!(kv.apply(create("a"), 5), Applied::Written { deleted: 0 });
-        assert_eq!(kv.get(b"k").unwrap().revision, 5);
+        kv.skip_revision();
+        assert_eq!(kv.apply(create("a")), (2, Applied::Written { deleted: 0 }));
+        assert_eq!(kv.get(b"k").unwrap().revision, 2);
+        let refused = Applied::CheckFailed {
+            key: b("k"),
+            revision: 2,
+        };
         assert_eq!(
-            kv.apply(create("b"), 6),
-            Applied::CheckFailed {
-                key: b("k"),
-                revision: 5
-            }
+            kv.apply(create("b")),
+            (3, refused),
+            "a failed check takes one too"
         );
         assert_eq!(kv.get(b"k").unwrap().value, "a");
         let delete = Command {
             checks: vec![],
             writes: vec![Write::Delete { key: b("k") }, Write::Delete { key: b("x") }],
         };
-        assert_eq!(kv.apply(delete, 7), Applied::Written { deleted: 1 });
+        assert_eq!(kv.apply(delete), (4, Applied::Written { deleted: 1 }));
         assert!(kv.get(b"k").is_none());
+        assert_eq!(kv.freeze().revision(), 4);
     }
 
     #[test]
     fn listing_is_in_key_order_across_shards() {
         let mut kv = KvStore::default();
         for i in (0..500).rev() {
-            put(&mut kv, &format!("p/{i:04}"), "v", i + 1);
-            put(&mut kv, &format!("q/{i:04}"), "v", i + 1);
+            put(&mut kv, &format!("p/{i:04}"), "v");
+            put(&mut kv, &format!("q/{i:04}"), "v");
         }
         let frozen = kv.freeze();
         let (page, more) = frozen.list(b"p/", None, 100);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-/// One key, its value and its revision (the raft index that last wrote it).
+/// One key, its value and its revision (that of the write that last changed it).
 #[derive(Clone, Debug)]
 pub struct Record {
     /// `key length as u32 LE | key | value`.

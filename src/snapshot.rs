@@ -5,14 +5,15 @@
 //! snapshot, `snap-<index as 16 hex digits>.snap`, in the data dir's `snap/` folder:
 //!
 //! ```text
-//! "RKVSNAP2" | index u64 | term u64 | conf state (u32 len + protobuf)
+//! "RKVSNAP3" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
 //! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
-//! (integers little-endian). Files of the first format, "RKVSNAP1", had no revisions;
-//! they are still read, and give every key the snapshot's index as its revision. A file is written to a temporary name, fsynced, renamed and
-//! the directory fsynced, so a crash leaves either the whole snapshot or none; the checksum
+//! (integers little-endian). Older formats are still read: "RKVSNAP2" lacks the map
+//! revision, which was then always the index; "RKVSNAP1" also lacks the keys' revisions,
+//! and gives every key the snapshot's index. A file is written to a temporary name,
+//! fsynced, renamed and the directory fsynced, so a crash leaves either the whole snapshot or none; the checksum
 //! catches corruption after that. The same file is what a leader streams to a follower.
 //! This module never returns data that failed its checksum.
 
@@ -29,7 +30,9 @@ use crate::kv::FrozenKv;
 use crate::membership::Membership;
 use crate::record::Record;
 
-const MAGIC: &[u8; 8] = b"RKVSNAP2";
+const MAGIC: &[u8; 8] = b"RKVSNAP3";
+/// The second format, without the map's revision.
+const MAGIC_V2: &[u8; 8] = b"RKVSNAP2";
 /// The first format, without revisions.
 const MAGIC_V1: &[u8; 8] = b"RKVSNAP1";
 /// What every format's magic starts with.
@@ -146,6 +149,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     w.write_all(MAGIC)?;
     w.write_all(&data.meta.index.to_le_bytes())?;
     w.write_all(&data.meta.term.to_le_bytes())?;
+    w.write_all(&data.kv.revision().to_le_bytes())?;
     put_bytes(
         &mut w,
         &data
@@ -268,14 +272,20 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     };
     let mut magic = [0; 8];
     r.exact(&mut magic)?;
-    let has_revisions = match &magic {
-        MAGIC => true,
-        MAGIC_V1 => false,
+    let (has_map_revision, has_revisions) = match &magic {
+        MAGIC => (true, true),
+        MAGIC_V2 => (false, true),
+        MAGIC_V1 => (false, false),
         _ => return Err("not a raftkvd snapshot file".into()),
     };
     let mut data = SnapshotData::default();
     data.meta.index = r.u64()?;
     data.meta.term = r.u64()?;
+    let map_revision = if has_map_revision {
+        r.u64()?
+    } else {
+        data.meta.index
+    };
     data.meta.conf_state =
         ConfState::parse_from_bytes(&r.bytes(size)?).map_err(|e| format!("bad conf state: {e}"))?;
     for _ in 0..r.u32()? {
@@ -300,7 +310,7 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
         };
         records.push(Record::new(&key, &value, revision));
     }
-    data.kv = FrozenKv::from_records(records);
+    data.kv = FrozenKv::from_records(records, map_revision);
     let computed = r.crc.clone().finalize();
     let mut stored = [0; 4];
     r.inner
@@ -384,6 +394,7 @@ mod tests {
         data.kv = FrozenKv::from_records(
             (0..100u32)
                 .map(|i| Record::new(format!("k{i}").as_bytes(), &[i as u8; 10], i as u64 + 1)),
+            index + 5,
         );
         data
     }
@@ -414,8 +425,27 @@ mod tests {
             v
         };
         assert_eq!(pairs(&back.kv), pairs(&want.kv));
+        assert_eq!(back.kv.revision(), 45);
         assert_eq!(back.membership.peer_urls, want.membership.peer_urls);
         assert_eq!(back.membership.removed, want.membership.removed);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_format_file_reads_with_its_index_as_the_map_revision() {
+        let dir = temp_dir("v2");
+        let (path, _) = write(&dir, &sample(40)).unwrap();
+        let v3 = fs::read(&path).unwrap();
+        // The same file in the second format: no map revision after the term.
+        let mut v2 = MAGIC_V2.to_vec();
+        v2.extend_from_slice(&v3[8..24]);
+        v2.extend_from_slice(&v3[32..v3.len() - 4]);
+        let crc = crc32fast::hash(&v2);
+        v2.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &v2).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!((back.meta.index, back.kv.revision()), (40, 40));
+        assert_eq!(back.kv.len(), 100);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -85,6 +85,88 @@ fn revisions_and_compare_and_swap() {
     assert_eq!(header, revision(&got).to_string());
 }
 
+/// Concurrent writes are batched, several to a raft entry, yet each takes its own
+/// revision, every member agrees on it, and compare-and-swaps that land in the same
+/// entry still see each other: of many racing from one revision, exactly one wins.
+#[test]
+fn batched_writes_each_take_their_own_revision() {
+    const WRITERS: usize = 16;
+    const EACH: usize = 40;
+    let mut cluster = Cluster::start("v1-batch", 3, &[]);
+    let applied_before = cluster.node(1).status().unwrap()["applied"]
+        .as_u64()
+        .unwrap();
+    let written: Vec<(String, u64)> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let node = &cluster.nodes[w % 2];
+                s.spawn(move || {
+                    (0..EACH)
+                        .map(|i| {
+                            let key = format!("batch/{w}-{i}");
+                            let (code, body) = http_json(
+                                "PUT",
+                                &node.url(&format!("v1/kv/{key}")),
+                                Some(json!({"value": "v"})),
+                            );
+                            assert_eq!(code, 200, "{body}");
+                            (key, revision(&body))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let mut revisions: Vec<u64> = written.iter().map(|(_, r)| *r).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(
+        revisions.len(),
+        WRITERS * EACH,
+        "two writes shared a revision"
+    );
+    let applied = cluster.node(1).status().unwrap()["applied"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        applied - applied_before < (WRITERS * EACH) as u64,
+        "{} writes took {} entries: none were batched",
+        WRITERS * EACH,
+        applied - applied_before
+    );
+    let n3 = &cluster.nodes[2];
+    for (key, rev) in &written {
+        let (_, got) = http_json("GET", &n3.url(&format!("v1/kv/{key}")), None);
+        assert_eq!(revision(&got), *rev, "{key} on node 3: {got}");
+    }
+
+    let (_, base) = http_json(
+        "PUT",
+        &cluster.nodes[0].url("v1/kv/race"),
+        Some(json!({"value": "0"})),
+    );
+    let from = revision(&base);
+    let codes: Vec<u16> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let url = cluster.nodes[w % 3].url(&format!("v1/kv/race?if_revision={from}"));
+                s.spawn(move || http("PUT", &url, Some(format!("{w}").into_bytes())).0)
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 1, "{codes:?}");
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 412).count(),
+        WRITERS - 1,
+        "{codes:?}"
+    );
+}
+
 #[test]
 fn prefix_listing_and_atomic_multi_set() {
     let cluster = Cluster::start("v1-list", 3, &[]);

@@ -8,8 +8,8 @@
 //! | `GET /v1/kv?prefix=<p>&limit=<n>[&after=<key>]` | 200 `{"items": [{"key","value","revision"}...], "more"}`, in key order; the next page starts `after` the last key |
 //! | `POST /v1/kv` body `{"k1":"v1",...}`     | sets every key at one revision, atomically; 200 `{"revision","keys"}` |
 //!
-//! A key's revision is the raft index of the entry that last wrote it (etcd's
-//! mod_revision). `if_revision=N` makes a write conditional: it happens only if the key
+//! A key's revision is the revision of the write that last changed it (etcd's
+//! mod_revision; `kv.rs` says how revisions are counted). `if_revision=N` makes a write conditional: it happens only if the key
 //! is at revision N (0: the key must not exist), else 412 with the current revision and
 //! nothing is written. The check runs when the entry is applied, so it is atomic with the
 //! write. GETs are linearizable unless `?consistency=serializable`. Keys in the path are

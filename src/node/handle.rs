@@ -42,7 +42,7 @@ pub enum MemberChange {
 /// What a proposal did once its entry was applied on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
-    /// The entry's raft index: the revision of every key it wrote.
+    /// The revision the command took: the revision of every key it wrote.
     pub revision: u64,
     /// Keys its deletes found and removed.
     pub deleted: u64,

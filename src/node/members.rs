@@ -112,7 +112,8 @@ impl Node {
         }
     }
 
-    pub(super) fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), String> {
+    /// Applies a committed membership change, which took map revision `revision`.
+    pub(super) fn apply_conf_change(&mut self, entry: &Entry, revision: u64) -> Result<(), String> {
         let (cc, context) = match ConfChange::parse_from_bytes(&entry.data)
             .map_err(|e| e.to_string())
             .and_then(|cc| {
@@ -169,7 +170,7 @@ impl Node {
             "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
         if let Some(reply) = self.waiters.remove(&context.id) {
             let _ = reply.send(Ok(Written {
-                revision: entry.index,
+                revision,
                 deleted: 0,
             }));
         }

@@ -2,7 +2,7 @@
 //!
 //! Everything that touches raft state arrives as a [`NodeMsg`] on one channel: client
 //! proposals, membership changes, messages from peers. The loop steps them in (the client
-//! writes of one round as one proposal of many entries), ticks the clock, and handles
+//! writes of one round as one entry, see `propose_batch`), ticks the clock, and handles
 //! each `Ready` in the order raft-rs requires:
 //!
 //! 1. send the leader's messages at once (they may go out before the local write);
@@ -32,7 +32,7 @@ use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use slog::{error, info, warn, Logger};
 use tokio::sync::mpsc;
 
-use crate::command::{Command, Proposal, ProposalId};
+use crate::command::{decode_entry, encode_entry, Command, Proposal, ProposalId};
 use crate::kv::{Applied, SharedKv};
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
@@ -59,6 +59,8 @@ pub const GROUP_ID: u64 = 1;
 const MAX_MSGS_PER_ROUND: usize = 4096;
 /// Ticks after which an unanswered ReadIndex request is sent again.
 const READ_RETRY_TICKS: u64 = 3;
+/// Size above which the writes of one round are split over several entries.
+const MAX_ENTRY_BYTES: usize = 256 * 1024;
 
 /// Settings of the raft node.
 pub struct NodeConfig {
@@ -68,7 +70,7 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Where snapshot files live.
     pub snap_dir: PathBuf,
-    /// Applied entries between two snapshots.
+    /// Applied commands (revisions) between two snapshots.
     pub snapshot_count: u64,
     /// Entries kept in the log behind a snapshot, for followers that lag a little.
     pub catchup_entries: u64,
@@ -93,8 +95,8 @@ pub struct Node {
     transport: Arc<Transport>,
     /// Clients waiting for their entry to be applied, by proposal id.
     waiters: HashMap<ProposalId, Reply>,
-    /// Client writes taken from the inbox this round, not yet proposed.
-    batch: Vec<(Entry, ProposalId, Reply)>,
+    /// Client writes taken from the inbox this round, encoded, not yet proposed.
+    batch: Vec<(Vec<u8>, ProposalId, Reply)>,
     reads: ReadQueue,
     /// Index of the last entry applied to the map.
     applied: u64,
@@ -115,6 +117,8 @@ pub struct Node {
     catchup_entries: u64,
     /// Index of the newest durable snapshot.
     last_snapshot: u64,
+    /// The map's revision in that snapshot.
+    last_snapshot_revision: u64,
     /// Size of that snapshot's file.
     last_snapshot_bytes: u64,
     /// Payload bytes of the entries applied since the last snapshot began.
@@ -145,6 +149,7 @@ impl Node {
         // The map was rebuilt from this snapshot (or is empty); raft hands out every
         // committed entry after it.
         let snap = store.snapshot_meta();
+        let snap_revision = kv.read().unwrap().revision();
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
@@ -180,6 +185,7 @@ impl Node {
             snapshot_count: config.snapshot_count,
             catchup_entries: config.catchup_entries,
             last_snapshot: snap.index,
+            last_snapshot_revision: snap_revision,
             last_snapshot_bytes: snapshot::size_of(&snapshot::path_of(
                 &config.snap_dir,
                 snap.index,
@@ -365,26 +371,34 @@ impl Node {
             return;
         }
         let id = self.next_proposal_id();
-        let entry = Entry {
-            data: Proposal { id, command }.encode().into(),
-            ..Default::default()
-        };
-        self.batch.push((entry, id, reply));
+        self.batch
+            .push((Proposal { id, command }.encode(), id, reply));
     }
 
-    /// Proposes every client write taken from the inbox this round in one raft message,
-    /// as `RawNode::propose` does for one: a leader appends them together and sends each
-    /// follower one append for all of them; a follower forwards them to the leader in one
-    /// message. (One message per write cost a raft step, an append and an ack each.)
+    /// Proposes every client write taken from the inbox this round as one entry (several
+    /// past `MAX_ENTRY_BYTES`), in one raft message, as `RawNode::propose` does for one: a
+    /// leader appends it and sends each follower one append; a follower forwards it to the
+    /// leader. (An entry per write cost a raft step, an append and an ack each, and 48
+    /// bytes of raft-engine's in-memory index per write until the next snapshot.)
     fn propose_batch(&mut self) {
         if self.batch.is_empty() {
             return;
         }
-        let (entries, waiters): (Vec<Entry>, Vec<(ProposalId, Reply)>) = self
-            .batch
-            .drain(..)
-            .map(|(entry, id, reply)| (entry, (id, reply)))
-            .unzip();
+        let mut entries = Vec::new();
+        let mut waiters = Vec::with_capacity(self.batch.len());
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut pending_bytes = 0;
+        for (encoded, id, reply) in self.batch.drain(..) {
+            if !pending.is_empty() && pending_bytes + encoded.len() > MAX_ENTRY_BYTES {
+                entries.push(normal_entry(&pending));
+                pending.clear();
+                pending_bytes = 0;
+            }
+            pending_bytes += encoded.len();
+            pending.push(encoded);
+            waiters.push((id, reply));
+        }
+        entries.push(normal_entry(&pending));
         let mut msg = Message::default();
         msg.set_msg_type(MessageType::MsgPropose);
         msg.from = self.raw.raft.id;
@@ -494,9 +508,14 @@ impl Node {
             self.applied_bytes_since_snapshot += entry.data.len() as u64;
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&entry),
-                EntryType::EntryConfChange => self.apply_conf_change(&entry)?,
-                EntryType::EntryConfChangeV2 => {
-                    error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
+                entry_type => {
+                    // Takes a revision, as every entry without a command does (kv.rs).
+                    let revision = self.kv.write().unwrap().skip_revision();
+                    if entry_type == EntryType::EntryConfChange {
+                        self.apply_conf_change(&entry, revision)?;
+                    } else {
+                        error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
+                    }
                 }
             }
         }
@@ -509,33 +528,39 @@ impl Node {
         Ok(())
     }
 
+    /// Applies each command of a normal entry at its own revision and answers the client
+    /// waiting for it here, if any.
     fn apply_normal(&mut self, entry: &Entry) {
-        if entry.data.is_empty() {
-            return; // a new leader's empty entry
-        }
-        let proposal = match Proposal::decode(&entry.data) {
-            Ok(p) => p,
-            Err(e) => {
+        let proposals = match entry.data.is_empty() {
+            true => Vec::new(), // a new leader's empty entry
+            false => decode_entry(&entry.data).unwrap_or_else(|e| {
                 error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
-                return;
-            }
+                Vec::new()
+            }),
         };
-        let applied = self
-            .kv
-            .write()
-            .unwrap()
-            .apply(proposal.command, entry.index);
-        if let Some(reply) = self.waiters.remove(&proposal.id) {
-            let _ = reply.send(match applied {
-                Applied::Written { deleted } => Ok(Written {
-                    revision: entry.index,
-                    deleted,
-                }),
-                Applied::CheckFailed { key, revision } => {
-                    Err(ProposeError::CheckFailed { key, revision })
-                }
-            });
+        let mut kv = self.kv.write().unwrap();
+        if proposals.is_empty() {
+            kv.skip_revision();
         }
+        for Proposal { id, command } in proposals {
+            let (revision, applied) = kv.apply(command);
+            if let Some(reply) = self.waiters.remove(&id) {
+                let _ = reply.send(match applied {
+                    Applied::Written { deleted } => Ok(Written { revision, deleted }),
+                    Applied::CheckFailed { key, revision } => {
+                        Err(ProposeError::CheckFailed { key, revision })
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A normal entry carrying the encoded proposals `batch`.
+fn normal_entry(batch: &[Vec<u8>]) -> Entry {
+    Entry {
+        data: encode_entry(batch).into(),
+        ..Default::default()
     }
 }
 

@@ -3,12 +3,13 @@
 //! installing a snapshot the leader sent. It never writes a snapshot file on the raft
 //! loop, and never records a snapshot older than the one it has.
 //!
-//! When: after `--snapshot-count` applied entries. Once the map is large (its last
-//! snapshot over `CHEAP_SNAPSHOT_BYTES`), also only when the entries applied since hold
+//! When: after `--snapshot-count` applied commands (revisions; an entry carries many).
+//! Once the map is large (its last snapshot over `CHEAP_SNAPSHOT_BYTES`), also only when
+//! the entries applied since hold
 //! at least as many bytes as that snapshot: rewriting the whole map costs its size, and
 //! waiting until the log has grown as much bounds the extra writing at one byte of
-//! snapshot per byte of log. At the latest after `MAX_ENTRIES_FACTOR` times
-//! `--snapshot-count` entries, which bounds the log replayed at restart.
+//! snapshot per byte of log. At the latest after `MAX_COMMANDS_FACTOR` times
+//! `--snapshot-count` commands, which bounds the log replayed at restart.
 
 use std::time::{Duration, Instant};
 
@@ -20,24 +21,26 @@ use crate::metrics::Metrics;
 use crate::snapshot::{self, SnapshotData, SnapshotMeta};
 
 /// However large the map, a snapshot is due after this many times `--snapshot-count`
-/// entries.
-const MAX_ENTRIES_FACTOR: u64 = 10;
+/// commands.
+const MAX_COMMANDS_FACTOR: u64 = 10;
 /// A snapshot smaller than this is cheap to rewrite: the next one is due on the entry
 /// count alone.
 const CHEAP_SNAPSHOT_BYTES: u64 = 4 << 20;
 
-/// Whether a snapshot is due, `entries` (with `bytes` of payload) having been applied
-/// since the last snapshot, whose file has `last_bytes`.
-fn snapshot_due(entries: u64, snapshot_count: u64, bytes: u64, last_bytes: u64) -> bool {
-    entries >= snapshot_count
+/// Whether a snapshot is due, `commands` (in entries with `bytes` of payload) having been
+/// applied since the last snapshot, whose file has `last_bytes`.
+fn snapshot_due(commands: u64, snapshot_count: u64, bytes: u64, last_bytes: u64) -> bool {
+    commands >= snapshot_count
         && (last_bytes < CHEAP_SNAPSHOT_BYTES
             || bytes >= last_bytes
-            || entries >= snapshot_count * MAX_ENTRIES_FACTOR)
+            || commands >= snapshot_count * MAX_COMMANDS_FACTOR)
 }
 
 /// A snapshot the background writer made durable.
 pub struct WrittenSnapshot {
     meta: SnapshotMeta,
+    /// The map's revision in it.
+    revision: u64,
     bytes: u64,
     write_time: Duration,
 }
@@ -48,7 +51,7 @@ impl Node {
     pub(super) fn maybe_snapshot(&mut self) {
         let wanted = self.raw.store().take_snapshot_request();
         let due = snapshot_due(
-            self.applied.saturating_sub(self.last_snapshot),
+            (self.kv.read().unwrap().revision()).saturating_sub(self.last_snapshot_revision),
             self.snapshot_count,
             self.applied_bytes_since_snapshot,
             self.last_snapshot_bytes,
@@ -86,6 +89,7 @@ impl Node {
                     Ok(bytes)
                 })
                 .map(|bytes| WrittenSnapshot {
+                    revision: data.kv.revision(),
                     meta: data.meta,
                     bytes,
                     write_time: started.elapsed(),
@@ -125,6 +129,7 @@ impl Node {
             }
         });
         self.last_snapshot = index;
+        self.last_snapshot_revision = written.revision;
         self.last_snapshot_bytes = written.bytes;
         Metrics::inc(&self.metrics.snapshots);
         self.metrics.snapshot_duration.observe(written.write_time);
@@ -146,6 +151,7 @@ impl Node {
             self.removed_at = Some(meta.index);
         }
         let keys = data.kv.len();
+        self.last_snapshot_revision = data.kv.revision();
         self.kv.write().unwrap().replace(data.kv);
         *self.membership.write().unwrap() = data.membership;
         self.raw
@@ -174,11 +180,11 @@ mod tests {
     #[test]
     fn small_maps_snapshot_on_count_and_large_ones_when_the_log_has_grown_as_much() {
         let mb = 1 << 20;
-        // Too few entries: never.
+        // Too few commands: never.
         assert!(!snapshot_due(9_999, 10_000, 100 * mb, 0));
         // A cheap snapshot: on the count alone.
         assert!(snapshot_due(10_000, 10_000, 1, 3 * mb));
-        // A 28 MB snapshot: not until 28 MB of entries were applied ...
+        // A 28 MB snapshot: not until entries of 28 MB were applied ...
         assert!(!snapshot_due(50_000, 10_000, 14 * mb, 28 * mb));
         assert!(snapshot_due(95_000, 10_000, 28 * mb, 28 * mb));
         // ... or ten times the count, whichever comes first.
