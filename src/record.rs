@@ -1,61 +1,88 @@
-//! How the map holds one key: its key and value in a single shared allocation, with the
-//! revision that wrote them.
+//! How the map holds one key: its revision, key and value in a single shared allocation,
+//! reached through one pointer.
 //!
 //! A key-value store's memory is mostly its keys and values, so their layout is the one
-//! that matters: one allocation of `key length (u32) | key | value` behind an `Arc`, plus
-//! the revision, is 24 bytes in the map and one heap block per key. (A pair of `Bytes`
-//! and a revision was 72 bytes and two blocks.) Cloning a record, as a snapshot's
-//! copy-on-write does, only counts a reference. A record never changes once built.
+//! that matters. A record is a thin reference-counted pointer (8 bytes in the map's tree
+//! nodes) to one heap block: `count | revision | length | key length (LEB128) | key |
+//! value`. (A fat `Arc<[u8]>` plus the revision was 24 bytes in the tree; the tree's
+//! nodes are also what a snapshot's copy-on-write duplicates, so they count twice.)
+//! Cloning a record only counts a reference. A record never changes once built.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
-use std::sync::Arc;
+use std::fmt;
 
 use bytes::Bytes;
+use triomphe::ThinArc;
 
 /// One key, its value and its revision (that of the write that last changed it).
-#[derive(Clone, Debug)]
-pub struct Record {
-    /// `key length as u32 LE | key | value`.
-    data: Arc<[u8]>,
-    revision: u64,
-}
-
-/// Length of the key-length prefix.
-const KEY_LEN_BYTES: usize = 4;
+#[derive(Clone)]
+pub struct Record(ThinArc<u64, u8>);
 
 impl Record {
     pub fn new(key: &[u8], value: &[u8], revision: u64) -> Record {
-        let mut data = Vec::with_capacity(KEY_LEN_BYTES + key.len() + value.len());
-        data.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        data.extend_from_slice(key);
-        data.extend_from_slice(value);
-        Record {
-            data: data.into(),
-            revision,
+        let mut key_len = [0; 10];
+        let prefix = encode_len(key.len(), &mut key_len);
+        let data = [prefix, key, value].concat();
+        Record(ThinArc::from_header_and_slice(revision, &data))
+    }
+
+    /// Where the key starts and ends in the block's bytes.
+    fn key_span(&self) -> (usize, usize) {
+        let bytes = &self.0.slice;
+        let (mut len, mut at) = (0, 0);
+        loop {
+            let byte = bytes[at];
+            len |= usize::from(byte & 0x7f) << (7 * at);
+            at += 1;
+            if byte < 0x80 {
+                return (at, at + len);
+            }
         }
     }
 
-    fn key_end(&self) -> usize {
-        let len = u32::from_le_bytes(self.data[..KEY_LEN_BYTES].try_into().unwrap());
-        KEY_LEN_BYTES + len as usize
-    }
-
     pub fn key(&self) -> &[u8] {
-        &self.data[KEY_LEN_BYTES..self.key_end()]
+        let (start, end) = self.key_span();
+        &self.0.slice[start..end]
     }
 
     pub fn value(&self) -> &[u8] {
-        &self.data[self.key_end()..]
+        &self.0.slice[self.key_span().1..]
     }
 
     pub fn revision(&self) -> u64 {
-        self.revision
+        self.0.header.header
     }
 
     /// The value as `Bytes` that share this record's allocation (no copy).
     pub fn value_bytes(&self) -> Bytes {
         Bytes::from_owner(ValueOf(self.clone()))
+    }
+}
+
+/// Writes `len` as LEB128 (seven bits a byte, low first, the high bit set on all but the
+/// last) into `buf`; returns the bytes used. A key under 128 bytes costs one.
+fn encode_len(mut len: usize, buf: &mut [u8; 10]) -> &[u8] {
+    let mut at = 0;
+    loop {
+        let low = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            buf[at] = low;
+            return &buf[..=at];
+        }
+        buf[at] = low | 0x80;
+        at += 1;
+    }
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("key", &Bytes::copy_from_slice(self.key()))
+            .field("revision", &self.revision())
+            .field("value_len", &self.value().len())
+            .finish()
     }
 }
 
@@ -110,7 +137,16 @@ mod tests {
         assert_eq!(r.value_bytes(), "value");
         let empty = Record::new(b"k", b"", 1);
         assert_eq!(empty.value(), b"");
-        assert_eq!(std::mem::size_of::<Record>(), 24);
+        assert_eq!(std::mem::size_of::<Record>(), 8);
+    }
+
+    #[test]
+    fn keys_of_any_length_keep_key_and_value_apart() {
+        for len in [0, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let key = vec![b'k'; len];
+            let r = Record::new(&key, b"value", 1);
+            assert_eq!((r.key().len(), r.value()), (len, &b"value"[..]), "{len}");
+        }
     }
 
     #[test]
