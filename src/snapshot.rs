@@ -41,6 +41,9 @@ const MAGIC_FAMILY: &[u8; 7] = b"RKVSNAP";
 const KEEP: usize = 3;
 /// Bytes written between two syncs of a snapshot file being written.
 const SYNC_EVERY: u64 = 1 << 20;
+/// Buffer of the snapshot writer and readers: big enough that a syscall moves many
+/// records, small beside the map (a writer runs while the node serves at full speed).
+const BUFFER_BYTES: usize = 64 << 10;
 
 /// Raft's view of a snapshot: the last entry it includes and the membership then.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -143,7 +146,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     let tmp = path.with_extension("tmp");
     let file = File::create(&tmp)?;
     let mut w = Checksummed {
-        inner: BufWriter::with_capacity(SYNC_EVERY as usize, SyncedAsWritten { file, unsynced: 0 }),
+        inner: BufWriter::with_capacity(BUFFER_BYTES, SyncedAsWritten { file, unsynced: 0 }),
         crc: crc32fast::Hasher::new(),
     };
     w.write_all(MAGIC)?;
@@ -241,7 +244,7 @@ pub fn verify(path: &Path) -> Result<(), String> {
     }
     let mut crc = crc32fast::Hasher::new();
     let mut body = (&mut file).take(size - 4);
-    let mut buf = vec![0; 1 << 20];
+    let mut buf = vec![0; BUFFER_BYTES];
     let mut first = true;
     loop {
         let n = body.read(&mut buf).map_err(|e| e.to_string())?;
@@ -267,7 +270,7 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let size = file.metadata().map_err(|e| e.to_string())?.len();
     let mut r = Verified {
-        inner: BufReader::with_capacity(1 << 20, file),
+        inner: BufReader::with_capacity(BUFFER_BYTES, file),
         crc: crc32fast::Hasher::new(),
     };
     let mut magic = [0; 8];
