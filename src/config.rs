@@ -66,8 +66,9 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
 
-    /// Entries kept in the log behind a snapshot, so that a follower that lags a little
-    /// catches up from the log instead of a whole snapshot.
+    /// Writes kept in the log behind a snapshot, so that a follower that lags a little
+    /// catches up from the log instead of a whole snapshot. (Counted in entries at the
+    /// writes per entry since the previous snapshot, as entries carry several.)
     #[arg(
         long,
         env = "RAFTKVD_SNAPSHOT_CATCHUP_ENTRIES",

@@ -72,7 +72,7 @@ pub struct NodeConfig {
     pub snap_dir: PathBuf,
     /// Applied commands (revisions) between two snapshots.
     pub snapshot_count: u64,
-    /// Entries kept in the log behind a snapshot, for followers that lag a little.
+    /// Writes kept in the log behind a snapshot, for followers that lag a little.
     pub catchup_entries: u64,
 }
 

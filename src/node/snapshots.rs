@@ -36,6 +36,16 @@ fn snapshot_due(commands: u64, snapshot_count: u64, bytes: u64, last_bytes: u64)
             || commands >= snapshot_count * MAX_COMMANDS_FACTOR)
 }
 
+/// How many entries behind a snapshot hold about `catchup_writes` writes, `entries`
+/// entries having carried `writes` writes since the last snapshot (never more than
+/// `catchup_writes`: an entry carries at least one write or none).
+fn entries_to_keep(catchup_writes: u64, entries: u64, writes: u64) -> u64 {
+    if writes <= entries {
+        return catchup_writes;
+    }
+    (u128::from(catchup_writes) * u128::from(entries) / u128::from(writes)) as u64
+}
+
 /// A snapshot the background writer made durable.
 pub struct WrittenSnapshot {
     meta: SnapshotMeta,
@@ -104,7 +114,7 @@ impl Node {
     }
 
     /// A snapshot is durable: raft may send it, and the log before it can go, except the
-    /// last `catchup_entries` for followers that lag a little.
+    /// entries of the last `catchup_entries` writes, for followers that lag a little.
     pub(super) fn on_snapshot_written(
         &mut self,
         result: Result<WrittenSnapshot, String>,
@@ -120,7 +130,12 @@ impl Node {
         store
             .record_snapshot(&written.meta)
             .map_err(|e| e.to_string())?;
-        let first = index.saturating_sub(self.catchup_entries) + 1;
+        let keep = entries_to_keep(
+            self.catchup_entries,
+            index.saturating_sub(self.last_snapshot),
+            written.revision.saturating_sub(self.last_snapshot_revision),
+        );
+        let first = index.saturating_sub(keep) + 1;
         store.compact(first).map_err(|e| e.to_string())?;
         let (purge, logger) = (store.purger(), self.logger.clone());
         let _ = background::spawn("log-purge", move || {
@@ -176,6 +191,16 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_catch_up_log_is_counted_in_writes() {
+        // One write per entry (or fewer): as many entries as writes.
+        assert_eq!(entries_to_keep(5_000, 10_000, 10_000), 5_000);
+        assert_eq!(entries_to_keep(5_000, 10_000, 4_000), 5_000);
+        // Twenty writes per entry: a twentieth of the entries.
+        assert_eq!(entries_to_keep(5_000, 10_000, 200_000), 250);
+        assert_eq!(entries_to_keep(5_000, 0, 0), 5_000);
+    }
 
     #[test]
     fn small_maps_snapshot_on_count_and_large_ones_when_the_log_has_grown_as_much() {
