@@ -531,12 +531,13 @@ impl Node {
     /// Applies each command of a normal entry at its own revision and answers the client
     /// waiting for it here, if any.
     fn apply_normal(&mut self, entry: &Entry) {
-        let proposals = match entry.data.is_empty() {
-            true => Vec::new(), // a new leader's empty entry
-            false => decode_entry(&entry.data).unwrap_or_else(|e| {
+        let proposals = if entry.data.is_empty() {
+            Vec::new() // a new leader's empty entry
+        } else {
+            decode_entry(&entry.data).unwrap_or_else(|e| {
                 error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
                 Vec::new()
-            }),
+            })
         };
         let mut kv = self.kv.write().unwrap();
         if proposals.is_empty() {
