@@ -57,13 +57,13 @@ response = function(status)
   if done >= per_thread then wrk.thread:stop() end
 end
 LUA
-  # wrk runs for its whole -d even after its threads stop: stop it once the leader has
-  # committed every put.
-  local target=$(( $(field "$1" commit) + $3 ))
+  # wrk runs for its whole -d even after its threads stop: stop it once the node has
+  # applied every put (the map's revision counts writes; entries carry several).
+  local target=$(( $(field "$1" revision) + $3 ))
   wrk -t2 -c64 -d3600s --timeout 10s -s "$WORKDIR/put.lua" "http://127.0.0.1:${A[$1]}" \
     >"$WORKDIR/wrk.log" 2>&1 &
   local wrk_pid=$!
-  until (( $(field "$1" commit) >= target )); do sleep 0.2; done
+  until (( $(field "$1" revision) >= target )); do sleep 0.2; done
   kill -INT "$wrk_pid"; wait "$wrk_pid" || true
   grep -E "requests in|Non-2xx|errors" "$WORKDIR/wrk.log" || true
 }

@@ -152,7 +152,15 @@ fn status_reports_raft_state_members_and_disk_use() {
     let cluster = Cluster::start("status", 3, &[]);
     cluster.put_ok(1, "k", "v");
     let status = cluster.nodes[0].status().unwrap();
-    for field in ["id", "term", "leader", "commit", "applied", "last_snapshot"] {
+    for field in [
+        "id",
+        "term",
+        "leader",
+        "commit",
+        "applied",
+        "revision",
+        "last_snapshot",
+    ] {
         assert!(status[field].is_u64(), "{field} in {status}");
     }
     assert_eq!(status["id"], 1);

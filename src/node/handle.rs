@@ -60,6 +60,8 @@ pub struct NodeStatus {
     pub leader: u64,
     pub commit: u64,
     pub applied: u64,
+    /// The map's revision: writes (and membership changes) applied so far.
+    pub revision: u64,
     /// Index of the newest durable snapshot (0: none).
     pub last_snapshot: u64,
     pub members: Vec<Member>,

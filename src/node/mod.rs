@@ -331,6 +331,7 @@ impl Node {
             leader: raft.leader_id,
             commit: raft.raft_log.committed,
             applied: raft.raft_log.applied,
+            revision: self.kv.read().unwrap().revision(),
             last_snapshot: self.last_snapshot,
             members: conf
                 .voters
