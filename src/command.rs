@@ -183,15 +183,15 @@ impl Proposal {
 
 /// The payload of an entry carrying all of `encoded` (each a [`Proposal::encode`]), in
 /// order: the proposal itself if there is one.
-pub fn encode_entry(encoded: &[Vec<u8>]) -> Vec<u8> {
-    if let [one] = encoded {
-        return one.clone();
+pub fn encode_entry(mut encoded: Vec<Vec<u8>>) -> Vec<u8> {
+    if encoded.len() == 1 {
+        return encoded.pop().unwrap();
     }
     let len = 5 + encoded.iter().map(|p| 4 + p.len()).sum::<usize>();
     let mut buf = Vec::with_capacity(len);
     buf.push(FORMAT_BATCH);
     buf.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-    for proposal in encoded {
+    for proposal in &encoded {
         put_bytes(&mut buf, proposal);
     }
     buf
@@ -362,14 +362,14 @@ mod tests {
     #[test]
     fn an_entry_carries_one_proposal_or_a_batch() {
         let single = checked_txn();
-        let one = encode_entry(&[single.encode()]);
+        let one = encode_entry(vec![single.encode()]);
         assert_eq!(one, single.encode(), "a lone proposal is written as before");
         assert_eq!(decode_entry(&one.into()), Ok(vec![single.clone()]));
         let put = Proposal {
             id: ProposalId::NONE,
             command: Command::put(Bytes::from_static(b"k"), Bytes::from_static(b"v")),
         };
-        let batch = encode_entry(&[put.encode(), single.encode(), put.encode()]);
+        let batch = encode_entry(vec![put.encode(), single.encode(), put.encode()]);
         assert_eq!(
             decode_entry(&Bytes::copy_from_slice(&batch)),
             Ok(vec![put.clone(), single, put])

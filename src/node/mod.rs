@@ -385,21 +385,18 @@ impl Node {
         if self.batch.is_empty() {
             return;
         }
-        let mut entries = Vec::new();
-        let mut waiters = Vec::with_capacity(self.batch.len());
-        let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut pending_bytes = 0;
-        for (encoded, id, reply) in self.batch.drain(..) {
-            if !pending.is_empty() && pending_bytes + encoded.len() > MAX_ENTRY_BYTES {
-                entries.push(normal_entry(&pending));
-                pending.clear();
-                pending_bytes = 0;
-            }
-            pending_bytes += encoded.len();
-            pending.push(encoded);
-            waiters.push((id, reply));
-        }
-        entries.push(normal_entry(&pending));
+        let (encoded, waiters): (Vec<Vec<u8>>, Vec<(ProposalId, Reply)>) = self
+            .batch
+            .drain(..)
+            .map(|(encoded, id, reply)| (encoded, (id, reply)))
+            .unzip();
+        let entries: Vec<Entry> = split_by_size(encoded, MAX_ENTRY_BYTES)
+            .into_iter()
+            .map(|batch| Entry {
+                data: encode_entry(batch).into(),
+                ..Default::default()
+            })
+            .collect();
         let mut msg = Message::default();
         msg.set_msg_type(MessageType::MsgPropose);
         msg.from = self.raw.raft.id;
@@ -558,12 +555,23 @@ impl Node {
     }
 }
 
-/// A normal entry carrying the encoded proposals `batch`.
-fn normal_entry(batch: &[Vec<u8>]) -> Entry {
-    Entry {
-        data: encode_entry(batch).into(),
-        ..Default::default()
+/// `items` in order, in groups of at most `max_bytes` (an item larger than that alone).
+fn split_by_size(items: Vec<Vec<u8>>, max_bytes: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut groups: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        match groups.last_mut() {
+            Some(group) if bytes + item.len() <= max_bytes => {
+                bytes += item.len();
+                group.push(item);
+            }
+            _ => {
+                bytes = item.len();
+                groups.push(vec![item]);
+            }
+        }
     }
+    groups
 }
 
 /// A random number from the standard library's per-process hasher keys.
@@ -578,4 +586,29 @@ fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_split_into_entries_by_size_in_order() {
+        let sizes = |groups: Vec<Vec<Vec<u8>>>| -> Vec<Vec<usize>> {
+            groups
+                .iter()
+                .map(|g| g.iter().map(Vec::len).collect())
+                .collect()
+        };
+        let items = |lens: &[usize]| lens.iter().map(|&n| vec![0; n]).collect();
+        assert_eq!(
+            sizes(split_by_size(items(&[3, 3, 4, 1]), 10)),
+            [vec![3, 3, 4], vec![1]]
+        );
+        assert_eq!(
+            sizes(split_by_size(items(&[2, 20, 2]), 10)),
+            [vec![2], vec![20], vec![2]]
+        );
+        assert!(split_by_size(Vec::new(), 10).is_empty());
+    }
 }
