@@ -328,6 +328,25 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     Ok(data)
 }
 
+/// Deletes the `.tmp` files a crash left behind: snapshots being written or received.
+/// Only at start-up, when nothing is writing one.
+fn remove_partial_files(dir: &Path, logger: &slog::Logger) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return; // no snapshot directory yet
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|ext| ext == "tmp") {
+            match fs::remove_file(&path) {
+                Ok(()) => slog::info!(logger, "removed a snapshot file left unfinished by a crash";
+                    "file" => %path.display()),
+                Err(e) => slog::warn!(logger, "could not remove an unfinished snapshot file";
+                    "file" => %path.display(), "error" => %e),
+            }
+        }
+    }
+}
+
 /// At start-up: the snapshot to rebuild the state machine from. `wanted` is the newest
 /// snapshot the log store recorded; raft's log holds every entry after `truncated`.
 ///
@@ -340,6 +359,7 @@ pub fn recover(
     truncated: u64,
     logger: &slog::Logger,
 ) -> Result<Option<SnapshotData>, String> {
+    remove_partial_files(dir, logger);
     if wanted.index == 0 {
         return Ok(None);
     }
@@ -449,6 +469,23 @@ mod tests {
         let back = read(&path).unwrap();
         assert_eq!((back.meta.index, back.kv.revision()), (40, 40));
         assert_eq!(back.kv.len(), 100);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn start_up_removes_files_a_crash_left_unfinished() {
+        let dir = temp_dir("partial");
+        write(&dir, &sample(10)).unwrap();
+        fs::write(dir.join("snap-0000000000000014.tmp"), b"half a snapshot").unwrap();
+        fs::write(dir.join("recv-0000000000000014-1.tmp"), b"half an upload").unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let wanted = sample(10).meta;
+        assert!(recover(&dir, &wanted, 0, &logger).unwrap().is_some());
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "only the snapshot is left"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
