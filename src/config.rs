@@ -67,8 +67,8 @@ pub struct Config {
     pub snapshot_count: u64,
 
     /// Writes kept in the log behind a snapshot, so that a follower that lags a little
-    /// catches up from the log instead of a whole snapshot. (Counted in entries at the
-    /// writes per entry since the previous snapshot, as entries carry several.)
+    /// catches up from the log instead of a whole snapshot. (Entries carry several writes:
+    /// the entries kept are scaled by the writes per entry since the previous snapshot.)
     #[arg(
         long,
         env = "RAFTKVD_SNAPSHOT_CATCHUP_ENTRIES",

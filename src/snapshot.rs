@@ -13,8 +13,9 @@
 //! (integers little-endian). Older formats are still read: "RKVSNAP2" lacks the map
 //! revision, which was then always the index; "RKVSNAP1" also lacks the keys' revisions,
 //! and gives every key the snapshot's index. A file is written to a temporary name,
-//! fsynced, renamed and the directory fsynced, so a crash leaves either the whole snapshot or none; the checksum
-//! catches corruption after that. The same file is what a leader streams to a follower.
+//! fsynced, renamed and the directory fsynced, so a crash leaves either the whole snapshot
+//! or none (its `.tmp` file is removed at start-up); the checksum catches corruption after
+//! that. The same file is what a leader streams to a follower.
 //! This module never returns data that failed its checksum.
 
 use std::collections::BTreeSet;

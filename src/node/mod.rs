@@ -70,7 +70,7 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Where snapshot files live.
     pub snap_dir: PathBuf,
-    /// Applied commands (revisions) between two snapshots.
+    /// Applied writes (revisions) between two snapshots.
     pub snapshot_count: u64,
     /// Writes kept in the log behind a snapshot, for followers that lag a little.
     pub catchup_entries: u64,
@@ -537,12 +537,21 @@ impl Node {
                 Vec::new()
             })
         };
-        let mut kv = self.kv.write().unwrap();
-        if proposals.is_empty() {
-            kv.skip_revision();
-        }
-        for Proposal { id, command } in proposals {
-            let (revision, applied) = kv.apply(command);
+        let outcomes: Vec<(ProposalId, u64, Applied)> = {
+            let mut kv = self.kv.write().unwrap();
+            if proposals.is_empty() {
+                kv.skip_revision();
+            }
+            proposals
+                .into_iter()
+                .map(|Proposal { id, command }| {
+                    let (revision, applied) = kv.apply(command);
+                    (id, revision, applied)
+                })
+                .collect()
+        };
+        // Answered once the map is unlocked: waking a client's task may cost a syscall.
+        for (id, revision, applied) in outcomes {
             if let Some(reply) = self.waiters.remove(&id) {
                 let _ = reply.send(match applied {
                     Applied::Written { deleted } => Ok(Written { revision, deleted }),

@@ -3,13 +3,13 @@
 //! installing a snapshot the leader sent. It never writes a snapshot file on the raft
 //! loop, and never records a snapshot older than the one it has.
 //!
-//! When: after `--snapshot-count` applied commands (revisions; an entry carries many).
-//! Once the map is large (its last snapshot over `CHEAP_SNAPSHOT_BYTES`), also only when
-//! the entries applied since hold
-//! at least as many bytes as that snapshot: rewriting the whole map costs its size, and
-//! waiting until the log has grown as much bounds the extra writing at one byte of
-//! snapshot per byte of log. At the latest after `MAX_COMMANDS_FACTOR` times
-//! `--snapshot-count` commands, which bounds the log replayed at restart.
+//! When: after `--snapshot-count` applied writes (counted by the map's revision; an entry
+//! carries many). Once the map is large (its last snapshot over `CHEAP_SNAPSHOT_BYTES`),
+//! also only when the entries applied since hold at least as many bytes as that snapshot:
+//! rewriting the whole map costs its size, and waiting until the log has grown as much
+//! bounds the extra writing at one byte of snapshot per byte of log. At the latest after
+//! `MAX_WRITES_FACTOR` times `--snapshot-count` writes, which bounds the log replayed at
+//! restart.
 
 use std::time::{Duration, Instant};
 
@@ -21,24 +21,24 @@ use crate::metrics::Metrics;
 use crate::snapshot::{self, SnapshotData, SnapshotMeta};
 
 /// However large the map, a snapshot is due after this many times `--snapshot-count`
-/// commands.
-const MAX_COMMANDS_FACTOR: u64 = 10;
-/// A snapshot smaller than this is cheap to rewrite: the next one is due on the entry
+/// writes.
+const MAX_WRITES_FACTOR: u64 = 10;
+/// A snapshot smaller than this is cheap to rewrite: the next one is due on the write
 /// count alone.
 const CHEAP_SNAPSHOT_BYTES: u64 = 4 << 20;
 
-/// Whether a snapshot is due, `commands` (in entries with `bytes` of payload) having been
+/// Whether a snapshot is due, `writes` (in entries with `bytes` of payload) having been
 /// applied since the last snapshot, whose file has `last_bytes`.
-fn snapshot_due(commands: u64, snapshot_count: u64, bytes: u64, last_bytes: u64) -> bool {
-    commands >= snapshot_count
+fn snapshot_due(writes: u64, snapshot_count: u64, bytes: u64, last_bytes: u64) -> bool {
+    writes >= snapshot_count
         && (last_bytes < CHEAP_SNAPSHOT_BYTES
             || bytes >= last_bytes
-            || commands >= snapshot_count * MAX_COMMANDS_FACTOR)
+            || writes >= snapshot_count * MAX_WRITES_FACTOR)
 }
 
 /// How many entries behind a snapshot hold about `catchup_writes` writes, `entries`
-/// entries having carried `writes` writes since the last snapshot (never more than
-/// `catchup_writes`: an entry carries at least one write or none).
+/// entries having taken `writes` revisions since the last snapshot (never more than
+/// `catchup_writes`: every entry takes at least one revision).
 fn entries_to_keep(catchup_writes: u64, entries: u64, writes: u64) -> u64 {
     if writes <= entries {
         return catchup_writes;
@@ -61,7 +61,11 @@ impl Node {
     pub(super) fn maybe_snapshot(&mut self) {
         let wanted = self.raw.store().take_snapshot_request();
         let due = snapshot_due(
-            (self.kv.read().unwrap().revision()).saturating_sub(self.last_snapshot_revision),
+            self.kv
+                .read()
+                .unwrap()
+                .revision()
+                .saturating_sub(self.last_snapshot_revision),
             self.snapshot_count,
             self.applied_bytes_since_snapshot,
             self.last_snapshot_bytes,
@@ -205,7 +209,7 @@ mod tests {
     #[test]
     fn small_maps_snapshot_on_count_and_large_ones_when_the_log_has_grown_as_much() {
         let mb = 1 << 20;
-        // Too few commands: never.
+        // Too few writes: never.
         assert!(!snapshot_due(9_999, 10_000, 100 * mb, 0));
         // A cheap snapshot: on the count alone.
         assert!(snapshot_due(10_000, 10_000, 1, 3 * mb));
