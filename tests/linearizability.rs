@@ -163,7 +163,7 @@ fn run_client(id: usize, ports: Arc<RwLock<Vec<u16>>>, rec: Arc<Recorder>, stop:
             return;
         }
         let port = rng.pick(&ports.read().unwrap());
-        let key = KEYS[rng.below(KEYS.len())];
+        let key = rng.pick(&KEYS);
         if rng.below(2) == 0 {
             rec.write(port, key, format!("c{id}-{n}"));
         } else {

@@ -50,16 +50,12 @@ fn assert_all_keys(cluster: &Cluster, id: u64, prefix: &str, n: usize) {
     }
 }
 
-fn status_u64(cluster: &mut Cluster, id: u64, field: &str) -> u64 {
-    cluster.node(id).status().unwrap()[field].as_u64().unwrap()
-}
-
 /// Node `id` snapshotted recently: its last snapshot covers at least three quarters of
 /// the entries it applied (writes are batched, several to an entry, so this is counted
 /// in entries, not writes). Returns the snapshot's index.
 fn assert_recent_snapshot(cluster: &mut Cluster, id: u64) -> u64 {
-    let snap = status_u64(cluster, id, "last_snapshot");
-    let applied = status_u64(cluster, id, "applied");
+    let snap = cluster.node(id).status_u64("last_snapshot");
+    let applied = cluster.node(id).status_u64("applied");
     assert!(
         snap > 0 && snap >= applied / 4 * 3,
         "node {id}: last snapshot {snap}, applied {applied}"
@@ -127,8 +123,8 @@ fn restart_after_compaction_loads_the_snapshot_and_replays_a_short_tail() {
         .node(1)
         .assert_logged("loaded snapshot", "it must restart from its snapshot");
     // It started from its newest snapshot, so it replayed only the entries after it.
-    let loaded = status_u64(&mut cluster, 1, "last_snapshot");
-    let applied = status_u64(&mut cluster, 1, "applied");
+    let loaded = cluster.node(1).status_u64("last_snapshot");
+    let applied = cluster.node(1).status_u64("applied");
     assert!(
         loaded >= snap,
         "restarted from snapshot {loaded}, had {snap}"

@@ -92,10 +92,8 @@ fn revisions_and_compare_and_swap() {
 fn batched_writes_each_take_their_own_revision() {
     const WRITERS: usize = 16;
     const EACH: usize = 40;
-    let mut cluster = Cluster::start("v1-batch", 3, &[]);
-    let applied_before = cluster.node(1).status().unwrap()["applied"]
-        .as_u64()
-        .unwrap();
+    let cluster = Cluster::start("v1-batch", 3, &[]);
+    let applied_before = cluster.nodes[0].status_u64("applied");
     let written: Vec<(String, u64)> = std::thread::scope(|s| {
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
@@ -129,9 +127,7 @@ fn batched_writes_each_take_their_own_revision() {
         WRITERS * EACH,
         "two writes shared a revision"
     );
-    let applied = cluster.node(1).status().unwrap()["applied"]
-        .as_u64()
-        .unwrap();
+    let applied = cluster.nodes[0].status_u64("applied");
     assert!(
         applied - applied_before < (WRITERS * EACH) as u64,
         "{} writes took {} entries: none were batched",

@@ -159,6 +159,14 @@ impl Node {
             .then(|| serde_json::from_str(&body).ok())
             .flatten()
     }
+
+    /// A number field of this node's `/status` (the node must answer).
+    pub fn status_u64(&self, field: &str) -> u64 {
+        let status = self.status().expect("the node answers /status");
+        status[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    }
 }
 
 impl Drop for Node {
