@@ -277,10 +277,13 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
 /// Appends one frame to `buf`: `group id (u64 LE) | length (u32 LE) | protobuf-encoded
 /// raft message`. A stream is a sequence of frames.
 fn encode_frame(buf: &mut Vec<u8>, group_id: u64, msg: &Message) {
-    let bytes = msg.write_to_bytes().expect("raft messages always encode");
     buf.extend_from_slice(&group_id.to_le_bytes());
-    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&bytes);
+    let length_at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    // Encoded in place (a message carries a round's entries; no second copy of them).
+    msg.write_to_vec(buf).expect("raft messages always encode");
+    let length = (buf.len() - length_at - 4) as u32;
+    buf[length_at..length_at + 4].copy_from_slice(&length.to_le_bytes());
 }
 
 /// Removes the complete frames at the front of `buf` and decodes them; an incomplete
