@@ -9,9 +9,9 @@
 //! | `POST /v1/kv` body `{"k1":"v1",...}`     | sets every key at one revision, atomically; 200 `{"revision","keys"}` |
 //!
 //! A key's revision is the revision of the write that last changed it (etcd's
-//! mod_revision; `kv.rs` says how revisions are counted). `if_revision=N` makes a write conditional: it happens only if the key
-//! is at revision N (0: the key must not exist), else 412 with the current revision and
-//! nothing is written. The check runs when the entry is applied, so it is atomic with the
+//! mod_revision; `kv.rs` says how revisions are counted). `if_revision=N` makes a write
+//! conditional: it happens only if the key is at revision N (0: the key must not exist),
+//! else 412 with the current revision and nothing is written. The check runs when the entry is applied, so it is atomic with the
 //! write. GETs are linearizable unless `?consistency=serializable`. Keys in the path are
 //! percent-decoded, must be UTF-8, and may contain `/`. JSON carries text, so a value that is not UTF-8
 //! is read with `Accept: application/octet-stream` (406 otherwise).
