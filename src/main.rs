@@ -3,7 +3,7 @@
 //! SIGINT, or when this node is removed from the cluster.
 //!
 //! Reading order for a PUT: `api/mod.rs` (routing) -> `api/raftexample.rs` or
-//! `api/kv_v1.rs` (the request) -> `node/handle.rs` (to the node thread) -> `command.rs`
+//! `api/kv_v1.rs` (the request) -> `router.rs` (to the raft thread) -> `command.rs`
 //! (the entry) -> `node/mod.rs` (propose, Ready loop) -> `storage.rs` (fsync) and
 //! `transport.rs` + `peer_stream.rs` (to peers) -> `node/mod.rs` (apply) -> `kv.rs` and
 //! `record.rs`.
@@ -24,6 +24,7 @@ mod node;
 mod peer_stream;
 mod read_index;
 mod record;
+mod router;
 mod snapshot;
 mod storage;
 mod transport;
@@ -39,7 +40,8 @@ use tokio::sync::{oneshot, watch};
 use crate::api::Api;
 use crate::config::Config;
 use crate::membership::SharedMembership;
-use crate::node::{Node, NodeConfig, NodeExit, NodeHandle, NodeShared, GROUP_ID};
+use crate::node::{Node, NodeConfig, NodeShared, GROUP_ID};
+use crate::router::{NodeExit, NodeMsg, Router};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -205,7 +207,7 @@ async fn serve(
         .await
         .map_err(|e| format!("cannot listen for clients on {api_addr}: {e}"))?;
 
-    let (node_handle, inbox) = NodeHandle::new();
+    let (router, inbox) = Router::new();
     let kv = kv::SharedKv::default();
     let membership = SharedMembership::default();
     let snap_dir = snapshot::dir_of(&config.data_dir());
@@ -213,7 +215,7 @@ async fn serve(
     let metrics = Arc::new(metrics::Metrics::default());
     let transport = Arc::new(Transport::new(
         tokio::runtime::Handle::current(),
-        node_handle.clone(),
+        router.clone(),
         partition.clone(),
         snap_dir.clone(),
         cluster_id.clone(),
@@ -245,14 +247,14 @@ async fn serve(
             kv: kv.clone(),
             membership: membership.clone(),
             transport,
-            inbox: node_handle.clone(),
+            inbox: router.clone(),
             metrics: metrics.clone(),
         },
         logger.new(o!("component" => "raft")),
     )?;
     let (stop_servers, servers_stopping) = watch::channel(false);
     let peer_service = Arc::new(transport::PeerService {
-        node: node_handle.clone(),
+        node: router.clone(),
         membership,
         partition: partition.clone(),
         snap_dir,
@@ -275,7 +277,7 @@ async fn serve(
         .map_err(|e| format!("cannot start the node thread: {e}"))?;
 
     let api = Arc::new(Api {
-        node: node_handle.clone(),
+        router: router.clone(),
         kv,
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
@@ -299,7 +301,7 @@ async fn serve(
             // Stop taking requests and let those in flight finish, then stop raft.
             let _ = stop_servers.send(true);
             let _ = api_server.await;
-            node_handle.shutdown();
+            router.shutdown();
             exit_rx.await.unwrap_or(NodeExit::Stopped)
         }
         exit = &mut exit_rx => {
@@ -325,7 +327,7 @@ struct PeerServer {
 /// wake-up between them. When the loop ends, the runtime and the peer server go with it.
 fn run_raft_thread(
     node: Node,
-    inbox: tokio::sync::mpsc::UnboundedReceiver<node::NodeMsg>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<NodeMsg>,
     peers: PeerServer,
 ) -> NodeExit {
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::node::NodeHandle;
+use crate::router::Router;
 
 /// A peer that does not accept a connection within this long is unreachable (for
 /// snapshot uploads too).
@@ -90,7 +90,7 @@ impl PeerStream {
         id: u64,
         target: StreamTarget,
         runtime: &tokio::runtime::Handle,
-        node: NodeHandle,
+        node: Router,
         metrics: Arc<Metrics>,
         logger: Logger,
     ) -> Arc<PeerStream> {
@@ -179,7 +179,7 @@ fn chunk_of(frames: &[u8]) -> Vec<u8> {
 struct StreamTask {
     stream: Arc<PeerStream>,
     target: StreamTarget,
-    node: NodeHandle,
+    node: Router,
     metrics: Arc<Metrics>,
     logger: Logger,
 }

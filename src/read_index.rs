@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use tokio::sync::oneshot;
 
-use crate::node::ProposeError;
+use crate::router::ProposeError;
 
 /// Answered `Ok(())` when the local map may be read.
 pub type ReadReply = oneshot::Sender<Result<(), ProposeError>>;

@@ -1,6 +1,11 @@
-//! How the rest of the process talks to the node thread: the messages it accepts
-//! ([`NodeMsg`]), a cheap clonable [`NodeHandle`] that sends them and awaits answers with
-//! a deadline, and the answers' types. Nothing here touches raft state.
+//! How the rest of the process reaches the raft groups this process hosts: the messages
+//! the raft thread accepts ([`NodeMsg`], each for one group by its id, or for the whole
+//! node), a cheap clonable [`Router`] that sends them and awaits answers with a deadline,
+//! and the answers' types.
+//!
+//! The API and the peer transport know groups only through this module; it imports
+//! neither them nor the node, so nothing below it imports it back in a circle. Nothing
+//! here touches raft state.
 
 use std::time::Duration;
 
@@ -8,9 +13,13 @@ use bytes::Bytes;
 use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use super::snapshots::WrittenSnapshot;
 use crate::command::Command;
 use crate::read_index::ReadReply;
+use crate::snapshot::WrittenSnapshot;
+
+/// The group every member of the cluster belongs to: its log holds the cluster's
+/// membership, and a cluster formed before groups existed is this group alone.
+pub const CLUSTER_GROUP: u64 = 1;
 
 /// Why a proposal was not applied. Every variant but `Conflict` and `CheckFailed` means
 /// the outcome is unknown or the cluster cannot take writes now: the client must not
@@ -48,7 +57,7 @@ pub struct Written {
     pub deleted: u64,
 }
 
-pub(super) type Reply = oneshot::Sender<Result<Written, ProposeError>>;
+pub type Reply = oneshot::Sender<Result<Written, ProposeError>>;
 
 /// What this node knows about itself and the cluster (`GET /status`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -73,68 +82,88 @@ pub struct Member {
     pub peer_url: String,
 }
 
-/// Everything the node thread is asked to do.
-pub enum NodeMsg {
+/// What one raft group is asked to do.
+pub enum GroupMsg {
     Propose(Command, Reply),
     ChangeMembers(MemberChange, Reply),
     ReadIndex(ReadReply),
     Step(Box<Message>),
-    Unreachable(u64),
-    RemovedByPeer(u64),
     /// The transport finished sending a snapshot to a peer (true: delivered).
     SnapshotSent(u64, bool),
     /// The background snapshot writer finished.
     SnapshotWritten(Result<WrittenSnapshot, String>),
     Status(oneshot::Sender<NodeStatus>),
+}
+
+/// Everything the raft thread is asked to do.
+pub enum NodeMsg {
+    /// For the group with this id.
+    Group(u64, GroupMsg),
+    /// A peer process cannot be reached: every group's replica on it is unreachable.
+    Unreachable(u64),
+    RemovedByPeer(u64),
     Shutdown,
 }
 
-/// A cheap, clonable way for other tasks to talk to the node thread.
+/// A cheap, clonable way for other tasks to reach the raft groups.
 #[derive(Clone)]
-pub struct NodeHandle {
-    pub(super) tx: mpsc::UnboundedSender<NodeMsg>,
+pub struct Router {
+    tx: mpsc::UnboundedSender<NodeMsg>,
 }
 
-impl NodeHandle {
-    pub fn new() -> (NodeHandle, mpsc::UnboundedReceiver<NodeMsg>) {
+impl Router {
+    pub fn new() -> (Router, mpsc::UnboundedReceiver<NodeMsg>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (NodeHandle { tx }, rx)
+        (Router { tx }, rx)
     }
 
-    /// Proposes `command` and waits until it is applied on this node.
+    /// Hands `msg` to group `group_id` (dropped if the raft thread has stopped).
+    pub fn send(&self, group_id: u64, msg: GroupMsg) {
+        let _ = self.tx.send(NodeMsg::Group(group_id, msg));
+    }
+
+    /// Proposes `command` to group `group_id` and waits until it is applied here.
     pub async fn propose(
         &self,
+        group_id: u64,
         command: Command,
         timeout: Duration,
     ) -> Result<Written, ProposeError> {
-        self.ask(|reply| NodeMsg::Propose(command, reply), timeout)
+        self.ask(group_id, |reply| GroupMsg::Propose(command, reply), timeout)
             .await
     }
 
-    /// Proposes a membership change and waits until it is applied on this node.
+    /// Proposes a membership change of group `group_id` and waits until it is applied
+    /// here.
     pub async fn change_members(
         &self,
+        group_id: u64,
         change: MemberChange,
         timeout: Duration,
     ) -> Result<Written, ProposeError> {
-        self.ask(|reply| NodeMsg::ChangeMembers(change, reply), timeout)
-            .await
+        self.ask(
+            group_id,
+            |reply| GroupMsg::ChangeMembers(change, reply),
+            timeout,
+        )
+        .await
     }
 
-    /// Waits until a linearizable read of the local map is allowed: this node has
-    /// applied everything committed when the read arrived.
-    pub async fn read_index(&self, timeout: Duration) -> Result<(), ProposeError> {
-        self.ask(NodeMsg::ReadIndex, timeout).await
+    /// Waits until a linearizable read of group `group_id`'s local map is allowed: this
+    /// node has applied everything committed when the read arrived.
+    pub async fn read_index(&self, group_id: u64, timeout: Duration) -> Result<(), ProposeError> {
+        self.ask(group_id, GroupMsg::ReadIndex, timeout).await
     }
 
     async fn ask<T>(
         &self,
-        msg: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> NodeMsg,
+        group_id: u64,
+        msg: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> GroupMsg,
         timeout: Duration,
     ) -> Result<T, ProposeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(msg(reply))
+            .send(NodeMsg::Group(group_id, msg(reply)))
             .map_err(|_| ProposeError::Stopped)?;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
@@ -143,26 +172,26 @@ impl NodeHandle {
         }
     }
 
-    /// A consistent picture of the node's raft state.
-    pub async fn status(&self) -> Result<NodeStatus, ProposeError> {
+    /// A consistent picture of group `group_id`'s raft state on this node.
+    pub async fn status(&self, group_id: u64) -> Result<NodeStatus, ProposeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(NodeMsg::Status(reply))
+            .send(NodeMsg::Group(group_id, GroupMsg::Status(reply)))
             .map_err(|_| ProposeError::Stopped)?;
         answer.await.map_err(|_| ProposeError::Stopped)
     }
 
-    /// Hands a message from a peer to raft.
-    pub fn step(&self, msg: Message) {
-        let _ = self.tx.send(NodeMsg::Step(Box::new(msg)));
+    /// Hands a message from a peer to group `group_id`'s raft.
+    pub fn step(&self, group_id: u64, msg: Message) {
+        self.send(group_id, GroupMsg::Step(Box::new(msg)));
     }
 
     pub fn report_unreachable(&self, peer: u64) {
         let _ = self.tx.send(NodeMsg::Unreachable(peer));
     }
 
-    pub fn report_snapshot(&self, peer: u64, delivered: bool) {
-        let _ = self.tx.send(NodeMsg::SnapshotSent(peer, delivered));
+    pub fn report_snapshot(&self, group_id: u64, peer: u64, delivered: bool) {
+        self.send(group_id, GroupMsg::SnapshotSent(peer, delivered));
     }
 
     /// A peer answered that this node is no longer a member.

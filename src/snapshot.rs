@@ -54,6 +54,15 @@ pub struct SnapshotMeta {
     pub conf_state: ConfState,
 }
 
+/// A snapshot the background writer made durable.
+pub struct WrittenSnapshot {
+    pub meta: SnapshotMeta,
+    /// The map's revision in it.
+    pub revision: u64,
+    pub bytes: u64,
+    pub write_time: std::time::Duration,
+}
+
 /// Everything needed to rebuild the state machine at `meta.index`.
 #[derive(Default)]
 pub struct SnapshotData {

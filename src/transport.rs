@@ -45,8 +45,8 @@ use crate::faults::Partition;
 use crate::http_server::text_response as reply;
 use crate::membership::{Membership, SharedMembership};
 use crate::metrics::Metrics;
-use crate::node::{NodeHandle, GROUP_ID};
 use crate::peer_stream::{PeerStream, StreamTarget, CONNECT_TIMEOUT};
+use crate::router::{Router, CLUSTER_GROUP};
 use crate::snapshot;
 
 /// The path peers POST raft messages to.
@@ -71,7 +71,7 @@ pub struct Transport {
     peers: Mutex<HashMap<u64, Peer>>,
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
-    node: NodeHandle,
+    node: Router,
     partition: Arc<Partition>,
     snap_dir: PathBuf,
     cluster_id: Arc<ClusterId>,
@@ -95,7 +95,7 @@ impl Drop for Peer {
 impl Transport {
     pub fn new(
         runtime: tokio::runtime::Handle,
-        node: NodeHandle,
+        node: Router,
         partition: Arc<Partition>,
         snap_dir: PathBuf,
         cluster_id: Arc<ClusterId>,
@@ -249,11 +249,11 @@ impl Transport {
             match sent {
                 Ok(bytes) => {
                     info!(logger, "snapshot sent"; "bytes" => bytes, "ms" => started.elapsed().as_millis());
-                    node.report_snapshot(to, true);
+                    node.report_snapshot(group_id, to, true);
                 }
                 Err(e) => {
                     warn!(logger, "sending a snapshot failed; raft will retry"; "error" => e);
-                    node.report_snapshot(to, false);
+                    node.report_snapshot(group_id, to, false);
                 }
             }
         });
@@ -308,7 +308,7 @@ fn take_frames(buf: &mut Vec<u8>) -> Result<Vec<GroupMessage>, String> {
 
 /// What the peer-facing server needs.
 pub struct PeerService {
-    pub node: NodeHandle,
+    pub node: Router,
     pub membership: SharedMembership,
     pub partition: Arc<Partition>,
     pub snap_dir: PathBuf,
@@ -388,7 +388,7 @@ impl PeerService {
                 &format!("node {from} was removed from the cluster"),
             ));
         }
-        if group_id != GROUP_ID {
+        if group_id != CLUSTER_GROUP {
             warn!(self.logger, "message for an unknown raft group"; "group" => group_id, "from" => from);
             return Some(reply(StatusCode::NOT_FOUND, "unknown raft group"));
         }
@@ -421,7 +421,7 @@ impl PeerService {
                     return refusal;
                 }
                 if !self.partition.is_blocked(msg.from) {
-                    self.node.step(msg);
+                    self.node.step(group_id, msg);
                 }
             }
         }
@@ -482,7 +482,7 @@ impl PeerService {
             }
         };
         info!(self.logger, "received a snapshot"; "from" => msg.from, "index" => index, "bytes" => bytes);
-        self.node.step(msg);
+        self.node.step(group_id, msg);
         Ok(reply(StatusCode::NO_CONTENT, ""))
     }
 

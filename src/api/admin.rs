@@ -21,7 +21,7 @@ use super::raftexample::MAX_URL_BYTES;
 use super::{json_response, no_content, read_body, Api, Failure, Reply};
 use crate::http_server::text_response;
 use crate::membership::parse_node_id;
-use crate::node::NodeStatus;
+use crate::router::{NodeStatus, CLUSTER_GROUP};
 
 /// The fault-injection route (without its leading slash).
 pub(super) const PARTITION_ROUTE: &str = "debug/partition";
@@ -37,7 +37,7 @@ struct Status {
 
 impl Api {
     pub(super) async fn status(&self) -> Reply {
-        let node = self.node.status().await?;
+        let node = self.router.status(CLUSTER_GROUP).await?;
         let dir = self.data_dir.clone();
         let data_dir_bytes = tokio::task::spawn_blocking(move || size_of_dir(&dir))
             .await
@@ -54,7 +54,7 @@ impl Api {
     /// Ready to serve: a leader is known and this node has applied all it knows is
     /// committed.
     pub(super) async fn ready(&self) -> Reply {
-        let status = self.node.status().await?;
+        let status = self.router.status(CLUSTER_GROUP).await?;
         let unavailable = |why: String| Err(Failure::new(StatusCode::SERVICE_UNAVAILABLE, why));
         if status.leader == 0 {
             return unavailable("not ready: no leader known".into());

@@ -30,6 +30,7 @@ use super::{
 };
 use crate::command::{Command, RevisionCheck, Write};
 use crate::kv::Versioned;
+use crate::router::CLUSTER_GROUP;
 
 /// The header that carries a key's revision with a raw value.
 pub const REVISION_HEADER: &str = "x-raftkvd-revision";
@@ -110,7 +111,10 @@ impl Api {
                 value,
             }],
         };
-        let written = self.node.propose(command, self.request_timeout).await?;
+        let written = self
+            .router
+            .propose(CLUSTER_GROUP, command, self.request_timeout)
+            .await?;
         Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({ "key": text_of_key(&key), "revision": written.revision }),
@@ -124,7 +128,10 @@ impl Api {
             checks: revision_check(&key, check),
             writes: vec![Write::Delete { key: key.clone() }],
         };
-        let written = self.node.propose(command, self.request_timeout).await?;
+        let written = self
+            .router
+            .propose(CLUSTER_GROUP, command, self.request_timeout)
+            .await?;
         Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({
@@ -182,7 +189,10 @@ impl Api {
                 })
                 .collect(),
         };
-        let written = self.node.propose(command, self.request_timeout).await?;
+        let written = self
+            .router
+            .propose(CLUSTER_GROUP, command, self.request_timeout)
+            .await?;
         Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({ "revision": written.revision, "keys": keys }),

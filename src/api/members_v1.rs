@@ -17,7 +17,7 @@ use hyper::{Request, StatusCode};
 use super::raftexample::MAX_URL_BYTES;
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
 use crate::membership::{parse_node_id, parse_peer_url};
-use crate::node::MemberChange;
+use crate::router::{MemberChange, CLUSTER_GROUP};
 
 /// The body of `POST /v1/members`.
 #[derive(serde::Deserialize)]
@@ -29,7 +29,7 @@ struct NewMember {
 
 impl Api {
     pub(super) async fn list_members(&self) -> Reply {
-        let status = self.node.status().await?;
+        let status = self.router.status(CLUSTER_GROUP).await?;
         Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({ "leader": status.leader, "members": status.members }),
@@ -44,8 +44,9 @@ impl Api {
         }
         let peer_url = parse_peer_url(&new.peer_url).map_err(Failure::bad_request)?;
         let written = self
-            .node
+            .router
             .change_members(
+                CLUSTER_GROUP,
                 MemberChange::Add {
                     id: new.id,
                     peer_url,
@@ -53,7 +54,7 @@ impl Api {
                 self.request_timeout,
             )
             .await?;
-        let status = self.node.status().await?;
+        let status = self.router.status(CLUSTER_GROUP).await?;
         Ok(json_response(
             StatusCode::CREATED,
             &serde_json::json!({ "revision": written.revision, "members": status.members }),
@@ -63,8 +64,12 @@ impl Api {
     pub(super) async fn remove_member_v1(&self, id: &str) -> Reply {
         let id = parse_node_id(id).map_err(Failure::bad_request)?;
         let written = self
-            .node
-            .change_members(MemberChange::Remove { id }, self.request_timeout)
+            .router
+            .change_members(
+                CLUSTER_GROUP,
+                MemberChange::Remove { id },
+                self.request_timeout,
+            )
             .await?;
         Ok(json_response(
             StatusCode::OK,

@@ -31,7 +31,7 @@ use crate::faults::Partition;
 use crate::http_server::text_response;
 use crate::kv::SharedKv;
 use crate::metrics::Metrics;
-use crate::node::{NodeHandle, ProposeError};
+use crate::router::{ProposeError, Router, CLUSTER_GROUP};
 
 mod admin;
 mod kv_v1;
@@ -43,7 +43,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What every request handler needs.
 pub struct Api {
-    pub node: NodeHandle,
+    pub router: Router,
     pub kv: SharedKv,
     pub max_value_bytes: usize,
     pub request_timeout: Duration,
@@ -255,8 +255,8 @@ impl Api {
         if consistency == Consistency::Serializable {
             return Ok(());
         }
-        self.node
-            .read_index(self.request_timeout)
+        self.router
+            .read_index(CLUSTER_GROUP, self.request_timeout)
             .await
             .map_err(|e| match e {
                 ProposeError::Timeout => Failure::new(

@@ -18,7 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use super::{no_content, parse_query, read_body, Api, Consistency, Failure, Reply};
 use crate::command::Command;
 use crate::membership::{parse_node_id, parse_peer_url};
-use crate::node::MemberChange;
+use crate::router::{MemberChange, CLUSTER_GROUP};
 
 /// The methods these routes accept.
 pub(super) const ALLOWED_METHODS: &str = "GET, PUT, POST, DELETE";
@@ -43,8 +43,12 @@ impl Api {
     pub(super) async fn put_key(&self, key: &str, req: Request<Incoming>) -> Reply {
         let key = Bytes::copy_from_slice(check_key(key)?.as_bytes());
         let value = read_body(req, self.max_value_bytes).await?;
-        self.node
-            .propose(Command::put(key, value), self.request_timeout)
+        self.router
+            .propose(
+                CLUSTER_GROUP,
+                Command::put(key, value),
+                self.request_timeout,
+            )
             .await?;
         Ok(no_content())
     }
@@ -55,8 +59,9 @@ impl Api {
         let url = std::str::from_utf8(&body)
             .map_err(|_| Failure::bad_request("peer URL is not UTF-8"))
             .and_then(|u| parse_peer_url(u).map_err(Failure::bad_request))?;
-        self.node
+        self.router
             .change_members(
+                CLUSTER_GROUP,
                 MemberChange::Add { id, peer_url: url },
                 self.request_timeout,
             )
@@ -66,8 +71,12 @@ impl Api {
 
     pub(super) async fn remove_member(&self, id: &str) -> Reply {
         let id = parse_node_id(id).map_err(Failure::bad_request)?;
-        self.node
-            .change_members(MemberChange::Remove { id }, self.request_timeout)
+        self.router
+            .change_members(
+                CLUSTER_GROUP,
+                MemberChange::Remove { id },
+                self.request_timeout,
+            )
             .await?;
         Ok(no_content())
     }

@@ -10,8 +10,9 @@ use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType};
 use raft::{StateRole, INVALID_ID};
 use slog::{error, info, warn};
 
-use super::{MemberChange, Node, ProposeError, Reply, Written};
+use super::Node;
 use crate::command::MemberContext;
+use crate::router::{MemberChange, ProposeError, Reply, Written};
 
 /// The start of the message that refuses a change while another is unapplied; a client
 /// that sees it may retry (`join.rs` does).

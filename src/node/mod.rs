@@ -18,7 +18,7 @@
 //! single-threaded runtime that also reads the peers' streams, see `run`.)
 //!
 //! This file is the loop, the Ready handling, proposals and applying entries. Beside it:
-//! `handle.rs` (how other tasks talk to the node), `members.rs` (membership changes),
+//! `../router.rs` (how other tasks talk to the node), `members.rs` (membership changes),
 //! `snapshots.rs` (taking, recording and installing snapshots), `bootstrap.rs` (the first
 //! log of a new cluster).
 
@@ -42,19 +42,19 @@ use crate::storage::LogStore;
 use crate::transport::Transport;
 
 mod bootstrap;
-mod handle;
 mod members;
 mod snapshots;
 
 pub use bootstrap::bootstrap;
-use handle::Reply;
-pub use handle::{
-    Member, MemberChange, NodeExit, NodeHandle, NodeMsg, NodeStatus, ProposeError, Written,
-};
 pub use members::CHANGE_IN_PROGRESS;
 
+use crate::router::{
+    GroupMsg, Member, NodeExit, NodeMsg, NodeStatus, ProposeError, Reply, Router, Written,
+    CLUSTER_GROUP,
+};
+
 /// The raft group this process serves. Multi-raft will route by it; today there is one.
-pub const GROUP_ID: u64 = 1;
+pub const GROUP_ID: u64 = CLUSTER_GROUP;
 /// Most messages taken from the channel before the node looks at its Ready again.
 const MAX_MSGS_PER_ROUND: usize = 4096;
 /// Ticks after which an unanswered ReadIndex request is sent again.
@@ -84,7 +84,7 @@ pub struct NodeShared {
     pub membership: SharedMembership,
     pub transport: Arc<Transport>,
     /// The node's own inbox, for answers from its helper threads.
-    pub inbox: NodeHandle,
+    pub inbox: Router,
     pub metrics: Arc<Metrics>,
 }
 
@@ -127,7 +127,7 @@ pub struct Node {
     /// Term of the entry at `applied`.
     applied_term: u64,
     /// The node's own inbox, for the snapshot writer's answer.
-    inbox: NodeHandle,
+    inbox: Router,
     metrics: Arc<Metrics>,
     logger: Logger,
 }
@@ -261,20 +261,31 @@ impl Node {
 
     fn handle(&mut self, msg: NodeMsg) -> Option<NodeExit> {
         match msg {
-            NodeMsg::Propose(command, reply) => self.propose(command, reply),
-            NodeMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
-            NodeMsg::ReadIndex(reply) => self.reads.push(reply),
-            NodeMsg::Step(msg) => {
-                if let Err(e) = self.raw.step(*msg) {
-                    warn!(self.logger, "raft rejected a peer message"; "error" => %e);
-                }
+            NodeMsg::Group(GROUP_ID, msg) => self.handle_group_msg(msg),
+            NodeMsg::Group(group_id, _) => {
+                warn!(self.logger, "dropping a message for a group this node does not host"; "group" => group_id);
             }
             NodeMsg::Unreachable(peer) => self.raw.report_unreachable(peer),
             NodeMsg::RemovedByPeer(peer) => {
                 info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
                 return Some(NodeExit::Removed { index: 0 });
             }
-            NodeMsg::SnapshotSent(peer, delivered) => {
+            NodeMsg::Shutdown => return self.begin_shutdown(),
+        }
+        None
+    }
+
+    fn handle_group_msg(&mut self, msg: GroupMsg) {
+        match msg {
+            GroupMsg::Propose(command, reply) => self.propose(command, reply),
+            GroupMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
+            GroupMsg::ReadIndex(reply) => self.reads.push(reply),
+            GroupMsg::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    warn!(self.logger, "raft rejected a peer message"; "error" => %e);
+                }
+            }
+            GroupMsg::SnapshotSent(peer, delivered) => {
                 let status = if delivered {
                     SnapshotStatus::Finish
                 } else {
@@ -282,17 +293,15 @@ impl Node {
                 };
                 self.raw.report_snapshot(peer, status);
             }
-            NodeMsg::SnapshotWritten(result) => {
+            GroupMsg::SnapshotWritten(result) => {
                 if let Err(e) = self.on_snapshot_written(result) {
                     error!(self.logger, "could not record a snapshot"; "error" => &e);
                 }
             }
-            NodeMsg::Status(reply) => {
+            GroupMsg::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            NodeMsg::Shutdown => return self.begin_shutdown(),
         }
-        None
     }
 
     /// A leader first hands leadership to its most up-to-date follower, so that stopping

@@ -11,14 +11,15 @@
 //! `MAX_WRITES_FACTOR` times `--snapshot-count` writes, which bounds the log replayed at
 //! restart.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use slog::{error, info, warn};
 
-use super::{Node, NodeMsg};
+use super::{Node, GROUP_ID};
 use crate::background;
 use crate::metrics::Metrics;
-use crate::snapshot::{self, SnapshotData, SnapshotMeta};
+use crate::router::GroupMsg;
+use crate::snapshot::{self, SnapshotData, SnapshotMeta, WrittenSnapshot};
 
 /// However large the map, a snapshot is due after this many times `--snapshot-count`
 /// writes.
@@ -44,15 +45,6 @@ fn entries_to_keep(catchup_writes: u64, entries: u64, writes: u64) -> u64 {
         return catchup_writes;
     }
     (u128::from(catchup_writes) * u128::from(entries) / u128::from(writes)) as u64
-}
-
-/// A snapshot the background writer made durable.
-pub struct WrittenSnapshot {
-    meta: SnapshotMeta,
-    /// The map's revision in it.
-    revision: u64,
-    bytes: u64,
-    write_time: Duration,
 }
 
 impl Node {
@@ -109,7 +101,7 @@ impl Node {
                     write_time: started.elapsed(),
                 })
                 .map_err(|e| format!("writing the snapshot failed: {e}"));
-            let _ = inbox.tx.send(NodeMsg::SnapshotWritten(result));
+            inbox.send(GROUP_ID, GroupMsg::SnapshotWritten(result));
         });
         if let Err(e) = spawned {
             error!(self.logger, "could not start the snapshot writer"; "error" => %e);
