@@ -15,12 +15,7 @@
 
 use std::collections::HashMap;
 
-use tokio::sync::oneshot;
-
-use crate::router::ProposeError;
-
-/// Answered `Ok(())` when the local map may be read.
-pub type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
+use crate::router::ReadReply;
 
 #[derive(Default)]
 pub struct ReadQueue {
@@ -105,6 +100,8 @@ impl ReadQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::ProposeError;
+    use tokio::sync::oneshot;
 
     fn read(q: &mut ReadQueue) -> oneshot::Receiver<Result<(), ProposeError>> {
         let (tx, rx) = oneshot::channel();

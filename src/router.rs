@@ -14,7 +14,6 @@ use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::command::Command;
-use crate::read_index::ReadReply;
 use crate::snapshot::WrittenSnapshot;
 
 /// The group every member of the cluster belongs to: its log holds the cluster's
@@ -58,6 +57,8 @@ pub struct Written {
 }
 
 pub type Reply = oneshot::Sender<Result<Written, ProposeError>>;
+/// Answered `Ok(())` when the local map may be read (see `read_index.rs`).
+pub type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
 
 /// What this node knows about itself and the cluster (`GET /status`).
 #[derive(Debug, Clone, serde::Serialize)]
