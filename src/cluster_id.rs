@@ -56,6 +56,9 @@ impl ClusterId {
     }
 }
 
+/// The request header that carries the sender's cluster id, on every peer request.
+pub const HEADER: &str = "x-raftkvd-cluster-id";
+
 pub fn format(id: u64) -> String {
     format!("{id:016x}")
 }

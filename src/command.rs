@@ -1,8 +1,9 @@
 //! What a raft log entry carries, and its byte encoding.
 //!
-//! A normal entry holds one or more [`Proposal`]s: each the command to apply to the
-//! key-value map and the [`ProposalId`] of the request that proposed it, so that the node
-//! that proposed it can answer its waiting client once the entry is applied. A node puts
+//! A normal entry holds one or more [`Proposal`]s: each an [`Op`] (a command to apply to
+//! the key-value map, or in the cluster group the creation of a raft group) and the
+//! [`ProposalId`] of the request that proposed it, so that the node that proposed it can
+//! answer its waiting client once the entry is applied. A node puts
 //! every write it took in during one loop round into one entry (see `Node::propose_batch`).
 //! A [`Command`] is a list of writes (puts and deletes) applied together, at one revision,
 //! and only if every revision check it carries holds: that is how compare-and-swap and the
@@ -26,6 +27,8 @@ const FORMAT_BATCH: u8 = 2;
 const OP_PUT: u8 = 1;
 /// Operation tag of a general command: checks, then writes.
 const OP_TXN: u8 = 2;
+/// Operation tag of the creation of a raft group: its id and its first members.
+const OP_CREATE_GROUP: u8 = 3;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
@@ -81,11 +84,21 @@ impl Command {
     }
 }
 
+/// What a proposal asks the group that applies it to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Change the group's key-value map.
+    Kv(Command),
+    /// Create raft group `group` on `members` (node ids). Proposed to the cluster group
+    /// only, whose log is the table of groups.
+    CreateGroup { group: u64, members: Vec<u64> },
+}
+
 /// The payload of a normal raft entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Proposal {
     pub id: ProposalId,
-    pub command: Command,
+    pub op: Op,
 }
 
 /// The context of a conf-change entry: who waits for it and, for an added node, its URL.
@@ -109,7 +122,9 @@ impl std::error::Error for DecodeError {}
 
 impl Proposal {
     pub fn encode(&self) -> Vec<u8> {
-        let Command { checks, writes } = &self.command;
+        let Op::Kv(Command { checks, writes }) = &self.op else {
+            return self.encode_group_op();
+        };
         let mut buf = Vec::with_capacity(64 + writes.iter().map(write_len).sum::<usize>());
         buf.push(FORMAT_VERSION);
         put_id(&mut buf, self.id);
@@ -142,15 +157,38 @@ impl Proposal {
         buf
     }
 
+    fn encode_group_op(&self) -> Vec<u8> {
+        let mut buf = vec![FORMAT_VERSION];
+        put_id(&mut buf, self.id);
+        if let Op::CreateGroup { group, members } = &self.op {
+            buf.push(OP_CREATE_GROUP);
+            buf.extend_from_slice(&group.to_le_bytes());
+            buf.extend_from_slice(&(members.len() as u32).to_le_bytes());
+            for member in members {
+                buf.extend_from_slice(&member.to_le_bytes());
+            }
+        }
+        buf
+    }
+
     pub fn decode(bytes: &Bytes) -> Result<Proposal, DecodeError> {
         let mut r = Reader { all: bytes, at: 0 };
         r.version()?;
         let id = r.id()?;
-        let command = match r.u8()? {
+        let op = match r.u8()? {
             OP_PUT => {
                 let key = r.bytes()?;
                 let value = bytes.slice(r.at..);
-                Command::put(key, value)
+                Op::Kv(Command::put(key, value))
+            }
+            OP_CREATE_GROUP => {
+                let group = r.u64()?;
+                let count = r.count()?;
+                let members = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                if r.at != bytes.len() {
+                    return Err(DecodeError("trailing bytes"));
+                }
+                Op::CreateGroup { group, members }
             }
             OP_TXN => {
                 let mut command = Command::default();
@@ -173,11 +211,11 @@ impl Proposal {
                 if r.at != bytes.len() {
                     return Err(DecodeError("trailing bytes"));
                 }
-                command
+                Op::Kv(command)
             }
             _ => return Err(DecodeError("unknown operation")),
         };
-        Ok(Proposal { id, command })
+        Ok(Proposal { id, op })
     }
 }
 
@@ -324,7 +362,10 @@ mod tests {
                 incarnation: 7,
                 seq: 42,
             },
-            command: Command::put(Bytes::from_static(b"my-key"), Bytes::from_static(b"hello")),
+            op: Op::Kv(Command::put(
+                Bytes::from_static(b"my-key"),
+                Bytes::from_static(b"hello"),
+            )),
         };
         assert_eq!(Proposal::decode(&p.encode().into()), Ok(p));
     }
@@ -335,7 +376,7 @@ mod tests {
                 incarnation: 1,
                 seq: 2,
             },
-            command: Command {
+            op: Op::Kv(Command {
                 checks: vec![RevisionCheck {
                     key: Bytes::from_static(b"a"),
                     revision: 0,
@@ -349,7 +390,7 @@ mod tests {
                         key: Bytes::from_static(b"b"),
                     },
                 ],
-            },
+            }),
         }
     }
 
@@ -367,7 +408,10 @@ mod tests {
         assert_eq!(decode_entry(&one.into()), Ok(vec![single.clone()]));
         let put = Proposal {
             id: ProposalId::NONE,
-            command: Command::put(Bytes::from_static(b"k"), Bytes::from_static(b"v")),
+            op: Op::Kv(Command::put(
+                Bytes::from_static(b"k"),
+                Bytes::from_static(b"v"),
+            )),
         };
         let batch = encode_entry(vec![put.encode(), single.encode(), put.encode()]);
         assert_eq!(
@@ -377,6 +421,26 @@ mod tests {
         for cut in 0..batch.len() {
             let cut = Bytes::copy_from_slice(&batch[..cut]);
             assert!(decode_entry(&cut).is_err(), "cut at {cut:?}");
+        }
+    }
+
+    #[test]
+    fn group_creation_round_trips_and_truncations_are_errors() {
+        let p = Proposal {
+            id: ProposalId {
+                incarnation: 3,
+                seq: 4,
+            },
+            op: Op::CreateGroup {
+                group: 2,
+                members: vec![1, 3],
+            },
+        };
+        let bytes = p.encode();
+        assert_eq!(Proposal::decode(&Bytes::copy_from_slice(&bytes)), Ok(p));
+        for cut in 0..bytes.len() {
+            let cut = Bytes::copy_from_slice(&bytes[..cut]);
+            assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
         }
     }
 
@@ -393,7 +457,7 @@ mod tests {
     fn truncated_and_foreign_bytes_are_errors() {
         let p = Proposal {
             id: ProposalId::NONE,
-            command: Command::put(Bytes::from_static(b"abc"), Bytes::new()),
+            op: Op::Kv(Command::put(Bytes::from_static(b"abc"), Bytes::new())),
         }
         .encode();
         for cut in 0..p.len() {

@@ -166,6 +166,11 @@ impl KvStore {
         self.map.revision
     }
 
+    /// How many keys the map holds.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
     /// Counts an applied entry that carries no command (see the module doc); returns the
     /// revision it took.
     pub fn skip_revision(&mut self) -> u64 {

@@ -40,8 +40,8 @@ use tokio::sync::{oneshot, watch};
 use crate::api::Api;
 use crate::config::Config;
 use crate::membership::SharedMembership;
-use crate::node::{Node, NodeConfig, NodeShared, GROUP_ID};
-use crate::router::{NodeExit, NodeMsg, Router};
+use crate::node::{Node, NodeConfig, NodeShared};
+use crate::router::{NodeExit, NodeMsg, Router, CLUSTER_GROUP};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -92,23 +92,7 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
     let engine = storage::open_engine(&data_dir.join("raft-log"))
         .map_err(|e| format!("cannot open the raft log in {}: {e}", data_dir.display()))?;
-    let mut store =
-        LogStore::load(engine, GROUP_ID).map_err(|e| format!("cannot read the raft log: {e}"))?;
-    let snap_dir = snapshot::dir_of(&data_dir);
-    let recovered = snapshot::recover(
-        &snap_dir,
-        &store.snapshot_meta(),
-        store.truncated_index(),
-        logger,
-    )?;
-    if let Some(data) = &recovered {
-        if data.meta != store.snapshot_meta() {
-            store
-                .record_snapshot(&data.meta)
-                .map_err(|e| format!("cannot record the snapshot in use: {e}"))?;
-        }
-        info!(logger, "loaded snapshot"; "index" => data.meta.index, "keys" => data.kv.len());
-    }
+    let (mut store, recovered) = node::open_group(&engine, &data_dir, CLUSTER_GROUP, logger)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -135,7 +119,8 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
             "joining an existing cluster; waiting for the leader to send the log"
         );
     } else {
-        node::bootstrap(&mut store, &config.cluster)?;
+        let members: Vec<(u64, String)> = (1..).zip(config.cluster.iter().cloned()).collect();
+        node::bootstrap(&mut store, &members)?;
         info!(logger, "formed a new cluster"; "members" => config.cluster.len());
     }
     let cluster_id = Arc::new(cluster_id::ClusterId::load(data_dir.join("cluster-id"))?);
@@ -145,6 +130,7 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
 
     let exit = runtime.block_on(serve(
         config,
+        engine,
         store,
         recovered,
         known_peers,
@@ -186,6 +172,7 @@ fn refuse_if_removed(data_dir: &Path) -> Result<(), String> {
 /// Runs the node thread and both HTTP servers until the node stops; returns why it did.
 async fn serve(
     config: Config,
+    engine: Arc<raft_engine::Engine>,
     store: LogStore,
     recovered: Option<snapshot::SnapshotData>,
     known_peers: Vec<(u64, String)>,
@@ -210,14 +197,13 @@ async fn serve(
     let (router, inbox) = Router::new();
     let kv = kv::SharedKv::default();
     let membership = SharedMembership::default();
-    let snap_dir = snapshot::dir_of(&config.data_dir());
     let partition = Arc::new(faults::Partition::default());
     let metrics = Arc::new(metrics::Metrics::default());
     let transport = Arc::new(Transport::new(
         tokio::runtime::Handle::current(),
         router.clone(),
         partition.clone(),
-        snap_dir.clone(),
+        config.data_dir(),
         cluster_id.clone(),
         metrics.clone(),
         logger.new(o!("component" => "transport")),
@@ -233,32 +219,48 @@ async fn serve(
         *membership.write().unwrap() = data.membership;
     }
     let node = Node::new(
-        &NodeConfig {
+        NodeConfig {
             id: config.id,
             tick: config.tick(),
             election_ticks: config.election_ticks,
             heartbeat_ticks: config.heartbeat_ticks,
-            snap_dir: snap_dir.clone(),
+            data_dir: config.data_dir(),
             snapshot_count: config.snapshot_count,
             catchup_entries: config.snapshot_catchup_entries,
         },
+        engine,
         store,
+        kv.clone(),
         NodeShared {
-            kv: kv.clone(),
             membership: membership.clone(),
-            transport,
-            inbox: router.clone(),
+            transport: transport.clone(),
+            router: router.clone(),
             metrics: metrics.clone(),
         },
-        logger.new(o!("component" => "raft")),
+        logger.clone(),
     )?;
+    let api = Arc::new(Api {
+        id: config.id,
+        router: router.clone(),
+        kv,
+        membership: membership.clone(),
+        peers: transport.client(),
+        cluster_id: cluster_id.clone(),
+        max_value_bytes: config.max_value_bytes,
+        request_timeout: config.request_timeout(),
+        partition: config.enable_fault_injection.then_some(partition.clone()),
+        data_dir: config.data_dir(),
+        metrics: metrics.clone(),
+        logger: logger.new(o!("component" => "api")),
+    });
     let (stop_servers, servers_stopping) = watch::channel(false);
     let peer_service = Arc::new(transport::PeerService {
         node: router.clone(),
         membership,
-        partition: partition.clone(),
-        snap_dir,
+        partition,
+        data_dir: config.data_dir(),
         cluster_id,
+        forwarded: forwarded_requests_to(api.clone()),
         strangers: Default::default(),
         logger: logger.new(o!("component" => "transport")),
     });
@@ -276,16 +278,6 @@ async fn serve(
         })
         .map_err(|e| format!("cannot start the node thread: {e}"))?;
 
-    let api = Arc::new(Api {
-        router: router.clone(),
-        kv,
-        max_value_bytes: config.max_value_bytes,
-        request_timeout: config.request_timeout(),
-        partition: config.enable_fault_injection.then_some(partition),
-        data_dir: config.data_dir(),
-        metrics,
-        logger: logger.new(o!("component" => "api")),
-    });
     let api_server = tokio::spawn(http_server::serve(
         "api",
         api_listener,
@@ -312,6 +304,23 @@ async fn serve(
         }
     };
     Ok(exit)
+}
+
+/// How the peer server hands a client request that another node forwarded (under
+/// `/client`) to this node's API: on the main runtime, off the raft thread.
+fn forwarded_requests_to(api: Arc<Api>) -> transport::ClientApi {
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move |req| {
+        let (api, runtime) = (api.clone(), runtime.clone());
+        Box::pin(async move {
+            runtime.spawn(api.handle(req)).await.unwrap_or_else(|e| {
+                http_server::text_response(
+                    hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the forwarded request failed: {e}"),
+                )
+            })
+        })
+    })
 }
 
 /// The peer-facing server, before it starts on the raft thread.

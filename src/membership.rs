@@ -1,8 +1,10 @@
-//! Who is in the cluster and where to reach them: each member's peer URL, and the ids that
-//! were removed (a removed id is never reused, and its messages are refused).
+//! Who is in the cluster and where to reach them: each member's peer URL, the ids that
+//! were removed (a removed id is never reused, and its messages are refused), and the
+//! table of raft groups beside the cluster group, with the nodes each was created on.
 //!
-//! The node updates it when it applies a conf-change entry, so it is the same on every
-//! member that applied the same log; the peer transport reads it. Peer URLs are checked
+//! The cluster group updates it when it applies a conf-change or group-creation entry, so
+//! it is the same on every member that applied the same log; the peer transport and the
+//! router read it. Peer URLs are checked
 //! here, once, for every path they enter by (command line and HTTP).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +17,8 @@ pub type SharedMembership = Arc<RwLock<Membership>>;
 pub struct Membership {
     pub peer_urls: BTreeMap<u64, String>,
     pub removed: BTreeSet<u64>,
+    /// Raft groups other than the cluster group: id -> the nodes it was created on.
+    pub groups: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 /// Checks that `url` is an `http://host:port` peer URL and returns it normalised

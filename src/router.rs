@@ -13,7 +13,11 @@ use bytes::Bytes;
 use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::command::Command;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::command::{Command, Op};
+use crate::kv::SharedKv;
 use crate::snapshot::WrittenSnapshot;
 
 /// The group every member of the cluster belongs to: its log holds the cluster's
@@ -38,6 +42,8 @@ pub enum ProposeError {
     Timeout,
     /// The node is shutting down.
     Stopped,
+    /// This node does not host that raft group (or not yet).
+    NotHosted(u64),
 }
 
 /// A change of membership asked for by a client.
@@ -85,7 +91,7 @@ pub struct Member {
 
 /// What one raft group is asked to do.
 pub enum GroupMsg {
-    Propose(Command, Reply),
+    Propose(Op, Reply),
     ChangeMembers(MemberChange, Reply),
     ReadIndex(ReadReply),
     Step(Box<Message>),
@@ -106,16 +112,34 @@ pub enum NodeMsg {
     Shutdown,
 }
 
-/// A cheap, clonable way for other tasks to reach the raft groups.
+/// A cheap, clonable way for other tasks to reach the raft groups: their mailbox (the raft
+/// thread's inbox) and the maps of the groups hosted here, for reads.
 #[derive(Clone)]
 pub struct Router {
     tx: mpsc::UnboundedSender<NodeMsg>,
+    maps: Arc<RwLock<HashMap<u64, SharedKv>>>,
 }
 
 impl Router {
     pub fn new() -> (Router, mpsc::UnboundedReceiver<NodeMsg>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Router { tx }, rx)
+        let maps = Arc::default();
+        (Router { tx, maps }, rx)
+    }
+
+    /// Group `group_id` is hosted here, with `kv` as its map (the raft thread calls it).
+    pub fn register(&self, group_id: u64, kv: SharedKv) {
+        self.maps.write().unwrap().insert(group_id, kv);
+    }
+
+    /// Group `group_id` is no longer hosted here.
+    pub fn unregister(&self, group_id: u64) {
+        self.maps.write().unwrap().remove(&group_id);
+    }
+
+    /// The map of group `group_id`, if it is hosted here.
+    pub fn kv(&self, group_id: u64) -> Option<SharedKv> {
+        self.maps.read().unwrap().get(&group_id).cloned()
     }
 
     /// Hands `msg` to group `group_id` (dropped if the raft thread has stopped).
@@ -130,7 +154,21 @@ impl Router {
         command: Command,
         timeout: Duration,
     ) -> Result<Written, ProposeError> {
-        self.ask(group_id, |reply| GroupMsg::Propose(command, reply), timeout)
+        let op = Op::Kv(command);
+        self.ask(group_id, |reply| GroupMsg::Propose(op, reply), timeout)
+            .await
+    }
+
+    /// Proposes to the cluster group the creation of group `group` on `members`, and
+    /// waits until it is applied here (the replicas start as each member applies it).
+    pub async fn create_group(
+        &self,
+        group: u64,
+        members: Vec<u64>,
+        timeout: Duration,
+    ) -> Result<Written, ProposeError> {
+        let op = Op::CreateGroup { group, members };
+        self.ask(CLUSTER_GROUP, |reply| GroupMsg::Propose(op, reply), timeout)
             .await
     }
 

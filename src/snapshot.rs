@@ -5,13 +5,16 @@
 //! snapshot, `snap-<index as 16 hex digits>.snap`, in the data dir's `snap/` folder:
 //!
 //! ```text
-//! "RKVSNAP3" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
+//! "RKVSNAP4" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
+//! | groups u32, each: id u64, nodes u32, each: id u64
 //! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
-//! (integers little-endian). Older formats are still read: "RKVSNAP2" lacks the map
-//! revision, which was then always the index; "RKVSNAP1" also lacks the keys' revisions,
+//! (integers little-endian). Each raft group has its own folder of snapshots (the
+//! cluster group's is `snap/`, group g's `groups/<g>/snap/`); only the cluster group's
+//! carry members and groups. Older formats are still read: "RKVSNAP3" lacks the table of
+//! groups (there was one group); "RKVSNAP2" also lacks the map revision, which was then always the index; "RKVSNAP1" also lacks the keys' revisions,
 //! and gives every key the snapshot's index. A file is written to a temporary name,
 //! fsynced, renamed and the directory fsynced, so a crash leaves either the whole snapshot
 //! or none (its `.tmp` file is removed at start-up); the checksum catches corruption after
@@ -31,7 +34,9 @@ use crate::kv::FrozenKv;
 use crate::membership::Membership;
 use crate::record::Record;
 
-const MAGIC: &[u8; 8] = b"RKVSNAP3";
+const MAGIC: &[u8; 8] = b"RKVSNAP4";
+/// The third format, without the table of groups.
+const MAGIC_V3: &[u8; 8] = b"RKVSNAP3";
 /// The second format, without the map's revision.
 const MAGIC_V2: &[u8; 8] = b"RKVSNAP2";
 /// The first format, without revisions.
@@ -71,9 +76,16 @@ pub struct SnapshotData {
     pub kv: FrozenKv,
 }
 
-/// The snapshot directory of a data dir.
-pub fn dir_of(data_dir: &Path) -> PathBuf {
-    data_dir.join("snap")
+/// The snapshot directory of raft group `group_id` in a data dir (the cluster group,
+/// 1, keeps the folder of the single-group releases).
+pub fn dir_of(data_dir: &Path, group_id: u64) -> PathBuf {
+    match group_id {
+        1 => data_dir.join("snap"),
+        _ => data_dir
+            .join("groups")
+            .join(group_id.to_string())
+            .join("snap"),
+    }
 }
 
 pub fn path_of(dir: &Path, index: u64) -> PathBuf {
@@ -180,6 +192,14 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     for id in &data.membership.removed {
         w.write_all(&id.to_le_bytes())?;
     }
+    w.write_all(&(data.membership.groups.len() as u32).to_le_bytes())?;
+    for (id, nodes) in &data.membership.groups {
+        w.write_all(&id.to_le_bytes())?;
+        w.write_all(&(nodes.len() as u32).to_le_bytes())?;
+        for node in nodes {
+            w.write_all(&node.to_le_bytes())?;
+        }
+    }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
     for record in data.kv.iter() {
         put_bytes(&mut w, record.key())?;
@@ -285,10 +305,11 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     };
     let mut magic = [0; 8];
     r.exact(&mut magic)?;
-    let (has_map_revision, has_revisions) = match &magic {
-        MAGIC => (true, true),
-        MAGIC_V2 => (false, true),
-        MAGIC_V1 => (false, false),
+    let (has_groups, has_map_revision, has_revisions) = match &magic {
+        MAGIC => (true, true, true),
+        MAGIC_V3 => (false, true, true),
+        MAGIC_V2 => (false, false, true),
+        MAGIC_V1 => (false, false, false),
         _ => return Err("not a raftkvd snapshot file".into()),
     };
     let mut data = SnapshotData::default();
@@ -311,6 +332,13 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
         removed.insert(r.u64()?);
     }
     data.membership.removed = removed;
+    if has_groups {
+        for _ in 0..r.u32()? {
+            let id = r.u64()?;
+            let nodes = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            data.membership.groups.insert(id, nodes);
+        }
+    }
     let count = r.u64()?;
     let mut records = Vec::with_capacity(count.min(size / 8) as usize);
     for _ in 0..count {
@@ -464,11 +492,56 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A current-format file of data with no groups, rewritten in the third format (no
+    /// table of groups).
+    fn as_third_format(v4: &[u8]) -> Vec<u8> {
+        let u32_at = |at: usize| u32::from_le_bytes(v4[at..at + 4].try_into().unwrap()) as usize;
+        let mut at = 32;
+        at += 4 + u32_at(at); // conf state
+        let members = u32_at(at);
+        at += 4;
+        for _ in 0..members {
+            at += 8;
+            at += 4 + u32_at(at);
+        }
+        at += 4 + 8 * u32_at(at); // removed ids
+        assert_eq!(u32_at(at), 0, "the sample has no groups");
+        let mut v3 = MAGIC_V3.to_vec();
+        v3.extend_from_slice(&v4[8..at]);
+        v3.extend_from_slice(&v4[at + 4..v4.len() - 4]);
+        let crc = crc32fast::hash(&v3);
+        v3.extend_from_slice(&crc.to_le_bytes());
+        v3
+    }
+
+    #[test]
+    fn the_table_of_groups_round_trips_and_a_third_format_file_has_none() {
+        let dir = temp_dir("groups");
+        let mut data = sample(40);
+        data.membership.groups.insert(2, [1, 2].into());
+        data.membership.groups.insert(7, [2, 4, 9].into());
+        let (path, _) = write(&dir, &data).unwrap();
+        assert_eq!(
+            read(&path).unwrap().membership.groups,
+            data.membership.groups
+        );
+        let (path, _) = write(&dir, &sample(50)).unwrap();
+        fs::write(&path, as_third_format(&fs::read(&path).unwrap())).unwrap();
+        let back = read(&path).unwrap();
+        assert!(back.membership.groups.is_empty());
+        assert_eq!(
+            (back.meta.index, back.kv.revision(), back.kv.len()),
+            (50, 55, 100)
+        );
+        assert_eq!(back.membership.removed, sample(50).membership.removed);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_second_format_file_reads_with_its_index_as_the_map_revision() {
         let dir = temp_dir("v2");
         let (path, _) = write(&dir, &sample(40)).unwrap();
-        let v3 = fs::read(&path).unwrap();
+        let v3 = as_third_format(&fs::read(&path).unwrap());
         // The same file in the second format: no map revision after the term.
         let mut v2 = MAGIC_V2.to_vec();
         v2.extend_from_slice(&v3[8..24]);

@@ -55,8 +55,6 @@ pub const RAFT_PATH: &str = "/raft";
 const SNAPSHOT_PATH: &str = "/raft/snapshot";
 /// Headers of a snapshot upload: the hex-encoded MsgSnapshot and its raft group.
 const MESSAGE_HEADER: &str = "x-raft-message";
-/// The sender's cluster id (see cluster_id.rs), on every stream and upload.
-const CLUSTER_HEADER: &str = "x-raftkvd-cluster-id";
 const GROUP_HEADER: &str = "x-raft-group";
 /// A snapshot upload may take this long before it is given up.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -73,7 +71,8 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     node: Router,
     partition: Arc<Partition>,
-    snap_dir: PathBuf,
+    /// Each group's snapshots are in a folder of it.
+    data_dir: PathBuf,
     cluster_id: Arc<ClusterId>,
     metrics: Arc<Metrics>,
     logger: Logger,
@@ -97,7 +96,7 @@ impl Transport {
         runtime: tokio::runtime::Handle,
         node: Router,
         partition: Arc<Partition>,
-        snap_dir: PathBuf,
+        data_dir: PathBuf,
         cluster_id: Arc<ClusterId>,
         metrics: Arc<Metrics>,
         logger: Logger,
@@ -115,11 +114,16 @@ impl Transport {
             runtime,
             node,
             partition,
-            snap_dir,
+            data_dir,
             cluster_id,
             metrics,
             logger,
         }
+    }
+
+    /// The HTTP client for requests to peers, beside their raft streams.
+    pub fn client(&self) -> reqwest::Client {
+        self.client.clone()
     }
 
     /// Starts sending to `id` at `url` (or moves it there).
@@ -134,7 +138,7 @@ impl Transport {
             path: RAFT_PATH.to_string(),
             headers: Box::new(move || {
                 let id = cluster_id.get().map(cluster_id::format);
-                id.map(|id| (CLUSTER_HEADER, id)).into_iter().collect()
+                id.map(|id| (cluster_id::HEADER, id)).into_iter().collect()
             }),
         };
         let stream = PeerStream::start(
@@ -211,7 +215,7 @@ impl Transport {
     fn send_snapshot(&self, peer_url: &str, group_id: u64, msg: Message) {
         let to = msg.to;
         let index = msg.get_snapshot().get_metadata().index;
-        let path = snapshot::path_of(&self.snap_dir, index);
+        let path = snapshot::path_of(&snapshot::dir_of(&self.data_dir, group_id), index);
         let url = format!("{peer_url}{SNAPSHOT_PATH}");
         let header = hex_encode(&msg.write_to_bytes().expect("raft messages always encode"));
         let (client, node) = (self.client.clone(), self.node.clone());
@@ -233,7 +237,7 @@ impl Transport {
                     .post(&url)
                     .header(MESSAGE_HEADER, header)
                     .header(GROUP_HEADER, group_id.to_string())
-                    .header(CLUSTER_HEADER, cluster)
+                    .header(cluster_id::HEADER, cluster)
                     .timeout(SNAPSHOT_TIMEOUT)
                     .body(reqwest::Body::from(file))
                     .send()
@@ -258,6 +262,22 @@ impl Transport {
             }
         });
     }
+}
+
+/// The forwarded request as the client sent it: its path without `/client`.
+fn without_forward_prefix(req: Request<Incoming>) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let original = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .strip_prefix(FORWARD_PREFIX)
+        .unwrap_or("/")
+        .to_string();
+    if let Ok(uri) = original.parse() {
+        parts.uri = uri;
+    }
+    Request::from_parts(parts, body)
 }
 
 fn hex_encode(bytes: &[u8]) -> String {
@@ -306,29 +326,51 @@ fn take_frames(buf: &mut Vec<u8>) -> Result<Vec<GroupMessage>, String> {
     Ok(out)
 }
 
+/// Answers a client request forwarded by another node (see `api/forward.rs`).
+pub type ClientApi = Arc<
+    dyn Fn(
+            Request<Incoming>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The peer-port path under which another node forwards client requests.
+pub const FORWARD_PREFIX: &str = "/client";
+/// The only client routes that may be forwarded: a group's keys and status.
+const FORWARDABLE: &str = "/client/v1/groups/";
+
 /// What the peer-facing server needs.
 pub struct PeerService {
     pub node: Router,
     pub membership: SharedMembership,
     pub partition: Arc<Partition>,
-    pub snap_dir: PathBuf,
+    /// Each group's snapshots are in a folder of it.
+    pub data_dir: PathBuf,
     pub cluster_id: Arc<ClusterId>,
+    /// Where client requests that another node forwarded go.
+    pub forwarded: ClientApi,
     /// Senders of another cluster already logged, so each is logged once.
     pub strangers: Mutex<std::collections::HashSet<u64>>,
     pub logger: Logger,
 }
 
-/// Answers a request on the peer port: `POST /raft` with a batch of raft messages, or
-/// `POST /raft/snapshot` with a snapshot file.
+/// Answers a request on the peer port: `POST /raft` with a batch of raft messages,
+/// `POST /raft/snapshot` with a snapshot file, or a client request for a raft group that
+/// another node forwarded (`/client/v1/groups/...`).
 pub async fn handle_peer_request(
     req: Request<Incoming>,
     service: Arc<PeerService>,
 ) -> Response<Full<Bytes>> {
-    if req.method() != Method::POST {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-    }
     if let Some(refusal) = service.check_cluster(&req) {
         return refusal;
+    }
+    if req.uri().path().starts_with(FORWARDABLE) {
+        return (service.forwarded)(without_forward_prefix(req)).await;
+    }
+    if req.method() != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
     match req.uri().path() {
         RAFT_PATH => service.receive_messages(req).await,
@@ -349,7 +391,7 @@ impl PeerService {
     fn check_cluster(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
         let theirs = req
             .headers()
-            .get(CLUSTER_HEADER)
+            .get(cluster_id::HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(cluster_id::parse)?;
         let ours = match self.cluster_id.get() {
@@ -379,20 +421,29 @@ impl PeerService {
         Some(reply(StatusCode::PRECONDITION_FAILED, &why))
     }
 
-    /// The answer to a message from `from` for `group_id`, if it must not be stepped:
-    /// 410 for a removed member, 404 for an unknown group.
-    fn refuse(&self, group_id: u64, from: u64) -> Option<Response<Full<Bytes>>> {
+    /// The answer to a message from `from`, if it must not be stepped: 410 for a removed
+    /// member.
+    fn refuse(&self, from: u64) -> Option<Response<Full<Bytes>>> {
         if self.membership.read().unwrap().removed.contains(&from) {
             return Some(reply(
                 StatusCode::GONE,
                 &format!("node {from} was removed from the cluster"),
             ));
         }
-        if group_id != CLUSTER_GROUP {
-            warn!(self.logger, "message for an unknown raft group"; "group" => group_id, "from" => from);
-            return Some(reply(StatusCode::NOT_FOUND, "unknown raft group"));
-        }
         None
+    }
+
+    /// Whether `group_id` is the cluster group or in the cluster's table of groups as this
+    /// node applied it so far. A message for any other group is dropped: a group this
+    /// node has not learnt of yet will be sent to again.
+    fn knows_group(&self, group_id: u64) -> bool {
+        group_id == CLUSTER_GROUP
+            || self
+                .membership
+                .read()
+                .unwrap()
+                .groups
+                .contains_key(&group_id)
     }
 
     /// Reads a message stream: frames may arrive split across chunks; each complete one is
@@ -417,10 +468,10 @@ impl PeerService {
                 }
             };
             for (group_id, msg) in messages {
-                if let Some(refusal) = self.refuse(group_id, msg.from) {
+                if let Some(refusal) = self.refuse(msg.from) {
                     return refusal;
                 }
-                if !self.partition.is_blocked(msg.from) {
+                if self.knows_group(group_id) && !self.partition.is_blocked(msg.from) {
                     self.node.step(group_id, msg);
                 }
             }
@@ -446,21 +497,26 @@ impl PeerService {
         let group_id = header(GROUP_HEADER)
             .and_then(|g| g.parse().ok())
             .ok_or("missing or malformed raft group header")?;
-        if let Some(refusal) = self.refuse(group_id, msg.from) {
+        if let Some(refusal) = self.refuse(msg.from) {
             return Ok(refusal);
+        }
+        if !self.knows_group(group_id) {
+            return Ok(reply(
+                StatusCode::NOT_FOUND,
+                &format!("raft group {group_id} is unknown here"),
+            ));
         }
         if self.partition.is_blocked(msg.from) {
             return Ok(reply(StatusCode::NO_CONTENT, ""));
         }
         let index = msg.get_snapshot().get_metadata().index;
         let upload = UPLOADS.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .snap_dir
-            .join(format!("recv-{index:016x}-{upload}.tmp"));
-        let received = self.write_upload(req.into_body(), &tmp).await;
+        let snap_dir = snapshot::dir_of(&self.data_dir, group_id);
+        let tmp = snap_dir.join(format!("recv-{index:016x}-{upload}.tmp"));
+        let received = self.write_upload(req.into_body(), &snap_dir, &tmp).await;
         let stored = match received {
             Ok(bytes) => {
-                let (tmp2, dir) = (tmp.clone(), self.snap_dir.clone());
+                let (tmp2, dir) = (tmp.clone(), snap_dir.clone());
                 tokio::task::spawn_blocking(move || {
                     snapshot::verify(&tmp2)?;
                     std::fs::rename(&tmp2, snapshot::path_of(&dir, index))
@@ -481,7 +537,7 @@ impl PeerService {
                 return Err(e);
             }
         };
-        info!(self.logger, "received a snapshot"; "from" => msg.from, "index" => index, "bytes" => bytes);
+        info!(self.logger, "received a snapshot"; "group" => group_id, "from" => msg.from, "index" => index, "bytes" => bytes);
         self.node.step(group_id, msg);
         Ok(reply(StatusCode::NO_CONTENT, ""))
     }
@@ -489,9 +545,10 @@ impl PeerService {
     async fn write_upload(
         &self,
         mut body: Incoming,
+        dir: &std::path::Path,
         path: &std::path::Path,
     ) -> Result<u64, String> {
-        tokio::fs::create_dir_all(&self.snap_dir)
+        tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| e.to_string())?;
         let mut file = tokio::fs::File::create(path)

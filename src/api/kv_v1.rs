@@ -56,14 +56,15 @@ struct PutBody {
 impl Api {
     pub(super) async fn get_versioned(
         &self,
+        group: u64,
         key: Bytes,
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Reply {
         let params = parse_query(query, &["consistency"])?;
-        self.wait_until_readable(Consistency::from_params(&params)?)
+        self.wait_until_readable(group, Consistency::from_params(&params)?)
             .await?;
-        let found = self.kv.read().unwrap().get(&key);
+        let found = self.map_of(group)?.read().unwrap().get(&key);
         let Some(versioned) = found else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
@@ -87,6 +88,7 @@ impl Api {
 
     pub(super) async fn put_versioned(
         &self,
+        group: u64,
         key: Bytes,
         query: Option<&str>,
         req: Request<Incoming>,
@@ -113,7 +115,7 @@ impl Api {
         };
         let written = self
             .router
-            .propose(CLUSTER_GROUP, command, self.request_timeout)
+            .propose(group, command, self.request_timeout)
             .await?;
         Ok(json_response(
             StatusCode::OK,
@@ -121,7 +123,12 @@ impl Api {
         ))
     }
 
-    pub(super) async fn delete_versioned(&self, key: Bytes, query: Option<&str>) -> Reply {
+    pub(super) async fn delete_versioned(
+        &self,
+        group: u64,
+        key: Bytes,
+        query: Option<&str>,
+    ) -> Reply {
         let params = parse_query(query, &["if_revision"])?;
         let check = number_param(&params, "if_revision")?;
         let command = Command {
@@ -130,7 +137,7 @@ impl Api {
         };
         let written = self
             .router
-            .propose(CLUSTER_GROUP, command, self.request_timeout)
+            .propose(group, command, self.request_timeout)
             .await?;
         Ok(json_response(
             StatusCode::OK,
@@ -151,7 +158,7 @@ impl Api {
             )));
         }
         let prefix = params.get("prefix").cloned().unwrap_or_default();
-        self.wait_until_readable(Consistency::from_params(&params)?)
+        self.wait_until_readable(CLUSTER_GROUP, Consistency::from_params(&params)?)
             .await?;
         // Freeze (a pointer copy per shard) and walk the copy without holding the lock.
         let frozen = self.kv.read().unwrap().freeze();

@@ -5,6 +5,7 @@
 //! | raftexample's: `GET`/`PUT /<key>`, `POST`/`DELETE /<node-id>` | `raftexample.rs` |
 //! | `/v1/kv...`: keys with revisions, listing, multi-key set, compare-and-swap | `kv_v1.rs` |
 //! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
+//! | `/v1/groups...`: the raft groups, create one, the keys of one (forwarded to a node that hosts it, `forward.rs`) | `groups_v1.rs` |
 //! | `/status`, `/health`, `/readyz`, `/metrics`, `/debug/partition` | `admin.rs` |
 //!
 //! `GET /v1/openapi.json` serves the OpenAPI document of the `/v1` routes (`openapi.json`
@@ -27,13 +28,17 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use slog::{warn, Logger};
 
+use crate::cluster_id::ClusterId;
 use crate::faults::Partition;
 use crate::http_server::text_response;
 use crate::kv::SharedKv;
+use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
 use crate::router::{ProposeError, Router, CLUSTER_GROUP};
 
 mod admin;
+mod forward;
+mod groups_v1;
 mod kv_v1;
 mod members_v1;
 mod raftexample;
@@ -43,7 +48,14 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// What every request handler needs.
 pub struct Api {
+    /// This node's id.
+    pub id: u64,
     pub router: Router,
+    /// The cluster's members and table of groups, for forwarding.
+    pub membership: SharedMembership,
+    /// The HTTP client that forwards requests to other nodes' peer ports.
+    pub peers: reqwest::Client,
+    pub cluster_id: Arc<ClusterId>,
     pub kv: SharedKv,
     pub max_value_bytes: usize,
     pub request_timeout: Duration,
@@ -122,6 +134,10 @@ impl From<ProposeError> for Failure {
             ProposeError::Stopped => {
                 Failure::new(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down")
             }
+            ProposeError::NotHosted(group) => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("raft group {group} is not (yet) hosted on this node; retry"),
+            ),
         }
     }
 }
@@ -183,9 +199,12 @@ impl Api {
         if let Some(key) = rest.strip_prefix("/kv/") {
             let key = decode_path_segment(key)?;
             return match *method {
-                Method::GET => self.get_versioned(key, query, req.headers()).await,
-                Method::PUT => self.put_versioned(key, query, req).await,
-                Method::DELETE => self.delete_versioned(key, query).await,
+                Method::GET => {
+                    self.get_versioned(CLUSTER_GROUP, key, query, req.headers())
+                        .await
+                }
+                Method::PUT => self.put_versioned(CLUSTER_GROUP, key, query, req).await,
+                Method::DELETE => self.delete_versioned(CLUSTER_GROUP, key, query).await,
                 _ => Err(Failure::method_not_allowed(method, "GET, PUT, DELETE")),
             };
         }
@@ -201,6 +220,11 @@ impl Api {
                 Method::DELETE => self.remove_member_v1(id).await,
                 _ => Err(Failure::method_not_allowed(method, "DELETE")),
             };
+        }
+        if let Some(groups) = rest.strip_prefix("/groups") {
+            if groups.is_empty() || groups.starts_with('/') {
+                return self.route_groups(req, method, groups).await;
+            }
         }
         if rest == "/openapi.json" {
             return match *method {
@@ -249,14 +273,25 @@ impl Api {
         response
     }
 
+    /// The map of group `group`, if this node hosts it.
+    fn map_of(&self, group: u64) -> Result<SharedKv, Failure> {
+        self.router
+            .kv(group)
+            .ok_or_else(|| ProposeError::NotHosted(group).into())
+    }
+
     /// Returns once a linearizable read of the local map is allowed (raft ReadIndex), or
     /// at once for a serializable read.
-    async fn wait_until_readable(&self, consistency: Consistency) -> Result<(), Failure> {
+    async fn wait_until_readable(
+        &self,
+        group: u64,
+        consistency: Consistency,
+    ) -> Result<(), Failure> {
         if consistency == Consistency::Serializable {
             return Ok(());
         }
         self.router
-            .read_index(CLUSTER_GROUP, self.request_timeout)
+            .read_index(group, self.request_timeout)
             .await
             .map_err(|e| match e {
                 ProposeError::Timeout => Failure::new(
@@ -364,6 +399,7 @@ fn route_of(method: &Method, path: &str) -> &'static str {
             _ => "other",
         },
         (_, t) if t == "v1/members" || t.starts_with("v1/members/") => "v1_members",
+        (_, t) if t == "v1/groups" || t.starts_with("v1/groups/") => "v1_groups",
         (_, t) if v1_rest(t).is_some() => "other",
         ("GET", _) => "get",
         ("PUT", _) => "put",

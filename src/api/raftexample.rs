@@ -29,7 +29,7 @@ impl Api {
     pub(super) async fn get_key(&self, key: &str, query: Option<&str>) -> Reply {
         let key = check_key(key)?;
         let params = parse_query(query, &["consistency"])?;
-        self.wait_until_readable(Consistency::from_params(&params)?)
+        self.wait_until_readable(CLUSTER_GROUP, Consistency::from_params(&params)?)
             .await?;
         match self.kv.read().unwrap().get(key.as_bytes()) {
             Some(versioned) => Ok(Response::new(Full::new(versioned.value))),

@@ -1,4 +1,5 @@
-//! The first log of a brand-new cluster.
+//! The first log of a brand-new raft group: the cluster group of a new cluster, or a
+//! group the cluster group created.
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
@@ -6,14 +7,16 @@ use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Har
 use crate::command::{MemberContext, ProposalId};
 use crate::storage::LogStore;
 
-/// The first log of a new cluster, the same on every initial member (as etcd does it):
-/// one AddNode entry per member, carrying its peer URL, committed at term 1. A node that
-/// joins later receives these entries from the leader and so learns the whole membership.
-pub fn bootstrap(store: &mut LogStore, cluster: &[String]) -> Result<(), String> {
-    let mut entries = Vec::with_capacity(cluster.len());
+/// The first log of a new group, the same on every initial member (as etcd does it for a
+/// cluster): one AddNode entry per member `(id, peer URL)`, committed at term 1. A node
+/// that joins the cluster later receives these entries from the leader and so learns the
+/// whole membership. (Groups other than the cluster group carry no URLs: peers are
+/// found through the cluster's membership.)
+pub fn bootstrap(store: &mut LogStore, members: &[(u64, String)]) -> Result<(), String> {
+    let mut entries = Vec::with_capacity(members.len());
     let mut conf_state = ConfState::default();
-    for (i, url) in cluster.iter().enumerate() {
-        let id = i as u64 + 1;
+    for (index, (id, url)) in (1..).zip(members) {
+        let id = *id;
         let mut cc = ConfChange::default();
         cc.set_change_type(ConfChangeType::AddNode);
         cc.node_id = id;
@@ -26,7 +29,7 @@ pub fn bootstrap(store: &mut LogStore, cluster: &[String]) -> Result<(), String>
         let mut entry = Entry::default();
         entry.set_entry_type(EntryType::EntryConfChange);
         entry.term = 1;
-        entry.index = id;
+        entry.index = index;
         entry.data = cc.write_to_bytes().map_err(|e| e.to_string())?.into();
         entries.push(entry);
         conf_state.voters.push(id);

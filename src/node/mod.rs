@@ -1,202 +1,175 @@
-//! The raft node: the one thread that owns the raft-rs `RawNode` and drives it.
+//! The raft node: the one thread that drives every raft group this process hosts.
 //!
-//! Everything that touches raft state arrives as a [`NodeMsg`] on one channel: client
-//! proposals, membership changes, messages from peers. The loop steps them in (the client
-//! writes of one round as one entry, see `propose_batch`), ticks the clock, and handles
-//! each `Ready` in the order raft-rs requires:
+//! Everything that touches raft state arrives as a [`NodeMsg`] on one channel (see
+//! `router.rs`): client proposals and reads, membership changes and messages from peers,
+//! each for one group by its id. The loop hands each to its group (`group.rs`), ticks
+//! every group's clock, and at the end of each round has every group propose the round's
+//! writes and handle its Ready. A message for a group this node does not host is answered
+//! as such (a client's) or dropped (a peer's: raft resends).
 //!
-//! 1. send the leader's messages at once (they may go out before the local write);
-//!    install the snapshot the leader sent, if the Ready carries one (`snapshots.rs`);
-//! 2. apply the committed entries to the key-value map and answer their waiting clients;
-//! 3. persist new entries and the hard state in one batch, fsynced (`storage.rs` says when);
-//! 4. only then send the messages that promise durability (votes, append responses);
-//! 5. `advance`, and do the same for the light ready that follows.
+//! Groups come and go through the cluster group's log: when it applies the creation of a
+//! group that lists this node, the loop starts the replica (`open_group`), the same way on
+//! every member, and again from the log or the table of groups after a restart. The
+//! process stops when the cluster group applies this node's removal, on shutdown (after
+//! every group it leads has handed leadership off), or when storage fails.
 //!
-//! A client is answered only after its entry is committed and applied here; a request
-//! whose fate is unknown is never answered as a success. This thread must never block on
-//! the network, and must never apply an entry that is not committed. (The thread is a
-//! single-threaded runtime that also reads the peers' streams, see `run`.)
-//!
-//! This file is the loop, the Ready handling, proposals and applying entries. Beside it:
-//! `../router.rs` (how other tasks talk to the node), `members.rs` (membership changes),
-//! `snapshots.rs` (taking, recording and installing snapshots), `bootstrap.rs` (the first
-//! log of a new cluster).
+//! This thread must never block on the network, and must never apply an entry that is
+//! not committed. (The thread is a single-threaded runtime that also reads the peers'
+//! streams, see `run`.) Beside it: `group.rs` (one group's raft), `bootstrap.rs` (the
+//! first log of a new group).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::{Entry, EntryType, Message, MessageType};
-use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
-use slog::{error, info, warn, Logger};
+use raft_engine::Engine;
+use slog::{error, info, o, warn, Logger};
 use tokio::sync::mpsc;
 
-use crate::command::{decode_entry, encode_entry, Command, Proposal, ProposalId};
-use crate::kv::{Applied, SharedKv};
+use crate::kv::SharedKv;
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
-use crate::read_index::ReadQueue;
-use crate::snapshot::{self, SnapshotMeta};
+use crate::router::{GroupMsg, NodeExit, NodeMsg, ProposeError, Router, CLUSTER_GROUP};
+use crate::snapshot::{self, SnapshotData};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
 mod bootstrap;
-mod members;
-mod snapshots;
+mod group;
 
 pub use bootstrap::bootstrap;
-pub use members::CHANGE_IN_PROGRESS;
+pub use group::CHANGE_IN_PROGRESS;
+use group::{Group, GroupEvent, GroupShared};
 
-use crate::router::{
-    GroupMsg, Member, NodeExit, NodeMsg, NodeStatus, ProposeError, Reply, Router, Written,
-    CLUSTER_GROUP,
-};
-
-/// The raft group this process serves. Multi-raft will route by it; today there is one.
-pub const GROUP_ID: u64 = CLUSTER_GROUP;
-/// Most messages taken from the channel before the node looks at its Ready again.
+/// Most messages taken from the channel before the node looks at its Readies again.
 const MAX_MSGS_PER_ROUND: usize = 4096;
-/// Ticks after which an unanswered ReadIndex request is sent again.
-const READ_RETRY_TICKS: u64 = 3;
-/// Size above which the writes of one round are split over several entries.
-const MAX_ENTRY_BYTES: usize = 256 * 1024;
 
-/// Settings of the raft node.
+/// Settings of the raft node, the same for every group.
 pub struct NodeConfig {
     pub id: u64,
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
-    /// Where snapshot files live.
-    pub snap_dir: PathBuf,
-    /// Applied writes (revisions) between two snapshots.
+    /// The data dir: each group's snapshots live in a folder of it.
+    pub data_dir: PathBuf,
+    /// Applied writes (revisions) between two snapshots of a group.
     pub snapshot_count: u64,
-    /// Writes kept in the log behind a snapshot, for followers that lag a little.
+    /// Writes kept in a group's log behind a snapshot, for followers that lag a little.
     pub catchup_entries: u64,
 }
 
 /// What the node shares with the rest of the process.
 pub struct NodeShared {
-    /// The state machine (the node writes, the API reads).
-    pub kv: SharedKv,
-    /// Peer URLs and removed ids (the node writes, the transport reads).
+    /// The cluster's members and groups (the cluster group writes, the transport reads).
     pub membership: SharedMembership,
     pub transport: Arc<Transport>,
-    /// The node's own inbox, for answers from its helper threads.
-    pub inbox: Router,
+    /// The node's own inbox (for answers from its helper threads), and where it
+    /// registers each group's map for the API.
+    pub router: Router,
     pub metrics: Arc<Metrics>,
 }
 
 pub struct Node {
-    raw: RawNode<LogStore>,
-    kv: SharedKv,
-    membership: SharedMembership,
-    transport: Arc<Transport>,
-    /// Clients waiting for their entry to be applied, by proposal id.
-    waiters: HashMap<ProposalId, Reply>,
-    /// Client writes taken from the inbox this round, encoded, not yet proposed.
-    batch: Vec<(Vec<u8>, ProposalId, Reply)>,
-    reads: ReadQueue,
-    /// Index of the last entry applied to the map.
-    applied: u64,
-    /// The commit index last counted in the metrics.
-    committed: u64,
-    ticks: u64,
-    incarnation: u64,
-    next_seq: u64,
-    tick: Duration,
-    /// Set when this node applied its own removal.
-    removed_at: Option<u64>,
-    /// Set while a leader hands off leadership before stopping: the deadline.
-    stopping: Option<Instant>,
-    election_timeout: Duration,
-    leader: u64,
-    snap_dir: PathBuf,
-    snapshot_count: u64,
-    catchup_entries: u64,
-    /// Index of the newest durable snapshot.
-    last_snapshot: u64,
-    /// The map's revision in that snapshot.
-    last_snapshot_revision: u64,
-    /// Size of that snapshot's file.
-    last_snapshot_bytes: u64,
-    /// Payload bytes of the entries applied since the last snapshot began.
-    applied_bytes_since_snapshot: u64,
-    snapshot_in_progress: bool,
-    /// Term of the entry at `applied`.
-    applied_term: u64,
-    /// The node's own inbox, for the snapshot writer's answer.
-    inbox: Router,
-    metrics: Arc<Metrics>,
+    config: NodeConfig,
+    groups: BTreeMap<u64, Group>,
+    engine: Arc<Engine>,
+    shared: NodeShared,
+    /// Set while groups this node leads hand off leadership before it stops: the
+    /// deadline, and the groups handing off.
+    stopping: Option<(Instant, BTreeSet<u64>)>,
     logger: Logger,
 }
 
+/// Loads group `group_id`'s log and its newest usable snapshot from the data dir,
+/// recording the snapshot in the log if the log did not know it yet.
+pub fn open_group(
+    engine: &Arc<Engine>,
+    data_dir: &Path,
+    group_id: u64,
+    logger: &Logger,
+) -> Result<(LogStore, Option<SnapshotData>), String> {
+    let mut store = LogStore::load(engine.clone(), group_id)
+        .map_err(|e| format!("cannot read the raft log of group {group_id}: {e}"))?;
+    let recovered = snapshot::recover(
+        &snapshot::dir_of(data_dir, group_id),
+        &store.snapshot_meta(),
+        store.truncated_index(),
+        logger,
+    )?;
+    if let Some(data) = &recovered {
+        if data.meta != store.snapshot_meta() {
+            store
+                .record_snapshot(&data.meta)
+                .map_err(|e| format!("cannot record the snapshot in use: {e}"))?;
+        }
+        info!(logger, "loaded snapshot"; "group" => group_id, "index" => data.meta.index, "keys" => data.kv.len());
+    }
+    Ok((store, recovered))
+}
+
 impl Node {
+    /// The node with the cluster group on `store` (its map rebuilt in `kv`), and every
+    /// other group of the cluster's table that lists this node.
     pub fn new(
-        config: &NodeConfig,
+        config: NodeConfig,
+        engine: Arc<Engine>,
         store: LogStore,
+        kv: SharedKv,
         shared: NodeShared,
         logger: Logger,
     ) -> Result<Node, String> {
-        let NodeShared {
-            kv,
-            membership,
-            transport,
-            inbox,
-            metrics,
-        } = shared;
-        // The map was rebuilt from this snapshot (or is empty); raft hands out every
-        // committed entry after it.
-        let snap = store.snapshot_meta();
-        let snap_revision = kv.read().unwrap().revision();
-        let raft_config = raft::Config {
-            id: config.id,
-            election_tick: config.election_ticks,
-            heartbeat_tick: config.heartbeat_ticks,
-            applied: snap.index,
-            max_size_per_msg: 1024 * 1024,
-            max_inflight_msgs: 256,
-            check_quorum: true,
-            pre_vote: true,
-            ..Default::default()
-        };
-        let raw = RawNode::new(&raft_config, store, &logger)
-            .map_err(|e| format!("could not start raft: {e}"))?;
-        Ok(Node {
-            committed: raw.raft.raft_log.committed,
-            raw,
-            kv,
-            membership,
-            transport,
-            waiters: HashMap::new(),
-            batch: Vec::new(),
-            reads: ReadQueue::default(),
-            applied: snap.index,
-            ticks: 0,
-            incarnation: random_u64(),
-            next_seq: 1,
-            tick: config.tick,
-            removed_at: None,
+        let mut node = Node {
+            config,
+            groups: BTreeMap::new(),
+            engine,
+            shared,
             stopping: None,
-            election_timeout: config.tick * config.election_ticks as u32,
-            leader: INVALID_ID,
-            snap_dir: config.snap_dir.clone(),
-            snapshot_count: config.snapshot_count,
-            catchup_entries: config.catchup_entries,
-            last_snapshot: snap.index,
-            last_snapshot_revision: snap_revision,
-            last_snapshot_bytes: snapshot::size_of(&snapshot::path_of(
-                &config.snap_dir,
-                snap.index,
-            )),
-            applied_bytes_since_snapshot: 0,
-            snapshot_in_progress: false,
-            applied_term: snap.term,
-            inbox,
-            metrics,
             logger,
-        })
+        };
+        node.start_group(CLUSTER_GROUP, store, kv)?;
+        let table = node.shared.membership.read().unwrap().groups.clone();
+        for (group, members) in table {
+            node.ensure_replica(group, &members.into_iter().collect::<Vec<_>>())?;
+        }
+        Ok(node)
+    }
+
+    fn start_group(&mut self, id: u64, store: LogStore, kv: SharedKv) -> Result<(), String> {
+        let logger = self.logger.new(o!("component" => "raft", "group" => id));
+        let shared = GroupShared {
+            membership: self.shared.membership.clone(),
+            transport: self.shared.transport.clone(),
+            inbox: self.shared.router.clone(),
+            metrics: self.shared.metrics.clone(),
+        };
+        let group = Group::new(id, &self.config, store, kv.clone(), shared, logger)?;
+        self.shared.router.register(id, kv);
+        self.groups.insert(id, group);
+        Ok(())
+    }
+
+    /// Starts this node's replica of group `group`, if `members` lists this node and it
+    /// is not running yet: from its log and snapshot if it has them, else from the first
+    /// log every member of a new group writes alike.
+    fn ensure_replica(&mut self, group: u64, members: &[u64]) -> Result<(), String> {
+        if self.groups.contains_key(&group) || !members.contains(&self.config.id) {
+            return Ok(());
+        }
+        let logger = self.logger.new(o!("group" => group));
+        let (mut store, recovered) =
+            open_group(&self.engine, &self.config.data_dir, group, &logger)?;
+        if store.is_empty() {
+            let members: Vec<(u64, String)> =
+                members.iter().map(|&id| (id, String::new())).collect();
+            bootstrap(&mut store, &members)?;
+            info!(logger, "started a replica of a new group"; "members" => ?members.iter().map(|m| m.0).collect::<Vec<_>>());
+        }
+        let kv = SharedKv::default();
+        if let Some(data) = recovered {
+            kv.write().unwrap().replace(data.kv);
+        }
+        self.start_group(group, store, kv)
     }
 
     /// Runs the loop until shutdown, removal or a storage failure.
@@ -206,7 +179,8 @@ impl Node {
     /// message from a peer reaches raft without waking another thread. Everything else
     /// (stepping, fsync, applying) blocks this thread on purpose, as a plain loop would.
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<NodeMsg>) -> NodeExit {
-        let mut next_tick = Instant::now() + self.tick;
+        let tick = self.config.tick;
+        let mut next_tick = Instant::now() + tick;
         loop {
             let first = tokio::select! {
                 msg = inbox.recv() => match msg {
@@ -228,30 +202,14 @@ impl Node {
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.raw.tick();
-                self.ticks += 1;
-                self.waiters.retain(|_, reply| !reply.is_closed());
-                self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
-                next_tick += self.tick;
+                self.groups.values_mut().for_each(Group::tick);
+                next_tick += tick;
                 if next_tick < now {
-                    next_tick = now + self.tick;
+                    next_tick = now + tick;
                 }
             }
-            self.propose_batch();
-            self.start_read_batch();
-            if let Err(e) = self.on_ready() {
-                error!(self.logger, "storage failed; stopping to protect the data"; "error" => &e);
-                return NodeExit::Failed(e);
-            }
-            if let Some(index) = self.removed_at {
-                return NodeExit::Removed { index };
-            }
-            if let Some(deadline) = self.stopping {
-                if self.raw.raft.state != StateRole::Leader || Instant::now() > deadline {
-                    info!(self.logger, "leadership handed off; stopping";
-                        "leader" => self.raw.raft.leader_id, "term" => self.raw.raft.term);
-                    return NodeExit::Stopped;
-                }
+            if let Some(exit) = self.end_round() {
+                return exit;
             }
             // Let the peer streams read what arrived during this round: under load the
             // inbox is never empty, and the loop would otherwise not yield for many rounds.
@@ -261,11 +219,15 @@ impl Node {
 
     fn handle(&mut self, msg: NodeMsg) -> Option<NodeExit> {
         match msg {
-            NodeMsg::Group(GROUP_ID, msg) => self.handle_group_msg(msg),
-            NodeMsg::Group(group_id, _) => {
-                warn!(self.logger, "dropping a message for a group this node does not host"; "group" => group_id);
+            NodeMsg::Group(id, msg) => match self.groups.get_mut(&id) {
+                Some(group) => group.handle(msg),
+                None => not_hosted(id, msg),
+            },
+            NodeMsg::Unreachable(peer) => {
+                for group in self.groups.values_mut() {
+                    group.report_unreachable(peer);
+                }
             }
-            NodeMsg::Unreachable(peer) => self.raw.report_unreachable(peer),
             NodeMsg::RemovedByPeer(peer) => {
                 info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
                 return Some(NodeExit::Removed { index: 0 });
@@ -275,358 +237,81 @@ impl Node {
         None
     }
 
-    fn handle_group_msg(&mut self, msg: GroupMsg) {
-        match msg {
-            GroupMsg::Propose(command, reply) => self.propose(command, reply),
-            GroupMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
-            GroupMsg::ReadIndex(reply) => self.reads.push(reply),
-            GroupMsg::Step(msg) => {
-                if let Err(e) = self.raw.step(*msg) {
-                    warn!(self.logger, "raft rejected a peer message"; "error" => %e);
+    /// Every group proposes, reads and handles its Ready; then the loop carries out
+    /// what the groups asked of it. Returns why the node must stop, if it must.
+    fn end_round(&mut self) -> Option<NodeExit> {
+        let mut events = Vec::new();
+        for group in self.groups.values_mut() {
+            if let Err(e) = group.end_round() {
+                error!(self.logger, "storage failed; stopping to protect the data"; "group" => group.id(), "error" => &e);
+                return Some(NodeExit::Failed(e));
+            }
+            events.extend(group.take_events().into_iter().map(|e| (group.id(), e)));
+        }
+        for (group_id, event) in events {
+            match event {
+                GroupEvent::Created { group, members } => {
+                    if let Err(e) = self.ensure_replica(group, &members) {
+                        error!(self.logger, "could not start a replica; stopping"; "group" => group, "error" => &e);
+                        return Some(NodeExit::Failed(e));
+                    }
+                }
+                GroupEvent::Removed { index } if group_id == CLUSTER_GROUP => {
+                    return Some(NodeExit::Removed { index });
+                }
+                GroupEvent::Removed { index } => {
+                    warn!(self.logger, "this node was removed from a group; its replica stops"; "group" => group_id, "index" => index);
+                    self.groups.remove(&group_id);
+                    self.shared.router.unregister(group_id);
                 }
             }
-            GroupMsg::SnapshotSent(peer, delivered) => {
-                let status = if delivered {
-                    SnapshotStatus::Finish
-                } else {
-                    SnapshotStatus::Failure
-                };
-                self.raw.report_snapshot(peer, status);
-            }
-            GroupMsg::SnapshotWritten(result) => {
-                if let Err(e) = self.on_snapshot_written(result) {
-                    error!(self.logger, "could not record a snapshot"; "error" => &e);
-                }
-            }
-            GroupMsg::Status(reply) => {
-                let _ = reply.send(self.status());
+        }
+        if let Some((deadline, handing_off)) = &self.stopping {
+            let leading = handing_off
+                .iter()
+                .any(|id| self.groups.get(id).is_some_and(Group::is_leader));
+            if !leading || Instant::now() > *deadline {
+                info!(self.logger, "leadership handed off; stopping");
+                return Some(NodeExit::Stopped);
             }
         }
-    }
-
-    /// A leader first hands leadership to its most up-to-date follower, so that stopping
-    /// it costs the cluster no election timeout; anyone else stops at once.
-    fn begin_shutdown(&mut self) -> Option<NodeExit> {
-        let raft = &self.raw.raft;
-        if raft.state != StateRole::Leader || self.stopping.is_some() {
-            return Some(NodeExit::Stopped);
-        }
-        let own_id = raft.id;
-        let voters = raft.prs().conf().voters().ids();
-        let transferee = raft
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != own_id && voters.contains(**id))
-            .max_by_key(|(_, progress)| progress.matched)
-            .map(|(id, _)| *id);
-        let Some(transferee) = transferee else {
-            return Some(NodeExit::Stopped);
-        };
-        info!(self.logger, "transferring leadership before stopping";
-            "to" => transferee, "term" => raft.term);
-        self.raw.transfer_leader(transferee);
-        self.stopping = Some(Instant::now() + self.election_timeout * 2);
         None
     }
 
-    fn status(&self) -> NodeStatus {
-        let raft = &self.raw.raft;
-        let conf = raft.prs().conf().to_conf_state();
-        let urls = &self.membership.read().unwrap().peer_urls;
-        NodeStatus {
-            id: raft.id,
-            term: raft.term,
-            role: format!("{:?}", raft.state),
-            leader: raft.leader_id,
-            commit: raft.raft_log.committed,
-            applied: raft.raft_log.applied,
-            revision: self.kv.read().unwrap().revision(),
-            last_snapshot: self.last_snapshot,
-            members: conf
-                .voters
-                .iter()
-                .chain(&conf.learners)
-                .map(|&id| Member {
-                    id,
-                    peer_url: urls.get(&id).cloned().unwrap_or_default(),
-                })
-                .collect(),
+    /// Every group this node leads first hands leadership to its most up-to-date
+    /// follower, so that stopping it costs no group an election timeout; a node that
+    /// leads nothing stops at once.
+    fn begin_shutdown(&mut self) -> Option<NodeExit> {
+        if self.stopping.is_some() {
+            return Some(NodeExit::Stopped);
         }
-    }
-
-    /// Asks raft for one read index on behalf of every read that arrived since the last
-    /// batch. Without a known leader raft would drop the request; wait for one instead.
-    fn start_read_batch(&mut self) {
-        if self.raw.raft.leader_id == INVALID_ID {
-            return;
-        }
-        if let Some(ctx) = self.reads.start_batch(self.ticks) {
-            self.raw.read_index(ctx);
-        }
-    }
-
-    fn next_proposal_id(&mut self) -> ProposalId {
-        let id = ProposalId {
-            incarnation: self.incarnation,
-            seq: self.next_seq,
-        };
-        self.next_seq += 1;
-        id
-    }
-
-    /// Queues a client write for `propose_batch`, at the end of this round.
-    fn propose(&mut self, command: Command, reply: Reply) {
-        if self.raw.raft.leader_id == INVALID_ID {
-            let _ = reply.send(Err(ProposeError::NoLeader));
-            return;
-        }
-        let id = self.next_proposal_id();
-        self.batch
-            .push((Proposal { id, command }.encode(), id, reply));
-    }
-
-    /// Proposes every client write taken from the inbox this round as one entry (several
-    /// past `MAX_ENTRY_BYTES`), in one raft message, as `RawNode::propose` does for one: a
-    /// leader appends it and sends each follower one append; a follower forwards it to the
-    /// leader. (An entry per write cost a raft step, an append and an ack each, and 48
-    /// bytes of raft-engine's in-memory index per write until the next snapshot.)
-    fn propose_batch(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let (encoded, waiters): (Vec<Vec<u8>>, Vec<(ProposalId, Reply)>) = self
-            .batch
-            .drain(..)
-            .map(|(encoded, id, reply)| (encoded, (id, reply)))
-            .unzip();
-        let entries: Vec<Entry> = split_by_size(encoded, MAX_ENTRY_BYTES)
-            .into_iter()
-            .map(|batch| Entry {
-                data: encode_entry(batch).into(),
-                ..Default::default()
-            })
+        let handing_off: BTreeSet<u64> = self
+            .groups
+            .values_mut()
+            .filter_map(|g| g.hand_off_leadership().then_some(g.id()))
             .collect();
-        let mut msg = Message::default();
-        msg.set_msg_type(MessageType::MsgPropose);
-        msg.from = self.raw.raft.id;
-        msg.set_entries(entries.into());
-        let refused = self.raw.raft.step(msg).err().map(|e| e.to_string());
-        for (id, reply) in waiters {
-            let proposed = refused.as_ref().map_or(Ok(()), |why| Err(why.clone()));
-            self.await_proposal(id, proposed, reply);
+        if handing_off.is_empty() {
+            return Some(NodeExit::Stopped);
         }
-    }
-
-    /// Registers the waiter of a proposal raft accepted (it is answered when the entry is
-    /// applied), or tells the client why raft refused it.
-    fn await_proposal(&mut self, id: ProposalId, proposed: Result<(), String>, reply: Reply) {
-        match proposed {
-            Ok(()) => {
-                Metrics::inc(&self.metrics.proposals);
-                self.waiters.insert(id, reply);
-            }
-            Err(why) => {
-                let _ = reply.send(Err(ProposeError::Dropped(why)));
-            }
-        }
-    }
-
-    /// Handles one Ready and the LightReady that follows it, in raft-rs's required order.
-    fn on_ready(&mut self) -> Result<(), String> {
-        if !self.raw.has_ready() {
-            return Ok(());
-        }
-        let mut ready = self.raw.ready();
-        if let Some(ss) = ready.ss() {
-            self.on_soft_state(ss.leader_id, ss.raft_state);
-        }
-        if !ready.messages().is_empty() {
-            self.transport.send(GROUP_ID, ready.take_messages());
-        }
-        if !ready.snapshot().is_empty() {
-            let meta = ready.snapshot().get_metadata();
-            self.install_snapshot(SnapshotMeta {
-                index: meta.index,
-                term: meta.term,
-                conf_state: meta.get_conf_state().clone(),
-            })?;
-        }
-        self.apply(ready.take_committed_entries())?;
-        for rs in ready.take_read_states() {
-            self.reads
-                .on_read_state(&rs.request_ctx, rs.index, self.applied);
-        }
-        if !ready.entries().is_empty() || ready.hs().is_some() {
-            let started = Instant::now();
-            let synced = self
-                .raw
-                .mut_store()
-                .persist(ready.entries(), ready.hs())
-                .map_err(|e| format!("could not persist raft entries: {e}"))?;
-            if synced {
-                self.metrics.log_fsync.observe(started.elapsed());
-            }
-        }
-        if !ready.persisted_messages().is_empty() {
-            self.transport
-                .send(GROUP_ID, ready.take_persisted_messages());
-        }
-        let mut light = self.raw.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.raw
-                .mut_store()
-                .set_commit(commit)
-                .map_err(|e| format!("could not record the commit index: {e}"))?;
-        }
-        if !light.messages().is_empty() {
-            self.transport.send(GROUP_ID, light.take_messages());
-        }
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
-        let committed = self.raw.raft.raft_log.committed;
-        if committed > self.committed {
-            self.metrics.committed_entries.fetch_add(
-                committed - self.committed,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            self.committed = committed;
-        }
-        self.maybe_snapshot();
-        Ok(())
-    }
-
-    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
-        if leader != self.leader {
-            info!(self.logger, "leader changed";
-                "leader" => leader, "previous" => self.leader,
-                "role" => ?role, "term" => self.raw.raft.term,
-                "commit" => self.raw.raft.raft_log.committed);
-            self.leader = leader;
-            Metrics::inc(&self.metrics.leader_changes);
-        }
-    }
-
-    /// Applies committed entries in log order.
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
-        let Some((last, last_term)) = entries.last().map(|e| (e.index, e.term)) else {
-            return Ok(());
-        };
-        for entry in entries {
-            self.applied_bytes_since_snapshot += entry.data.len() as u64;
-            match entry.get_entry_type() {
-                EntryType::EntryNormal => self.apply_normal(&entry),
-                entry_type => {
-                    // Takes a revision, as every entry without a command does (kv.rs).
-                    let revision = self.kv.write().unwrap().skip_revision();
-                    if entry_type == EntryType::EntryConfChange {
-                        self.apply_conf_change(&entry, revision)?;
-                    } else {
-                        error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
-                    }
-                }
-            }
-        }
-        self.metrics
-            .applied_entries
-            .fetch_add(last - self.applied, std::sync::atomic::Ordering::Relaxed);
-        self.applied = last;
-        self.applied_term = last_term;
-        self.reads.on_applied(last);
-        Ok(())
-    }
-
-    /// Applies each command of a normal entry at its own revision and answers the client
-    /// waiting for it here, if any.
-    fn apply_normal(&mut self, entry: &Entry) {
-        let proposals = if entry.data.is_empty() {
-            Vec::new() // a new leader's empty entry
-        } else {
-            decode_entry(&entry.data).unwrap_or_else(|e| {
-                error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
-                Vec::new()
-            })
-        };
-        let outcomes: Vec<(ProposalId, u64, Applied)> = {
-            let mut kv = self.kv.write().unwrap();
-            if proposals.is_empty() {
-                kv.skip_revision();
-            }
-            proposals
-                .into_iter()
-                .map(|Proposal { id, command }| {
-                    let (revision, applied) = kv.apply(command);
-                    (id, revision, applied)
-                })
-                .collect()
-        };
-        // Answered once the map is unlocked: waking a client's task may cost a syscall.
-        for (id, revision, applied) in outcomes {
-            if let Some(reply) = self.waiters.remove(&id) {
-                let _ = reply.send(match applied {
-                    Applied::Written { deleted } => Ok(Written { revision, deleted }),
-                    Applied::CheckFailed { key, revision } => {
-                        Err(ProposeError::CheckFailed { key, revision })
-                    }
-                });
-            }
-        }
+        let election_timeout = self.config.tick * self.config.election_ticks as u32;
+        self.stopping = Some((Instant::now() + election_timeout * 2, handing_off));
+        None
     }
 }
 
-/// `items` in order, in groups of at most `max_bytes` (an item larger than that alone).
-fn split_by_size(items: Vec<Vec<u8>>, max_bytes: usize) -> Vec<Vec<Vec<u8>>> {
-    let mut groups: Vec<Vec<Vec<u8>>> = Vec::new();
-    let mut bytes = 0;
-    for item in items {
-        match groups.last_mut() {
-            Some(group) if bytes + item.len() <= max_bytes => {
-                bytes += item.len();
-                group.push(item);
-            }
-            _ => {
-                bytes = item.len();
-                groups.push(vec![item]);
-            }
+/// Answers a client's request for a group this node does not host; a peer's message for
+/// one is dropped (raft sends again, and the replica may not be created yet).
+fn not_hosted(group: u64, msg: GroupMsg) {
+    match msg {
+        GroupMsg::Propose(_, reply) | GroupMsg::ChangeMembers(_, reply) => {
+            let _ = reply.send(Err(ProposeError::NotHosted(group)));
         }
-    }
-    groups
-}
-
-/// A random number from the standard library's per-process hasher keys.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_are_split_into_entries_by_size_in_order() {
-        let sizes = |groups: Vec<Vec<Vec<u8>>>| -> Vec<Vec<usize>> {
-            groups
-                .iter()
-                .map(|g| g.iter().map(Vec::len).collect())
-                .collect()
-        };
-        let items = |lens: &[usize]| lens.iter().map(|&n| vec![0; n]).collect();
-        assert_eq!(
-            sizes(split_by_size(items(&[3, 3, 4, 1]), 10)),
-            [vec![3, 3, 4], vec![1]]
-        );
-        assert_eq!(
-            sizes(split_by_size(items(&[2, 20, 2]), 10)),
-            [vec![2], vec![20], vec![2]]
-        );
-        assert!(split_by_size(Vec::new(), 10).is_empty());
+        GroupMsg::ReadIndex(reply) => {
+            let _ = reply.send(Err(ProposeError::NotHosted(group)));
+        }
+        GroupMsg::Step(_)
+        | GroupMsg::SnapshotSent(..)
+        | GroupMsg::SnapshotWritten(_)
+        | GroupMsg::Status(_) => {}
     }
 }

@@ -1,7 +1,8 @@
-//! Membership changes on the node: checking a requested change against the current
+//! Membership changes of a group: checking a requested change against the current
 //! configuration (raft-rs would silently turn a doomed one into an empty entry),
-//! proposing it, and applying committed conf changes to raft, the stored conf state, the
-//! peer list and the transport. A node that applies its own removal stops.
+//! proposing it, and applying committed conf changes to raft and the stored conf state;
+//! in the cluster group also to the peer list and the transport. A node that applies its
+//! own removal tells the loop (from the cluster group, the process stops).
 
 use std::collections::BTreeSet;
 
@@ -10,7 +11,7 @@ use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType};
 use raft::{StateRole, INVALID_ID};
 use slog::{error, info, warn};
 
-use super::Node;
+use super::{Group, GroupEvent};
 use crate::command::MemberContext;
 use crate::router::{MemberChange, ProposeError, Reply, Written};
 
@@ -18,7 +19,7 @@ use crate::router::{MemberChange, ProposeError, Reply, Written};
 /// that sees it may retry (`join.rs` does).
 pub const CHANGE_IN_PROGRESS: &str = "another membership change is still in progress";
 
-impl Node {
+impl Group {
     pub(super) fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
         if let Err(why) = self.check_member_change(&change) {
             let _ = reply.send(Err(ProposeError::Conflict(why)));
@@ -147,7 +148,7 @@ impl Node {
         }
         let node = cc.node_id;
         let own_id = self.raw.raft.id;
-        {
+        if self.is_cluster_group() {
             let mut membership = self.membership.write().unwrap();
             match cc.get_change_type() {
                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
@@ -160,13 +161,13 @@ impl Node {
                     membership.peer_urls.remove(&node);
                     membership.removed.insert(node);
                     self.transport.remove_peer(node);
-                    if node == own_id {
-                        self.removed_at = Some(entry.index);
-                    }
                 }
             }
         }
-        info!(self.logger, "membership changed";
+        if cc.get_change_type() == ConfChangeType::RemoveNode && node == own_id {
+            self.events.push(GroupEvent::Removed { index: entry.index });
+        }
+        info!(self.logger, "membership changed"; "group" => self.id,
             "change" => ?cc.get_change_type(), "node" => node, "index" => entry.index,
             "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
         if let Some(reply) = self.waiters.remove(&context.id) {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use slog::{error, info, warn};
 
-use super::{Node, GROUP_ID};
+use super::{Group, GroupEvent};
 use crate::background;
 use crate::metrics::Metrics;
 use crate::router::GroupMsg;
@@ -47,7 +47,7 @@ fn entries_to_keep(catchup_writes: u64, entries: u64, writes: u64) -> u64 {
     (u128::from(catchup_writes) * u128::from(entries) / u128::from(writes)) as u64
 }
 
-impl Node {
+impl Group {
     /// Snapshots when enough entries were applied since the last one (see the module
     /// doc), or when raft needs a newer one to send to a follower.
     pub(super) fn maybe_snapshot(&mut self) {
@@ -77,7 +77,12 @@ impl Node {
                 term: self.applied_term,
                 conf_state: self.raw.raft.prs().conf().to_conf_state(),
             },
-            membership: self.membership.read().unwrap().clone(),
+            // The cluster's membership travels in the cluster group's snapshots only.
+            membership: if self.is_cluster_group() {
+                self.membership.read().unwrap().clone()
+            } else {
+                Default::default()
+            },
             kv: self.kv.read().unwrap().freeze(),
         };
         let pause = started.elapsed();
@@ -86,7 +91,7 @@ impl Node {
             "loop_pause_ms" => format!("{:.2}", pause.as_secs_f64() * 1e3));
         self.snapshot_in_progress = true;
         self.applied_bytes_since_snapshot = 0;
-        let (dir, inbox) = (self.snap_dir.clone(), self.inbox.clone());
+        let (dir, inbox, group_id) = (self.snap_dir.clone(), self.inbox.clone(), self.id);
         let spawned = background::spawn("snapshot-writer", move || {
             let started = Instant::now();
             let result = snapshot::write(&dir, &data)
@@ -101,7 +106,7 @@ impl Node {
                     write_time: started.elapsed(),
                 })
                 .map_err(|e| format!("writing the snapshot failed: {e}"));
-            inbox.send(GROUP_ID, GroupMsg::SnapshotWritten(result));
+            inbox.send(group_id, GroupMsg::SnapshotWritten(result));
         });
         if let Err(e) = spawned {
             error!(self.logger, "could not start the snapshot writer"; "error" => %e);
@@ -157,14 +162,26 @@ impl Node {
         let data = snapshot::read(&path)
             .map_err(|e| format!("cannot load received snapshot {}: {e}", path.display()))?;
         let own_id = self.raw.raft.id;
-        self.transport.follow(own_id, &data.membership);
-        if data.membership.removed.contains(&own_id) {
-            self.removed_at = Some(meta.index);
+        if self.is_cluster_group() {
+            self.transport.follow(own_id, &data.membership);
+            if data.membership.removed.contains(&own_id) {
+                self.events.push(GroupEvent::Removed { index: meta.index });
+            }
+            // Groups created in the part of the log the snapshot replaces.
+            let membership = self.membership.read().unwrap().clone();
+            for (&group, members) in &data.membership.groups {
+                if !membership.groups.contains_key(&group) {
+                    self.events.push(GroupEvent::Created {
+                        group,
+                        members: members.iter().copied().collect(),
+                    });
+                }
+            }
+            *self.membership.write().unwrap() = data.membership;
         }
         let keys = data.kv.len();
         self.last_snapshot_revision = data.kv.revision();
         self.kv.write().unwrap().replace(data.kv);
-        *self.membership.write().unwrap() = data.membership;
         self.raw
             .mut_store()
             .install_snapshot(&meta)

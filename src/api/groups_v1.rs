@@ -1,0 +1,194 @@
+//! `/v1/groups`: the cluster's raft groups, and the keys of one chosen group.
+//!
+//! | request                                         | does |
+//! |-------------------------------------------------|------|
+//! | `GET /v1/groups`                                | 200 `{"groups": [{"id","members","leader","term","applied","keys"}...]}` |
+//! | `POST /v1/groups` body `{"id": 2, "members": [1, 2]}` | creates group 2 on nodes 1 and 2: 201 `{"id","members","revision"}`; 400 for a bad body or a node that is not a cluster member, 409 if the group exists |
+//! | `GET /v1/groups/<g>`                            | 200 one group as in the list; 404 if there is no such group |
+//! | `GET`, `PUT`, `DELETE /v1/groups/<g>/kv/<key>`  | as `/v1/kv/<key>`, on group g's map |
+//!
+//! Group 1 is the cluster group: every member is in it, and its log holds the table of
+//! groups, so every node knows every group and where it lives. A group is created by an
+//! entry in that log; each node it lists starts its replica when it applies the entry.
+//! Any node answers any of these routes: one that does not host group g sends the
+//! request on to one that does (`forward.rs`), and relays the answer.
+
+use std::collections::BTreeSet;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+
+use super::{json_response, parse_json, read_body, Api, Failure, Reply};
+use crate::membership::parse_node_id;
+use crate::router::CLUSTER_GROUP;
+
+/// Largest body of `POST /v1/groups`.
+const MAX_GROUP_BODY_BYTES: usize = 64 * 1024;
+
+/// The body of `POST /v1/groups`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGroup {
+    id: u64,
+    members: Vec<u64>,
+}
+
+impl Api {
+    /// `rest` is the path after `/v1/groups`.
+    pub(super) async fn route_groups(
+        &self,
+        req: Request<Incoming>,
+        method: &Method,
+        rest: &str,
+    ) -> Reply {
+        if rest.is_empty() {
+            return match *method {
+                Method::GET => self.list_groups().await,
+                Method::POST => self.create_group(req).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
+            };
+        }
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let (id, below) = rest.split_once('/').unwrap_or((rest, ""));
+        let group = parse_group_id(id)?;
+        if !self.group_exists(group) {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("no raft group {group}; see GET /v1/groups"),
+            ));
+        }
+        if self.router.kv(group).is_none() {
+            return self.forward(group, req).await;
+        }
+        if below.is_empty() {
+            return match *method {
+                Method::GET => Ok(json_response(
+                    StatusCode::OK,
+                    &self.group_info(group).await?,
+                )),
+                _ => Err(Failure::method_not_allowed(method, "GET")),
+            };
+        }
+        let Some(key) = below.strip_prefix("kv/") else {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("no such route /v1/groups/{rest}; see GET /v1/openapi.json"),
+            ));
+        };
+        let key = super::decode_path_segment(key)?;
+        let query = req.uri().query().map(str::to_string);
+        let query = query.as_deref();
+        match *method {
+            Method::GET => self.get_versioned(group, key, query, req.headers()).await,
+            Method::PUT => self.put_versioned(group, key, query, req).await,
+            Method::DELETE => self.delete_versioned(group, key, query).await,
+            _ => Err(Failure::method_not_allowed(method, "GET, PUT, DELETE")),
+        }
+    }
+
+    fn group_exists(&self, group: u64) -> bool {
+        group == CLUSTER_GROUP || self.membership.read().unwrap().groups.contains_key(&group)
+    }
+
+    async fn list_groups(&self) -> Reply {
+        let table: Vec<(u64, BTreeSet<u64>)> = {
+            let membership = self.membership.read().unwrap();
+            let mut table = vec![(
+                CLUSTER_GROUP,
+                membership.peer_urls.keys().copied().collect(),
+            )];
+            table.extend(membership.groups.iter().map(|(id, m)| (*id, m.clone())));
+            table
+        };
+        let mut groups = Vec::with_capacity(table.len());
+        for (group, members) in table {
+            groups.push(if self.router.kv(group).is_some() {
+                self.group_info(group).await?
+            } else {
+                self.remote_group_info(group, &members).await
+            });
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "groups": groups }),
+        ))
+    }
+
+    /// A group this node hosts, as its replica here sees it.
+    async fn group_info(&self, group: u64) -> Result<serde_json::Value, Failure> {
+        let status = self.router.status(group).await?;
+        let keys = self.map_of(group)?.read().unwrap().len();
+        let members: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+        Ok(serde_json::json!({
+            "id": group,
+            "members": members,
+            "leader": status.leader,
+            "term": status.term,
+            "applied": status.applied,
+            "keys": keys,
+        }))
+    }
+
+    /// A group this node does not host, as one of its members answers for it; if none
+    /// answers, its members from the table and `"reachable": false`.
+    async fn remote_group_info(&self, group: u64, members: &BTreeSet<u64>) -> serde_json::Value {
+        match self.ask_member(group, &format!("/v1/groups/{group}")).await {
+            Some(info) => info,
+            None => serde_json::json!({
+                "id": group,
+                "members": members,
+                "leader": 0,
+                "term": 0,
+                "applied": 0,
+                "keys": null,
+                "reachable": false,
+            }),
+        }
+    }
+
+    async fn create_group(&self, req: Request<Incoming>) -> Reply {
+        let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
+        let new: NewGroup = parse_json(&body)?;
+        if new.id == 0 {
+            return Err(Failure::bad_request("id must be a positive integer"));
+        }
+        if self.group_exists(new.id) {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                format!("group {} exists", new.id),
+            ));
+        }
+        let members: BTreeSet<u64> = new.members.iter().copied().collect();
+        if members.is_empty() || members.len() != new.members.len() {
+            return Err(Failure::bad_request(
+                "members must list one or more distinct node ids",
+            ));
+        }
+        {
+            let membership = self.membership.read().unwrap();
+            if let Some(stranger) = members
+                .iter()
+                .find(|id| !membership.peer_urls.contains_key(id))
+            {
+                return Err(Failure::bad_request(format!(
+                    "node {stranger} is not a member of the cluster"
+                )));
+            }
+        }
+        let members: Vec<u64> = members.into_iter().collect();
+        let written = self
+            .router
+            .create_group(new.id, members.clone(), self.request_timeout)
+            .await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &serde_json::json!({ "id": new.id, "members": members, "revision": written.revision }),
+        ))
+    }
+}
+
+/// A group id from a path: a positive integer.
+fn parse_group_id(text: &str) -> Result<u64, Failure> {
+    parse_node_id(text)
+        .map_err(|_| Failure::bad_request(format!("group id {text:?} is not a positive integer")))
+}

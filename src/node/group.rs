@@ -1,0 +1,607 @@
+//! One raft group on this node: its `RawNode`, its key-value map, its waiting clients
+//! and reads, and its snapshots. The node loop (`mod.rs`) hands it messages, ticks it,
+//! and each round has it propose the round's writes (as one entry, see
+//! `propose_batch`) and handle its `Ready` in the order raft-rs requires:
+//!
+//! 1. send the leader's messages at once (they may go out before the local write);
+//!    install the snapshot the leader sent, if the Ready carries one (`snapshots.rs`);
+//! 2. apply the committed entries to the key-value map and answer their waiting clients;
+//! 3. persist new entries and the hard state in one batch, fsynced (`storage.rs` says when);
+//! 4. only then send the messages that promise durability (votes, append responses);
+//! 5. `advance`, and do the same for the light ready that follows.
+//!
+//! A client is answered only after its entry is committed and applied here; a request
+//! whose fate is unknown is never answered as a success. A group never touches another
+//! group: what concerns the whole node (a group created in the cluster group's log, this
+//! node's removal) it reports to the loop as a [`GroupEvent`]. Only the cluster group
+//! writes the cluster's membership and moves the transport.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
+use slog::{error, info, warn, Logger};
+
+use crate::command::{decode_entry, encode_entry, Op, Proposal, ProposalId};
+use crate::kv::{Applied, SharedKv};
+use crate::membership::SharedMembership;
+use crate::metrics::Metrics;
+use crate::read_index::ReadQueue;
+use crate::snapshot::{self, SnapshotMeta};
+use crate::storage::LogStore;
+use crate::transport::Transport;
+
+use super::NodeConfig;
+
+mod members;
+mod snapshots;
+
+use crate::router::{
+    GroupMsg, Member, NodeStatus, ProposeError, Reply, Router, Written, CLUSTER_GROUP,
+};
+pub use members::CHANGE_IN_PROGRESS;
+
+/// Ticks after which an unanswered ReadIndex request is sent again.
+const READ_RETRY_TICKS: u64 = 3;
+/// Size above which the writes of one round are split over several entries.
+const MAX_ENTRY_BYTES: usize = 256 * 1024;
+
+/// What a group shares with the rest of the process.
+pub struct GroupShared {
+    /// The cluster's members and groups (the cluster group writes, the transport and
+    /// the API read).
+    pub membership: SharedMembership,
+    pub transport: Arc<Transport>,
+    /// The node's own inbox, for answers from its helper threads.
+    pub inbox: Router,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a group asks of the node loop after a round.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// The cluster group applied the creation of group `group` on `members`.
+    Created { group: u64, members: Vec<u64> },
+    /// This node applied its own removal from the group, at `index`.
+    Removed { index: u64 },
+}
+
+pub struct Group {
+    /// The raft group id.
+    id: u64,
+    raw: RawNode<LogStore>,
+    kv: SharedKv,
+    membership: SharedMembership,
+    transport: Arc<Transport>,
+    /// Clients waiting for their entry to be applied, by proposal id.
+    waiters: HashMap<ProposalId, Reply>,
+    /// Client writes taken from the inbox this round, encoded, not yet proposed.
+    batch: Vec<(Vec<u8>, ProposalId, Reply)>,
+    reads: ReadQueue,
+    /// Index of the last entry applied to the map.
+    applied: u64,
+    /// The commit index last counted in the metrics.
+    committed: u64,
+    ticks: u64,
+    incarnation: u64,
+    next_seq: u64,
+    /// What the node loop must do after this round.
+    events: Vec<GroupEvent>,
+    leader: u64,
+    snap_dir: PathBuf,
+    snapshot_count: u64,
+    catchup_entries: u64,
+    /// Index of the newest durable snapshot.
+    last_snapshot: u64,
+    /// The map's revision in that snapshot.
+    last_snapshot_revision: u64,
+    /// Size of that snapshot's file.
+    last_snapshot_bytes: u64,
+    /// Payload bytes of the entries applied since the last snapshot began.
+    applied_bytes_since_snapshot: u64,
+    snapshot_in_progress: bool,
+    /// Term of the entry at `applied`.
+    applied_term: u64,
+    /// The node's own inbox, for the snapshot writer's answer.
+    inbox: Router,
+    metrics: Arc<Metrics>,
+    logger: Logger,
+}
+
+impl Group {
+    /// Starts group `id`'s raft on `store`, with `kv` rebuilt from the store's snapshot
+    /// (or empty).
+    pub fn new(
+        id: u64,
+        config: &NodeConfig,
+        store: LogStore,
+        kv: SharedKv,
+        shared: GroupShared,
+        logger: Logger,
+    ) -> Result<Group, String> {
+        let GroupShared {
+            membership,
+            transport,
+            inbox,
+            metrics,
+        } = shared;
+        // The map was rebuilt from this snapshot (or is empty); raft hands out every
+        // committed entry after it.
+        let snap = store.snapshot_meta();
+        let snap_revision = kv.read().unwrap().revision();
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied: snap.index,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&raft_config, store, &logger)
+            .map_err(|e| format!("could not start raft for group {id}: {e}"))?;
+        let snap_dir = snapshot::dir_of(&config.data_dir, id);
+        Ok(Group {
+            id,
+            committed: raw.raft.raft_log.committed,
+            raw,
+            kv,
+            membership,
+            transport,
+            waiters: HashMap::new(),
+            batch: Vec::new(),
+            reads: ReadQueue::default(),
+            applied: snap.index,
+            ticks: 0,
+            incarnation: random_u64(),
+            next_seq: 1,
+            events: Vec::new(),
+            leader: INVALID_ID,
+            last_snapshot_bytes: snapshot::size_of(&snapshot::path_of(&snap_dir, snap.index)),
+            snap_dir,
+            snapshot_count: config.snapshot_count,
+            catchup_entries: config.catchup_entries,
+            last_snapshot: snap.index,
+            last_snapshot_revision: snap_revision,
+            applied_bytes_since_snapshot: 0,
+            snapshot_in_progress: false,
+            applied_term: snap.term,
+            inbox,
+            metrics,
+            logger,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn is_cluster_group(&self) -> bool {
+        self.id == CLUSTER_GROUP
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// What the node loop must do after this round; empties the list.
+    pub fn take_events(&mut self) -> Vec<GroupEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// One tick of raft's clock; waiting clients that gave up are forgotten and reads
+    /// left unanswered too long are asked again.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        self.ticks += 1;
+        self.waiters.retain(|_, reply| !reply.is_closed());
+        self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
+    }
+
+    /// The work of one loop round after the messages: propose the round's writes, ask
+    /// for the round's reads, and handle the Ready.
+    pub fn end_round(&mut self) -> Result<(), String> {
+        self.propose_batch();
+        self.start_read_batch();
+        self.on_ready()
+    }
+
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.raw.report_unreachable(peer);
+    }
+
+    pub fn handle(&mut self, msg: GroupMsg) {
+        match msg {
+            GroupMsg::Propose(op, reply) => self.propose(op, reply),
+            GroupMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
+            GroupMsg::ReadIndex(reply) => self.reads.push(reply),
+            GroupMsg::Step(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    warn!(self.logger, "raft rejected a peer message"; "error" => %e);
+                }
+            }
+            GroupMsg::SnapshotSent(peer, delivered) => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(peer, status);
+            }
+            GroupMsg::SnapshotWritten(result) => {
+                if let Err(e) = self.on_snapshot_written(result) {
+                    error!(self.logger, "could not record a snapshot"; "error" => &e);
+                }
+            }
+            GroupMsg::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    /// A leader hands leadership to its most up-to-date follower, so that stopping this
+    /// node costs the group no election timeout. Returns whether a transfer began.
+    pub fn hand_off_leadership(&mut self) -> bool {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            return false;
+        }
+        let own_id = raft.id;
+        let voters = raft.prs().conf().voters().ids();
+        let transferee = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != own_id && voters.contains(**id))
+            .max_by_key(|(_, progress)| progress.matched)
+            .map(|(id, _)| *id);
+        let Some(transferee) = transferee else {
+            return false;
+        };
+        info!(self.logger, "transferring leadership before stopping";
+            "to" => transferee, "term" => raft.term);
+        self.raw.transfer_leader(transferee);
+        true
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf().to_conf_state();
+        let urls = &self.membership.read().unwrap().peer_urls;
+        NodeStatus {
+            id: raft.id,
+            term: raft.term,
+            role: format!("{:?}", raft.state),
+            leader: raft.leader_id,
+            commit: raft.raft_log.committed,
+            applied: raft.raft_log.applied,
+            revision: self.kv.read().unwrap().revision(),
+            last_snapshot: self.last_snapshot,
+            members: conf
+                .voters
+                .iter()
+                .chain(&conf.learners)
+                .map(|&id| Member {
+                    id,
+                    peer_url: urls.get(&id).cloned().unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Asks raft for one read index on behalf of every read that arrived since the last
+    /// batch. Without a known leader raft would drop the request; wait for one instead.
+    fn start_read_batch(&mut self) {
+        if self.raw.raft.leader_id == INVALID_ID {
+            return;
+        }
+        if let Some(ctx) = self.reads.start_batch(self.ticks) {
+            self.raw.read_index(ctx);
+        }
+    }
+
+    fn next_proposal_id(&mut self) -> ProposalId {
+        let id = ProposalId {
+            incarnation: self.incarnation,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        id
+    }
+
+    /// Queues a client write for `propose_batch`, at the end of this round.
+    fn propose(&mut self, op: Op, reply: Reply) {
+        if self.raw.raft.leader_id == INVALID_ID {
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        let id = self.next_proposal_id();
+        self.batch.push((Proposal { id, op }.encode(), id, reply));
+    }
+
+    /// Proposes every client write taken from the inbox this round as one entry (several
+    /// past `MAX_ENTRY_BYTES`), in one raft message, as `RawNode::propose` does for one: a
+    /// leader appends it and sends each follower one append; a follower forwards it to the
+    /// leader. (An entry per write cost a raft step, an append and an ack each, and 48
+    /// bytes of raft-engine's in-memory index per write until the next snapshot.)
+    fn propose_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let (encoded, waiters): (Vec<Vec<u8>>, Vec<(ProposalId, Reply)>) = self
+            .batch
+            .drain(..)
+            .map(|(encoded, id, reply)| (encoded, (id, reply)))
+            .unzip();
+        let entries: Vec<Entry> = split_by_size(encoded, MAX_ENTRY_BYTES)
+            .into_iter()
+            .map(|batch| Entry {
+                data: encode_entry(batch).into(),
+                ..Default::default()
+            })
+            .collect();
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgPropose);
+        msg.from = self.raw.raft.id;
+        msg.set_entries(entries.into());
+        let refused = self.raw.raft.step(msg).err().map(|e| e.to_string());
+        for (id, reply) in waiters {
+            let proposed = refused.as_ref().map_or(Ok(()), |why| Err(why.clone()));
+            self.await_proposal(id, proposed, reply);
+        }
+    }
+
+    /// Registers the waiter of a proposal raft accepted (it is answered when the entry is
+    /// applied), or tells the client why raft refused it.
+    fn await_proposal(&mut self, id: ProposalId, proposed: Result<(), String>, reply: Reply) {
+        match proposed {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.proposals);
+                self.waiters.insert(id, reply);
+            }
+            Err(why) => {
+                let _ = reply.send(Err(ProposeError::Dropped(why)));
+            }
+        }
+    }
+
+    /// Handles one Ready and the LightReady that follows it, in raft-rs's required order.
+    fn on_ready(&mut self) -> Result<(), String> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        if !ready.messages().is_empty() {
+            self.transport.send(self.id, ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            let meta = ready.snapshot().get_metadata();
+            self.install_snapshot(SnapshotMeta {
+                index: meta.index,
+                term: meta.term,
+                conf_state: meta.get_conf_state().clone(),
+            })?;
+        }
+        self.apply(ready.take_committed_entries())?;
+        for rs in ready.take_read_states() {
+            self.reads
+                .on_read_state(&rs.request_ctx, rs.index, self.applied);
+        }
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            let started = Instant::now();
+            let synced = self
+                .raw
+                .mut_store()
+                .persist(ready.entries(), ready.hs())
+                .map_err(|e| format!("could not persist raft entries: {e}"))?;
+            if synced {
+                self.metrics.log_fsync.observe(started.elapsed());
+            }
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.transport
+                .send(self.id, ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw
+                .mut_store()
+                .set_commit(commit)
+                .map_err(|e| format!("could not record the commit index: {e}"))?;
+        }
+        if !light.messages().is_empty() {
+            self.transport.send(self.id, light.take_messages());
+        }
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        let committed = self.raw.raft.raft_log.committed;
+        if committed > self.committed {
+            self.metrics.committed_entries.fetch_add(
+                committed - self.committed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.committed = committed;
+        }
+        self.maybe_snapshot();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        if leader != self.leader {
+            info!(self.logger, "leader changed";
+                "leader" => leader, "previous" => self.leader,
+                "role" => ?role, "term" => self.raw.raft.term,
+                "commit" => self.raw.raft.raft_log.committed);
+            self.leader = leader;
+            Metrics::inc(&self.metrics.leader_changes);
+        }
+    }
+
+    /// Applies committed entries in log order.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let Some((last, last_term)) = entries.last().map(|e| (e.index, e.term)) else {
+            return Ok(());
+        };
+        for entry in entries {
+            self.applied_bytes_since_snapshot += entry.data.len() as u64;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                entry_type => {
+                    // Takes a revision, as every entry without a command does (kv.rs).
+                    let revision = self.kv.write().unwrap().skip_revision();
+                    if entry_type == EntryType::EntryConfChange {
+                        self.apply_conf_change(&entry, revision)?;
+                    } else {
+                        error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
+                    }
+                }
+            }
+        }
+        self.metrics
+            .applied_entries
+            .fetch_add(last - self.applied, std::sync::atomic::Ordering::Relaxed);
+        self.applied = last;
+        self.applied_term = last_term;
+        self.reads.on_applied(last);
+        Ok(())
+    }
+
+    /// Applies each command of a normal entry at its own revision and answers the client
+    /// waiting for it here, if any.
+    fn apply_normal(&mut self, entry: &Entry) {
+        let proposals = if entry.data.is_empty() {
+            Vec::new() // a new leader's empty entry
+        } else {
+            decode_entry(&entry.data).unwrap_or_else(|e| {
+                error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
+                Vec::new()
+            })
+        };
+        let shared_kv = self.kv.clone();
+        let mut kv = shared_kv.write().unwrap();
+        if proposals.is_empty() {
+            kv.skip_revision();
+        }
+        let mut outcomes = Vec::with_capacity(proposals.len());
+        for Proposal { id, op } in proposals {
+            let outcome = match op {
+                Op::Kv(command) => match kv.apply(command) {
+                    (revision, Applied::Written { deleted }) => Ok(Written { revision, deleted }),
+                    (_, Applied::CheckFailed { key, revision }) => {
+                        Err(ProposeError::CheckFailed { key, revision })
+                    }
+                },
+                Op::CreateGroup { group, members } => {
+                    // Takes a revision, as every entry without a key does.
+                    let revision = kv.skip_revision();
+                    self.apply_create_group(entry.index, group, members)
+                        .map(|()| Written {
+                            revision,
+                            deleted: 0,
+                        })
+                }
+            };
+            outcomes.push((id, outcome));
+        }
+        drop(kv);
+        // Answered once the map is unlocked: waking a client's task may cost a syscall.
+        for (id, outcome) in outcomes {
+            if let Some(reply) = self.waiters.remove(&id) {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Records group `group` on `members` in the cluster's table of groups, and tells the
+    /// node loop, which starts the replica if this node is one of them. A second creation
+    /// of the same id is refused here, at apply time, so that of two racing creations
+    /// exactly one wins on every node.
+    fn apply_create_group(
+        &mut self,
+        index: u64,
+        group: u64,
+        members: Vec<u64>,
+    ) -> Result<(), ProposeError> {
+        if !self.is_cluster_group() {
+            error!(self.logger, "ignoring a group creation outside the cluster group"; "index" => index, "group" => group);
+            return Err(ProposeError::Conflict(
+                "groups are created in the cluster group only".into(),
+            ));
+        }
+        let mut membership = self.membership.write().unwrap();
+        if group == CLUSTER_GROUP || membership.groups.contains_key(&group) {
+            return Err(ProposeError::Conflict(format!("group {group} exists")));
+        }
+        membership
+            .groups
+            .insert(group, members.iter().copied().collect());
+        info!(self.logger, "group created"; "group" => group, "members" => ?members, "index" => index);
+        self.events.push(GroupEvent::Created { group, members });
+        Ok(())
+    }
+}
+
+/// `items` in order, in groups of at most `max_bytes` (an item larger than that alone).
+fn split_by_size(items: Vec<Vec<u8>>, max_bytes: usize) -> Vec<Vec<Vec<u8>>> {
+    let mut groups: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        match groups.last_mut() {
+            Some(group) if bytes + item.len() <= max_bytes => {
+                bytes += item.len();
+                group.push(item);
+            }
+            _ => {
+                bytes = item.len();
+                groups.push(vec![item]);
+            }
+        }
+    }
+    groups
+}
+
+/// A random number from the standard library's per-process hasher keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_split_into_entries_by_size_in_order() {
+        let sizes = |groups: Vec<Vec<Vec<u8>>>| -> Vec<Vec<usize>> {
+            groups
+                .iter()
+                .map(|g| g.iter().map(Vec::len).collect())
+                .collect()
+        };
+        let items = |lens: &[usize]| lens.iter().map(|&n| vec![0; n]).collect();
+        assert_eq!(
+            sizes(split_by_size(items(&[3, 3, 4, 1]), 10)),
+            [vec![3, 3, 4], vec![1]]
+        );
+        assert_eq!(
+            sizes(split_by_size(items(&[2, 20, 2]), 10)),
+            [vec![2], vec![20], vec![2]]
+        );
+        assert!(split_by_size(Vec::new(), 10).is_empty());
+    }
+}
