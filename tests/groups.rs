@@ -1,0 +1,213 @@
+//! Many raft groups in one process (seed 002's workflow): an operator creates a group on
+//! chosen nodes, and every node of the cluster serves its keys, forwarding to a node that
+//! hosts it. Real processes, real HTTP, real disk.
+
+mod common;
+
+use common::{http, http_json, Cluster};
+use serde_json::{json, Value};
+
+/// PUTs `value` at `key` of group `group` through node `via` until a 200 (retrying 503s
+/// while the group elects its leader); returns the answer.
+fn put_in_group(cluster: &Cluster, via: u64, group: u64, key: &str, value: &str) -> Value {
+    let node = cluster.nodes.iter().find(|n| n.id == via).unwrap();
+    let url = node.url(&format!("v1/groups/{group}/kv/{key}"));
+    let mut answer = Value::Null;
+    cluster.wait_until(
+        &format!("PUT {key} in group {group} via node {via}"),
+        || {
+            let (code, body) = http("PUT", &url, Some(value.as_bytes().to_vec()));
+            assert!(code == 200 || code == 503, "PUT {url}: {code} {body}");
+            answer = serde_json::from_str(&body).unwrap_or(Value::Null);
+            code == 200
+        },
+    );
+    answer
+}
+
+/// The value of `key` in group `group` as node `via` serves it (linearizable).
+fn get_in_group(cluster: &Cluster, via: u64, group: u64, key: &str) -> (u16, Value) {
+    let node = cluster.nodes.iter().find(|n| n.id == via).unwrap();
+    http_json(
+        "GET",
+        &node.url(&format!("v1/groups/{group}/kv/{key}")),
+        None,
+    )
+}
+
+fn group_of<'a>(list: &'a Value, id: u64) -> &'a Value {
+    list["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == id)
+        .unwrap_or_else(|| panic!("group {id} missing from {list}"))
+}
+
+#[test]
+fn a_group_on_two_nodes_is_served_by_every_node() {
+    let cluster = Cluster::start("groups-basic", 3, &[]);
+    let url = |id: u64, path: &str| cluster.nodes[id as usize - 1].url(path);
+
+    // Bad requests are refused with the reason; nothing is created.
+    for (body, why) in [
+        (json!({"id": 2, "members": [1, 9]}), "not a member"),
+        (json!({"id": 2, "members": []}), "one or more"),
+        (json!({"id": 2, "members": [1, 1]}), "distinct"),
+        (json!({"id": 0, "members": [1]}), "positive"),
+        (
+            json!({"id": 2, "members": [1], "extra": 1}),
+            "unknown field",
+        ),
+        (json!({"members": [1]}), "missing field"),
+    ] {
+        let (code, answer) = http_json("POST", &url(1, "v1/groups"), Some(body.clone()));
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(why), "{answer}");
+    }
+    let (code, answer) = http_json(
+        "POST",
+        &url(1, "v1/groups"),
+        Some(json!({"id": 1, "members": [1]})),
+    );
+    assert_eq!(code, 409, "the cluster group exists: {answer}");
+
+    let (code, answer) = http_json(
+        "POST",
+        &url(3, "v1/groups"),
+        Some(json!({"id": 2, "members": [2, 1]})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    assert_eq!(answer["members"], json!([1, 2]));
+    let (code, answer) = http_json(
+        "POST",
+        &url(2, "v1/groups"),
+        Some(json!({"id": 2, "members": [3]})),
+    );
+    assert_eq!(code, 409, "{answer}");
+
+    // Written through node 3, which does not host group 2: forwarded.
+    let written = put_in_group(&cluster, 3, 2, "greeting", "hello");
+    assert_eq!(written["key"], "greeting");
+    for via in 1..=3 {
+        let (code, answer) = get_in_group(&cluster, via, 2, "greeting");
+        assert_eq!(
+            (code, &answer["value"]),
+            (200, &json!("hello")),
+            "via node {via}"
+        );
+        assert_eq!(answer["revision"], written["revision"]);
+    }
+    // Groups do not share keys.
+    assert_eq!(http("GET", &url(1, "greeting"), None).0, 404);
+    assert_eq!(get_in_group(&cluster, 1, 1, "greeting").0, 404);
+    cluster.put_ok(1, "only-in-1", "x");
+    assert_eq!(get_in_group(&cluster, 3, 2, "only-in-1").0, 404);
+
+    // Every node lists both groups with the contract's fields.
+    for via in 1..=3 {
+        let (code, list) = http_json("GET", &url(via, "v1/groups"), None);
+        assert_eq!(code, 200);
+        let g1 = group_of(&list, 1);
+        assert_eq!(g1["members"], json!([1, 2, 3]), "{list}");
+        let g2 = group_of(&list, 2);
+        assert_eq!(g2["members"], json!([1, 2]), "via {via}: {list}");
+        assert_eq!(g2["keys"], 1, "via {via}: {list}");
+        assert!([1, 2].contains(&g2["leader"].as_u64().unwrap()), "{list}");
+        for field in ["term", "applied"] {
+            assert!(g2[field].as_u64().unwrap() > 0, "{field}: {list}");
+        }
+        let (code, one) = http_json("GET", &url(via, "v1/groups/2"), None);
+        assert_eq!((code, &one["id"]), (200, &json!(2)), "{one}");
+    }
+    let (code, answer) = http_json("GET", &url(3, "v1/groups/9/kv/x"), None);
+    assert_eq!(code, 404, "{answer}");
+    let (code, _) = http_json("GET", &url(3, "v1/groups/x"), None);
+    assert_eq!(code, 400);
+
+    // A delete through the forwarding node, and a compare-and-swap that fails.
+    let (code, answer) = http_json("DELETE", &url(3, "v1/groups/2/kv/greeting"), None);
+    assert_eq!((code, &answer["deleted"]), (200, &json!(1)), "{answer}");
+    let (code, answer) = http_json(
+        "PUT",
+        &url(3, "v1/groups/2/kv/greeting?if_revision=1"),
+        Some(json!({"value": "late"})),
+    );
+    assert_eq!(code, 412, "{answer}");
+    assert_eq!(get_in_group(&cluster, 1, 2, "greeting").0, 404);
+}
+
+#[test]
+fn groups_survive_restarts_and_the_loss_of_one_member() {
+    // Snapshots every 20 writes, so group 2's restart goes through its own snapshot.
+    let flags = ["--snapshot-count", "20", "--snapshot-catchup-entries", "5"];
+    let mut cluster = Cluster::start("groups-restart", 3, &flags);
+    let (code, answer) = http_json(
+        "POST",
+        &cluster.nodes[0].url("v1/groups"),
+        Some(json!({"id": 7, "members": [1, 2, 3]})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    for i in 0..50 {
+        put_in_group(&cluster, 1 + i % 3, 7, &format!("k{i}"), &format!("v{i}"));
+    }
+    cluster.wait_until("group 7 to write a snapshot on node 2", || {
+        std::fs::read_dir(cluster.nodes[1].data_dir.join("groups/7/snap"))
+            .is_ok_and(|mut d| d.next().is_some())
+    });
+
+    // One member down: the group keeps its quorum and takes writes through every node
+    // still up.
+    cluster.node(3).kill();
+    for via in [1, 2] {
+        put_in_group(&cluster, via, 7, &format!("while-3-down-{via}"), "y");
+    }
+    cluster.node(3).start();
+    cluster.wait_until("node 3 to catch up on group 7", || {
+        get_in_group(&cluster, 3, 7, "while-3-down-2").0 == 200
+    });
+
+    // The whole cluster killed and started again: every group and key comes back.
+    for id in 1..=3 {
+        cluster.node(id).kill();
+    }
+    for id in 1..=3 {
+        cluster.node(id).start();
+    }
+    cluster.wait_leader();
+    for i in (0..50).step_by(7) {
+        let via = 1 + i % 3;
+        cluster.wait_until(&format!("k{i} in group 7 via node {via}"), || {
+            let (code, answer) = get_in_group(&cluster, via, 7, &format!("k{i}"));
+            code == 200 && answer["value"] == format!("v{i}")
+        });
+    }
+    let (code, list) = http_json("GET", &cluster.nodes[2].url("v1/groups"), None);
+    assert_eq!(code, 200);
+    assert_eq!(group_of(&list, 7)["keys"], 52, "{list}");
+}
+
+#[test]
+fn a_node_that_joins_the_cluster_hosts_no_group_but_serves_them_all() {
+    let mut cluster = Cluster::start("groups-join", 3, &[]);
+    let (code, answer) = http_json(
+        "POST",
+        &cluster.nodes[0].url("v1/groups"),
+        Some(json!({"id": 2, "members": [2, 3]})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    put_in_group(&cluster, 1, 2, "before-4", "a");
+    cluster.add_member(4, 1, &[]);
+    cluster.wait_until("node 4 to learn the table of groups", || {
+        http_json("GET", &cluster.nodes[3].url("v1/groups/2"), None).0 == 200
+    });
+    let (_, one) = http_json("GET", &cluster.nodes[3].url("v1/groups/2"), None);
+    assert_eq!(one["members"], json!([2, 3]), "{one}");
+    let (code, answer) = get_in_group(&cluster, 4, 2, "before-4");
+    assert_eq!((code, &answer["value"]), (200, &json!("a")), "{answer}");
+    put_in_group(&cluster, 4, 2, "from-4", "b");
+    assert!(
+        !cluster.nodes[3].data_dir.join("groups").exists(),
+        "node 4 must not hold a replica of group 2"
+    );
+}
