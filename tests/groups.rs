@@ -35,7 +35,7 @@ fn get_in_group(cluster: &Cluster, via: u64, group: u64, key: &str) -> (u16, Val
     )
 }
 
-fn group_of<'a>(list: &'a Value, id: u64) -> &'a Value {
+fn group_of(list: &Value, id: u64) -> &Value {
     list["groups"]
         .as_array()
         .unwrap()
