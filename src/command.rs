@@ -29,6 +29,9 @@ const OP_PUT: u8 = 1;
 const OP_TXN: u8 = 2;
 /// Operation tag of the creation of a raft group: its id and its first members.
 const OP_CREATE_GROUP: u8 = 3;
+/// Operation tags of a node placed in, or taken out of, a raft group: group id, node id.
+const OP_ADD_GROUP_MEMBER: u8 = 4;
+const OP_REMOVE_GROUP_MEMBER: u8 = 5;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
@@ -89,9 +92,13 @@ impl Command {
 pub enum Op {
     /// Change the group's key-value map.
     Kv(Command),
-    /// Create raft group `group` on `members` (node ids). Proposed to the cluster group
-    /// only, whose log is the table of groups.
+    /// Create raft group `group` on `members` (node ids). This and the next two are
+    /// proposed to the cluster group only, whose log is the table of groups.
     CreateGroup { group: u64, members: Vec<u64> },
+    /// Node `node` is to host a replica of `group` (before the group adds it).
+    AddGroupMember { group: u64, node: u64 },
+    /// Node `node` no longer hosts `group` (after the group removed it), and never will.
+    RemoveGroupMember { group: u64, node: u64 },
 }
 
 /// The payload of a normal raft entry.
@@ -160,12 +167,24 @@ impl Proposal {
     fn encode_group_op(&self) -> Vec<u8> {
         let mut buf = vec![FORMAT_VERSION];
         put_id(&mut buf, self.id);
-        if let Op::CreateGroup { group, members } = &self.op {
-            buf.push(OP_CREATE_GROUP);
-            buf.extend_from_slice(&group.to_le_bytes());
-            buf.extend_from_slice(&(members.len() as u32).to_le_bytes());
-            for member in members {
-                buf.extend_from_slice(&member.to_le_bytes());
+        match &self.op {
+            Op::Kv(_) => unreachable!("encoded by Proposal::encode"),
+            Op::CreateGroup { group, members } => {
+                buf.push(OP_CREATE_GROUP);
+                buf.extend_from_slice(&group.to_le_bytes());
+                buf.extend_from_slice(&(members.len() as u32).to_le_bytes());
+                for member in members {
+                    buf.extend_from_slice(&member.to_le_bytes());
+                }
+            }
+            Op::AddGroupMember { group, node } | Op::RemoveGroupMember { group, node } => {
+                let tag = match self.op {
+                    Op::AddGroupMember { .. } => OP_ADD_GROUP_MEMBER,
+                    _ => OP_REMOVE_GROUP_MEMBER,
+                };
+                buf.push(tag);
+                buf.extend_from_slice(&group.to_le_bytes());
+                buf.extend_from_slice(&node.to_le_bytes());
             }
         }
         buf
@@ -189,6 +208,16 @@ impl Proposal {
                     return Err(DecodeError("trailing bytes"));
                 }
                 Op::CreateGroup { group, members }
+            }
+            tag @ (OP_ADD_GROUP_MEMBER | OP_REMOVE_GROUP_MEMBER) => {
+                let (group, node) = (r.u64()?, r.u64()?);
+                if r.at != bytes.len() {
+                    return Err(DecodeError("trailing bytes"));
+                }
+                match tag {
+                    OP_ADD_GROUP_MEMBER => Op::AddGroupMember { group, node },
+                    _ => Op::RemoveGroupMember { group, node },
+                }
             }
             OP_TXN => {
                 let mut command = Command::default();
@@ -425,22 +454,28 @@ mod tests {
     }
 
     #[test]
-    fn group_creation_round_trips_and_truncations_are_errors() {
-        let p = Proposal {
-            id: ProposalId {
-                incarnation: 3,
-                seq: 4,
-            },
-            op: Op::CreateGroup {
+    fn group_operations_round_trip_and_truncations_are_errors() {
+        for op in [
+            Op::CreateGroup {
                 group: 2,
                 members: vec![1, 3],
             },
-        };
-        let bytes = p.encode();
-        assert_eq!(Proposal::decode(&Bytes::copy_from_slice(&bytes)), Ok(p));
-        for cut in 0..bytes.len() {
-            let cut = Bytes::copy_from_slice(&bytes[..cut]);
-            assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
+            Op::AddGroupMember { group: 2, node: 4 },
+            Op::RemoveGroupMember { group: 9, node: 1 },
+        ] {
+            let p = Proposal {
+                id: ProposalId {
+                    incarnation: 3,
+                    seq: 4,
+                },
+                op,
+            };
+            let bytes = p.encode();
+            assert_eq!(Proposal::decode(&Bytes::copy_from_slice(&bytes)), Ok(p));
+            for cut in 0..bytes.len() {
+                let cut = Bytes::copy_from_slice(&bytes[..cut]);
+                assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
+            }
         }
     }
 

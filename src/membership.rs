@@ -17,8 +17,21 @@ pub type SharedMembership = Arc<RwLock<Membership>>;
 pub struct Membership {
     pub peer_urls: BTreeMap<u64, String>,
     pub removed: BTreeSet<u64>,
-    /// Raft groups other than the cluster group: id -> the nodes it was created on.
-    pub groups: BTreeMap<u64, BTreeSet<u64>>,
+    /// Raft groups other than the cluster group, by id.
+    pub groups: BTreeMap<u64, Placement>,
+}
+
+/// Where one raft group lives.
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The nodes it was created on: each writes the same first log.
+    pub initial: BTreeSet<u64>,
+    /// The nodes that host a replica now; one added later starts empty and is sent the
+    /// log or a snapshot by the group's leader.
+    pub members: BTreeSet<u64>,
+    /// Nodes removed from the group. They never host it again: a late message for their
+    /// old replica must not reach a new one under the same raft id.
+    pub removed: BTreeSet<u64>,
 }
 
 /// Checks that `url` is an `http://host:port` peer URL and returns it normalised

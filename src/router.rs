@@ -159,16 +159,15 @@ impl Router {
             .await
     }
 
-    /// Proposes to the cluster group the creation of group `group` on `members`, and
-    /// waits until it is applied here (the replicas start as each member applies it).
-    pub async fn create_group(
+    /// Proposes `op` to group `group_id` and waits until it is applied here; for the
+    /// table of groups' changes (`Op::CreateGroup` ...), to the cluster group.
+    pub async fn propose_op(
         &self,
-        group: u64,
-        members: Vec<u64>,
+        group_id: u64,
+        op: Op,
         timeout: Duration,
     ) -> Result<Written, ProposeError> {
-        let op = Op::CreateGroup { group, members };
-        self.ask(CLUSTER_GROUP, |reply| GroupMsg::Propose(op, reply), timeout)
+        self.ask(group_id, |reply| GroupMsg::Propose(op, reply), timeout)
             .await
     }
 

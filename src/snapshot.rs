@@ -7,7 +7,8 @@
 //! ```text
 //! "RKVSNAP4" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
-//! | groups u32, each: id u64, nodes u32, each: id u64
+//! | groups u32, each: id u64, then three lists (initial, members, removed nodes),
+//!   each u32 count + ids u64
 //! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
@@ -31,7 +32,7 @@ use raft::eraftpb::ConfState;
 
 use crate::durable;
 use crate::kv::FrozenKv;
-use crate::membership::Membership;
+use crate::membership::{Membership, Placement};
 use crate::record::Record;
 
 const MAGIC: &[u8; 8] = b"RKVSNAP4";
@@ -193,11 +194,13 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         w.write_all(&id.to_le_bytes())?;
     }
     w.write_all(&(data.membership.groups.len() as u32).to_le_bytes())?;
-    for (id, nodes) in &data.membership.groups {
+    for (id, placement) in &data.membership.groups {
         w.write_all(&id.to_le_bytes())?;
-        w.write_all(&(nodes.len() as u32).to_le_bytes())?;
-        for node in nodes {
-            w.write_all(&node.to_le_bytes())?;
+        for nodes in [&placement.initial, &placement.members, &placement.removed] {
+            w.write_all(&(nodes.len() as u32).to_le_bytes())?;
+            for node in nodes {
+                w.write_all(&node.to_le_bytes())?;
+            }
         }
     }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
@@ -335,8 +338,17 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     if has_groups {
         for _ in 0..r.u32()? {
             let id = r.u64()?;
-            let nodes = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
-            data.membership.groups.insert(id, nodes);
+            let mut lists = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+            for list in &mut lists {
+                *list = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            }
+            let [initial, members, removed] = lists;
+            let placement = Placement {
+                initial,
+                members,
+                removed,
+            };
+            data.membership.groups.insert(id, placement);
         }
     }
     let count = r.u64()?;
@@ -518,8 +530,22 @@ mod tests {
     fn the_table_of_groups_round_trips_and_a_third_format_file_has_none() {
         let dir = temp_dir("groups");
         let mut data = sample(40);
-        data.membership.groups.insert(2, [1, 2].into());
-        data.membership.groups.insert(7, [2, 4, 9].into());
+        data.membership.groups.insert(
+            2,
+            Placement {
+                initial: [1, 2].into(),
+                members: [1, 2].into(),
+                removed: [].into(),
+            },
+        );
+        data.membership.groups.insert(
+            7,
+            Placement {
+                initial: [2, 4, 9].into(),
+                members: [2, 9, 10].into(),
+                removed: [4].into(),
+            },
+        );
         let (path, _) = write(&dir, &data).unwrap();
         assert_eq!(
             read(&path).unwrap().membership.groups,

@@ -33,6 +33,9 @@ const KEY_CONF_INDEX: &[u8] = b"conf_index";
 const KEY_TRUNCATED: &[u8] = b"truncated";
 /// Metadata of the newest durable snapshot (raft SnapshotMetadata).
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
+/// Present (alone) once this node's replica of the group was removed and its log
+/// deleted: the replica is never created again.
+const KEY_TOMBSTONE: &[u8] = b"tombstone";
 
 /// Tells raft-engine how to read the index of a raft-rs entry.
 #[derive(Clone)]
@@ -76,6 +79,21 @@ pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StoreError> {
         ..Default::default()
     };
     Ok(Arc::new(Engine::open(config)?))
+}
+
+/// Deletes group `group_id`'s whole log and state from `engine` and leaves a tombstone in
+/// their place, in one synced batch. Its replica must be stopped.
+pub fn destroy_group(engine: &Engine, group_id: u64) -> Result<(), StoreError> {
+    let mut batch = LogBatch::default();
+    batch.add_command(group_id, Command::Clean);
+    batch.put(group_id, KEY_TOMBSTONE.to_vec(), vec![1])?;
+    engine.write(&mut batch, true)?;
+    Ok(())
+}
+
+/// Whether this node's replica of group `group_id` was destroyed.
+pub fn is_destroyed(engine: &Engine, group_id: u64) -> bool {
+    engine.get(group_id, KEY_TOMBSTONE).is_some()
 }
 
 impl LogStore {
@@ -405,5 +423,48 @@ impl Storage for LogStore {
         let mut snapshot = Snapshot::default();
         snapshot.set_metadata(self.snapshot.clone());
         Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            data: vec![7; 10].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_destroyed_group_keeps_only_its_tombstone_across_a_reopen() {
+        let dir = std::env::temp_dir().join(format!("raftkvd-storage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let engine = open_engine(&dir).unwrap();
+        let mut store = LogStore::load(engine.clone(), 5).unwrap();
+        let hs = HardState {
+            term: 1,
+            commit: 2,
+            ..Default::default()
+        };
+        store.persist(&[entry(1), entry(2)], Some(&hs)).unwrap();
+        let mut other = LogStore::load(engine.clone(), 6).unwrap();
+        other.persist(&[entry(1)], Some(&hs)).unwrap();
+        assert!(!store.is_empty() && !is_destroyed(&engine, 5));
+        drop(store);
+        destroy_group(&engine, 5).unwrap();
+        drop(other);
+        drop(engine);
+
+        let engine = open_engine(&dir).unwrap();
+        assert!(is_destroyed(&engine, 5));
+        assert!(LogStore::load(engine.clone(), 5).unwrap().is_empty());
+        assert!(!is_destroyed(&engine, 6), "another group is untouched");
+        assert_eq!(engine.last_index(6), Some(1));
+        drop(engine);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -109,10 +109,11 @@ impl Api {
     /// left out.
     fn hosts_of(&self, group: u64) -> Vec<(u64, String)> {
         let membership = self.membership.read().unwrap();
-        let Some(members) = membership.groups.get(&group) else {
+        let Some(placement) = membership.groups.get(&group) else {
             return Vec::new();
         };
-        members
+        placement
+            .members
             .iter()
             .filter(|&&id| id != self.id)
             .filter_map(|id| Some((*id, membership.peer_urls.get(id)?.clone())))

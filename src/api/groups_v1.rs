@@ -19,8 +19,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
-use crate::membership::parse_node_id;
-use crate::router::CLUSTER_GROUP;
+use crate::command::Op;
+use crate::membership::{parse_node_id, Placement};
+use crate::router::{MemberChange, CLUSTER_GROUP};
 
 /// Largest body of `POST /v1/groups`.
 const MAX_GROUP_BODY_BYTES: usize = 64 * 1024;
@@ -69,6 +70,18 @@ impl Api {
                 _ => Err(Failure::method_not_allowed(method, "GET")),
             };
         }
+        if below == "members" {
+            return match *method {
+                Method::POST => self.add_group_member(group, req).await,
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
+        }
+        if let Some(node) = below.strip_prefix("members/") {
+            return match *method {
+                Method::DELETE => self.remove_group_member(group, node).await,
+                _ => Err(Failure::method_not_allowed(method, "DELETE")),
+            };
+        }
         let Some(key) = below.strip_prefix("kv/") else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
@@ -97,7 +110,12 @@ impl Api {
                 CLUSTER_GROUP,
                 membership.peer_urls.keys().copied().collect(),
             )];
-            table.extend(membership.groups.iter().map(|(id, m)| (*id, m.clone())));
+            table.extend(
+                membership
+                    .groups
+                    .iter()
+                    .map(|(id, p)| (*id, p.members.clone())),
+            );
             table
         };
         let mut groups = Vec::with_capacity(table.len());
@@ -176,15 +194,120 @@ impl Api {
             }
         }
         let members: Vec<u64> = members.into_iter().collect();
+        let create = Op::CreateGroup {
+            group: new.id,
+            members: members.clone(),
+        };
         let written = self
             .router
-            .create_group(new.id, members.clone(), self.request_timeout)
+            .propose_op(CLUSTER_GROUP, create, self.request_timeout)
             .await?;
         Ok(json_response(
             StatusCode::CREATED,
             &serde_json::json!({ "id": new.id, "members": members, "revision": written.revision }),
         ))
     }
+}
+
+impl Api {
+    /// `POST /v1/groups/<g>/members` `{"id": n}`: node n hosts a replica of group g. The
+    /// table of groups lists it first (so that n starts an empty replica and accepts the
+    /// group's messages), then the group adds it as a voter and its leader sends it the
+    /// log or a snapshot. A retry after a failure finishes what the first try began.
+    async fn add_group_member(&self, group: u64, req: Request<Incoming>) -> Reply {
+        let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
+        let NewGroupMember { id } = parse_json(&body)?;
+        let placement = self.placement_of(group)?;
+        if !self.membership.read().unwrap().peer_urls.contains_key(&id) {
+            return Err(Failure::bad_request(format!(
+                "node {id} is not a member of the cluster"
+            )));
+        }
+        if placement.removed.contains(&id) {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                format!("node {id} was removed from group {group} and cannot host it again"),
+            ));
+        }
+        let members = self.router.status(group).await?.members;
+        if members.iter().any(|m| m.id == id) {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                format!("node {id} is already a member of group {group}"),
+            ));
+        }
+        if !placement.members.contains(&id) {
+            let place = Op::AddGroupMember { group, node: id };
+            self.router
+                .propose_op(CLUSTER_GROUP, place, self.request_timeout)
+                .await?;
+        }
+        let add = MemberChange::Add {
+            id,
+            peer_url: String::new(),
+        };
+        self.router
+            .change_members(group, add, self.request_timeout)
+            .await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &self.group_info(group).await?,
+        ))
+    }
+
+    /// `DELETE /v1/groups/<g>/members/<n>`: the group removes node n, then the table of
+    /// groups takes it out, and n deletes its replica's data. n keeps serving its other
+    /// groups; it never hosts group g again.
+    async fn remove_group_member(&self, group: u64, node: &str) -> Reply {
+        let id = parse_node_id(node).map_err(Failure::bad_request)?;
+        let placement = self.placement_of(group)?;
+        let members = self.router.status(group).await?.members;
+        let in_group = members.iter().any(|m| m.id == id);
+        if !in_group && !placement.members.contains(&id) {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                format!("node {id} is not a member of group {group}"),
+            ));
+        }
+        if in_group {
+            self.router
+                .change_members(group, MemberChange::Remove { id }, self.request_timeout)
+                .await?;
+        }
+        let take_out = Op::RemoveGroupMember { group, node: id };
+        self.router
+            .propose_op(CLUSTER_GROUP, take_out, self.request_timeout)
+            .await?;
+        let members: Vec<u64> = members.iter().map(|m| m.id).filter(|m| *m != id).collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "id": group, "members": members }),
+        ))
+    }
+
+    /// Group `group`'s entry in the table of groups; the cluster group's members are
+    /// changed through `/v1/members` only.
+    fn placement_of(&self, group: u64) -> Result<Placement, Failure> {
+        if group == CLUSTER_GROUP {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "group 1's members are the cluster's: change them through /v1/members",
+            ));
+        }
+        let membership = self.membership.read().unwrap();
+        membership
+            .groups
+            .get(&group)
+            .cloned()
+            .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, format!("no raft group {group}")))
+    }
+}
+
+/// The body of `POST /v1/groups/<g>/members`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGroupMember {
+    id: u64,
 }
 
 /// A group id from a path: a positive integer.

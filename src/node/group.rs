@@ -37,6 +37,7 @@ use crate::transport::Transport;
 use super::NodeConfig;
 
 mod members;
+mod placement;
 mod snapshots;
 
 use crate::router::{
@@ -63,8 +64,9 @@ pub struct GroupShared {
 /// What a group asks of the node loop after a round.
 #[derive(Debug, PartialEq, Eq)]
 pub enum GroupEvent {
-    /// The cluster group applied the creation of group `group` on `members`.
-    Created { group: u64, members: Vec<u64> },
+    /// The cluster group changed where group `group` lives (created it, or added or
+    /// removed a node): this node may have to start or drop its replica.
+    Placed { group: u64 },
     /// This node applied its own removal from the group, at `index`.
     Removed { index: u64 },
 }
@@ -498,10 +500,10 @@ impl Group {
                         Err(ProposeError::CheckFailed { key, revision })
                     }
                 },
-                Op::CreateGroup { group, members } => {
+                placement => {
                     // Takes a revision, as every entry without a key does.
                     let revision = kv.skip_revision();
-                    self.apply_create_group(entry.index, group, members)
+                    self.apply_placement(entry.index, placement)
                         .map(|()| Written {
                             revision,
                             deleted: 0,
@@ -517,34 +519,6 @@ impl Group {
                 let _ = reply.send(outcome);
             }
         }
-    }
-
-    /// Records group `group` on `members` in the cluster's table of groups, and tells the
-    /// node loop, which starts the replica if this node is one of them. A second creation
-    /// of the same id is refused here, at apply time, so that of two racing creations
-    /// exactly one wins on every node.
-    fn apply_create_group(
-        &mut self,
-        index: u64,
-        group: u64,
-        members: Vec<u64>,
-    ) -> Result<(), ProposeError> {
-        if !self.is_cluster_group() {
-            error!(self.logger, "ignoring a group creation outside the cluster group"; "index" => index, "group" => group);
-            return Err(ProposeError::Conflict(
-                "groups are created in the cluster group only".into(),
-            ));
-        }
-        let mut membership = self.membership.write().unwrap();
-        if group == CLUSTER_GROUP || membership.groups.contains_key(&group) {
-            return Err(ProposeError::Conflict(format!("group {group} exists")));
-        }
-        membership
-            .groups
-            .insert(group, members.iter().copied().collect());
-        info!(self.logger, "group created"; "group" => group, "members" => ?members, "index" => index);
-        self.events.push(GroupEvent::Created { group, members });
-        Ok(())
     }
 }
 

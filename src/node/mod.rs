@@ -7,9 +7,10 @@
 //! writes and handle its Ready. A message for a group this node does not host is answered
 //! as such (a client's) or dropped (a peer's: raft resends).
 //!
-//! Groups come and go through the cluster group's log: when it applies the creation of a
-//! group that lists this node, the loop starts the replica (`open_group`), the same way on
-//! every member, and again from the log or the table of groups after a restart. The
+//! Groups come and go through the cluster group's log, whose table of groups says which
+//! nodes host each group: when it changes, the loop starts or drops this node's replica
+//! to match (`reconcile`), the same way on every node, and again from the log or the
+//! table after a restart. A dropped replica's data is deleted and never comes back. The
 //! process stops when the cluster group applies this node's removal, on shutdown (after
 //! every group it leads has handed leadership off), or when storage fails.
 //!
@@ -28,11 +29,11 @@ use slog::{error, info, o, warn, Logger};
 use tokio::sync::mpsc;
 
 use crate::kv::SharedKv;
-use crate::membership::SharedMembership;
+use crate::membership::{Placement, SharedMembership};
 use crate::metrics::Metrics;
 use crate::router::{GroupMsg, NodeExit, NodeMsg, ProposeError, Router, CLUSTER_GROUP};
 use crate::snapshot::{self, SnapshotData};
-use crate::storage::LogStore;
+use crate::storage::{self, LogStore};
 use crate::transport::Transport;
 
 mod bootstrap;
@@ -128,9 +129,17 @@ impl Node {
             logger,
         };
         node.start_group(CLUSTER_GROUP, store, kv)?;
-        let table = node.shared.membership.read().unwrap().groups.clone();
-        for (group, members) in table {
-            node.ensure_replica(group, &members.into_iter().collect::<Vec<_>>())?;
+        let groups: Vec<u64> = node
+            .shared
+            .membership
+            .read()
+            .unwrap()
+            .groups
+            .keys()
+            .copied()
+            .collect();
+        for group in groups {
+            node.reconcile(group)?;
         }
         Ok(node)
     }
@@ -149,27 +158,78 @@ impl Node {
         Ok(())
     }
 
-    /// Starts this node's replica of group `group`, if `members` lists this node and it
-    /// is not running yet: from its log and snapshot if it has them, else from the first
-    /// log every member of a new group writes alike.
-    fn ensure_replica(&mut self, group: u64, members: &[u64]) -> Result<(), String> {
-        if self.groups.contains_key(&group) || !members.contains(&self.config.id) {
+    /// Starts or drops this node's replica of `group` to match the cluster's table of
+    /// groups (see `group/placement.rs`).
+    fn reconcile(&mut self, group: u64) -> Result<(), String> {
+        let placement = self
+            .shared
+            .membership
+            .read()
+            .unwrap()
+            .groups
+            .get(&group)
+            .cloned();
+        let Some(placement) = placement else {
+            return Ok(());
+        };
+        let placed_here = placement.members.contains(&self.config.id);
+        match (placed_here, self.groups.contains_key(&group)) {
+            (true, false) => self.start_replica(group, &placement),
+            (false, true) => self.drop_replica(group),
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts this node's replica of `group`: from its log and snapshot if it has them;
+    /// else, on a node the group was created on, from the first log every such node
+    /// writes alike; else empty, to be sent the log by the group's leader. A replica
+    /// this node dropped is never started again.
+    fn start_replica(&mut self, group: u64, placement: &Placement) -> Result<(), String> {
+        let logger = self.logger.new(o!("group" => group));
+        if storage::is_destroyed(&self.engine, group) {
+            warn!(logger, "not starting a replica this node dropped before");
             return Ok(());
         }
-        let logger = self.logger.new(o!("group" => group));
         let (mut store, recovered) =
             open_group(&self.engine, &self.config.data_dir, group, &logger)?;
-        if store.is_empty() {
-            let members: Vec<(u64, String)> =
-                members.iter().map(|&id| (id, String::new())).collect();
+        if store.is_empty() && placement.initial.contains(&self.config.id) {
+            let members: Vec<(u64, String)> = placement
+                .initial
+                .iter()
+                .map(|&id| (id, String::new()))
+                .collect();
             bootstrap(&mut store, &members)?;
-            info!(logger, "started a replica of a new group"; "members" => ?members.iter().map(|m| m.0).collect::<Vec<_>>());
+            info!(logger, "started a replica of a new group"; "members" => ?placement.initial);
+        } else if store.is_empty() {
+            info!(
+                logger,
+                "started an empty replica; the group's leader sends it the log"
+            );
         }
         let kv = SharedKv::default();
         if let Some(data) = recovered {
             kv.write().unwrap().replace(data.kv);
         }
         self.start_group(group, store, kv)
+    }
+
+    /// Stops this node's replica of `group` and deletes its log and snapshots, leaving a
+    /// tombstone. The process goes on serving its other groups.
+    fn drop_replica(&mut self, group: u64) -> Result<(), String> {
+        self.groups.remove(&group);
+        self.shared.router.unregister(group);
+        storage::destroy_group(&self.engine, group)
+            .map_err(|e| format!("cannot delete the log of group {group}: {e}"))?;
+        let dir = snapshot::dir_of(&self.config.data_dir, group);
+        if let Some(group_dir) = dir.parent().filter(|_| group != CLUSTER_GROUP) {
+            if let Err(e) = std::fs::remove_dir_all(group_dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(self.logger, "could not delete a dropped group's snapshots"; "group" => group, "dir" => %group_dir.display(), "error" => %e);
+                }
+            }
+        }
+        info!(self.logger, "dropped this node's replica of a group; its data is deleted"; "group" => group);
+        Ok(())
     }
 
     /// Runs the loop until shutdown, removal or a storage failure.
@@ -249,21 +309,19 @@ impl Node {
             events.extend(group.take_events().into_iter().map(|e| (group.id(), e)));
         }
         for (group_id, event) in events {
-            match event {
-                GroupEvent::Created { group, members } => {
-                    if let Err(e) = self.ensure_replica(group, &members) {
-                        error!(self.logger, "could not start a replica; stopping"; "group" => group, "error" => &e);
-                        return Some(NodeExit::Failed(e));
-                    }
-                }
+            let done = match event {
+                GroupEvent::Placed { group } => self.reconcile(group),
                 GroupEvent::Removed { index } if group_id == CLUSTER_GROUP => {
                     return Some(NodeExit::Removed { index });
                 }
                 GroupEvent::Removed { index } => {
-                    warn!(self.logger, "this node was removed from a group; its replica stops"; "group" => group_id, "index" => index);
-                    self.groups.remove(&group_id);
-                    self.shared.router.unregister(group_id);
+                    info!(self.logger, "this node was removed from a group"; "group" => group_id, "index" => index);
+                    self.drop_replica(group_id)
                 }
+            };
+            if let Err(e) = done {
+                error!(self.logger, "could not start or drop a replica; stopping"; "error" => &e);
+                return Some(NodeExit::Failed(e));
             }
         }
         if let Some((deadline, handing_off)) = &self.stopping {

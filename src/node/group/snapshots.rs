@@ -167,15 +167,10 @@ impl Group {
             if data.membership.removed.contains(&own_id) {
                 self.events.push(GroupEvent::Removed { index: meta.index });
             }
-            // Groups created in the part of the log the snapshot replaces.
-            let membership = self.membership.read().unwrap().clone();
-            for (&group, members) in &data.membership.groups {
-                if !membership.groups.contains_key(&group) {
-                    self.events.push(GroupEvent::Created {
-                        group,
-                        members: members.iter().copied().collect(),
-                    });
-                }
+            // The table of groups may have changed in the part of the log the snapshot
+            // replaces: the loop checks every group's replica here against it.
+            for &group in data.membership.groups.keys() {
+                self.events.push(GroupEvent::Placed { group });
             }
             *self.membership.write().unwrap() = data.membership;
         }

@@ -1,0 +1,66 @@
+//! The cluster group's table of groups (`membership.rs`: `groups`): applying a group's
+//! creation and a node's placement in or out of a group, as committed in the cluster
+//! group's log. Each change is checked here, at apply time, so that of two racing
+//! requests the same one wins on every node; the node loop then starts or drops this
+//! node's replica (`GroupEvent::Placed`). Only the cluster group applies these.
+
+use slog::{error, info};
+
+use super::{Group, GroupEvent};
+use crate::command::Op;
+use crate::membership::Placement;
+use crate::router::{ProposeError, CLUSTER_GROUP};
+
+impl Group {
+    /// Applies a change of the table of groups (any `Op` but `Kv`) committed at `index`.
+    pub(super) fn apply_placement(&mut self, index: u64, op: Op) -> Result<(), ProposeError> {
+        if !self.is_cluster_group() {
+            error!(self.logger, "ignoring a change of the table of groups outside the cluster group"; "index" => index, "op" => ?op);
+            return Err(ProposeError::Conflict(
+                "groups are placed through the cluster group only".into(),
+            ));
+        }
+        let mut membership = self.membership.write().unwrap();
+        let (group, outcome) = match op {
+            Op::Kv(_) => unreachable!("a key-value command is not a placement"),
+            Op::CreateGroup { group, members } => {
+                if group == CLUSTER_GROUP || membership.groups.contains_key(&group) {
+                    return Err(ProposeError::Conflict(format!("group {group} exists")));
+                }
+                let members: std::collections::BTreeSet<u64> = members.into_iter().collect();
+                let placement = Placement {
+                    initial: members.clone(),
+                    members,
+                    removed: Default::default(),
+                };
+                membership.groups.insert(group, placement);
+                (group, "created")
+            }
+            Op::AddGroupMember { group, node } => {
+                let Some(placement) = membership.groups.get_mut(&group) else {
+                    return Err(ProposeError::Conflict(format!("no group {group}")));
+                };
+                if placement.removed.contains(&node) {
+                    return Err(ProposeError::Conflict(format!(
+                        "node {node} was removed from group {group} and cannot host it again"
+                    )));
+                }
+                placement.members.insert(node);
+                (group, "node placed")
+            }
+            Op::RemoveGroupMember { group, node } => {
+                let Some(placement) = membership.groups.get_mut(&group) else {
+                    return Err(ProposeError::Conflict(format!("no group {group}")));
+                };
+                placement.members.remove(&node);
+                placement.removed.insert(node);
+                (group, "node taken out")
+            }
+        };
+        let placement = &membership.groups[&group];
+        info!(self.logger, "group placement changed"; "placed_group" => group, "change" => outcome,
+            "members" => ?placement.members, "index" => index);
+        self.events.push(GroupEvent::Placed { group });
+        Ok(())
+    }
+}
