@@ -32,6 +32,8 @@ const OP_CREATE_GROUP: u8 = 3;
 /// Operation tags of a node placed in, or taken out of, a raft group: group id, node id.
 const OP_ADD_GROUP_MEMBER: u8 = 4;
 const OP_REMOVE_GROUP_MEMBER: u8 = 5;
+/// Operation tag of the cluster's list of shards: count u32, group ids u64.
+const OP_SET_SHARDS: u8 = 6;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
@@ -99,6 +101,8 @@ pub enum Op {
     AddGroupMember { group: u64, node: u64 },
     /// Node `node` no longer hosts `group` (after the group removed it), and never will.
     RemoveGroupMember { group: u64, node: u64 },
+    /// The data groups that own the keys, by hash slot (`sharding.rs`).
+    SetShards { groups: Vec<u64> },
 }
 
 /// The payload of a normal raft entry.
@@ -172,10 +176,11 @@ impl Proposal {
             Op::CreateGroup { group, members } => {
                 buf.push(OP_CREATE_GROUP);
                 buf.extend_from_slice(&group.to_le_bytes());
-                buf.extend_from_slice(&(members.len() as u32).to_le_bytes());
-                for member in members {
-                    buf.extend_from_slice(&member.to_le_bytes());
-                }
+                put_ids(&mut buf, members);
+            }
+            Op::SetShards { groups } => {
+                buf.push(OP_SET_SHARDS);
+                put_ids(&mut buf, groups);
             }
             Op::AddGroupMember { group, node } | Op::RemoveGroupMember { group, node } => {
                 let tag = match self.op {
@@ -202,12 +207,18 @@ impl Proposal {
             }
             OP_CREATE_GROUP => {
                 let group = r.u64()?;
-                let count = r.count()?;
-                let members = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
+                let members = r.ids()?;
                 if r.at != bytes.len() {
                     return Err(DecodeError("trailing bytes"));
                 }
                 Op::CreateGroup { group, members }
+            }
+            OP_SET_SHARDS => {
+                let groups = r.ids()?;
+                if r.at != bytes.len() {
+                    return Err(DecodeError("trailing bytes"));
+                }
+                Op::SetShards { groups }
             }
             tag @ (OP_ADD_GROUP_MEMBER | OP_REMOVE_GROUP_MEMBER) => {
                 let (group, node) = (r.u64()?, r.u64()?);
@@ -312,6 +323,14 @@ fn put_id(buf: &mut Vec<u8>, id: ProposalId) {
     buf.extend_from_slice(&id.seq.to_le_bytes());
 }
 
+/// A list of ids: count u32, then each u64.
+fn put_ids(buf: &mut Vec<u8>, ids: &[u64]) {
+    buf.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    for id in ids {
+        buf.extend_from_slice(&id.to_le_bytes());
+    }
+}
+
 fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     buf.extend_from_slice(bytes);
@@ -353,6 +372,11 @@ impl<B: AsRef<[u8]> + ?Sized> Reader<'_, B> {
             return Err(DecodeError("count larger than the payload"));
         }
         Ok(n)
+    }
+
+    /// A list written by `put_ids`.
+    fn ids(&mut self) -> Result<Vec<u64>, DecodeError> {
+        (0..self.count()?).map(|_| self.u64()).collect()
     }
 
     fn version(&mut self) -> Result<(), DecodeError> {
@@ -462,6 +486,9 @@ mod tests {
             },
             Op::AddGroupMember { group: 2, node: 4 },
             Op::RemoveGroupMember { group: 9, node: 1 },
+            Op::SetShards {
+                groups: vec![2, 3, 4],
+            },
         ] {
             let p = Proposal {
                 id: ProposalId {

@@ -8,6 +8,9 @@ use clap::Parser;
 
 use crate::membership::parse_peer_url;
 
+/// Most data groups --shards may ask for.
+const MAX_SHARDS: u64 = 4096;
+
 /// raftkvd: a replicated key-value store on raft, in the style of etcd's raftexample.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
@@ -102,6 +105,18 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
 
+    /// When forming a cluster: split the keyspace into this many data groups (shards),
+    /// each a raft group of --replicas members spread evenly over the nodes; keys are
+    /// routed to their group by a hash of the key. 1 keeps every key in the cluster group,
+    /// as releases before sharding did. Only read when the cluster is formed.
+    #[arg(long, env = "RAFTKVD_SHARDS", default_value_t = 1)]
+    pub shards: u64,
+
+    /// Members of each data group when --shards is above 1: at most the number of nodes.
+    /// Default: 3, or the number of nodes if smaller.
+    #[arg(long, env = "RAFTKVD_REPLICAS")]
+    pub replicas: Option<usize>,
+
     /// Ticks between the leader's heartbeats.
     #[arg(long, env = "RAFTKVD_HEARTBEAT_TICKS", default_value_t = 1)]
     pub heartbeat_ticks: usize,
@@ -169,10 +184,29 @@ impl Config {
         if self.snapshot_count == 0 {
             return Err("--snapshot-count must be positive".into());
         }
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
+            return Err(format!("--shards must be between 1 and {MAX_SHARDS}"));
+        }
+        if !joining {
+            let nodes = self.cluster.len();
+            match self.replicas {
+                Some(r) if r == 0 || r > nodes => {
+                    return Err(format!(
+                        "--replicas {r} must be between 1 and the number of nodes ({nodes})"
+                    ))
+                }
+                _ => {}
+            }
+        }
         if self.tick_ms == 0 || self.request_timeout_ms == 0 {
             return Err("--tick-ms and --request-timeout-ms must be positive".into());
         }
         Ok(self)
+    }
+
+    /// Members of each data group of a cluster formed with --shards.
+    pub fn replicas(&self) -> usize {
+        self.replicas.unwrap_or(3).min(self.cluster.len())
     }
 
     pub fn data_dir(&self) -> PathBuf {

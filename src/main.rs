@@ -25,6 +25,7 @@ mod peer_stream;
 mod read_index;
 mod record;
 mod router;
+mod sharding;
 mod snapshot;
 mod storage;
 mod transport;
@@ -120,8 +121,10 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         );
     } else {
         let members: Vec<(u64, String)> = (1..).zip(config.cluster.iter().cloned()).collect();
-        node::bootstrap(&mut store, &members)?;
-        info!(logger, "formed a new cluster"; "members" => config.cluster.len());
+        let nodes = members.len() as u64;
+        let data_groups = sharding::formation_ops(config.shards, nodes, config.replicas());
+        node::bootstrap(&mut store, &members, data_groups)?;
+        info!(logger, "formed a new cluster"; "members" => nodes, "shards" => config.shards);
     }
     let cluster_id = Arc::new(cluster_id::ClusterId::load(data_dir.join("cluster-id"))?);
     if cluster_id.get().is_none() && !config.join {
@@ -242,7 +245,6 @@ async fn serve(
     let api = Arc::new(Api {
         id: config.id,
         router: router.clone(),
-        kv,
         membership: membership.clone(),
         peers: transport.client(),
         cluster_id: cluster_id.clone(),

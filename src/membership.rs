@@ -19,6 +19,9 @@ pub struct Membership {
     pub removed: BTreeSet<u64>,
     /// Raft groups other than the cluster group, by id.
     pub groups: BTreeMap<u64, Placement>,
+    /// The data groups that own the keys, by hash slot (`sharding.rs`); empty: every key
+    /// is the cluster group's. Set once, when the cluster is formed.
+    pub shards: Vec<u64>,
 }
 
 /// Where one raft group lives.

@@ -8,7 +8,7 @@
 //! "RKVSNAP4" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
 //! | groups u32, each: id u64, then three lists (initial, members, removed nodes),
-//!   each u32 count + ids u64
+//!   each u32 count + ids u64 | shards u32, each: group id u64
 //! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
@@ -203,6 +203,10 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
             }
         }
     }
+    w.write_all(&(data.membership.shards.len() as u32).to_le_bytes())?;
+    for group in &data.membership.shards {
+        w.write_all(&group.to_le_bytes())?;
+    }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
     for record in data.kv.iter() {
         put_bytes(&mut w, record.key())?;
@@ -350,6 +354,7 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
             };
             data.membership.groups.insert(id, placement);
         }
+        data.membership.shards = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
     }
     let count = r.u64()?;
     let mut records = Vec::with_capacity(count.min(size / 8) as usize);
@@ -505,7 +510,7 @@ mod tests {
     }
 
     /// A current-format file of data with no groups, rewritten in the third format (no
-    /// table of groups).
+    /// table of groups, no shards).
     fn as_third_format(v4: &[u8]) -> Vec<u8> {
         let u32_at = |at: usize| u32::from_le_bytes(v4[at..at + 4].try_into().unwrap()) as usize;
         let mut at = 32;
@@ -518,9 +523,10 @@ mod tests {
         }
         at += 4 + 8 * u32_at(at); // removed ids
         assert_eq!(u32_at(at), 0, "the sample has no groups");
+        assert_eq!(u32_at(at + 4), 0, "the sample has no shards");
         let mut v3 = MAGIC_V3.to_vec();
         v3.extend_from_slice(&v4[8..at]);
-        v3.extend_from_slice(&v4[at + 4..v4.len() - 4]);
+        v3.extend_from_slice(&v4[at + 8..v4.len() - 4]);
         let crc = crc32fast::hash(&v3);
         v3.extend_from_slice(&crc.to_le_bytes());
         v3
@@ -546,7 +552,12 @@ mod tests {
                 removed: [4].into(),
             },
         );
+        data.membership.shards = vec![2, 7, 2];
         let (path, _) = write(&dir, &data).unwrap();
+        assert_eq!(
+            read(&path).unwrap().membership.shards,
+            data.membership.shards
+        );
         assert_eq!(
             read(&path).unwrap().membership.groups,
             data.membership.groups

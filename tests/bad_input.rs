@@ -161,6 +161,39 @@ fn bad_flags_are_refused_with_a_message() {
         ],
         // Neither --cluster nor --join-via.
         vec!["--id", "1", "--port", "1"],
+        // No shards, too many, and more replicas than nodes.
+        vec![
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1",
+            "--port",
+            "1",
+            "--shards",
+            "0",
+        ],
+        vec![
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1",
+            "--port",
+            "1",
+            "--shards",
+            "100000",
+        ],
+        vec![
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--port",
+            "1",
+            "--shards",
+            "4",
+            "--replicas",
+            "3",
+        ],
     ] {
         let out = std::process::Command::new(BIN)
             .args(&args)

@@ -294,6 +294,43 @@ fn the_openapi_document_matches_the_server() {
             None,
             404,
         ),
+        call(
+            "/v1/groups/{group}/kv",
+            "post",
+            "/v1/groups/2/kv",
+            Some(Body::Json(json!({"doc/m1": "1", "doc/m2": "2"}))),
+            200,
+        ),
+        call(
+            "/v1/groups/{group}/kv",
+            "post",
+            "/v1/groups/2/kv",
+            Some(Body::Json(json!({}))),
+            400,
+        ),
+        call(
+            "/v1/groups/{group}/kv",
+            "post",
+            "/v1/groups/9/kv",
+            Some(Body::Json(json!({"a": "1"}))),
+            404,
+        ),
+        call(
+            "/v1/groups/{group}/kv",
+            "get",
+            "/v1/groups/2/kv?prefix=doc%2Fm&limit=5",
+            None,
+            200,
+        ),
+        call(
+            "/v1/groups/{group}/kv",
+            "get",
+            "/v1/groups/2/kv?limit=0",
+            None,
+            400,
+        ),
+        call("/v1/groups/{group}/kv", "get", "/v1/groups/9/kv", None, 404),
+        call("/v1/groups/{group}/kv", "get", "/v1/groups/2/kv", None, 406),
         call(group_kv, "get", "/v1/groups/9/kv/doc/g", None, 404),
         call(
             group_kv,
@@ -454,12 +491,17 @@ fn validate(doc: &Value, schema: &Value, value: &Value) -> Result<(), String> {
 fn the_validator_rejects_what_the_document_forbids() {
     let doc: Value = serde_json::from_str(DOCUMENT).unwrap();
     let kv = json!({"$ref": "#/components/schemas/KeyValue"});
-    assert!(validate(&doc, &kv, &json!({"key": "k", "value": "v", "revision": 3})).is_ok());
+    assert!(validate(
+        &doc,
+        &kv,
+        &json!({"key": "k", "value": "v", "revision": 3, "group": 1})
+    )
+    .is_ok());
     for bad in [
-        json!({"key": "k", "value": "v"}),
-        json!({"key": "k", "value": 1, "revision": 3}),
-        json!({"key": "k", "value": "v", "revision": 0}),
-        json!({"key": "k", "value": "v", "revision": 3, "extra": true}),
+        json!({"key": "k", "value": "v", "revision": 3}),
+        json!({"key": "k", "value": 1, "revision": 3, "group": 1}),
+        json!({"key": "k", "value": "v", "revision": 0, "group": 1}),
+        json!({"key": "k", "value": "v", "revision": 3, "group": 1, "extra": true}),
         json!([]),
     ] {
         assert!(validate(&doc, &kv, &bad).is_err(), "{bad}");

@@ -1,25 +1,27 @@
 //! Forwarding: a request for a raft group this node does not host goes to a node that
-//! does, through that node's peer port (`<peer-url>/client/v1/groups/...`), and its
-//! answer comes back as it is. The seed's multi-raft example answers such a request with
-//! an error; here any node serves any group.
+//! does, through that node's peer port (`<peer-url>/client/v1/groups/<g>/...`), and its
+//! answer comes back. The seed's multi-raft example answers such a request with an
+//! error; here any node serves any group and any key.
 //!
 //! A forwarded request carries [`FORWARDED_HEADER`] and the cluster id, and is never
-//! forwarded again: a node that receives one for a group it does not host answers 503.
-//! Another member is tried only when a connection could not be made; a request that may
-//! have reached a node is never sent twice (a PUT could apply twice), so its timeout is
-//! answered as an unknown outcome.
+//! forwarded again: a node that receives one for a group it does not host answers 421
+//! (Misdirected Request), and the forwarder tries the group's next node; if every node
+//! answers so, the client gets the 421. Another node is
+//! also tried when a connection could not be made; a request that may have reached a
+//! node is never sent twice (a PUT could apply twice), so its timeout is answered as an
+//! unknown outcome.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, ACCEPT, ALLOW, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 
 use super::kv_v1::REVISION_HEADER;
 use super::{read_body, Api, Failure, Reply};
 use crate::cluster_id;
-use crate::router::ProposeError;
 use crate::transport::FORWARD_PREFIX;
 
 /// Marks a forwarded request; its value is the id of the node that forwarded it.
@@ -32,39 +34,83 @@ const ANSWER_HEADERS: [HeaderName; 3] = [
     ALLOW,
 ];
 
+/// A request to send to a node that hosts a group: `path` is the client path (with its
+/// query) that node serves it under.
+pub(super) struct Forwarded {
+    pub method: Method,
+    pub path: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
 impl Api {
-    /// Sends `req`, for group `group`, to a node that hosts it, and relays the answer.
-    pub(super) async fn forward(&self, group: u64, req: Request<Incoming>) -> Reply {
+    /// Sends `req`, for group `group`, to a node that hosts it, under `path` (default:
+    /// the request's own path and query), and relays the answer.
+    pub(super) async fn forward(
+        &self,
+        group: u64,
+        req: Request<Incoming>,
+        path: Option<String>,
+    ) -> Reply {
         if req.headers().contains_key(FORWARDED_HEADER) {
-            return Err(ProposeError::NotHosted(group).into());
+            return Err(Failure::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("raft group {group} is not hosted on this node"),
+            ));
         }
-        let method = req.method().clone();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string());
-        let headers: Vec<(HeaderName, HeaderValue)> = REQUEST_HEADERS
+        let path = path.unwrap_or_else(|| {
+            req.uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string())
+        });
+        let headers = REQUEST_HEADERS
             .iter()
             .filter_map(|name| Some((name.clone(), req.headers().get(name)?.clone())))
             .collect();
+        let method = req.method().clone();
         let body = read_body(req, self.max_value_bytes).await?;
-        let mut unreachable = Vec::new();
+        let request = Forwarded {
+            method,
+            path,
+            headers,
+            body,
+        };
+        let answer = self.send_to_host(group, request).await?;
+        relay(answer).await
+    }
+
+    /// Sends `request` to a node that hosts `group` and returns its answer: from the
+    /// first node that answers other than 421.
+    pub(super) async fn send_to_host(
+        &self,
+        group: u64,
+        request: Forwarded,
+    ) -> Result<reqwest::Response, Failure> {
+        let mut passed = Vec::new();
+        let mut misdirected = None;
         for (node, url) in self.hosts_of(group) {
-            let mut request = self
+            let mut attempt = self
                 .peers
-                .request(method.clone(), format!("{url}{FORWARD_PREFIX}{path}"))
+                .request(
+                    request.method.clone(),
+                    format!("{url}{FORWARD_PREFIX}{}", request.path),
+                )
                 .header(FORWARDED_HEADER, self.id.to_string())
                 .timeout(self.request_timeout + Duration::from_secs(1))
-                .body(body.clone());
+                .body(request.body.clone());
             if let Some(id) = self.cluster_id.get() {
-                request = request.header(cluster_id::HEADER, cluster_id::format(id));
+                attempt = attempt.header(cluster_id::HEADER, cluster_id::format(id));
             }
-            for (name, value) in &headers {
-                request = request.header(name, value);
+            for (name, value) in &request.headers {
+                attempt = attempt.header(name, value);
             }
-            match request.send().await {
-                Ok(answer) => return relay(answer).await,
-                Err(e) if e.is_connect() => unreachable.push(format!("node {node}: {e}")),
+            match attempt.send().await {
+                Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
+                    let why = answer.bytes().await.unwrap_or_default();
+                    misdirected = Some(failure_of(StatusCode::MISDIRECTED_REQUEST, &why));
+                }
+                Ok(answer) => return Ok(answer),
+                Err(e) if e.is_connect() => passed.push(format!("node {node}: {e}")),
                 Err(e) => {
                     return Err(Failure::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -76,33 +122,44 @@ impl Api {
                 }
             }
         }
+        // Every node that answered says the request is not theirs (the group moved, or
+        // the key is not the group's): that is the answer.
+        if let Some(misdirected) = misdirected {
+            return Err(misdirected);
+        }
         Err(Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "no node that hosts group {group} could be reached ({}); retry",
-                unreachable.join("; ")
+                passed.join("; ")
             ),
         ))
     }
 
-    /// A GET of `path` on a node that hosts `group`: its JSON answer if it gave 200.
-    pub(super) async fn ask_member(&self, group: u64, path: &str) -> Option<serde_json::Value> {
-        for (_, url) in self.hosts_of(group) {
-            let mut request = self
-                .peers
-                .get(format!("{url}{FORWARD_PREFIX}{path}"))
-                .header(FORWARDED_HEADER, self.id.to_string())
-                .timeout(self.request_timeout);
-            if let Some(id) = self.cluster_id.get() {
-                request = request.header(cluster_id::HEADER, cluster_id::format(id));
-            }
-            if let Ok(answer) = request.send().await {
-                if answer.status() == StatusCode::OK {
-                    return answer.json().await.ok();
-                }
-            }
+    /// A GET of the JSON at client path `path` on a node that hosts `group`.
+    pub(super) async fn fetch_json(
+        &self,
+        group: u64,
+        path: String,
+    ) -> Result<serde_json::Value, Failure> {
+        let request = Forwarded {
+            method: Method::GET,
+            path,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        };
+        let answer = self.send_to_host(group, request).await?;
+        let status = answer.status();
+        let body = answer.bytes().await.map_err(broken_off)?;
+        if status != StatusCode::OK {
+            return Err(failure_of(status, &body));
         }
-        None
+        serde_json::from_slice(&body).map_err(|e| {
+            Failure::new(
+                StatusCode::BAD_GATEWAY,
+                format!("a node that hosts group {group} answered with bad JSON: {e}"),
+            )
+        })
     }
 
     /// The nodes (and their peer URLs) the cluster's table lists for `group`, this node
@@ -128,14 +185,35 @@ async fn relay(answer: reqwest::Response) -> Reply {
         .iter()
         .filter_map(|name| Some((name.clone(), answer.headers().get(name)?.clone())))
         .collect();
-    let body = answer.bytes().await.map_err(|e| {
-        Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the forwarded request's answer broke off ({e}): the outcome is unknown"),
-        )
-    })?;
+    let body = answer.bytes().await.map_err(broken_off)?;
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().extend(headers);
     Ok(response)
+}
+
+/// The failure a forwarded request's error answer stands for here.
+pub(super) fn failure_of(status: StatusCode, body: &[u8]) -> Failure {
+    let revision = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["revision"].as_u64());
+    Failure {
+        revision,
+        ..Failure::new(status, error_text(body))
+    }
+}
+
+/// The message of an error answer: its JSON `error`, or its text.
+fn error_text(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string())
+}
+
+fn broken_off(e: reqwest::Error) -> Failure {
+    Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the forwarded request's answer broke off ({e}): the outcome is unknown"),
+    )
 }

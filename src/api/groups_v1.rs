@@ -59,7 +59,7 @@ impl Api {
             ));
         }
         if self.router.kv(group).is_none() {
-            return self.forward(group, req).await;
+            return self.forward(group, req, None).await;
         }
         if below.is_empty() {
             return match *method {
@@ -82,6 +82,14 @@ impl Api {
                 _ => Err(Failure::method_not_allowed(method, "DELETE")),
             };
         }
+        if below == "kv" {
+            let query = req.uri().query().map(str::to_string);
+            return match *method {
+                Method::GET => self.list_group(group, query.as_deref()).await,
+                Method::POST => self.set_many_in(group, req).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
+            };
+        }
         let Some(key) = below.strip_prefix("kv/") else {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
@@ -89,14 +97,7 @@ impl Api {
             ));
         };
         let key = super::decode_path_segment(key)?;
-        let query = req.uri().query().map(str::to_string);
-        let query = query.as_deref();
-        match *method {
-            Method::GET => self.get_versioned(group, key, query, req.headers()).await,
-            Method::PUT => self.put_versioned(group, key, query, req).await,
-            Method::DELETE => self.delete_versioned(group, key, query).await,
-            _ => Err(Failure::method_not_allowed(method, "GET, PUT, DELETE")),
-        }
+        self.serve_key(group, key, method, req).await
     }
 
     fn group_exists(&self, group: u64) -> bool {
@@ -150,9 +151,9 @@ impl Api {
     /// A group this node does not host, as one of its members answers for it; if none
     /// answers, its members from the table and `"reachable": false`.
     async fn remote_group_info(&self, group: u64, members: &BTreeSet<u64>) -> serde_json::Value {
-        match self.ask_member(group, &format!("/v1/groups/{group}")).await {
-            Some(info) => info,
-            None => serde_json::json!({
+        match self.fetch_json(group, format!("/v1/groups/{group}")).await {
+            Ok(info) => info,
+            Err(_) => serde_json::json!({
                 "id": group,
                 "members": members,
                 "leader": 0,

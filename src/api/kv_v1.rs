@@ -1,36 +1,44 @@
-//! `/v1/kv`: the key-value API with revisions, beside raftexample's routes.
+//! `/v1/kv`: the key-value API with revisions, beside raftexample's routes; and the same
+//! on one chosen group's map under `/v1/groups/<g>/kv`.
 //!
 //! | request                                  | does |
 //! |------------------------------------------|------|
-//! | `GET /v1/kv/<key>`                       | 200 `{"key","value","revision"}`, 404 if absent. With `Accept: application/octet-stream`, the raw value and an `X-Raftkvd-Revision` header |
-//! | `PUT /v1/kv/<key>[?if_revision=N]`       | body: the raw value, or `{"value": "..."}` with `Content-Type: application/json`; 200 `{"key","revision"}` |
-//! | `DELETE /v1/kv/<key>[?if_revision=N]`    | 200 `{"key","revision","deleted"}` (`deleted` 0 if the key was absent) |
-//! | `GET /v1/kv?prefix=<p>&limit=<n>[&after=<key>]` | 200 `{"items": [{"key","value","revision"}...], "more"}`, in key order; the next page starts `after` the last key |
-//! | `POST /v1/kv` body `{"k1":"v1",...}`     | sets every key at one revision, atomically; 200 `{"revision","keys"}` |
+//! | `GET /v1/kv/<key>`                       | 200 `{"key","value","revision","group"}`, 404 if absent. With `Accept: application/octet-stream`, the raw value and an `X-Raftkvd-Revision` header |
+//! | `PUT /v1/kv/<key>[?if_revision=N]`       | body: the raw value, or `{"value": "..."}` with `Content-Type: application/json`; 200 `{"key","revision","group"}` |
+//! | `DELETE /v1/kv/<key>[?if_revision=N]`    | 200 `{"key","revision","deleted","group"}` (`deleted` 0 if the key was absent) |
+//! | `GET /v1/kv?prefix=<p>&limit=<n>[&after=<key>]` | 200 `{"items": [{"key","value","revision","group"}...], "more"}`, in key order across all groups; the next page starts `after` the last key |
+//! | `POST /v1/kv` body `{"k1":"v1",...}`     | sets every key at one revision, atomically, if they all belong to one group (409 otherwise); 200 `{"revision","keys","group"}` |
 //!
-//! A key's revision is the revision of the write that last changed it (etcd's
-//! mod_revision; `kv.rs` says how revisions are counted). `if_revision=N` makes a write
+//! Each key belongs to one raft group (`sharding.rs`; the cluster group when the cluster
+//! has one shard), and every answer names it in `group`. A key whose group this node
+//! does not host is served by a node that does (`forward.rs`). A key's revision is the
+//! revision of its group's write that last changed it (etcd's mod_revision; `kv.rs` says
+//! how revisions are counted; each group counts its own). `if_revision=N` makes a write
 //! conditional: it happens only if the key is at revision N (0: the key must not exist),
-//! else 412 with the current revision and nothing is written. The check runs when the entry is applied, so it is atomic with the
-//! write. GETs are linearizable unless `?consistency=serializable`. Keys in the path are
-//! percent-decoded, must be UTF-8, and may contain `/`. JSON carries text, so a value that is not UTF-8
-//! is read with `Accept: application/octet-stream` (406 otherwise).
+//! else 412 with the current revision and nothing is written. The check runs when the
+//! entry is applied, so it is atomic with the write. GETs are linearizable unless
+//! `?consistency=serializable`; a listing over several groups is linearizable per group,
+//! not one snapshot of them all. Keys in the path are percent-decoded, must be UTF-8, and
+//! may contain `/`. JSON carries text, so a value that is not UTF-8 is read with
+//! `Accept: application/octet-stream` (406 otherwise).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 
+use super::forward::{failure_of, Forwarded};
 use super::{
-    json_response, number_param, parse_json, parse_query, read_body, Api, Consistency, Failure,
-    Reply,
+    decode_path_segment, json_bytes, json_response, number_param, parse_json, parse_query,
+    read_body, Api, Consistency, Failure, Reply,
 };
 use crate::command::{Command, RevisionCheck, Write};
 use crate::kv::Versioned;
 use crate::router::CLUSTER_GROUP;
+use crate::sharding;
 
 /// The header that carries a key's revision with a raw value.
 pub const REVISION_HEADER: &str = "x-raftkvd-revision";
@@ -39,12 +47,47 @@ const DEFAULT_LIMIT: u64 = 1000;
 const MAX_LIMIT: u64 = 10_000;
 
 /// One key as JSON.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 struct KeyValue {
     key: String,
     value: String,
     revision: u64,
+    /// The raft group that holds it.
+    group: u64,
 }
+
+/// One page of a listing as JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Page {
+    items: Vec<KeyValue>,
+    more: bool,
+}
+
+/// What a listing asks for.
+struct ListRequest {
+    prefix: String,
+    after: Option<String>,
+    limit: u64,
+}
+
+impl ListRequest {
+    fn parse(params: &HashMap<String, String>) -> Result<ListRequest, Failure> {
+        let limit = number_param(params, "limit")?.unwrap_or(DEFAULT_LIMIT);
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(Failure::bad_request(format!(
+                "limit={limit}: ask for 1 to {MAX_LIMIT} keys"
+            )));
+        }
+        Ok(ListRequest {
+            prefix: params.get("prefix").cloned().unwrap_or_default(),
+            after: params.get("after").cloned(),
+            limit,
+        })
+    }
+}
+
+/// The query parameters of a listing.
+const LIST_PARAMS: [&str; 4] = ["prefix", "after", "limit", "consistency"];
 
 /// The JSON form of a PUT body.
 #[derive(serde::Deserialize)]
@@ -54,6 +97,71 @@ struct PutBody {
 }
 
 impl Api {
+    /// `/v1/kv/<key>` (`raw` is the key as the path spells it): served by the group that
+    /// owns the key, here or on a node that hosts it.
+    pub(super) async fn route_key(
+        &self,
+        req: Request<Incoming>,
+        method: &Method,
+        raw: &str,
+    ) -> Reply {
+        let key = decode_path_segment(raw)?;
+        let group = self.owner_of(&key);
+        if self.router.kv(group).is_none() {
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            let path = format!("/v1/groups/{group}/kv/{raw}{query}");
+            return self.forward(group, req, Some(path)).await;
+        }
+        self.serve_key(group, key, method, req).await
+    }
+
+    /// A key of `group`, which this node hosts.
+    pub(super) async fn serve_key(
+        &self,
+        group: u64,
+        key: Bytes,
+        method: &Method,
+        req: Request<Incoming>,
+    ) -> Reply {
+        self.check_owner(group, &key)?;
+        let query = req.uri().query().map(str::to_string);
+        let query = query.as_deref();
+        match *method {
+            Method::GET => self.get_versioned(group, key, query, req.headers()).await,
+            Method::PUT => self.put_versioned(group, key, query, req).await,
+            Method::DELETE => self.delete_versioned(group, key, query).await,
+            _ => Err(Failure::method_not_allowed(method, "GET, PUT, DELETE")),
+        }
+    }
+
+    /// The group that owns `key`.
+    pub(super) fn owner_of(&self, key: &[u8]) -> u64 {
+        sharding::group_of(key, &self.membership.read().unwrap().shards)
+    }
+
+    /// Refuses (421) a key that `group` must not hold: in a sharded cluster the shards and
+    /// the cluster group hold only their own keys, so that `/v1/kv` finds every key where
+    /// it looks. (A group an operator created holds any key.)
+    fn check_owner(&self, group: u64, key: &[u8]) -> Result<(), Failure> {
+        let membership = self.membership.read().unwrap();
+        let owner = sharding::group_of(key, &membership.shards);
+        let sharded = group == CLUSTER_GROUP || membership.shards.contains(&group);
+        if owner == group || !sharded {
+            return Ok(());
+        }
+        Err(Failure::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "key {:?} belongs to group {owner}, not group {group}: use /v1/kv/<key>",
+                String::from_utf8_lossy(key)
+            ),
+        ))
+    }
+
     pub(super) async fn get_versioned(
         &self,
         group: u64,
@@ -83,7 +191,10 @@ impl Api {
             );
             return Ok(response);
         }
-        Ok(json_response(StatusCode::OK, &as_json(key, versioned)?))
+        Ok(json_response(
+            StatusCode::OK,
+            &as_json(key, versioned, group)?,
+        ))
     }
 
     pub(super) async fn put_versioned(
@@ -119,7 +230,11 @@ impl Api {
             .await?;
         Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({ "key": text_of_key(&key), "revision": written.revision }),
+            &serde_json::json!({
+                "key": text_of_key(&key),
+                "revision": written.revision,
+                "group": group,
+            }),
         ))
     }
 
@@ -145,46 +260,125 @@ impl Api {
                 "key": text_of_key(&key),
                 "revision": written.revision,
                 "deleted": written.deleted,
+                "group": group,
             }),
         ))
     }
 
+    /// `GET /v1/kv`: one page of the keys of every group that holds keys, merged in key
+    /// order. Each group's first `limit` matches are enough to know the first `limit` of
+    /// them all.
     pub(super) async fn list_keys(&self, query: Option<&str>) -> Reply {
-        let params = parse_query(query, &["prefix", "after", "limit", "consistency"])?;
-        let limit = number_param(&params, "limit")?.unwrap_or(DEFAULT_LIMIT);
-        if limit == 0 || limit > MAX_LIMIT {
-            return Err(Failure::bad_request(format!(
-                "limit={limit}: ask for 1 to {MAX_LIMIT} keys"
-            )));
+        let shards = self.membership.read().unwrap().shards.clone();
+        if shards.is_empty() {
+            return self.list_group(CLUSTER_GROUP, query).await;
         }
-        let prefix = params.get("prefix").cloned().unwrap_or_default();
-        self.wait_until_readable(CLUSTER_GROUP, Consistency::from_params(&params)?)
-            .await?;
-        // Freeze (a pointer copy per shard) and walk the copy without holding the lock.
-        let frozen = self.kv.read().unwrap().freeze();
-        let after = params.get("after").map(String::as_bytes);
-        let (pairs, more) = frozen.list(prefix.as_bytes(), after, limit as usize);
-        let items = pairs
-            .into_iter()
-            .map(|(key, versioned)| as_json(key, versioned))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(json_response(
-            StatusCode::OK,
-            &serde_json::json!({ "items": items, "more": more }),
-        ))
+        let params = parse_query(query, &LIST_PARAMS)?;
+        let list = ListRequest::parse(&params)?;
+        Consistency::from_params(&params)?;
+        let groups: BTreeSet<u64> = shards.into_iter().collect();
+        let mut items = Vec::new();
+        let mut more = false;
+        for group in groups {
+            let page = if self.router.kv(group).is_some() {
+                self.page_of(group, &list, Consistency::from_params(&params)?)
+                    .await?
+            } else {
+                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+                let page = self
+                    .fetch_json(group, format!("/v1/groups/{group}/kv{query}"))
+                    .await?;
+                serde_json::from_value::<Page>(page).map_err(|e| {
+                    Failure::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("group {group} answered a listing that is not one: {e}"),
+                    )
+                })?
+            };
+            more |= page.more;
+            items.extend(page.items);
+        }
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+        if items.len() > list.limit as usize {
+            items.truncate(list.limit as usize);
+            more = true;
+        }
+        Ok(json_response(StatusCode::OK, &Page { items, more }))
     }
 
+    /// `GET /v1/groups/<g>/kv`: one page of one group's keys, which this node hosts.
+    pub(super) async fn list_group(&self, group: u64, query: Option<&str>) -> Reply {
+        let params = parse_query(query, &LIST_PARAMS)?;
+        let list = ListRequest::parse(&params)?;
+        let page = self
+            .page_of(group, &list, Consistency::from_params(&params)?)
+            .await?;
+        Ok(json_response(StatusCode::OK, &page))
+    }
+
+    async fn page_of(
+        &self,
+        group: u64,
+        list: &ListRequest,
+        consistency: Consistency,
+    ) -> Result<Page, Failure> {
+        self.wait_until_readable(group, consistency).await?;
+        // Freeze (a pointer copy per shard) and walk the copy without holding the lock.
+        let frozen = self.map_of(group)?.read().unwrap().freeze();
+        let after = list.after.as_deref().map(str::as_bytes);
+        let (pairs, more) = frozen.list(list.prefix.as_bytes(), after, list.limit as usize);
+        let items = pairs
+            .into_iter()
+            .map(|(key, versioned)| as_json(key, versioned, group))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page { items, more })
+    }
+
+    /// `POST /v1/kv`: atomic within the one group that owns every key; keys of several
+    /// groups are refused (409) until cross-group transactions exist.
     pub(super) async fn set_many(&self, req: Request<Incoming>) -> Reply {
         let body = read_body(req, self.max_value_bytes).await?;
-        let pairs: BTreeMap<String, String> = parse_json(&body)?;
-        if pairs.is_empty() {
-            return Err(Failure::bad_request(
-                "the body names no keys: send {\"key\": \"value\", ...}",
+        let pairs = parse_pairs(&body)?;
+        let groups: BTreeSet<u64> = pairs.keys().map(|k| self.owner_of(k.as_bytes())).collect();
+        if groups.len() > 1 {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "the keys belong to different groups ({groups:?}); POST /v1/kv is atomic \
+                     within one group only: send them in separate requests"
+                ),
             ));
         }
-        if pairs.contains_key("") {
-            return Err(Failure::bad_request("a key must not be empty"));
+        let group = groups.into_iter().next().expect("one key at least");
+        if self.router.kv(group).is_some() {
+            return self.write_pairs(group, pairs).await;
         }
+        let request = Forwarded {
+            method: Method::POST,
+            path: format!("/v1/groups/{group}/kv"),
+            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        };
+        let answer = self.send_to_host(group, request).await?;
+        let status = answer.status();
+        let body = answer.bytes().await.unwrap_or_default();
+        match status {
+            StatusCode::OK => Ok(json_bytes(status, body.to_vec())),
+            _ => Err(failure_of(status, &body)),
+        }
+    }
+
+    /// `POST /v1/groups/<g>/kv`: the same on one group, which this node hosts.
+    pub(super) async fn set_many_in(&self, group: u64, req: Request<Incoming>) -> Reply {
+        let body = read_body(req, self.max_value_bytes).await?;
+        let pairs = parse_pairs(&body)?;
+        for key in pairs.keys() {
+            self.check_owner(group, key.as_bytes())?;
+        }
+        self.write_pairs(group, pairs).await
+    }
+
+    async fn write_pairs(&self, group: u64, pairs: BTreeMap<String, String>) -> Reply {
         let keys = pairs.len();
         let command = Command {
             checks: Vec::new(),
@@ -198,13 +392,27 @@ impl Api {
         };
         let written = self
             .router
-            .propose(CLUSTER_GROUP, command, self.request_timeout)
+            .propose(group, command, self.request_timeout)
             .await?;
         Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({ "revision": written.revision, "keys": keys }),
+            &serde_json::json!({ "revision": written.revision, "keys": keys, "group": group }),
         ))
     }
+}
+
+/// The body of a multi-key set: `{"key": "value", ...}`, one key at least, none empty.
+fn parse_pairs(body: &[u8]) -> Result<BTreeMap<String, String>, Failure> {
+    let pairs: BTreeMap<String, String> = parse_json(body)?;
+    if pairs.is_empty() {
+        return Err(Failure::bad_request(
+            "the body names no keys: send {\"key\": \"value\", ...}",
+        ));
+    }
+    if pairs.contains_key("") {
+        return Err(Failure::bad_request("a key must not be empty"));
+    }
+    Ok(pairs)
 }
 
 fn revision_check(key: &Bytes, revision: Option<u64>) -> Vec<RevisionCheck> {
@@ -217,7 +425,7 @@ fn revision_check(key: &Bytes, revision: Option<u64>) -> Vec<RevisionCheck> {
         .collect()
 }
 
-fn as_json(key: Bytes, versioned: Versioned) -> Result<KeyValue, Failure> {
+fn as_json(key: Bytes, versioned: Versioned, group: u64) -> Result<KeyValue, Failure> {
     let value = String::from_utf8(versioned.value.to_vec()).map_err(|_| {
         Failure::new(
             StatusCode::NOT_ACCEPTABLE,
@@ -232,6 +440,7 @@ fn as_json(key: Bytes, versioned: Versioned) -> Result<KeyValue, Failure> {
         key: text_of_key(&key),
         value,
         revision: versioned.revision,
+        group,
     })
 }
 

@@ -34,7 +34,7 @@ use crate::http_server::text_response;
 use crate::kv::SharedKv;
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
-use crate::router::{ProposeError, Router, CLUSTER_GROUP};
+use crate::router::{ProposeError, Router};
 
 mod admin;
 mod forward;
@@ -56,7 +56,6 @@ pub struct Api {
     /// The HTTP client that forwards requests to other nodes' peer ports.
     pub peers: reqwest::Client,
     pub cluster_id: Arc<ClusterId>,
-    pub kv: SharedKv,
     pub max_value_bytes: usize,
     pub request_timeout: Duration,
     /// Present only with `--enable-fault-injection`.
@@ -196,17 +195,8 @@ impl Api {
                 _ => Err(Failure::method_not_allowed(method, "GET, POST")),
             };
         }
-        if let Some(key) = rest.strip_prefix("/kv/") {
-            let key = decode_path_segment(key)?;
-            return match *method {
-                Method::GET => {
-                    self.get_versioned(CLUSTER_GROUP, key, query, req.headers())
-                        .await
-                }
-                Method::PUT => self.put_versioned(CLUSTER_GROUP, key, query, req).await,
-                Method::DELETE => self.delete_versioned(CLUSTER_GROUP, key, query).await,
-                _ => Err(Failure::method_not_allowed(method, "GET, PUT, DELETE")),
-            };
+        if let Some(raw) = rest.strip_prefix("/kv/") {
+            return self.route_key(req, method, raw).await;
         }
         if rest == "/members" {
             return match *method {

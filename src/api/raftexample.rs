@@ -8,13 +8,16 @@
 //! | `DELETE /<id>`           | removes node `<id>`; 204                      |
 //!
 //! Keys are the path as sent (not percent-decoded), as in raftexample. A key and a node id
-//! share one namespace here; `/v1/kv` and `/v1/members` keep them apart.
+//! share one namespace here; `/v1/kv` and `/v1/members` keep them apart. In a sharded
+//! cluster a key is served by its group, here or on a node that hosts it (`forward.rs`).
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 
+use super::forward::{failure_of, Forwarded};
 use super::{no_content, parse_query, read_body, Api, Consistency, Failure, Reply};
 use crate::command::Command;
 use crate::membership::{parse_node_id, parse_peer_url};
@@ -22,6 +25,8 @@ use crate::router::{MemberChange, CLUSTER_GROUP};
 
 /// The methods these routes accept.
 pub(super) const ALLOWED_METHODS: &str = "GET, PUT, POST, DELETE";
+/// The content type of a raw value.
+const RAW: &str = "application/octet-stream";
 /// Largest body of a POST /<id> (a peer URL).
 pub(super) const MAX_URL_BYTES: usize = 4096;
 
@@ -29,28 +34,58 @@ impl Api {
     pub(super) async fn get_key(&self, key: &str, query: Option<&str>) -> Reply {
         let key = check_key(key)?;
         let params = parse_query(query, &["consistency"])?;
-        self.wait_until_readable(CLUSTER_GROUP, Consistency::from_params(&params)?)
-            .await?;
-        match self.kv.read().unwrap().get(key.as_bytes()) {
+        let consistency = Consistency::from_params(&params)?;
+        let group = self.owner_of(key.as_bytes());
+        if self.router.kv(group).is_none() {
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            let request = Forwarded {
+                method: Method::GET,
+                path: format!("{}{query}", group_key_path(group, key)),
+                headers: vec![(ACCEPT, HeaderValue::from_static(RAW))],
+                body: Bytes::new(),
+            };
+            return self.forwarded_raw(group, key, request).await;
+        }
+        self.wait_until_readable(group, consistency).await?;
+        match self.map_of(group)?.read().unwrap().get(key.as_bytes()) {
             Some(versioned) => Ok(Response::new(Full::new(versioned.value))),
-            None => Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                format!("key {key:?} not found"),
-            )),
+            None => Err(not_found(key)),
         }
     }
 
     pub(super) async fn put_key(&self, key: &str, req: Request<Incoming>) -> Reply {
-        let key = Bytes::copy_from_slice(check_key(key)?.as_bytes());
+        let key = check_key(key)?;
         let value = read_body(req, self.max_value_bytes).await?;
+        let group = self.owner_of(key.as_bytes());
+        if self.router.kv(group).is_none() {
+            let request = Forwarded {
+                method: Method::PUT,
+                path: group_key_path(group, key),
+                headers: vec![(CONTENT_TYPE, HeaderValue::from_static(RAW))],
+                body: value,
+            };
+            return self.forwarded_raw(group, key, request).await;
+        }
+        let key = Bytes::copy_from_slice(key.as_bytes());
         self.router
-            .propose(
-                CLUSTER_GROUP,
-                Command::put(key, value),
-                self.request_timeout,
-            )
+            .propose(group, Command::put(key, value), self.request_timeout)
             .await?;
         Ok(no_content())
+    }
+
+    /// Sends a GET or PUT of `key` to a node that hosts `group` and answers as these
+    /// routes do: the raw value, 204 for a write, plain-text errors.
+    async fn forwarded_raw(&self, group: u64, key: &str, request: Forwarded) -> Reply {
+        let is_get = request.method == Method::GET;
+        let answer = self.send_to_host(group, request).await?;
+        let status = answer.status();
+        let body = answer.bytes().await.unwrap_or_default();
+        match status {
+            StatusCode::OK if is_get => Ok(Response::new(Full::new(body))),
+            StatusCode::OK => Ok(no_content()),
+            StatusCode::NOT_FOUND => Err(not_found(key)),
+            _ => Err(failure_of(status, &body)),
+        }
     }
 
     pub(super) async fn add_member(&self, id: &str, req: Request<Incoming>) -> Reply {
@@ -80,6 +115,16 @@ impl Api {
             .await?;
         Ok(no_content())
     }
+}
+
+fn not_found(key: &str) -> Failure {
+    Failure::new(StatusCode::NOT_FOUND, format!("key {key:?} not found"))
+}
+
+/// The `/v1/groups` path of `key` (taken as it is, not percent-decoded, here) in `group`.
+fn group_key_path(group: u64, key: &str) -> String {
+    let encoded = percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC);
+    format!("/v1/groups/{group}/kv/{encoded}")
 }
 
 fn check_key(key: &str) -> Result<&str, Failure> {

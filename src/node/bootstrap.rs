@@ -4,15 +4,20 @@
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState};
 
-use crate::command::{MemberContext, ProposalId};
+use crate::command::{encode_entry, MemberContext, Op, Proposal, ProposalId};
 use crate::storage::LogStore;
 
 /// The first log of a new group, the same on every initial member (as etcd does it for a
 /// cluster): one AddNode entry per member `(id, peer URL)`, committed at term 1. A node
 /// that joins the cluster later receives these entries from the leader and so learns the
 /// whole membership. (Groups other than the cluster group carry no URLs: peers are
-/// found through the cluster's membership.)
-pub fn bootstrap(store: &mut LogStore, members: &[(u64, String)]) -> Result<(), String> {
+/// found through the cluster's membership.) Then one normal entry per `ops`, also
+/// committed: a new cluster's data groups and shards (`sharding.rs`).
+pub fn bootstrap(
+    store: &mut LogStore,
+    members: &[(u64, String)],
+    ops: Vec<Op>,
+) -> Result<(), String> {
     let mut entries = Vec::with_capacity(members.len());
     let mut conf_state = ConfState::default();
     for (index, (id, url)) in (1..).zip(members) {
@@ -33,6 +38,19 @@ pub fn bootstrap(store: &mut LogStore, members: &[(u64, String)]) -> Result<(), 
         entry.data = cc.write_to_bytes().map_err(|e| e.to_string())?.into();
         entries.push(entry);
         conf_state.voters.push(id);
+    }
+    for op in ops {
+        let proposal = Proposal {
+            id: ProposalId::NONE,
+            op,
+        };
+        let entry = Entry {
+            term: 1,
+            index: entries.len() as u64 + 1,
+            data: encode_entry(vec![proposal.encode()]).into(),
+            ..Default::default()
+        };
+        entries.push(entry);
     }
     let hard_state = HardState {
         term: 1,

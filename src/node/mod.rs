@@ -198,7 +198,7 @@ impl Node {
                 .iter()
                 .map(|&id| (id, String::new()))
                 .collect();
-            bootstrap(&mut store, &members)?;
+            bootstrap(&mut store, &members, Vec::new())?;
             info!(logger, "started a replica of a new group"; "members" => ?placement.initial);
         } else if store.is_empty() {
             info!(

@@ -56,6 +56,17 @@ impl Group {
                 placement.removed.insert(node);
                 (group, "node taken out")
             }
+            Op::SetShards { groups } => {
+                if !membership.shards.is_empty() {
+                    return Err(ProposeError::Conflict("the shards are set already".into()));
+                }
+                if let Some(unknown) = groups.iter().find(|g| !membership.groups.contains_key(g)) {
+                    return Err(ProposeError::Conflict(format!("no group {unknown}")));
+                }
+                info!(self.logger, "keys sharded over groups"; "groups" => ?groups, "index" => index);
+                membership.shards = groups;
+                return Ok(());
+            }
         };
         let placement = &membership.groups[&group];
         info!(self.logger, "group placement changed"; "placed_group" => group, "change" => outcome,

@@ -1,0 +1,162 @@
+//! Automatic sharding (`--shards`): keys spread over data groups by hash, served from
+//! any node, listed in key order across groups, and still written with one node down.
+//! Real processes, real HTTP, real disk.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{http, http_json, Cluster};
+use serde_json::{json, Value};
+
+/// PUTs through `/v1/kv` until a 200 (retrying 503s while groups elect leaders); returns
+/// the answer.
+fn put_v1(cluster: &Cluster, via: u64, key: &str, value: &str) -> Value {
+    let url = cluster.nodes[via as usize - 1].url(&format!("v1/kv/{key}"));
+    let mut answer = Value::Null;
+    cluster.wait_until(&format!("PUT {key} via node {via}"), || {
+        let (code, body) = http("PUT", &url, Some(value.as_bytes().to_vec()));
+        assert!(code == 200 || code == 503, "PUT {url}: {code} {body}");
+        answer = serde_json::from_str(&body).unwrap_or(Value::Null);
+        code == 200
+    });
+    answer
+}
+
+#[test]
+fn eight_shards_on_three_nodes_serve_every_key_from_every_node() {
+    let cluster = Cluster::start("sharding-8", 3, &["--shards", "8", "--replicas", "2"]);
+    let url = |via: u64, path: &str| cluster.nodes[via as usize - 1].url(path);
+
+    // The layout: 8 data groups of 2, spread evenly, besides the cluster group.
+    let (code, list) = http_json("GET", &url(1, "v1/groups"), None);
+    assert_eq!(code, 200);
+    let groups = list["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 9, "{list}");
+    let mut replicas_per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for group in groups.iter().filter(|g| g["id"] != 1) {
+        let members = group["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2, "{group}");
+        for m in members {
+            *replicas_per_node.entry(m.as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    let counts: Vec<usize> = replicas_per_node.values().copied().collect();
+    assert!(
+        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+        "{replicas_per_node:?}"
+    );
+
+    // 1,000 keys through all three nodes; each answer names the group that holds it.
+    let mut group_of = BTreeMap::new();
+    for i in 0..1000u64 {
+        let key = format!("key{i:04}");
+        let answer = put_v1(&cluster, 1 + i % 3, &key, &format!("value{i}"));
+        group_of.insert(key, answer["group"].as_u64().unwrap());
+    }
+    let used: BTreeSet<u64> = group_of.values().copied().collect();
+    assert!(used.len() >= 6, "keys spread over only {used:?}");
+    assert!(
+        !used.contains(&1),
+        "the cluster group holds no keys once sharded"
+    );
+
+    // Every node serves every key (a third of them through each API), with its group.
+    for (i, (key, group)) in group_of.iter().enumerate() {
+        for via in 1..=3 {
+            if i % 3 == 0 {
+                let want = (200, format!("value{}", &key[3..].parse::<u64>().unwrap()));
+                assert_eq!(http("GET", &url(via, key), None), want, "{key} via {via}");
+            } else if i % 3 == 1 && via == 1 + (i as u64 / 3) % 3 {
+                let (code, answer) = http_json("GET", &url(via, &format!("v1/kv/{key}")), None);
+                assert_eq!(code, 200, "{key} via {via}: {answer}");
+                assert_eq!(answer["group"], *group, "{answer}");
+            }
+        }
+    }
+
+    // The listing pages through all groups in key order.
+    let mut listed = Vec::new();
+    let mut after = String::new();
+    loop {
+        let path = format!("v1/kv?prefix=key&limit=128&after={after}");
+        let (code, page) = http_json("GET", &url(2, &path), None);
+        assert_eq!(code, 200, "{page}");
+        for item in page["items"].as_array().unwrap() {
+            let key = item["key"].as_str().unwrap().to_string();
+            assert_eq!(item["group"], group_of[&key], "{item}");
+            listed.push(key);
+        }
+        if page["more"] == false {
+            break;
+        }
+        after = listed.last().unwrap().clone();
+    }
+    assert_eq!(listed, group_of.keys().cloned().collect::<Vec<_>>());
+
+    // A multi-key set is atomic within one group and refused across groups.
+    let mut by_group: BTreeMap<u64, Vec<&String>> = BTreeMap::new();
+    for (key, group) in &group_of {
+        by_group.entry(*group).or_default().push(key);
+    }
+    let (group, keys) = by_group.iter().next().unwrap();
+    let body: Value = keys[..3]
+        .iter()
+        .map(|k| (k.to_string(), json!("many")))
+        .collect();
+    let (code, answer) = http_json("POST", &url(3, "v1/kv"), Some(body));
+    assert_eq!((code, &answer["group"]), (200, &json!(group)), "{answer}");
+    let (a, b) = (
+        by_group.values().next().unwrap()[0],
+        by_group.values().nth(1).unwrap()[0],
+    );
+    let (code, answer) = http_json("POST", &url(3, "v1/kv"), Some(json!({a: "x", b: "y"})));
+    assert_eq!(code, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("different groups"),
+        "{answer}"
+    );
+    assert_eq!(
+        http("GET", &url(1, b), None).1,
+        format!("value{}", &b[3..].parse::<u64>().unwrap())
+    );
+
+    // A key asked of a shard that does not own it is refused, never served.
+    let wrong = used.iter().find(|g| **g != group_of[a]).unwrap();
+    let (code, answer) = http_json("GET", &url(1, &format!("v1/groups/{wrong}/kv/{a}")), None);
+    assert_eq!(code, 421, "{answer}");
+}
+
+#[test]
+fn with_one_node_killed_every_shard_takes_writes_and_a_restart_keeps_them() {
+    let mut cluster = Cluster::start("sharding-kill", 3, &["--shards", "4"]);
+    let mut keys_of_group: BTreeMap<u64, String> = BTreeMap::new();
+    let mut i = 0;
+    while keys_of_group.len() < 4 {
+        let key = format!("k{i}");
+        let answer = put_v1(&cluster, 1, &key, "before");
+        keys_of_group
+            .entry(answer["group"].as_u64().unwrap())
+            .or_insert(key);
+        i += 1;
+    }
+    cluster.node(2).kill();
+    for (group, key) in &keys_of_group {
+        for via in [1, 3] {
+            let answer = put_v1(&cluster, via, key, &format!("after-{via}"));
+            assert_eq!(answer["group"], *group);
+        }
+    }
+    for id in [1, 3] {
+        cluster.node(id).kill();
+    }
+    for id in 1..=3 {
+        cluster.node(id).start();
+    }
+    for key in keys_of_group.values() {
+        cluster.wait_value(2, key, "after-3");
+    }
+}
