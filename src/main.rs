@@ -248,6 +248,7 @@ async fn serve(
         membership: membership.clone(),
         peers: transport.client(),
         cluster_id: cluster_id.clone(),
+        shards_settled: Default::default(),
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
         partition: config.enable_fault_injection.then_some(partition.clone()),

@@ -44,6 +44,8 @@ pub enum ProposeError {
     Stopped,
     /// This node does not host that raft group (or not yet).
     NotHosted(u64),
+    /// The command's keys belong to another group; nothing was written.
+    Misrouted,
 }
 
 /// A change of membership asked for by a client.

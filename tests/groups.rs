@@ -122,6 +122,20 @@ fn a_group_on_two_nodes_is_served_by_every_node() {
     }
     let (code, answer) = http_json("GET", &url(3, "v1/groups/9/kv/x"), None);
     assert_eq!(code, 404, "{answer}");
+    // A node asked by another node for a group it does not know (its table is behind)
+    // must not answer "no such group": that 404 would read as "no such key" where it is
+    // relayed. It answers 421 marked not-hosted, and the forwarder tries elsewhere.
+    let client = reqwest::blocking::Client::new();
+    let answer = client
+        .get(format!(
+            "{}/client/v1/groups/9/kv/x",
+            cluster.nodes[2].peer_url
+        ))
+        .header("x-raftkvd-forwarded", "1")
+        .send()
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 421);
+    assert_eq!(answer.headers()["x-raftkvd-not-hosted"], "true");
     let (code, _) = http_json("GET", &url(3, "v1/groups/x"), None);
     assert_eq!(code, 400);
 

@@ -4,9 +4,11 @@
 //! error; here any node serves any group and any key.
 //!
 //! A forwarded request carries [`FORWARDED_HEADER`] and the cluster id, and is never
-//! forwarded again: a node that receives one for a group it does not host answers 421
-//! (Misdirected Request), and the forwarder tries the group's next node; if every node
-//! answers so, the client gets the 421. Another node is
+//! forwarded again: a node that receives one for a group it does not host, or does not
+//! know yet (its cluster group is behind), answers 421 (Misdirected Request) marked
+//! [`NOT_HOSTED_HEADER`], and the forwarder tries the group's next node; if none can
+//! serve, the client gets 503 (retry). Such an answer must never pass for the group's
+//! own: a "no such group" 404 from a node that is behind would read as "no such key". Another node is
 //! also tried when a connection could not be made; a request that may have reached a
 //! node is never sent twice (a PUT could apply twice), so its timeout is answered as an
 //! unknown outcome.
@@ -26,6 +28,10 @@ use crate::transport::FORWARD_PREFIX;
 
 /// Marks a forwarded request; its value is the id of the node that forwarded it.
 pub const FORWARDED_HEADER: &str = "x-raftkvd-forwarded";
+/// On a 421 answer to a forwarded request: the node does not host (or does not know yet)
+/// the group, so another node may. A 421 without it is final (the key is not the
+/// group's).
+pub const NOT_HOSTED_HEADER: &str = "x-raftkvd-not-hosted";
 /// Headers of the client's request and of the answer that travel with them.
 const REQUEST_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, ACCEPT];
 const ANSWER_HEADERS: [HeaderName; 3] = [
@@ -53,10 +59,7 @@ impl Api {
         path: Option<String>,
     ) -> Reply {
         if req.headers().contains_key(FORWARDED_HEADER) {
-            return Err(Failure::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!("raft group {group} is not hosted on this node"),
-            ));
+            return Err(Failure::not_hosted_here(group));
         }
         let path = path.unwrap_or_else(|| {
             req.uri()
@@ -87,7 +90,6 @@ impl Api {
         request: Forwarded,
     ) -> Result<reqwest::Response, Failure> {
         let mut passed = Vec::new();
-        let mut misdirected = None;
         for (node, url) in self.hosts_of(group) {
             let mut attempt = self
                 .peers
@@ -105,9 +107,9 @@ impl Api {
                 attempt = attempt.header(name, value);
             }
             match attempt.send().await {
-                Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
+                Ok(answer) if answer.headers().contains_key(NOT_HOSTED_HEADER) => {
                     let why = answer.bytes().await.unwrap_or_default();
-                    misdirected = Some(failure_of(StatusCode::MISDIRECTED_REQUEST, &why));
+                    passed.push(format!("node {node}: {}", error_text(&why)));
                 }
                 Ok(answer) => return Ok(answer),
                 Err(e) if e.is_connect() => passed.push(format!("node {node}: {e}")),
@@ -121,11 +123,6 @@ impl Api {
                     ))
                 }
             }
-        }
-        // Every node that answered says the request is not theirs (the group moved, or
-        // the key is not the group's): that is the answer.
-        if let Some(misdirected) = misdirected {
-            return Err(misdirected);
         }
         Err(Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -37,7 +37,7 @@ use super::{
 };
 use crate::command::{Command, RevisionCheck, Write};
 use crate::kv::Versioned;
-use crate::router::CLUSTER_GROUP;
+use crate::router::{ProposeError, CLUSTER_GROUP};
 use crate::sharding;
 
 /// The header that carries a key's revision with a raw value.
@@ -106,6 +106,7 @@ impl Api {
         raw: &str,
     ) -> Reply {
         let key = decode_path_segment(raw)?;
+        self.settle_shards(req.uri().query()).await?;
         let group = self.owner_of(&key);
         if self.router.kv(group).is_none() {
             let query = req
@@ -141,6 +142,33 @@ impl Api {
     /// The group that owns `key`.
     pub(super) fn owner_of(&self, key: &[u8]) -> u64 {
         sharding::group_of(key, &self.membership.read().unwrap().shards)
+    }
+
+    /// Makes sure this node's copy of the list of shards is current before it routes a
+    /// key by it, unless the read may be stale anyway (`serializable`). A node that just
+    /// started or joined has not applied the cluster group's log yet: knowing no shards,
+    /// it would take the cluster group for every key's owner and answer "not found". Once
+    /// per process, a read index of the cluster group brings it up to date; the list is
+    /// set when the cluster is formed and never changes after.
+    pub(super) async fn settle_shards(&self, query: Option<&str>) -> Result<(), Failure> {
+        let serializable =
+            query.is_some_and(|q| q.split('&').any(|p| p == "consistency=serializable"));
+        if serializable
+            || self
+                .shards_settled
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        // Without a leader the read index would wait out the whole request timeout.
+        if self.router.status(CLUSTER_GROUP).await?.leader == 0 {
+            return Err(ProposeError::NoLeader.into());
+        }
+        self.wait_until_readable(CLUSTER_GROUP, Consistency::Linearizable)
+            .await?;
+        self.shards_settled
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// Refuses (421) a key that `group` must not hold: in a sharded cluster the shards and
@@ -269,6 +297,7 @@ impl Api {
     /// order. Each group's first `limit` matches are enough to know the first `limit` of
     /// them all.
     pub(super) async fn list_keys(&self, query: Option<&str>) -> Reply {
+        self.settle_shards(query).await?;
         let shards = self.membership.read().unwrap().shards.clone();
         if shards.is_empty() {
             return self.list_group(CLUSTER_GROUP, query).await;
@@ -339,6 +368,7 @@ impl Api {
     pub(super) async fn set_many(&self, req: Request<Incoming>) -> Reply {
         let body = read_body(req, self.max_value_bytes).await?;
         let pairs = parse_pairs(&body)?;
+        self.settle_shards(None).await?;
         let groups: BTreeSet<u64> = pairs.keys().map(|k| self.owner_of(k.as_bytes())).collect();
         if groups.len() > 1 {
             return Err(Failure::new(

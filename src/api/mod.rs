@@ -43,6 +43,8 @@ mod kv_v1;
 mod members_v1;
 mod raftexample;
 
+use forward::FORWARDED_HEADER;
+
 /// The OpenAPI document of the `/v1` routes.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -56,6 +58,8 @@ pub struct Api {
     /// The HTTP client that forwards requests to other nodes' peer ports.
     pub peers: reqwest::Client,
     pub cluster_id: Arc<ClusterId>,
+    /// Set once this node's list of shards is known to be current (`settle_shards`).
+    pub shards_settled: std::sync::atomic::AtomicBool,
     pub max_value_bytes: usize,
     pub request_timeout: Duration,
     /// Present only with `--enable-fault-injection`.
@@ -76,6 +80,9 @@ struct Failure {
     revision: Option<u64>,
     /// For 405: the methods the route does accept.
     allow: Option<&'static str>,
+    /// A forwarded request reached a node that does not host (or know) its group: the
+    /// forwarder tries another node (see `forward.rs`).
+    not_hosted: bool,
 }
 
 impl Failure {
@@ -85,6 +92,18 @@ impl Failure {
             message: message.into(),
             revision: None,
             allow: None,
+            not_hosted: false,
+        }
+    }
+
+    /// The answer to a forwarded request for `group`, which this node does not host.
+    fn not_hosted_here(group: u64) -> Failure {
+        Failure {
+            not_hosted: true,
+            ..Failure::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("raft group {group} is not hosted on this node (or not known to it yet)"),
+            )
         }
     }
 
@@ -133,6 +152,11 @@ impl From<ProposeError> for Failure {
             ProposeError::Stopped => {
                 Failure::new(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down")
             }
+            ProposeError::Misrouted => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the key belongs to another raft group than this node took it to; nothing was \
+                 written; retry",
+            ),
             ProposeError::NotHosted(group) => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("raft group {group} is not (yet) hosted on this node; retry"),
@@ -241,6 +265,7 @@ impl Api {
             message,
             revision,
             allow,
+            not_hosted,
         } = failure;
         if status != StatusCode::NOT_FOUND {
             warn!(self.logger, "request failed";
@@ -259,6 +284,11 @@ impl Api {
         };
         if let Some(allow) = allow {
             response.headers_mut().insert(ALLOW, allow.parse().unwrap());
+        }
+        if not_hosted {
+            response
+                .headers_mut()
+                .insert(forward::NOT_HOSTED_HEADER, "true".parse().unwrap());
         }
         response
     }

@@ -35,6 +35,7 @@ impl Api {
         let key = check_key(key)?;
         let params = parse_query(query, &["consistency"])?;
         let consistency = Consistency::from_params(&params)?;
+        self.settle_shards(query).await?;
         let group = self.owner_of(key.as_bytes());
         if self.router.kv(group).is_none() {
             let query = query.map(|q| format!("?{q}")).unwrap_or_default();
@@ -56,6 +57,7 @@ impl Api {
     pub(super) async fn put_key(&self, key: &str, req: Request<Incoming>) -> Reply {
         let key = check_key(key)?;
         let value = read_body(req, self.max_value_bytes).await?;
+        self.settle_shards(None).await?;
         let group = self.owner_of(key.as_bytes());
         if self.router.kv(group).is_none() {
             let request = Forwarded {

@@ -187,6 +187,11 @@ impl Group {
         self.id == CLUSTER_GROUP
     }
 
+    /// The cluster group of a sharded cluster: every key belongs to a data group.
+    fn holds_no_keys(&self) -> bool {
+        self.is_cluster_group() && !self.membership.read().unwrap().shards.is_empty()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
     }
@@ -494,6 +499,12 @@ impl Group {
         let mut outcomes = Vec::with_capacity(proposals.len());
         for Proposal { id, op } in proposals {
             let outcome = match op {
+                Op::Kv(_) if self.holds_no_keys() => {
+                    // Misrouted (the sender's table was behind): refused alike on every
+                    // replica, since the table is this group's own state.
+                    kv.skip_revision();
+                    Err(ProposeError::Misrouted)
+                }
                 Op::Kv(command) => match kv.apply(command) {
                     (revision, Applied::Written { deleted }) => Ok(Written { revision, deleted }),
                     (_, Applied::CheckFailed { key, revision }) => {
