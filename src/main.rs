@@ -1,12 +1,14 @@
-//! raftkvd: the process. Parses the flags, opens the data directory, starts the node
-//! thread, the peer transport and the client API, and stops them all in order on SIGTERM,
-//! SIGINT, or when this node is removed from the cluster.
+//! raftkvd: the process. Parses the flags, opens the data directory, starts the raft
+//! thread (every raft group this process hosts), the peer transport and the client API,
+//! and stops them all in order on SIGTERM, SIGINT, or when this node is removed from the
+//! cluster.
 //!
 //! Reading order for a PUT: `api/mod.rs` (routing) -> `api/raftexample.rs` or
-//! `api/kv_v1.rs` (the request) -> `router.rs` (to the raft thread) -> `command.rs`
-//! (the entry) -> `node/mod.rs` (propose, Ready loop) -> `storage.rs` (fsync) and
-//! `transport.rs` + `peer_stream.rs` (to peers) -> `node/mod.rs` (apply) -> `kv.rs` and
-//! `record.rs`.
+//! `api/kv_v1.rs` (the request; `sharding.rs` names the key's group, and `api/forward.rs`
+//! sends the request on if this node does not host it) -> `router.rs` (to the raft
+//! thread) -> `node/mod.rs` (to the group) -> `node/group.rs` and `command.rs` (propose,
+//! Ready) -> `storage.rs` (fsync) and `transport.rs` + `peer_stream.rs` (to peers) ->
+//! `node/group.rs` (apply) -> `kv.rs` and `record.rs`.
 
 mod api;
 mod background;
