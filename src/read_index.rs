@@ -31,6 +31,11 @@ struct InFlight {
 }
 
 impl ReadQueue {
+    /// True when no read waits.
+    pub fn is_empty(&self) -> bool {
+        self.unsent.is_empty() && self.in_flight.is_empty() && self.waiting_apply.is_empty()
+    }
+
     pub fn push(&mut self, reply: ReadReply) {
         self.unsent.push(reply);
     }

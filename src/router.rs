@@ -83,6 +83,9 @@ pub struct NodeStatus {
     /// Index of the newest durable snapshot (0: none).
     pub last_snapshot: u64,
     pub members: Vec<Member>,
+    /// The group sleeps: it has nothing to do and does not tick (shown in /v1/groups).
+    #[serde(skip)]
+    pub asleep: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -160,3 +160,56 @@ fn with_one_node_killed_every_shard_takes_writes_and_a_restart_keeps_them() {
         cluster.wait_value(2, key, "after-3");
     }
 }
+
+#[test]
+fn idle_groups_sleep_and_wake_for_work_even_when_their_leader_died() {
+    let mut cluster = Cluster::start("sharding-sleep", 3, &["--shards", "4"]);
+    let groups = |via: u64| -> Vec<Value> {
+        let (code, list) = http_json(
+            "GET",
+            &cluster.nodes[via as usize - 1].url("v1/groups"),
+            None,
+        );
+        assert_eq!(code, 200, "{list}");
+        list["groups"].as_array().unwrap().clone()
+    };
+    cluster.wait_until("every data group to fall asleep", || {
+        groups(1)
+            .iter()
+            .all(|g| g["id"] == 1 || g["asleep"] == true)
+    });
+    assert!(
+        groups(1)
+            .iter()
+            .any(|g| g["id"] == 1 && g["asleep"] == false),
+        "the cluster group never sleeps"
+    );
+
+    // Work wakes a sleeping group; it is served and sleeps again.
+    let written = put_v1(&cluster, 2, "wake-up", "1");
+    let group = written["group"].as_u64().unwrap();
+    assert_eq!(
+        http("GET", &cluster.nodes[0].url("wake-up"), None),
+        (200, "1".into())
+    );
+    cluster.wait_until("the group to fall asleep again", || {
+        groups(3)
+            .iter()
+            .any(|g| g["id"] == group && g["asleep"] == true)
+    });
+
+    // Its leader dies while it sleeps: the next request wakes a follower, which gets the
+    // group a new leader.
+    let leader = groups(3).iter().find(|g| g["id"] == group).unwrap()["leader"]
+        .as_u64()
+        .unwrap();
+    cluster.node(leader).kill();
+    let via = (1..=3).find(|&id| id != leader).unwrap();
+    put_v1(&cluster, via, "wake-up", "2");
+    for id in (1..=3).filter(|&id| id != leader) {
+        assert_eq!(
+            http("GET", &cluster.nodes[id as usize - 1].url("wake-up"), None),
+            (200, "2".into())
+        );
+    }
+}

@@ -149,6 +149,7 @@ impl Api {
             "term": status.term,
             "applied": status.applied,
             "keys": keys,
+            "asleep": status.asleep,
         }))
     }
 

@@ -36,6 +36,7 @@ use crate::transport::Transport;
 
 use super::NodeConfig;
 
+mod hibernation;
 mod members;
 mod placement;
 mod snapshots;
@@ -92,6 +93,14 @@ pub struct Group {
     next_seq: u64,
     /// What the node loop must do after this round.
     events: Vec<GroupEvent>,
+    /// Not ticking (`hibernation.rs`).
+    asleep: bool,
+    /// Ticks in a row this leader could have slept.
+    quiet_ticks: u64,
+    /// Quiet ticks before a leader sleeps.
+    sleep_after_ticks: u64,
+    /// The next Ready's heartbeats are the leader's last before it sleeps.
+    sleep_heartbeats_pending: bool,
     leader: u64,
     snap_dir: PathBuf,
     snapshot_count: u64,
@@ -163,6 +172,10 @@ impl Group {
             incarnation: random_u64(),
             next_seq: 1,
             events: Vec::new(),
+            asleep: false,
+            quiet_ticks: 0,
+            sleep_after_ticks: config.election_ticks as u64,
+            sleep_heartbeats_pending: false,
             leader: INVALID_ID,
             last_snapshot_bytes: snapshot::size_of(&snapshot::path_of(&snap_dir, snap.index)),
             snap_dir,
@@ -204,10 +217,14 @@ impl Group {
     /// One tick of raft's clock; waiting clients that gave up are forgotten and reads
     /// left unanswered too long are asked again.
     pub fn tick(&mut self) {
+        if self.asleep {
+            return;
+        }
         self.raw.tick();
         self.ticks += 1;
         self.waiters.retain(|_, reply| !reply.is_closed());
         self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
+        self.count_quiet_tick();
     }
 
     /// The work of one loop round after the messages: propose the round's writes, ask
@@ -224,12 +241,27 @@ impl Group {
 
     pub fn handle(&mut self, msg: GroupMsg) {
         match msg {
-            GroupMsg::Propose(op, reply) => self.propose(op, reply),
-            GroupMsg::ChangeMembers(change, reply) => self.propose_member_change(change, reply),
-            GroupMsg::ReadIndex(reply) => self.reads.push(reply),
+            GroupMsg::Propose(op, reply) => {
+                self.wake();
+                self.propose(op, reply)
+            }
+            GroupMsg::ChangeMembers(change, reply) => {
+                self.wake();
+                self.propose_member_change(change, reply)
+            }
+            GroupMsg::ReadIndex(reply) => {
+                self.wake();
+                self.reads.push(reply)
+            }
             GroupMsg::Step(msg) => {
+                let keeps_sleep = Group::keeps_sleep(&msg);
+                let sleep_signal = Group::is_sleep_signal(&msg);
+                let (from, kind) = (msg.from, msg.get_msg_type());
                 if let Err(e) = self.raw.step(*msg) {
                     warn!(self.logger, "raft rejected a peer message"; "error" => %e);
+                }
+                if !keeps_sleep {
+                    self.after_peer_message(kind, sleep_signal, from);
                 }
             }
             GroupMsg::SnapshotSent(peer, delivered) => {
@@ -254,6 +286,7 @@ impl Group {
     /// A leader hands leadership to its most up-to-date follower, so that stopping this
     /// node costs the group no election timeout. Returns whether a transfer began.
     pub fn hand_off_leadership(&mut self) -> bool {
+        self.wake();
         let raft = &self.raw.raft;
         if raft.state != StateRole::Leader {
             return false;
@@ -297,6 +330,7 @@ impl Group {
                     peer_url: urls.get(&id).cloned().unwrap_or_default(),
                 })
                 .collect(),
+            asleep: self.asleep,
         }
     }
 
@@ -386,7 +420,9 @@ impl Group {
             self.on_soft_state(ss.leader_id, ss.raft_state);
         }
         if !ready.messages().is_empty() {
-            self.transport.send(self.id, ready.take_messages());
+            let mut messages = ready.take_messages();
+            self.mark_sleep_heartbeats(&mut messages);
+            self.transport.send(self.id, messages);
         }
         if !ready.snapshot().is_empty() {
             let meta = ready.snapshot().get_metadata();
