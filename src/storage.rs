@@ -2,10 +2,10 @@
 //! TiKV's `raft-engine` (an append-only log store made for many raft groups, with group
 //! commit), and served to raft-rs through the [`raft::Storage`] trait.
 //!
-//! Every write that raft-rs needs durable goes through [`LogStore::persist`], which puts
-//! the entries and the hard state in one atomic batch, fsynced whenever it holds entries
-//! or a new term or vote: a hard state whose commit points past the stored log can never
-//! be left behind by a crash. This module must never
+//! Every write that raft-rs needs durable goes through [`LogStore::stage`], which puts the
+//! entries and the hard state in one atomic batch (one per loop round, shared by every
+//! group), fsynced whenever it holds entries or a new term or vote: a hard state whose
+//! commit points past the stored log can never be left behind by a crash. This module must never
 //! acknowledge a write it has not synced, and never invents entries it does not hold.
 //!
 //! After a snapshot the log is compacted: entries up to the *truncation point* are gone,
@@ -171,42 +171,43 @@ impl LogStore {
         Ok(())
     }
 
-    /// Appends `entries` (replacing any conflicting suffix) and stores `hard_state`, in one
-    /// atomic batch, synced to disk before it returns whenever raft needs it durable: new
-    /// entries, or a new term or vote. A hard state that only moves the commit index is
-    /// written but not synced (etcd's `MustSync` rule): it is a fact the leader holds
-    /// durably anyway and tells again, and the log file is replayed as a prefix, so a
-    /// commit index that survives a crash never points past entries that did not.
-    /// Returns whether the batch was synced.
-    pub fn persist(
-        &mut self,
+    /// Adds `entries` (replacing any conflicting suffix) and `hard_state` to `batch`,
+    /// which the caller writes: the node loop puts every group's Ready of a round in one
+    /// batch, so one fsync covers them all. Returns whether raft needs the batch synced:
+    /// new entries, or a new term or vote. A hard state that only moves the commit index
+    /// is written but need not be synced (etcd's `MustSync` rule): it is a fact the
+    /// leader holds durably anyway and tells again, and the log file is replayed as a
+    /// prefix, so a commit index that survives a crash never points past entries that
+    /// did not. Call [`Self::staged_written`] once the batch is written.
+    pub fn stage(
+        &self,
+        batch: &mut LogBatch,
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<bool, StoreError> {
-        let mut batch = LogBatch::default();
         batch.add_entries::<RaftEntries>(self.group_id, entries)?;
         if let Some(hs) = hard_state {
             batch.put_message(self.group_id, KEY_HARD_STATE.to_vec(), hs)?;
         }
-        let must_sync = !entries.is_empty()
+        Ok(!entries.is_empty()
             || hard_state.is_some_and(|hs| {
                 hs.term != self.hard_state.term || hs.vote != self.hard_state.vote
-            });
-        self.engine.write(&mut batch, must_sync)?;
+            }))
+    }
+
+    /// The batch that [`Self::stage`] filled is written (and synced if it had to be).
+    pub fn staged_written(&mut self, hard_state: Option<&HardState>) {
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();
         }
-        Ok(must_sync)
     }
 
-    /// Records a commit index that raft-rs reports after the entries are durable. Not
-    /// synced: a lost commit index is learned again from the leader.
-    pub fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
+    /// Adds to `batch` a commit index that raft-rs reports after the entries are durable.
+    /// The batch need not be synced: a lost commit index is learned again from the leader.
+    pub fn stage_commit(&mut self, batch: &mut LogBatch, commit: u64) -> Result<(), StoreError> {
         let mut hs = self.hard_state.clone();
         hs.commit = commit;
-        let mut batch = LogBatch::default();
         batch.put_message(self.group_id, KEY_HARD_STATE.to_vec(), &hs)?;
-        self.engine.write(&mut batch, false)?;
         self.hard_state = hs;
         Ok(())
     }
@@ -450,9 +451,14 @@ mod tests {
             commit: 2,
             ..Default::default()
         };
-        store.persist(&[entry(1), entry(2)], Some(&hs)).unwrap();
-        let mut other = LogStore::load(engine.clone(), 6).unwrap();
-        other.persist(&[entry(1)], Some(&hs)).unwrap();
+        let mut batch = LogBatch::default();
+        store
+            .stage(&mut batch, &[entry(1), entry(2)], Some(&hs))
+            .unwrap();
+        let other = LogStore::load(engine.clone(), 6).unwrap();
+        other.stage(&mut batch, &[entry(1)], Some(&hs)).unwrap();
+        engine.write(&mut batch, true).unwrap();
+        store.staged_written(Some(&hs));
         assert!(!store.is_empty() && !is_destroyed(&engine, 5));
         drop(store);
         destroy_group(&engine, 5).unwrap();

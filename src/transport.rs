@@ -175,12 +175,13 @@ impl Transport {
         self.peers.lock().unwrap().remove(&id);
     }
 
-    /// Sends raft messages of `group_id` to their recipients, one chunk per peer. Never
-    /// blocks.
-    pub fn send(&self, group_id: u64, messages: Vec<Message>) {
+    /// Sends raft messages, each of the group it is paired with, to their recipients: one
+    /// chunk per peer process for every group's messages of a loop round, one write
+    /// into its stream. Never blocks.
+    pub fn send(&self, messages: Vec<(u64, Message)>) {
         let peers = self.peers.lock().unwrap();
         let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
-        for msg in messages {
+        for (group_id, msg) in messages {
             let to = msg.to;
             if self.partition.is_blocked(to) {
                 continue;

@@ -6,9 +6,10 @@
 //! 1. send the leader's messages at once (they may go out before the local write);
 //!    install the snapshot the leader sent, if the Ready carries one (`snapshots.rs`);
 //! 2. apply the committed entries to the key-value map and answer their waiting clients;
-//! 3. persist new entries and the hard state in one batch, fsynced (`storage.rs` says when);
+//! 3. stage new entries and the hard state into the round's batch, which the loop writes
+//!    once for every group, fsynced (`storage.rs` says when) (`stage_ready`);
 //! 4. only then send the messages that promise durability (votes, append responses);
-//! 5. `advance`, and do the same for the light ready that follows.
+//! 5. `advance`, and do the same for the light ready that follows (`finish_ready`).
 //!
 //! A client is answered only after its entry is committed and applied here; a request
 //! whose fate is unknown is never answered as a success. A group never touches another
@@ -19,7 +20,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
@@ -35,6 +35,8 @@ use crate::storage::LogStore;
 use crate::transport::Transport;
 
 use super::NodeConfig;
+use raft::Ready;
+use raft_engine::LogBatch;
 
 mod hibernation;
 mod members;
@@ -72,6 +74,14 @@ pub enum GroupEvent {
     Removed { index: u64 },
 }
 
+/// A Ready whose entries and hard state are staged in the round's write batch.
+pub struct StagedReady {
+    ready: Ready,
+    hard_state: Option<raft::eraftpb::HardState>,
+    /// The batch must be synced before `finish_ready`.
+    pub must_sync: bool,
+}
+
 pub struct Group {
     /// The raft group id.
     id: u64,
@@ -93,6 +103,8 @@ pub struct Group {
     next_seq: u64,
     /// What the node loop must do after this round.
     events: Vec<GroupEvent>,
+    /// Messages for peers, sent by the loop with every group's of the same phase.
+    outbox: Vec<(u64, Message)>,
     /// Not ticking (`hibernation.rs`).
     asleep: bool,
     /// Ticks in a row this leader could have slept.
@@ -172,6 +184,7 @@ impl Group {
             incarnation: random_u64(),
             next_seq: 1,
             events: Vec::new(),
+            outbox: Vec::new(),
             asleep: false,
             quiet_ticks: 0,
             sleep_after_ticks: config.election_ticks as u64,
@@ -209,6 +222,17 @@ impl Group {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// Queues raft messages for the loop to send (see `take_outbox`).
+    fn send(&mut self, messages: Vec<Message>) {
+        let id = self.id;
+        self.outbox.extend(messages.into_iter().map(|m| (id, m)));
+    }
+
+    /// The messages queued since the last call, each with this group's id.
+    pub fn take_outbox(&mut self) -> Vec<(u64, Message)> {
+        std::mem::take(&mut self.outbox)
+    }
+
     /// What the node loop must do after this round; empties the list.
     pub fn take_events(&mut self) -> Vec<GroupEvent> {
         std::mem::take(&mut self.events)
@@ -227,12 +251,11 @@ impl Group {
         self.count_quiet_tick();
     }
 
-    /// The work of one loop round after the messages: propose the round's writes, ask
-    /// for the round's reads, and handle the Ready.
-    pub fn end_round(&mut self) -> Result<(), String> {
+    /// The work of one loop round after the messages and before the Ready: propose the
+    /// round's writes and ask for the round's reads.
+    pub fn propose_round(&mut self) {
         self.propose_batch();
         self.start_read_batch();
-        self.on_ready()
     }
 
     pub fn report_unreachable(&mut self, peer: u64) {
@@ -410,10 +433,14 @@ impl Group {
         }
     }
 
-    /// Handles one Ready and the LightReady that follows it, in raft-rs's required order.
-    fn on_ready(&mut self) -> Result<(), String> {
+    /// The first half of handling a Ready, in raft-rs's required order: sends the
+    /// leader's messages, installs a snapshot the leader sent, applies the committed
+    /// entries, and stages the new entries and hard state into the round's `batch`. The
+    /// node loop writes that batch (once for every group) and then calls
+    /// [`Self::finish_ready`].
+    pub fn stage_ready(&mut self, batch: &mut LogBatch) -> Result<Option<StagedReady>, String> {
         if !self.raw.has_ready() {
-            return Ok(());
+            return Ok(None);
         }
         let mut ready = self.raw.ready();
         if let Some(ss) = ready.ss() {
@@ -422,7 +449,7 @@ impl Group {
         if !ready.messages().is_empty() {
             let mut messages = ready.take_messages();
             self.mark_sleep_heartbeats(&mut messages);
-            self.transport.send(self.id, messages);
+            self.send(messages);
         }
         if !ready.snapshot().is_empty() {
             let meta = ready.snapshot().get_metadata();
@@ -437,30 +464,46 @@ impl Group {
             self.reads
                 .on_read_state(&rs.request_ctx, rs.index, self.applied);
         }
-        if !ready.entries().is_empty() || ready.hs().is_some() {
-            let started = Instant::now();
-            let synced = self
-                .raw
-                .mut_store()
-                .persist(ready.entries(), ready.hs())
-                .map_err(|e| format!("could not persist raft entries: {e}"))?;
-            if synced {
-                self.metrics.log_fsync.observe(started.elapsed());
-            }
-        }
+        let hard_state = ready.hs().cloned();
+        let must_sync = self
+            .raw
+            .store()
+            .stage(batch, ready.entries(), hard_state.as_ref())
+            .map_err(|e| format!("could not stage raft entries: {e}"))?;
+        Ok(Some(StagedReady {
+            ready,
+            hard_state,
+            must_sync,
+        }))
+    }
+
+    /// The second half, once the round's batch is written (and synced if any group
+    /// needed it): sends the messages that promise durability (votes, append responses),
+    /// advances raft, and handles the light ready that follows. Its commit index goes
+    /// into `commits`, which the loop writes unsynced at the end of the round.
+    pub fn finish_ready(
+        &mut self,
+        staged: StagedReady,
+        commits: &mut LogBatch,
+    ) -> Result<(), String> {
+        let StagedReady {
+            mut ready,
+            hard_state,
+            ..
+        } = staged;
+        self.raw.mut_store().staged_written(hard_state.as_ref());
         if !ready.persisted_messages().is_empty() {
-            self.transport
-                .send(self.id, ready.take_persisted_messages());
+            self.send(ready.take_persisted_messages());
         }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             self.raw
                 .mut_store()
-                .set_commit(commit)
+                .stage_commit(commits, commit)
                 .map_err(|e| format!("could not record the commit index: {e}"))?;
         }
         if !light.messages().is_empty() {
-            self.transport.send(self.id, light.take_messages());
+            self.send(light.take_messages());
         }
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();

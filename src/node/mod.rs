@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raft_engine::Engine;
+use raft_engine::{Engine, LogBatch};
 use slog::{error, info, o, warn, Logger};
 use tokio::sync::mpsc;
 
@@ -299,13 +299,58 @@ impl Node {
 
     /// Every group proposes, reads and handles its Ready; then the loop carries out
     /// what the groups asked of it. Returns why the node must stop, if it must.
+    ///
+    /// Group commit: every group's new entries and hard state of the round go into one
+    /// write batch, written with one fsync (if any group needs one) before any group
+    /// sends a message that promises durability; the commit indexes that follow go into
+    /// a second batch, written unsynced.
     fn end_round(&mut self) -> Option<NodeExit> {
+        let mut batch = LogBatch::default();
+        let mut staged = Vec::new();
+        let mut must_sync = false;
+        for group in self.groups.values_mut() {
+            group.propose_round();
+            match group.stage_ready(&mut batch) {
+                Ok(Some(ready)) => {
+                    must_sync |= ready.must_sync;
+                    staged.push((group.id(), ready));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let id = group.id();
+                    return Some(self.storage_failed(id, e));
+                }
+            }
+        }
+        // The leaders' messages may go out before the write: followers persist at the same
+        // time as the leader.
+        self.send_outboxes();
+        if !batch.is_empty() {
+            let started = Instant::now();
+            if let Err(e) = self.engine.write(&mut batch, must_sync) {
+                let e = format!("could not persist raft entries: {e}");
+                return Some(self.storage_failed(0, e));
+            }
+            if must_sync {
+                self.shared.metrics.log_fsync.observe(started.elapsed());
+            }
+        }
+        let mut commits = LogBatch::default();
+        for (id, ready) in staged {
+            let group = self.groups.get_mut(&id).expect("staged this round");
+            if let Err(e) = group.finish_ready(ready, &mut commits) {
+                return Some(self.storage_failed(id, e));
+            }
+        }
+        self.send_outboxes();
+        if !commits.is_empty() {
+            if let Err(e) = self.engine.write(&mut commits, false) {
+                let e = format!("could not record commit indexes: {e}");
+                return Some(self.storage_failed(0, e));
+            }
+        }
         let mut events = Vec::new();
         for group in self.groups.values_mut() {
-            if let Err(e) = group.end_round() {
-                error!(self.logger, "storage failed; stopping to protect the data"; "group" => group.id(), "error" => &e);
-                return Some(NodeExit::Failed(e));
-            }
             events.extend(group.take_events().into_iter().map(|e| (group.id(), e)));
         }
         for (group_id, event) in events {
@@ -334,6 +379,25 @@ impl Node {
             }
         }
         None
+    }
+
+    /// Sends every group's queued messages: one chunk per peer process.
+    fn send_outboxes(&mut self) {
+        let messages: Vec<_> = self
+            .groups
+            .values_mut()
+            .flat_map(Group::take_outbox)
+            .collect();
+        if !messages.is_empty() {
+            self.shared.transport.send(messages);
+        }
+    }
+
+    /// Logs a storage failure (in `group`, 0: the round's shared write) once; the node
+    /// stops, since continuing could lose data.
+    fn storage_failed(&self, group: u64, error: String) -> NodeExit {
+        error!(self.logger, "storage failed; stopping to protect the data"; "group" => group, "error" => &error);
+        NodeExit::Failed(error)
     }
 
     /// Every group this node leads first hands leadership to its most up-to-date
