@@ -179,6 +179,58 @@ impl Metrics {
 }
 
 /// The `# HELP` and `# TYPE` lines that precede a metric's samples.
+/// One raft group's state on this node, for the per-group gauges.
+pub struct GroupGauges {
+    pub group: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub leader: bool,
+    pub asleep: bool,
+    pub keys: usize,
+}
+
+/// A per-group gauge: its name, its help text, and how to read it.
+type GroupGauge = (&'static str, &'static str, fn(&GroupGauges) -> u64);
+
+/// Gauges labelled by group, one series per group hosted on this node.
+pub fn render_groups(out: &mut String, groups: &[GroupGauges]) {
+    let gauges: [GroupGauge; 6] = [
+        ("raftkvd_group_term", "The group's raft term here.", |g| {
+            g.term
+        }),
+        (
+            "raftkvd_group_commit_index",
+            "The group's commit index here.",
+            |g| g.commit,
+        ),
+        (
+            "raftkvd_group_applied_index",
+            "The group's applied index here.",
+            |g| g.applied,
+        ),
+        (
+            "raftkvd_group_is_leader",
+            "1 if this node leads the group.",
+            |g| g.leader.into(),
+        ),
+        (
+            "raftkvd_group_asleep",
+            "1 if the group sleeps (idle, not ticking).",
+            |g| g.asleep.into(),
+        ),
+        ("raftkvd_group_keys", "Keys in the group's map.", |g| {
+            g.keys as u64
+        }),
+    ];
+    for (name, help, value) in gauges {
+        header(out, name, "gauge", help);
+        for g in groups {
+            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", g.group, value(g));
+        }
+    }
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }

@@ -86,6 +86,9 @@ pub struct NodeStatus {
     /// The group sleeps: it has nothing to do and does not tick (shown in /v1/groups).
     #[serde(skip)]
     pub asleep: bool,
+    /// The group this is the state of.
+    #[serde(skip)]
+    pub group: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -140,6 +143,13 @@ impl Router {
     /// Group `group_id` is no longer hosted here.
     pub fn unregister(&self, group_id: u64) {
         self.maps.write().unwrap().remove(&group_id);
+    }
+
+    /// Ids of the groups hosted here, in order.
+    pub fn hosted(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.maps.read().unwrap().keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// The map of group `group_id`, if it is hosted here.

@@ -184,6 +184,25 @@ fn idle_groups_sleep_and_wake_for_work_even_when_their_leader_died() {
             .any(|g| g["id"] == 1 && g["asleep"] == false),
         "the cluster group never sleeps"
     );
+    // /status and /metrics show every hosted group.
+    let status = cluster.nodes[0].status().unwrap();
+    let ids: Vec<u64> = status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5], "{status}");
+    let (code, metrics) = http("GET", &cluster.nodes[0].url("metrics"), None);
+    assert_eq!(code, 200);
+    for series in [
+        "raftkvd_group_asleep{group=\"2\"}",
+        "raftkvd_group_asleep{group=\"1\"} 0",
+        "raftkvd_group_applied_index{group=\"5\"}",
+        "raftkvd_group_is_leader{group=\"3\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
 
     // Work wakes a sleeping group; it is served and sleeps again.
     let written = put_v1(&cluster, 2, "wake-up", "1");

@@ -2,10 +2,10 @@
 //!
 //! | request                  | does                                        |
 //! |--------------------------|---------------------------------------------|
-//! | `GET /status`            | JSON: id, term, role, leader, commit, applied, last snapshot, members, data-dir size |
+//! | `GET /status`            | JSON: the cluster group's id, term, role, leader, commit, applied, last snapshot, members; data-dir size; every hosted group (`groups`) |
 //! | `GET /health`            | 200 while the process serves                 |
 //! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
-//! | `GET /metrics`           | Prometheus text format (`metrics.rs`)         |
+//! | `GET /metrics`           | Prometheus text format (`metrics.rs`), with gauges per hosted group |
 //! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
 //!
 //! Nothing here changes replicated state.
@@ -21,18 +21,35 @@ use super::raftexample::MAX_URL_BYTES;
 use super::{json_response, no_content, read_body, Api, Failure, Reply};
 use crate::http_server::text_response;
 use crate::membership::parse_node_id;
+use crate::metrics::{render_groups, GroupGauges};
 use crate::router::{NodeStatus, CLUSTER_GROUP};
 
 /// The fault-injection route (without its leading slash).
 pub(super) const PARTITION_ROUTE: &str = "debug/partition";
 
-/// `GET /status`: the node's view plus what only the process knows.
+/// `GET /status`: the node's view (of the cluster group) plus what only the process
+/// knows.
 #[derive(serde::Serialize)]
 struct Status {
     #[serde(flatten)]
     node: NodeStatus,
     /// Bytes under the data dir: raft log, snapshots, markers.
     data_dir_bytes: u64,
+    /// Every group hosted here, the cluster group first.
+    groups: Vec<GroupState>,
+}
+
+/// One hosted group in `/status`.
+#[derive(serde::Serialize)]
+struct GroupState {
+    id: u64,
+    role: String,
+    leader: u64,
+    term: u64,
+    commit: u64,
+    applied: u64,
+    asleep: bool,
+    keys: usize,
 }
 
 impl Api {
@@ -42,13 +59,65 @@ impl Api {
         let data_dir_bytes = tokio::task::spawn_blocking(move || size_of_dir(&dir))
             .await
             .unwrap_or(0);
+        let groups = self
+            .hosted_groups()
+            .await
+            .into_iter()
+            .map(|(status, keys)| GroupState {
+                id: status.group,
+                role: status.role,
+                leader: status.leader,
+                term: status.term,
+                commit: status.commit,
+                applied: status.applied,
+                asleep: status.asleep,
+                keys,
+            })
+            .collect();
         Ok(json_response(
             StatusCode::OK,
             &Status {
                 node,
                 data_dir_bytes,
+                groups,
             },
         ))
+    }
+
+    /// `GET /metrics`: the process's counters and every hosted group's gauges.
+    pub(super) async fn metrics(&self) -> Reply {
+        let mut text = self.metrics.render();
+        let gauges: Vec<GroupGauges> = self
+            .hosted_groups()
+            .await
+            .into_iter()
+            .map(|(status, keys)| GroupGauges {
+                group: status.group,
+                term: status.term,
+                commit: status.commit,
+                applied: status.applied,
+                leader: status.leader == status.id,
+                asleep: status.asleep,
+                keys,
+            })
+            .collect();
+        render_groups(&mut text, &gauges);
+        Ok(text_response(StatusCode::OK, &text))
+    }
+
+    /// The status and key count of every group hosted here (one that stops meanwhile is
+    /// left out).
+    async fn hosted_groups(&self) -> Vec<(NodeStatus, usize)> {
+        let mut groups = Vec::new();
+        for group in self.router.hosted() {
+            let (Ok(status), Some(kv)) = (self.router.status(group).await, self.router.kv(group))
+            else {
+                continue;
+            };
+            let keys = kv.read().unwrap().len();
+            groups.push((status, keys));
+        }
+        groups
     }
 
     /// Ready to serve: a leader is known and this node has applied all it knows is

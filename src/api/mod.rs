@@ -193,7 +193,7 @@ impl Api {
             (&Method::GET, "status") => self.status().await,
             (&Method::GET, "health") => Ok(text_response(StatusCode::OK, "ok\n")),
             (&Method::GET, "readyz") => self.ready().await,
-            (&Method::GET, "metrics") => Ok(text_response(StatusCode::OK, &self.metrics.render())),
+            (&Method::GET, "metrics") => self.metrics().await,
             (&Method::POST, admin::PARTITION_ROUTE) if self.partition.is_some() => {
                 self.set_partition(req).await
             }

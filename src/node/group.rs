@@ -354,6 +354,7 @@ impl Group {
                 })
                 .collect(),
             asleep: self.asleep,
+            group: self.id,
         }
     }
 
