@@ -224,6 +224,19 @@ fn a_node_that_joins_the_cluster_hosts_no_group_but_serves_them_all() {
         !cluster.nodes[3].data_dir.join("groups").exists(),
         "node 4 must not hold a replica of group 2"
     );
+
+    // A node that hosts a replica cannot leave the cluster: its groups would run a
+    // replica short. One that hosts none can.
+    let (code, text) = http("DELETE", &cluster.nodes[0].url("3"), None);
+    assert_eq!(code, 409, "{text}");
+    assert!(
+        text.contains("still hosts replicas of groups [2]"),
+        "{text}"
+    );
+    let (code, text) = http("DELETE", &cluster.nodes[0].url("4"), None);
+    assert_eq!(code, 204, "{text}");
+    let status = cluster.node(4).wait_exit(common::DEADLINE);
+    assert!(status.success(), "node 4 exits 0 once removed: {status}");
 }
 
 #[test]

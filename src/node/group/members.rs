@@ -84,6 +84,20 @@ impl Group {
                 if members.len() == 1 {
                     return Err("cannot remove the last member of the cluster".into());
                 }
+                let hosted: Vec<u64> = membership
+                    .groups
+                    .iter()
+                    .filter(|(_, placement)| placement.members.contains(id))
+                    .map(|(group, _)| *group)
+                    .collect();
+                if self.is_cluster_group() && !hosted.is_empty() {
+                    // Removing it would leave each of those groups a replica short.
+                    return Err(format!(
+                        "node {id} still hosts replicas of groups {hosted:?}: move each first \
+                         (POST /v1/groups/<g>/members with another node, then DELETE \
+                         /v1/groups/<g>/members/{id}), then remove the node"
+                    ));
+                }
             }
         }
         if self.member_change_pending() {
