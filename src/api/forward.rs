@@ -21,11 +21,12 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, ACCEPT, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::kv_v1::REVISION_HEADER;
 use super::{read_body, Api, Failure, Reply};
 use crate::cluster_id;
 use crate::transport::FORWARD_PREFIX;
 
+/// The header that carries a key's revision with a raw value (relayed as it is).
+pub const REVISION_HEADER: &str = "x-raftkvd-revision";
 /// Marks a forwarded request; its value is the id of the node that forwarded it.
 pub const FORWARDED_HEADER: &str = "x-raftkvd-forwarded";
 /// On a 421 answer to a forwarded request: the node does not host (or does not know yet)

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::forward::{failure_of, Forwarded};
+use super::forward::{failure_of, Forwarded, REVISION_HEADER};
 use super::{
     decode_path_segment, json_bytes, json_response, number_param, parse_json, parse_query,
     read_body, Api, Consistency, Failure, Reply,
@@ -40,8 +40,6 @@ use crate::kv::Versioned;
 use crate::router::{ProposeError, CLUSTER_GROUP};
 use crate::sharding;
 
-/// The header that carries a key's revision with a raw value.
-pub const REVISION_HEADER: &str = "x-raftkvd-revision";
 /// Listing: pairs returned when the request names no limit, and the most it may ask for.
 const DEFAULT_LIMIT: u64 = 1000;
 const MAX_LIMIT: u64 = 10_000;
