@@ -117,6 +117,12 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_REPLICAS")]
     pub replicas: Option<usize>,
 
+    /// Do not move replicas between nodes on this node's initiative (`src/rebalance.rs`:
+    /// while a node leads the cluster group, it moves replicas onto nodes that host fewer
+    /// than their share, such as a node that just joined).
+    #[arg(long, env = "RAFTKVD_DISABLE_REBALANCING")]
+    pub disable_rebalancing: bool,
+
     /// Ticks between the leader's heartbeats.
     #[arg(long, env = "RAFTKVD_HEARTBEAT_TICKS", default_value_t = 1)]
     pub heartbeat_ticks: usize,

@@ -25,6 +25,7 @@ mod metrics;
 mod node;
 mod peer_stream;
 mod read_index;
+mod rebalance;
 mod record;
 mod router;
 mod sharding;
@@ -261,7 +262,7 @@ async fn serve(
     let (stop_servers, servers_stopping) = watch::channel(false);
     let peer_service = Arc::new(transport::PeerService {
         node: router.clone(),
-        membership,
+        membership: membership.clone(),
         partition,
         data_dir: config.data_dir(),
         cluster_id,
@@ -283,6 +284,20 @@ async fn serve(
         })
         .map_err(|e| format!("cannot start the node thread: {e}"))?;
 
+    if !config.disable_rebalancing {
+        let host = match config.listen_host.as_str() {
+            "0.0.0.0" | "::" | "[::]" => "127.0.0.1",
+            host => host,
+        };
+        tokio::spawn(rebalance::run(
+            config.id,
+            format!("http://{host}:{}", config.port),
+            router.clone(),
+            membership.clone(),
+            servers_stopping.clone(),
+            logger.new(o!("component" => "rebalance")),
+        ));
+    }
     let api_server = tokio::spawn(http_server::serve(
         "api",
         api_listener,

@@ -17,8 +17,9 @@
 //! plus the increments whose outcome is unknown, and no number may be acknowledged twice.
 //!
 //! The test runs twice: on one raft group, and on a cluster formed with `--shards 8`
-//! (keys in eight data groups; no membership fault there, since groups do not yet move
-//! off a removed node).
+//! (keys in eight data groups). There the membership fault is a fourth node joining once,
+//! with replicas moving onto it under the clients (a node that hosts replicas cannot be
+//! removed yet).
 //!
 //! `RAFTKVD_SOAK_SECS=600 cargo test --release --test linearizability -- --nocapture`
 //! repeats the nemesis schedule for that long.
@@ -405,10 +406,37 @@ impl Nemesis {
         self.isolate(true);
         self.kill_and_restart_all();
         if !self.sharded {
-            // Data groups do not move off a removed node yet (no rebalancing): removing
-            // one would leave every group a replica short for the rest of the run.
             self.replace_a_node();
+        } else if self.next_id == 4 {
+            // Data groups do not move off a node being removed yet (it is refused while
+            // it hosts replicas), but they move onto a node that joins.
+            self.add_a_node_and_rebalance();
         }
+    }
+
+    /// Adds a fresh node 4; the cluster group's leader moves replicas onto it while the
+    /// clients run.
+    fn add_a_node_and_rebalance(&mut self) {
+        let leader = self.cluster.wait_leader();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.note(format!(
+            "membership: add node {id}; replicas rebalance onto it"
+        ));
+        self.cluster.add_member(id, leader, FLAGS);
+        let node = self.cluster.node(id);
+        let port = node.api_port;
+        let hosted = |node: &common::Node| {
+            node.status()
+                .and_then(|s| s["groups"].as_array().map(Vec::len))
+                .unwrap_or(0)
+        };
+        self.cluster
+            .wait_until(&format!("node {id} to host data groups"), || {
+                hosted(self.cluster.nodes.iter().find(|n| n.id == id).unwrap()) > 1
+            });
+        self.ports.write().unwrap().push(port);
+        self.progress("while replicas move onto the new node");
     }
 }
 

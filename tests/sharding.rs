@@ -232,3 +232,53 @@ fn idle_groups_sleep_and_wake_for_work_even_when_their_leader_died() {
         );
     }
 }
+
+#[test]
+fn a_joining_node_takes_its_share_of_replicas_and_no_write_is_lost() {
+    let mut cluster = Cluster::start(
+        "sharding-rebalance",
+        3,
+        &["--shards", "6", "--replicas", "2"],
+    );
+    for i in 0..120 {
+        put_v1(&cluster, 1 + i % 3, &format!("r{i}"), &format!("v{i}"));
+    }
+    cluster.add_member(4, 1, &[]);
+    // Replicas per node, and the smallest group (a move adds before it removes).
+    let load = |cluster: &Cluster| -> (BTreeMap<u64, usize>, usize) {
+        let (code, list) = http_json("GET", &cluster.nodes[0].url("v1/groups"), None);
+        assert_eq!(code, 200, "{list}");
+        let mut load: BTreeMap<u64, usize> = (1..=4).map(|n| (n, 0)).collect();
+        let mut smallest = usize::MAX;
+        let groups = list["groups"].as_array().unwrap();
+        for group in groups.iter().filter(|g| g["id"] != 1) {
+            let members = group["members"].as_array().unwrap();
+            smallest = smallest.min(members.len());
+            for m in members {
+                *load.get_mut(&m.as_u64().unwrap()).unwrap() += 1;
+            }
+        }
+        (load, smallest)
+    };
+    cluster.wait_until("every node to host 3 of the 12 replicas", || {
+        let (load, smallest) = load(&cluster);
+        assert!(smallest >= 2, "a group ran short of replicas: {load:?}");
+        load.values().all(|&n| n == 3)
+    });
+    // Writes through the new node and reads of every earlier write from it.
+    put_v1(&cluster, 4, "after-rebalance", "x");
+    for i in 0..120 {
+        let (code, answer) = http_json("GET", &cluster.nodes[3].url(&format!("v1/kv/r{i}")), None);
+        assert_eq!(
+            (code, &answer["value"]),
+            (200, &json!(format!("v{i}"))),
+            "r{i}: {answer}"
+        );
+    }
+    let status = cluster.nodes[3].status().unwrap();
+    let hosted = status["groups"].as_array().unwrap().len();
+    assert_eq!(
+        hosted, 4,
+        "node 4 hosts the cluster group and 3 data groups: {status}"
+    );
+}

@@ -59,6 +59,18 @@ impl Api {
         req: Request<Incoming>,
         path: Option<String>,
     ) -> Reply {
+        let hosts = self.hosts_of(group);
+        self.forward_to(hosts, group, req, path).await
+    }
+
+    /// The same, to one of `hosts` (node id, peer URL).
+    pub(super) async fn forward_to(
+        &self,
+        hosts: Vec<(u64, String)>,
+        group: u64,
+        req: Request<Incoming>,
+        path: Option<String>,
+    ) -> Reply {
         if req.headers().contains_key(FORWARDED_HEADER) {
             return Err(Failure::not_hosted_here(group));
         }
@@ -79,7 +91,7 @@ impl Api {
             headers,
             body,
         };
-        let answer = self.send_to_host(group, request).await?;
+        let answer = self.send_via(hosts, group, request).await?;
         relay(answer).await
     }
 
@@ -90,8 +102,18 @@ impl Api {
         group: u64,
         request: Forwarded,
     ) -> Result<reqwest::Response, Failure> {
+        let hosts = self.hosts_of(group);
+        self.send_via(hosts, group, request).await
+    }
+
+    async fn send_via(
+        &self,
+        hosts: Vec<(u64, String)>,
+        group: u64,
+        request: Forwarded,
+    ) -> Result<reqwest::Response, Failure> {
         let mut passed = Vec::new();
-        for (node, url) in self.hosts_of(group) {
+        for (node, url) in hosts {
             let mut attempt = self
                 .peers
                 .request(
@@ -158,6 +180,12 @@ impl Api {
                 format!("a node that hosts group {group} answered with bad JSON: {e}"),
             )
         })
+    }
+
+    /// Node `node` and its peer URL, if it is a member of the cluster.
+    pub(super) fn node_url(&self, node: u64) -> Option<(u64, String)> {
+        let membership = self.membership.read().unwrap();
+        Some((node, membership.peer_urls.get(&node)?.clone()))
     }
 
     /// The nodes (and their peer URLs) the cluster's table lists for `group`, this node

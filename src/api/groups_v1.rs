@@ -62,6 +62,26 @@ impl Api {
                 format!("no raft group {group}; see GET /v1/groups"),
             ));
         }
+        if below.is_empty() && *method == Method::GET {
+            // `?node=<id>`: the group as that node's replica sees it.
+            let params = super::parse_query(req.uri().query(), &["node"])?;
+            if let Some(node) = super::number_param(&params, "node")? {
+                if node != self.id {
+                    let Some(host) = self.node_url(node) else {
+                        return Err(Failure::bad_request(format!(
+                            "no node {node} in the cluster"
+                        )));
+                    };
+                    return self.forward_to(vec![host], group, req, None).await;
+                }
+                if self.router.kv(group).is_none() {
+                    return Err(Failure::new(
+                        StatusCode::NOT_FOUND,
+                        format!("node {node} does not host group {group}"),
+                    ));
+                }
+            }
+        }
         if self.router.kv(group).is_none() {
             return self.forward(group, req, None).await;
         }

@@ -1,0 +1,246 @@
+//! Rebalancing: replicas move onto nodes that host fewer than their share, one at a
+//! time, until every node of the cluster hosts the mean number of replicas give or take
+//! one (a node that joins starts with none).
+//!
+//! The node that leads the cluster group plans: [`next_move`] picks a replica on the
+//! most loaded node that the least loaded node can take (it is not there, and was never
+//! removed from that group). It carries the move out as an operator would, through this
+//! node's own client API (`run`): add the new node to the group (it is sent the log or
+//! a snapshot), wait until its replica has applied the group's log up to the addition,
+//! then remove the old node, which deletes its copy. The group has one replica more, not
+//! less, while a move runs, and a move that fails half-way leaves it so, never short.
+//! Leaders are not moved yet.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use slog::{info, warn, Logger};
+use tokio::sync::watch;
+
+use crate::membership::{Membership, SharedMembership};
+use crate::router::{Router, CLUSTER_GROUP};
+
+/// How often the leader of the cluster group looks for a move.
+const PLAN_EVERY: Duration = Duration::from_secs(1);
+/// How long a new replica may take to catch up before the move is given up.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
+
+/// One replica of `group` to move from node `from` to node `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub group: u64,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// The next move toward every member of the cluster hosting the mean number of replicas
+/// give or take one, if one is needed and possible.
+pub fn next_move(membership: &Membership) -> Option<Move> {
+    let mut load: BTreeMap<u64, usize> = membership.peer_urls.keys().map(|&n| (n, 0)).collect();
+    for placement in membership.groups.values() {
+        for node in &placement.members {
+            if let Some(n) = load.get_mut(node) {
+                *n += 1;
+            }
+        }
+    }
+    let (&to, &least) = load.iter().min_by_key(|(&node, &n)| (n, node))?;
+    let mut donors: Vec<(u64, usize)> = load.iter().map(|(&node, &n)| (node, n)).collect();
+    donors.sort_by_key(|&(node, n)| (std::cmp::Reverse(n), node));
+    for (from, most) in donors {
+        if most <= least + 1 {
+            return None;
+        }
+        let movable = membership.groups.iter().find(|(_, p)| {
+            p.members.contains(&from) && !p.members.contains(&to) && !p.removed.contains(&to)
+        });
+        if let Some((&group, _)) = movable {
+            return Some(Move { group, from, to });
+        }
+    }
+    None
+}
+
+/// Plans and carries out moves while this node leads the cluster group, until `stop`.
+/// `api` is this node's own client API (`http://host:port`).
+pub async fn run(
+    own_id: u64,
+    api: String,
+    router: Router,
+    membership: SharedMembership,
+    mut stop: watch::Receiver<bool>,
+    logger: Logger,
+) {
+    let client = reqwest::Client::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PLAN_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        let leads = router
+            .status(CLUSTER_GROUP)
+            .await
+            .is_ok_and(|s| s.leader == own_id);
+        if !leads {
+            continue;
+        }
+        let plan = next_move(&membership.read().unwrap().clone());
+        let Some(mv) = plan else { continue };
+        info!(logger, "rebalancing: moving a replica"; "group" => mv.group, "from" => mv.from, "to" => mv.to);
+        let started = Instant::now();
+        match carry_out(&client, &api, mv).await {
+            Ok(()) => info!(logger, "rebalancing: replica moved"; "group" => mv.group,
+                "from" => mv.from, "to" => mv.to, "ms" => started.elapsed().as_millis()),
+            Err(e) => {
+                warn!(logger, "rebalancing: a move did not finish; the group keeps an extra replica until a later move"; 
+                "group" => mv.group, "from" => mv.from, "to" => mv.to, "error" => e)
+            }
+        }
+    }
+}
+
+/// Add `to`, wait for its replica to catch up, remove `from`.
+async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), String> {
+    let Move { group, from, to } = mv;
+    let added = client
+        .post(format!("{api}/v1/groups/{group}/members"))
+        .json(&serde_json::json!({ "id": to }))
+        .send()
+        .await
+        .map_err(|e| format!("adding node {to}: {e}"))?;
+    let status = added.status();
+    let body: serde_json::Value = added.json().await.unwrap_or_default();
+    // The index the addition was applied at on the node that served it (or, for a retry
+    // of an earlier addition, the group's applied index now).
+    let reached = match status.as_u16() {
+        201 => body["applied"].as_u64().unwrap_or(0),
+        409 if body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already a member")) =>
+        {
+            group_view(client, api, group, None).await?["applied"]
+                .as_u64()
+                .unwrap_or(0)
+        }
+        _ => return Err(format!("adding node {to}: {status} {body}")),
+    };
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let view = group_view(client, api, group, Some(to)).await;
+        if view.is_ok_and(|v| v["applied"].as_u64().unwrap_or(0) >= reached) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("node {to} did not catch up to index {reached}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let removed = client
+        .delete(format!("{api}/v1/groups/{group}/members/{from}"))
+        .send()
+        .await
+        .map_err(|e| format!("removing node {from}: {e}"))?;
+    if !removed.status().is_success() {
+        let status = removed.status();
+        return Err(format!(
+            "removing node {from}: {status} {}",
+            removed.text().await.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /v1/groups/<group>`, as node `node`'s replica sees it if given.
+async fn group_view(
+    client: &reqwest::Client,
+    api: &str,
+    group: u64,
+    node: Option<u64>,
+) -> Result<serde_json::Value, String> {
+    let query = node.map(|n| format!("?node={n}")).unwrap_or_default();
+    let answer = client
+        .get(format!("{api}/v1/groups/{group}{query}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !answer.status().is_success() {
+        return Err(format!("GET group {group}: {}", answer.status()));
+    }
+    answer.json().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::Placement;
+
+    fn cluster(nodes: u64, groups: &[(u64, &[u64])]) -> Membership {
+        let mut m = Membership::default();
+        for n in 1..=nodes {
+            m.peer_urls.insert(n, format!("http://127.0.0.1:{n}"));
+        }
+        for (id, members) in groups {
+            let members = members.iter().copied().collect();
+            m.groups.insert(
+                *id,
+                Placement {
+                    initial: Default::default(),
+                    members,
+                    removed: Default::default(),
+                },
+            );
+        }
+        m
+    }
+
+    /// Applies moves until none is left; returns them.
+    fn settle(m: &mut Membership) -> Vec<Move> {
+        let mut moves = Vec::new();
+        while let Some(mv) = next_move(m) {
+            let p = m.groups.get_mut(&mv.group).unwrap();
+            assert!(
+                p.members.remove(&mv.from) && p.members.insert(mv.to),
+                "{mv:?}"
+            );
+            moves.push(mv);
+            assert!(moves.len() < 100, "does not converge");
+        }
+        moves
+    }
+
+    #[test]
+    fn a_new_node_takes_its_share_and_then_nothing_moves() {
+        let groups: Vec<(u64, Vec<u64>)> = (0..6u64)
+            .map(|s| (s + 2, vec![s % 3 + 1, (s + 1) % 3 + 1]))
+            .collect();
+        let refs: Vec<(u64, &[u64])> = groups.iter().map(|(g, m)| (*g, m.as_slice())).collect();
+        let mut m = cluster(3, &refs);
+        assert_eq!(next_move(&m), None, "balanced: 4 replicas each");
+        m.peer_urls.insert(4, "http://127.0.0.1:4".into());
+        let moves = settle(&mut m);
+        assert_eq!(moves.len(), 3, "{moves:?}");
+        assert!(moves.iter().all(|mv| mv.to == 4));
+        for p in m.groups.values() {
+            assert_eq!(p.members.len(), 2, "replica counts never change");
+        }
+    }
+
+    #[test]
+    fn a_removed_node_is_never_chosen_and_one_off_is_balanced() {
+        let mut m = cluster(3, &[(2, &[1, 2]), (3, &[1, 2])]);
+        assert_eq!(
+            next_move(&m),
+            Some(Move {
+                group: 2,
+                from: 1,
+                to: 3
+            })
+        );
+        m.groups.get_mut(&2).unwrap().removed.insert(3);
+        assert_eq!(next_move(&m).map(|mv| mv.group), Some(3));
+        m.groups.get_mut(&3).unwrap().removed.insert(3);
+        assert_eq!(next_move(&m), None, "node 3 may host neither group");
+        let m = cluster(3, &[(2, &[1, 2]), (3, &[3])]);
+        assert_eq!(next_move(&m), None, "2, 1, 1 is within one");
+    }
+}
