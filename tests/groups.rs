@@ -322,4 +322,17 @@ fn a_group_gains_a_member_by_snapshot_and_a_removed_member_drops_its_data() {
         get_in_group(&cluster, 1, 5, "after-removal").0 == 200
     });
     assert!(!group_dir.exists(), "the dropped replica came back");
+
+    // Down to one member, then no further.
+    let (code, answer) = http_json("DELETE", &url(&cluster, 3, "v1/groups/5/members/2"), None);
+    assert_eq!(code, 200, "{answer}");
+    let (code, answer) = http_json("DELETE", &url(&cluster, 3, "v1/groups/5/members/3"), None);
+    assert_eq!(code, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("last member of group 5"),
+        "{answer}"
+    );
 }

@@ -81,8 +81,14 @@ impl Group {
                 if !members.contains(id) {
                     return Err(format!("node {id} is not a member"));
                 }
-                if members.len() == 1 {
+                if members.len() == 1 && self.is_cluster_group() {
                     return Err("cannot remove the last member of the cluster".into());
+                }
+                if members.len() == 1 {
+                    return Err(format!(
+                        "cannot remove the last member of group {}",
+                        self.id
+                    ));
                 }
                 let hosted: Vec<u64> = membership
                     .groups
