@@ -34,6 +34,8 @@ const OP_ADD_GROUP_MEMBER: u8 = 4;
 const OP_REMOVE_GROUP_MEMBER: u8 = 5;
 /// Operation tag of the cluster's list of shards: count u32, group ids u64.
 const OP_SET_SHARDS: u8 = 6;
+/// Operation tag of a member that is to leave the cluster once its replicas moved.
+const OP_DRAIN_NODE: u8 = 7;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
@@ -103,6 +105,8 @@ pub enum Op {
     RemoveGroupMember { group: u64, node: u64 },
     /// The data groups that own the keys, by hash slot (`sharding.rs`).
     SetShards { groups: Vec<u64> },
+    /// Member `node` is leaving the cluster: move its replicas, then remove it.
+    DrainNode { node: u64 },
 }
 
 /// The payload of a normal raft entry.
@@ -182,6 +186,10 @@ impl Proposal {
                 buf.push(OP_SET_SHARDS);
                 put_ids(&mut buf, groups);
             }
+            Op::DrainNode { node } => {
+                buf.push(OP_DRAIN_NODE);
+                buf.extend_from_slice(&node.to_le_bytes());
+            }
             Op::AddGroupMember { group, node } | Op::RemoveGroupMember { group, node } => {
                 let tag = match self.op {
                     Op::AddGroupMember { .. } => OP_ADD_GROUP_MEMBER,
@@ -212,6 +220,13 @@ impl Proposal {
                     return Err(DecodeError("trailing bytes"));
                 }
                 Op::CreateGroup { group, members }
+            }
+            OP_DRAIN_NODE => {
+                let node = r.u64()?;
+                if r.at != bytes.len() {
+                    return Err(DecodeError("trailing bytes"));
+                }
+                Op::DrainNode { node }
             }
             OP_SET_SHARDS => {
                 let groups = r.ids()?;
@@ -489,6 +504,7 @@ mod tests {
             Op::SetShards {
                 groups: vec![2, 3, 4],
             },
+            Op::DrainNode { node: 3 },
         ] {
             let p = Proposal {
                 id: ProposalId {

@@ -22,6 +22,9 @@ pub struct Membership {
     /// The data groups that own the keys, by hash slot (`sharding.rs`); empty: every key
     /// is the cluster group's. Set once, when the cluster is formed.
     pub shards: Vec<u64>,
+    /// Members leaving the cluster: they take no new replicas, theirs move to other nodes
+    /// (`rebalance.rs`), and once they host none they are removed.
+    pub draining: BTreeSet<u64>,
 }
 
 /// Where one raft group lives.

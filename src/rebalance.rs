@@ -1,10 +1,12 @@
 //! Rebalancing: replicas move onto nodes that host fewer than their share, one at a
 //! time, until every node of the cluster hosts the mean number of replicas give or take
-//! one (a node that joins starts with none).
+//! one (a node that joins starts with none); and off a node that is leaving the cluster
+//! (draining, asked for by removing a node that hosts replicas), which is then removed.
 //!
-//! The node that leads the cluster group plans: [`next_move`] picks a replica on the
-//! most loaded node that the least loaded node can take (it is not there, and was never
-//! removed from that group). It carries the move out as an operator would, through this
+//! The node that leads the cluster group plans: [`next_step`] first picks a replica of a
+//! draining node and the least loaded other node that can take it, or removes a drained
+//! node; otherwise a replica on the most loaded node that the least loaded node can take
+//! (it is not there, and was never removed from that group). It carries the move out as an operator would, through this
 //! node's own client API (`run`): add the new node to the group (it is sent the log or
 //! a snapshot), wait until its replica has applied the group's log up to the addition,
 //! then remove the old node, which deletes its copy. The group has one replica more, not
@@ -33,9 +35,37 @@ pub struct Move {
     pub to: u64,
 }
 
-/// The next move toward every member of the cluster hosting the mean number of replicas
-/// give or take one, if one is needed and possible.
-pub fn next_move(membership: &Membership) -> Option<Move> {
+/// What the rebalancer does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Move(Move),
+    /// A draining node hosts no replica any more: remove it from the cluster.
+    Remove(u64),
+}
+
+/// The next step: first empty the draining nodes (each of their replicas to the least
+/// loaded other node that can take it), remove a drained one, then even out the others
+/// until each hosts the mean number of replicas give or take one.
+pub fn next_step(membership: &Membership) -> Option<Step> {
+    let load = load_of(membership);
+    let takers: Vec<(u64, usize)> = load
+        .iter()
+        .filter(|(node, _)| !membership.draining.contains(node))
+        .map(|(&node, &n)| (node, n))
+        .collect();
+    for &leaving in &membership.draining {
+        if load.get(&leaving).copied().unwrap_or(0) == 0 {
+            return Some(Step::Remove(leaving));
+        }
+        if let Some(mv) = move_from(membership, leaving, &takers) {
+            return Some(Step::Move(mv));
+        }
+    }
+    next_move_among(membership, &takers).map(Step::Move)
+}
+
+/// Replicas per member of the cluster.
+fn load_of(membership: &Membership) -> BTreeMap<u64, usize> {
     let mut load: BTreeMap<u64, usize> = membership.peer_urls.keys().map(|&n| (n, 0)).collect();
     for placement in membership.groups.values() {
         for node in &placement.members {
@@ -44,8 +74,36 @@ pub fn next_move(membership: &Membership) -> Option<Move> {
             }
         }
     }
-    let (&to, &least) = load.iter().min_by_key(|(&node, &n)| (n, node))?;
-    let mut donors: Vec<(u64, usize)> = load.iter().map(|(&node, &n)| (node, n)).collect();
+    load
+}
+
+/// A replica on `from` that the least loaded of `takers` able to take it can take.
+fn move_from(membership: &Membership, from: u64, takers: &[(u64, usize)]) -> Option<Move> {
+    let mut takers = takers.to_vec();
+    takers.sort_by_key(|&(node, n)| (n, node));
+    for (group, placement) in &membership.groups {
+        if !placement.members.contains(&from) {
+            continue;
+        }
+        let to = takers.iter().find(|(node, _)| {
+            *node != from && !placement.members.contains(node) && !placement.removed.contains(node)
+        });
+        if let Some(&(to, _)) = to {
+            return Some(Move {
+                group: *group,
+                from,
+                to,
+            });
+        }
+    }
+    None
+}
+
+/// The next move among `nodes` (with their loads) toward each hosting the mean number of
+/// replicas give or take one.
+fn next_move_among(membership: &Membership, nodes: &[(u64, usize)]) -> Option<Move> {
+    let &(to, least) = nodes.iter().min_by_key(|&&(node, n)| (n, node))?;
+    let mut donors = nodes.to_vec();
     donors.sort_by_key(|&(node, n)| (std::cmp::Reverse(n), node));
     for (from, most) in donors {
         if most <= least + 1 {
@@ -84,8 +142,22 @@ pub async fn run(
         if !leads {
             continue;
         }
-        let plan = next_move(&membership.read().unwrap().clone());
-        let Some(mv) = plan else { continue };
+        let plan = next_step(&membership.read().unwrap().clone());
+        let mv = match plan {
+            None => continue,
+            Some(Step::Remove(node)) => {
+                match remove_node(&client, &api, node).await {
+                    Ok(()) => {
+                        info!(logger, "rebalancing: a drained node was removed from the cluster"; "node" => node)
+                    }
+                    Err(e) => {
+                        warn!(logger, "rebalancing: could not remove a drained node; will retry"; "node" => node, "error" => e)
+                    }
+                }
+                continue;
+            }
+            Some(Step::Move(mv)) => mv,
+        };
         info!(logger, "rebalancing: moving a replica"; "group" => mv.group, "from" => mv.from, "to" => mv.to);
         let started = Instant::now();
         match carry_out(&client, &api, mv).await {
@@ -150,6 +222,23 @@ async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), 
     Ok(())
 }
 
+/// `DELETE /v1/members/<node>`: the cluster removes the drained node, which exits.
+async fn remove_node(client: &reqwest::Client, api: &str, node: u64) -> Result<(), String> {
+    let answer = client
+        .delete(format!("{api}/v1/members/{node}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if answer.status().is_success() {
+        return Ok(());
+    }
+    let status = answer.status();
+    Err(format!(
+        "{status} {}",
+        answer.text().await.unwrap_or_default()
+    ))
+}
+
 /// `GET /v1/groups/<group>`, as node `node`'s replica sees it if given.
 async fn group_view(
     client: &reqwest::Client,
@@ -193,16 +282,31 @@ mod tests {
         m
     }
 
-    /// Applies moves until none is left; returns them.
+    fn next_move(m: &Membership) -> Option<Move> {
+        match next_step(m)? {
+            Step::Move(mv) => Some(mv),
+            Step::Remove(node) => panic!("removes node {node}"),
+        }
+    }
+
+    /// Applies steps until none is left; returns the moves.
     fn settle(m: &mut Membership) -> Vec<Move> {
         let mut moves = Vec::new();
-        while let Some(mv) = next_move(m) {
-            let p = m.groups.get_mut(&mv.group).unwrap();
-            assert!(
-                p.members.remove(&mv.from) && p.members.insert(mv.to),
-                "{mv:?}"
-            );
-            moves.push(mv);
+        while let Some(step) = next_step(m) {
+            match step {
+                Step::Move(mv) => {
+                    let p = m.groups.get_mut(&mv.group).unwrap();
+                    assert!(
+                        p.members.remove(&mv.from) && p.members.insert(mv.to),
+                        "{mv:?}"
+                    );
+                    moves.push(mv);
+                }
+                Step::Remove(node) => {
+                    m.peer_urls.remove(&node);
+                    m.draining.remove(&node);
+                }
+            }
             assert!(moves.len() < 100, "does not converge");
         }
         moves
@@ -223,6 +327,24 @@ mod tests {
         for p in m.groups.values() {
             assert_eq!(p.members.len(), 2, "replica counts never change");
         }
+    }
+
+    #[test]
+    fn a_draining_node_is_emptied_then_removed_and_never_chosen() {
+        let mut m = cluster(4, &[(2, &[1, 2]), (3, &[3, 4]), (4, &[1, 3])]);
+        m.draining.insert(1);
+        let moves = settle(&mut m);
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        assert!(
+            moves.iter().all(|mv| mv.from == 1 && mv.to != 1),
+            "{moves:?}"
+        );
+        assert!(!m.peer_urls.contains_key(&1), "the drained node is removed");
+        assert!(m.groups.values().all(|p| p.members.len() == 2));
+        // No other node can take a replica of a draining node: it stays.
+        let mut m = cluster(2, &[(2, &[1, 2])]);
+        m.draining.insert(1);
+        assert_eq!(next_step(&m), None);
     }
 
     #[test]

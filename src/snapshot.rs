@@ -9,6 +9,7 @@
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
 //! | groups u32, each: id u64, then three lists (initial, members, removed nodes),
 //!   each u32 count + ids u64 | shards u32, each: group id u64
+//! | draining u32, each: node id u64
 //! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
@@ -207,6 +208,10 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     for group in &data.membership.shards {
         w.write_all(&group.to_le_bytes())?;
     }
+    w.write_all(&(data.membership.draining.len() as u32).to_le_bytes())?;
+    for node in &data.membership.draining {
+        w.write_all(&node.to_le_bytes())?;
+    }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
     for record in data.kv.iter() {
         put_bytes(&mut w, record.key())?;
@@ -355,6 +360,7 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
             data.membership.groups.insert(id, placement);
         }
         data.membership.shards = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
+        data.membership.draining = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
     }
     let count = r.u64()?;
     let mut records = Vec::with_capacity(count.min(size / 8) as usize);
@@ -524,9 +530,10 @@ mod tests {
         at += 4 + 8 * u32_at(at); // removed ids
         assert_eq!(u32_at(at), 0, "the sample has no groups");
         assert_eq!(u32_at(at + 4), 0, "the sample has no shards");
+        assert_eq!(u32_at(at + 8), 0, "the sample drains no node");
         let mut v3 = MAGIC_V3.to_vec();
         v3.extend_from_slice(&v4[8..at]);
-        v3.extend_from_slice(&v4[at + 8..v4.len() - 4]);
+        v3.extend_from_slice(&v4[at + 12..v4.len() - 4]);
         let crc = crc32fast::hash(&v3);
         v3.extend_from_slice(&crc.to_le_bytes());
         v3
@@ -553,7 +560,9 @@ mod tests {
             },
         );
         data.membership.shards = vec![2, 7, 2];
+        data.membership.draining = [4].into();
         let (path, _) = write(&dir, &data).unwrap();
+        assert_eq!(read(&path).unwrap().membership.draining, [4].into());
         assert_eq!(
             read(&path).unwrap().membership.shards,
             data.membership.shards

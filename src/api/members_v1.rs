@@ -16,6 +16,7 @@ use hyper::{Request, StatusCode};
 
 use super::raftexample::MAX_URL_BYTES;
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
+use crate::command::Op;
 use crate::membership::{parse_node_id, parse_peer_url};
 use crate::router::{MemberChange, CLUSTER_GROUP};
 
@@ -28,6 +29,35 @@ struct NewMember {
 }
 
 impl Api {
+    /// A member that hosts replicas of raft groups leaves the cluster in two steps: it is
+    /// marked draining, and the rebalancer (`rebalance.rs`) moves each replica to another
+    /// node and then removes it. Returns the groups it hosts if it does.
+    pub(super) async fn drain_if_hosting(&self, id: u64) -> Result<Option<Vec<u64>>, Failure> {
+        let hosted: Vec<u64> = {
+            let membership = self.membership.read().unwrap();
+            if !membership.peer_urls.contains_key(&id) {
+                return Ok(None); // the removal itself answers "not a member"
+            }
+            membership
+                .groups
+                .iter()
+                .filter(|(_, placement)| placement.members.contains(&id))
+                .map(|(group, _)| *group)
+                .collect()
+        };
+        if hosted.is_empty() {
+            return Ok(None);
+        }
+        self.router
+            .propose_op(
+                CLUSTER_GROUP,
+                Op::DrainNode { node: id },
+                self.request_timeout,
+            )
+            .await?;
+        Ok(Some(hosted))
+    }
+
     pub(super) async fn list_members(&self) -> Reply {
         let status = self.router.status(CLUSTER_GROUP).await?;
         Ok(json_response(
@@ -63,6 +93,12 @@ impl Api {
 
     pub(super) async fn remove_member_v1(&self, id: &str) -> Reply {
         let id = parse_node_id(id).map_err(Failure::bad_request)?;
+        if let Some(groups) = self.drain_if_hosting(id).await? {
+            return Ok(json_response(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "draining": true, "groups": groups }),
+            ));
+        }
         let written = self
             .router
             .change_members(

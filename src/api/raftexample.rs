@@ -20,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::forward::{failure_of, Forwarded};
 use super::{no_content, parse_query, read_body, Api, Consistency, Failure, Reply};
 use crate::command::Command;
+use crate::http_server::text_response;
 use crate::membership::{parse_node_id, parse_peer_url};
 use crate::router::{MemberChange, CLUSTER_GROUP};
 
@@ -108,6 +109,15 @@ impl Api {
 
     pub(super) async fn remove_member(&self, id: &str) -> Reply {
         let id = parse_node_id(id).map_err(Failure::bad_request)?;
+        if let Some(groups) = self.drain_if_hosting(id).await? {
+            return Ok(text_response(
+                StatusCode::ACCEPTED,
+                &format!(
+                    "node {id} hosts replicas of groups {groups:?}: they are moving to other \
+                     nodes, and node {id} is removed once they have\n"
+                ),
+            ));
+        }
         self.router
             .change_members(
                 CLUSTER_GROUP,

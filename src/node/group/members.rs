@@ -97,11 +97,11 @@ impl Group {
                     .map(|(group, _)| *group)
                     .collect();
                 if self.is_cluster_group() && !hosted.is_empty() {
-                    // Removing it would leave each of those groups a replica short.
+                    // Removing it would leave each of those groups a replica short: the
+                    // API drains it first (rebalance.rs).
                     return Err(format!(
-                        "node {id} still hosts replicas of groups {hosted:?}: move each first \
-                         (POST /v1/groups/<g>/members with another node, then DELETE \
-                         /v1/groups/<g>/members/{id}), then remove the node"
+                        "node {id} still hosts replicas of groups {hosted:?}: it is removed \
+                         once they have moved to other nodes"
                     ));
                 }
             }
@@ -180,6 +180,7 @@ impl Group {
                 ConfChangeType::RemoveNode => {
                     membership.peer_urls.remove(&node);
                     membership.removed.insert(node);
+                    membership.draining.remove(&node);
                     self.transport.remove_peer(node);
                 }
             }

@@ -56,6 +56,16 @@ impl Group {
                 placement.removed.insert(node);
                 (group, "node taken out")
             }
+            Op::DrainNode { node } => {
+                if !membership.peer_urls.contains_key(&node) {
+                    return Err(ProposeError::Conflict(format!(
+                        "node {node} is not a member"
+                    )));
+                }
+                info!(self.logger, "node draining: its replicas move, then it leaves"; "drained" => node, "index" => index);
+                membership.draining.insert(node);
+                return Ok(());
+            }
             Op::SetShards { groups } => {
                 if !membership.shards.is_empty() {
                     return Err(ProposeError::Conflict("the shards are set already".into()));
