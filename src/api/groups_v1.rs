@@ -4,8 +4,10 @@
 //! |-------------------------------------------------|------|
 //! | `GET /v1/groups`                                | 200 `{"groups": [{"id","members","leader","term","applied","keys"}...]}` |
 //! | `POST /v1/groups` body `{"id": 2, "members": [1, 2]}` | creates group 2 on nodes 1 and 2: 201 `{"id","members","revision"}`; 400 for a bad body or a node that is not a cluster member, 409 if the group exists |
-//! | `GET /v1/groups/<g>`                            | 200 one group as in the list; 404 if there is no such group |
-//! | `GET`, `PUT`, `DELETE /v1/groups/<g>/kv/<key>`  | as `/v1/kv/<key>`, on group g's map |
+//! | `GET /v1/groups/<g>[?node=<id>]`                | 200 one group as in the list (as node id's replica sees it); 404 if there is no such group |
+//! | `POST /v1/groups/<g>/members` body `{"id": 4}`  | node 4 hosts a replica too: 201, the group after the change |
+//! | `DELETE /v1/groups/<g>/members/<id>`            | the group removes that node, which deletes its replica: 200 `{"id","members"}` |
+//! | `GET`, `PUT`, `DELETE /v1/groups/<g>/kv/<key>`, `GET`, `POST /v1/groups/<g>/kv` | as `/v1/kv`, on group g's map (421 for a key a data group does not own) |
 //!
 //! Group 1 is the cluster group: every member is in it, and its log holds the table of
 //! groups, so every node knows every group and where it lives. A group is created by an

@@ -1,6 +1,7 @@
-//! The cluster group's table of groups (`membership.rs`: `groups`): applying a group's
-//! creation and a node's placement in or out of a group, as committed in the cluster
-//! group's log. Each change is checked here, at apply time, so that of two racing
+//! The cluster group's table of groups (`membership.rs`: `groups`, `shards`, `draining`):
+//! applying a group's creation, a node's placement in or out of a group, the list of
+//! shards of a new cluster and a node's draining, as committed in the cluster group's
+//! log. Each change is checked here, at apply time, so that of two racing
 //! requests the same one wins on every node; the node loop then starts or drops this
 //! node's replica (`GroupEvent::Placed`). Only the cluster group applies these.
 
