@@ -46,25 +46,10 @@ sys.exit(0 if all(len(g['members']) == 3 for g in groups) and all(abs(n - want) 
 echo "== data in $WORKDIR"
 for id in 1 2 3; do start "$id" "$CLUSTER3" --shards "$SHARDS"; done
 until curl -sf -XPUT "http://127.0.0.1:${A[1]}/warmup" -d x >/dev/null; do sleep 0.2; done
-cat >"$WORKDIR/put.lua" <<LUA
-local n, per_thread = $KEYS, math.ceil($KEYS / 2)
-local value = string.rep("v", 100)
-local threads = 0
-function setup(thread) thread:set("id", threads); threads = threads + 1 end
-local sent, done = 0, 0
-request = function()
-  local i = sent * 2 + id
-  sent = sent + 1
-  return wrk.format("PUT", "/key" .. (i % n), nil, value)
-end
-response = function(status)
-  done = done + 1
-  if done >= per_thread then wrk.thread:stop() end
-end
-LUA
 echo "== loading $KEYS keys of 100 bytes through node 1"
 t0=$(now)
-wrk -t2 -c64 -d3600s --timeout 10s -s "$WORKDIR/put.lua" "http://127.0.0.1:${A[1]}" >"$WORKDIR/wrk.log" 2>&1 &
+PUT_KEYS=$KEYS PUT_TOTAL=$KEYS wrk -t2 -c64 -d3600s --timeout 10s -s bench/puts.lua \
+  "http://127.0.0.1:${A[1]}" >"$WORKDIR/wrk.log" 2>&1 &
 wrk_pid=$!
 until (( $(keys_on 1) >= KEYS )); do sleep 0.5; done
 kill -INT "$wrk_pid"; wait "$wrk_pid" || true

@@ -40,27 +40,10 @@ wait_applied() {
   done
 }
 wrk_put() {  # wrk_put NODE NKEYS TOTAL: TOTAL puts cycling over NKEYS keys, 100-byte values
-  # Two wrk threads each send half, keys interleaved; a thread stops after its last answer.
-  cat >"$WORKDIR/put.lua" <<LUA
-local n, per_thread = $2, math.ceil($3 / 2)
-local value = string.rep("v", 100)
-local threads = 0
-function setup(thread) thread:set("id", threads); threads = threads + 1 end
-local sent, done = 0, 0
-request = function()
-  local i = sent * 2 + id
-  sent = sent + 1
-  return wrk.format("PUT", "/key" .. (i % n), nil, value)
-end
-response = function(status)
-  done = done + 1
-  if done >= per_thread then wrk.thread:stop() end
-end
-LUA
   # wrk runs for its whole -d even after its threads stop: stop it once the node has
   # applied every put (the map's revision counts writes; entries carry several).
   local target=$(( $(field "$1" revision) + $3 ))
-  wrk -t2 -c64 -d3600s --timeout 10s -s "$WORKDIR/put.lua" "http://127.0.0.1:${A[$1]}" \
+  PUT_KEYS=$2 PUT_TOTAL=$3 wrk -t2 -c64 -d3600s --timeout 10s -s bench/puts.lua "http://127.0.0.1:${A[$1]}" \
     >"$WORKDIR/wrk.log" 2>&1 &
   local wrk_pid=$!
   until (( $(field "$1" revision) >= target )); do sleep 0.2; done
