@@ -78,10 +78,16 @@ fn load_of(membership: &Membership) -> BTreeMap<u64, usize> {
 }
 
 /// A replica on `from` that the least loaded of `takers` able to take it can take.
+/// Where every taker hosts the group already (a move that failed half-way left it an
+/// extra replica, or the cluster has no spare node), the replica on `from` is simply
+/// dropped, if the group keeps as many replicas as it was created with: the "move" to
+/// a node that is a member already only makes sure that node is in the group and caught
+/// up before `from` leaves.
 fn move_from(membership: &Membership, from: u64, takers: &[(u64, usize)]) -> Option<Move> {
     let mut takers = takers.to_vec();
     takers.sort_by_key(|&(node, n)| (n, node));
-    for (group, placement) in &membership.groups {
+    let mut shrink = None;
+    for (&group, placement) in &membership.groups {
         if !placement.members.contains(&from) {
             continue;
         }
@@ -89,14 +95,17 @@ fn move_from(membership: &Membership, from: u64, takers: &[(u64, usize)]) -> Opt
             *node != from && !placement.members.contains(node) && !placement.removed.contains(node)
         });
         if let Some(&(to, _)) = to {
-            return Some(Move {
-                group: *group,
-                from,
-                to,
-            });
+            return Some(Move { group, from, to });
+        }
+        let spare = placement.members.len() > placement.initial.len().max(1);
+        let other = takers
+            .iter()
+            .find(|(node, _)| placement.members.contains(node));
+        if let (true, Some(&(to, _)), None) = (spare, other, shrink) {
+            shrink = Some(Move { group, from, to });
         }
     }
-    None
+    shrink
 }
 
 /// The next move among `nodes` (with their loads) toward each hosting the mean number of
@@ -343,8 +352,22 @@ mod tests {
         assert!(m.groups.values().all(|p| p.members.len() == 2));
         // No other node can take a replica of a draining node: it stays.
         let mut m = cluster(2, &[(2, &[1, 2])]);
+        m.groups.get_mut(&2).unwrap().initial = [1, 2].into();
         m.draining.insert(1);
         assert_eq!(next_step(&m), None);
+        // Unless the group has a replica to spare (a move that failed half-way added one):
+        // then the draining node's replica just goes.
+        let mut m = cluster(3, &[(2, &[1, 2, 3])]);
+        m.groups.get_mut(&2).unwrap().initial = [1, 2].into();
+        m.draining.insert(1);
+        assert_eq!(
+            next_step(&m),
+            Some(Step::Move(Move {
+                group: 2,
+                from: 1,
+                to: 2
+            }))
+        );
     }
 
     #[test]
