@@ -41,6 +41,10 @@ const CAS_CLIENTS: usize = 2;
 const COUNTER: &str = "cas-counter";
 /// Each client sends at most this many requests, a bound on the run.
 const MAX_OPS_PER_CLIENT: usize = 20_000;
+/// A client waits this long after a request that failed (no leader, no answer) before
+/// its next, as a real client backs off: without it, the fast 503s of an election spend
+/// a long soak's whole budget of requests (a 600 s soak ran out and stalled).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Successful operations to wait for while each fault is in place, and after healing.
 const PROGRESS_OPS: usize = 60;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -129,7 +133,8 @@ impl Recorder {
     }
 
     /// One PUT of a unique value; an unanswered or 503 PUT is recorded as open-ended.
-    fn write(&self, port: u16, key: &str, value: String) {
+    /// Returns whether it was acknowledged.
+    fn write(&self, port: u16, key: &str, value: String) -> bool {
         let call = self.now();
         let url = format!("http://127.0.0.1:{port}/{key}");
         let (code, body) = http_with_timeout(
@@ -158,6 +163,7 @@ impl Recorder {
             ret,
             kind: Kind::Write(value),
         });
+        ret.is_some()
     }
 }
 
@@ -169,10 +175,13 @@ fn run_client(id: usize, ports: Arc<RwLock<Vec<u16>>>, rec: Arc<Recorder>, stop:
         }
         let port = rng.pick(&ports.read().unwrap());
         let key = rng.pick(&KEYS);
-        if rng.below(2) == 0 {
-            rec.write(port, key, format!("c{id}-{n}"));
+        let ok = if rng.below(2) == 0 {
+            rec.write(port, key, format!("c{id}-{n}"))
         } else {
-            rec.read(port, key);
+            rec.read(port, key)
+        };
+        if !ok {
+            thread::sleep(RETRY_PAUSE);
         }
     }
 }
@@ -218,6 +227,7 @@ fn run_cas_client(
         }
         let port = rng.pick(&ports.read().unwrap());
         let Some((value, revision)) = read_counter(port) else {
+            thread::sleep(RETRY_PAUSE);
             continue;
         };
         let next = value + 1;
@@ -232,7 +242,11 @@ fn run_cas_client(
         match code {
             200 => tally.acked.push(next),
             412 => tally.refused += 1,
-            0 | 503 => tally.unknown += 1,
+            0 | 503 => {
+                tally.unknown += 1;
+                drop(tally);
+                thread::sleep(RETRY_PAUSE);
+            }
             other => tally.unexpected.push(format!("PUT {url}: {other} {body}")),
         }
     }
