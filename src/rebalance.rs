@@ -139,6 +139,8 @@ pub async fn run(
     logger: Logger,
 ) {
     let client = reqwest::Client::new();
+    // Draining nodes already reported as unable to hand off a replica.
+    let mut stuck: std::collections::BTreeSet<u64> = Default::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PLAN_EVERY) => {}
@@ -151,7 +153,9 @@ pub async fn run(
         if !leads {
             continue;
         }
-        let plan = next_step(&membership.read().unwrap().clone());
+        let table = membership.read().unwrap().clone();
+        let plan = next_step(&table);
+        report_stuck_drains(&table, plan, &mut stuck, &logger);
         let mv = match plan {
             None => continue,
             Some(Step::Remove(node)) => {
@@ -176,6 +180,34 @@ pub async fn run(
                 warn!(logger, "rebalancing: a move did not finish; the group keeps an extra replica until a later move"; 
                 "group" => mv.group, "from" => mv.from, "to" => mv.to, "error" => e)
             }
+        }
+    }
+}
+
+/// Logs, once per node, a draining node that still hosts replicas no step moves: every
+/// other node hosts those groups already or was removed from them (a node never hosts a
+/// group again), so the node cannot leave without a group running short.
+fn report_stuck_drains(
+    table: &Membership,
+    plan: Option<Step>,
+    stuck: &mut std::collections::BTreeSet<u64>,
+    logger: &Logger,
+) {
+    let busy = match plan {
+        Some(Step::Move(mv)) => Some(mv.from),
+        Some(Step::Remove(node)) => Some(node),
+        None => None,
+    };
+    for &node in &table.draining {
+        let groups: Vec<u64> = table
+            .groups
+            .iter()
+            .filter(|(_, p)| p.members.contains(&node))
+            .map(|(g, _)| *g)
+            .collect();
+        if busy != Some(node) && !groups.is_empty() && stuck.insert(node) {
+            warn!(logger, "rebalancing: a draining node cannot hand off its replicas: every other node hosts those groups or was removed from them"; 
+                "node" => node, "groups" => ?groups);
         }
     }
 }
