@@ -108,6 +108,8 @@ pub enum GroupMsg {
     /// The background snapshot writer finished.
     SnapshotWritten(Result<WrittenSnapshot, String>),
     Status(oneshot::Sender<NodeStatus>),
+    /// Have the group's leader hand leadership to this member.
+    TransferLeader(u64),
 }
 
 /// Everything the raft thread is asked to do.

@@ -23,7 +23,7 @@ use hyper::{Method, Request, StatusCode};
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
 use crate::command::Op;
 use crate::membership::{parse_node_id, Placement};
-use crate::router::{MemberChange, CLUSTER_GROUP};
+use crate::router::{GroupMsg, MemberChange, CLUSTER_GROUP};
 
 /// Largest body of `POST /v1/groups`.
 const MAX_GROUP_BODY_BYTES: usize = 64 * 1024;
@@ -298,6 +298,7 @@ impl Api {
             ));
         }
         if in_group {
+            self.move_leadership_off(group, id, &members).await?;
             self.router
                 .change_members(group, MemberChange::Remove { id }, self.request_timeout)
                 .await?;
@@ -311,6 +312,39 @@ impl Api {
             StatusCode::OK,
             &serde_json::json!({ "id": group, "members": members }),
         ))
+    }
+
+    /// Before node `id` leaves group `group`: if it leads the group, hands leadership to
+    /// another member and waits until that one leads. A leader that applies its own
+    /// removal stops at once, and a member left behind that has not learnt the removal
+    /// committed could never be elected (in a group of two, it waits for a vote from the
+    /// node that left).
+    async fn move_leadership_off(
+        &self,
+        group: u64,
+        id: u64,
+        members: &[crate::router::Member],
+    ) -> Result<(), Failure> {
+        let Some(heir) = members.iter().map(|m| m.id).find(|&m| m != id) else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        loop {
+            let leader = self.router.status(group).await?.leader;
+            if leader != id && leader != 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("node {id} still leads group {group}; retry the removal"),
+                ));
+            }
+            if leader == id {
+                self.router.send(group, GroupMsg::TransferLeader(heir));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Group `group`'s entry in the table of groups; the cluster group's members are

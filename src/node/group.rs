@@ -300,6 +300,12 @@ impl Group {
                     error!(self.logger, "could not record a snapshot"; "error" => &e);
                 }
             }
+            GroupMsg::TransferLeader(to) => {
+                // On a follower raft-rs forwards the request to the leader.
+                self.wake();
+                info!(self.logger, "asking for a leadership transfer"; "to" => to, "term" => self.raw.raft.term);
+                self.raw.transfer_leader(to);
+            }
             GroupMsg::Status(reply) => {
                 let _ = reply.send(self.status());
             }

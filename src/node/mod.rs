@@ -434,6 +434,7 @@ fn not_hosted(group: u64, msg: GroupMsg) {
         GroupMsg::Step(_)
         | GroupMsg::SnapshotSent(..)
         | GroupMsg::SnapshotWritten(_)
-        | GroupMsg::Status(_) => {}
+        | GroupMsg::Status(_)
+        | GroupMsg::TransferLeader(_) => {}
     }
 }
