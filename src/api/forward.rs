@@ -97,7 +97,7 @@ impl Api {
 
     /// Sends `request` to a node that hosts `group` and returns its answer: from the
     /// first node that answers other than 421.
-    pub(super) async fn send_to_host(
+    async fn send_to_host(
         &self,
         group: u64,
         request: Forwarded,
@@ -156,6 +156,19 @@ impl Api {
         ))
     }
 
+    /// Sends `request` to a node that hosts `group` and reads the whole answer. An answer
+    /// that breaks off is an unknown outcome (503), never an empty success.
+    pub(super) async fn send_and_read(
+        &self,
+        group: u64,
+        request: Forwarded,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let answer = self.send_to_host(group, request).await?;
+        let status = answer.status();
+        let body = answer.bytes().await.map_err(broken_off)?;
+        Ok((status, body))
+    }
+
     /// A GET of the JSON at client path `path` on a node that hosts `group`.
     pub(super) async fn fetch_json(
         &self,
@@ -168,9 +181,7 @@ impl Api {
             headers: Vec::new(),
             body: Bytes::new(),
         };
-        let answer = self.send_to_host(group, request).await?;
-        let status = answer.status();
-        let body = answer.bytes().await.map_err(broken_off)?;
+        let (status, body) = self.send_and_read(group, request).await?;
         if status != StatusCode::OK {
             return Err(failure_of(status, &body));
         }

@@ -302,14 +302,13 @@ impl Api {
         }
         let params = parse_query(query, &LIST_PARAMS)?;
         let list = ListRequest::parse(&params)?;
-        Consistency::from_params(&params)?;
+        let consistency = Consistency::from_params(&params)?;
         let groups: BTreeSet<u64> = shards.into_iter().collect();
         let mut items = Vec::new();
         let mut more = false;
         for group in groups {
             let page = if self.router.kv(group).is_some() {
-                self.page_of(group, &list, Consistency::from_params(&params)?)
-                    .await?
+                self.page_of(group, &list, consistency).await?
             } else {
                 let query = query.map(|q| format!("?{q}")).unwrap_or_default();
                 let page = self
@@ -387,9 +386,7 @@ impl Api {
             headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
             body,
         };
-        let answer = self.send_to_host(group, request).await?;
-        let status = answer.status();
-        let body = answer.bytes().await.unwrap_or_default();
+        let (status, body) = self.send_and_read(group, request).await?;
         match status {
             StatusCode::OK => Ok(json_bytes(status, body.to_vec())),
             _ => Err(failure_of(status, &body)),

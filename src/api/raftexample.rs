@@ -80,9 +80,7 @@ impl Api {
     /// routes do: the raw value, 204 for a write, plain-text errors.
     async fn forwarded_raw(&self, group: u64, key: &str, request: Forwarded) -> Reply {
         let is_get = request.method == Method::GET;
-        let answer = self.send_to_host(group, request).await?;
-        let status = answer.status();
-        let body = answer.bytes().await.unwrap_or_default();
+        let (status, body) = self.send_and_read(group, request).await?;
         match status {
             StatusCode::OK if is_get => Ok(Response::new(Full::new(body))),
             StatusCode::OK => Ok(no_content()),
