@@ -86,9 +86,6 @@ pub struct NodeStatus {
     /// The group sleeps: it has nothing to do and does not tick (shown in /v1/groups).
     #[serde(skip)]
     pub asleep: bool,
-    /// The group this is the state of.
-    #[serde(skip)]
-    pub group: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

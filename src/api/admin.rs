@@ -59,21 +59,7 @@ impl Api {
         let data_dir_bytes = tokio::task::spawn_blocking(move || size_of_dir(&dir))
             .await
             .unwrap_or(0);
-        let groups = self
-            .hosted_groups()
-            .await
-            .into_iter()
-            .map(|(status, keys)| GroupState {
-                id: status.group,
-                role: status.role,
-                leader: status.leader,
-                term: status.term,
-                commit: status.commit,
-                applied: status.applied,
-                asleep: status.asleep,
-                keys,
-            })
-            .collect();
+        let groups = self.hosted_groups().await;
         Ok(json_response(
             StatusCode::OK,
             &Status {
@@ -91,31 +77,39 @@ impl Api {
             .hosted_groups()
             .await
             .into_iter()
-            .map(|(status, keys)| GroupGauges {
-                group: status.group,
-                term: status.term,
-                commit: status.commit,
-                applied: status.applied,
-                leader: status.leader == status.id,
-                asleep: status.asleep,
-                keys,
+            .map(|g| GroupGauges {
+                group: g.id,
+                term: g.term,
+                commit: g.commit,
+                applied: g.applied,
+                leader: g.leader == self.id,
+                asleep: g.asleep,
+                keys: g.keys,
             })
             .collect();
         render_groups(&mut text, &gauges);
         Ok(text_response(StatusCode::OK, &text))
     }
 
-    /// The status and key count of every group hosted here (one that stops meanwhile is
-    /// left out).
-    async fn hosted_groups(&self) -> Vec<(NodeStatus, usize)> {
+    /// Every group hosted here, as its replica sees it (one that stops meanwhile is left
+    /// out).
+    async fn hosted_groups(&self) -> Vec<GroupState> {
         let mut groups = Vec::new();
         for group in self.router.hosted() {
             let (Ok(status), Some(kv)) = (self.router.status(group).await, self.router.kv(group))
             else {
                 continue;
             };
-            let keys = kv.read().unwrap().len();
-            groups.push((status, keys));
+            groups.push(GroupState {
+                id: group,
+                role: status.role,
+                leader: status.leader,
+                term: status.term,
+                commit: status.commit,
+                applied: status.applied,
+                asleep: status.asleep,
+                keys: kv.read().unwrap().len(),
+            });
         }
         groups
     }

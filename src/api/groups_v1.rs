@@ -54,11 +54,11 @@ impl Api {
         let rest = rest.strip_prefix('/').unwrap_or(rest);
         let (id, below) = rest.split_once('/').unwrap_or((rest, ""));
         let group = parse_group_id(id)?;
-        if !self.group_exists(group) && req.headers().contains_key(super::FORWARDED_HEADER) {
-            // The forwarder knows the group: this node's table is behind.
-            return Err(Failure::not_hosted_here(group));
-        }
         if !self.group_exists(group) {
+            if req.headers().contains_key(super::FORWARDED_HEADER) {
+                // The forwarder knows the group: this node's table is behind.
+                return Err(Failure::not_hosted_here(group));
+            }
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
                 format!("no raft group {group}; see GET /v1/groups"),

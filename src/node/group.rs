@@ -360,7 +360,6 @@ impl Group {
                 })
                 .collect(),
             asleep: self.asleep,
-            group: self.id,
         }
     }
 
