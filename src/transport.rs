@@ -21,8 +21,11 @@
 //! is refused with 412, so a stray peer can neither feed raft nor tell a node it was
 //! removed.
 //! A message from a removed member is answered 410 Gone, which tells that member it was
-//! removed. Every message carries its raft group id so that one process can later host
-//! many groups. Nothing here interprets raft messages beyond their addressing.
+//! removed. Every message carries its raft group id, and one stream carries every
+//! group's messages between two processes; a message for a group not in the cluster's
+//! table is dropped (raft sends again). The peer port also takes client requests that
+//! another node forwards to a group hosted here (`/client/v1/groups/...`, see
+//! `api/forward.rs`). Nothing here interprets raft messages beyond their addressing.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
