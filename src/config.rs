@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::membership::parse_peer_url;
+use crate::tls::TlsFiles;
 
 /// Most data groups --shards may ask for.
 const MAX_SHARDS: u64 = 4096;
@@ -123,6 +124,55 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_DISABLE_REBALANCING")]
     pub disable_rebalancing: bool,
 
+    /// Certificate (PEM, chain with this node's first) of the client API: with
+    /// --key-file, the client API serves HTTPS.
+    #[arg(long, env = "RAFTKVD_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, env = "RAFTKVD_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+
+    /// Require every client of the client API to present a certificate signed by
+    /// --trusted-ca-file (refused at the TLS handshake otherwise).
+    #[arg(long, env = "RAFTKVD_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+
+    /// CA certificate(s) (PEM) that client certificates must be signed by.
+    #[arg(long, env = "RAFTKVD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Certificate (PEM) this node presents to its peers, as a server and as a client:
+    /// with --peer-key-file and --peer-trusted-ca-file, peers speak mutual TLS and peer
+    /// URLs are https://.
+    #[arg(long, env = "RAFTKVD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --peer-cert-file.
+    #[arg(long, env = "RAFTKVD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM) that peers' certificates must be signed by; a peer whose
+    /// certificate is not is refused at the handshake.
+    #[arg(long, env = "RAFTKVD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// When forming a cluster: derive the cluster id from this token alone (as etcd's
+    /// flag of the same name), so that nodes may spell each other's URLs differently
+    /// (localhost or 127.0.0.1, NAT, containers). Give every node the same token.
+    /// Without it, the id is derived from the --cluster URLs, which must then be
+    /// spelled alike on every node.
+    #[arg(long, env = "RAFTKVD_INITIAL_CLUSTER_TOKEN")]
+    pub initial_cluster_token: Option<String>,
+
+    /// With --client-cert-auth: only clients whose certificate's common name is one of
+    /// these may change membership, manage raft groups or use /debug routes (403 for
+    /// others); reading and writing keys stays open to every authenticated client.
+    /// Repeatable, or comma-separated. Needs peer TLS too, or the peer port would be a
+    /// way around it.
+    #[arg(long, env = "RAFTKVD_ADMIN_CN", value_delimiter = ',')]
+    pub admin_cn: Vec<String>,
+
     /// Ticks between the leader's heartbeats.
     #[arg(long, env = "RAFTKVD_HEARTBEAT_TICKS", default_value_t = 1)]
     pub heartbeat_ticks: usize,
@@ -143,10 +193,12 @@ fn parse_level(text: &str) -> Result<slog::Level, String> {
 impl Config {
     /// Checks the flags against each other and normalises the peer URLs.
     pub fn validate(mut self) -> Result<Config, String> {
+        self.check_tls()?;
+        let tls = self.peer_tls().is_some();
         self.cluster = self
             .cluster
             .iter()
-            .map(|u| parse_peer_url(u))
+            .map(|u| parse_peer_url(u, tls).map_err(|e| format!("--cluster: {e}")))
             .collect::<Result<_, _>>()?;
         if self.id == 0 {
             return Err("--id must be a positive integer".into());
@@ -160,7 +212,8 @@ impl Config {
             ));
         }
         let listed = self.cluster.get(self.id as usize - 1).cloned();
-        self.peer_url = match (self.peer_url.as_deref().map(parse_peer_url), listed) {
+        let own = self.peer_url.as_deref().map(|u| parse_peer_url(u, tls));
+        self.peer_url = match (own, listed) {
             (Some(Err(e)), _) => return Err(format!("--peer-url: {e}")),
             (Some(Ok(own)), Some(listed)) if own != listed => {
                 return Err(format!(
@@ -181,7 +234,15 @@ impl Config {
             }
         };
         if let Some(via) = &self.join_via {
-            self.join_via = Some(parse_peer_url(via).map_err(|e| format!("--join-via: {e}"))?);
+            let https = via.trim().starts_with("https://");
+            if https && !tls {
+                return Err("--join-via https://... needs peer TLS (--peer-cert-file, \
+                    --peer-key-file, --peer-trusted-ca-file): this node presents its peer \
+                    certificate to the member and trusts the peers' CA and --trusted-ca-file"
+                    .into());
+            }
+            self.join_via =
+                Some(parse_peer_url(via, https).map_err(|e| format!("--join-via: {e}"))?);
             self.join = true;
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
@@ -210,6 +271,67 @@ impl Config {
         Ok(self)
     }
 
+    /// Checks the TLS flags against each other (the files are read later, in tls.rs).
+    fn check_tls(&self) -> Result<(), String> {
+        let peer_files = [
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+        ];
+        let given = peer_files.iter().filter(|f| f.is_some()).count();
+        if given != 0 && given != 3 {
+            return Err(
+                "peer TLS needs all three of --peer-cert-file, --peer-key-file and \
+                --peer-trusted-ca-file (peers always authenticate each other)"
+                    .into(),
+            );
+        }
+        if self.client_cert_auth && (self.cert_file.is_none() || self.trusted_ca_file.is_none()) {
+            return Err(
+                "--client-cert-auth needs --cert-file, --key-file and --trusted-ca-file".into(),
+            );
+        }
+        if !self.admin_cn.is_empty() && (!self.client_cert_auth || given == 0) {
+            return Err(
+                "--admin-cn needs --client-cert-auth (to know who a client is) and \
+                peer TLS (or anyone who reaches the peer port could forward an operator's \
+                request)"
+                    .into(),
+            );
+        }
+        if self.enable_fault_injection && !self.client_cert_auth && !is_loopback(&self.listen_host)
+        {
+            return Err(format!(
+                "--enable-fault-injection lets any client cut this node off from its peers: \
+                 refused while the client API listens on {} (not loopback) without \
+                 --client-cert-auth",
+                self.listen_host
+            ));
+        }
+        Ok(())
+    }
+
+    /// The client API's TLS files, if it serves HTTPS.
+    pub fn client_tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.cert_file.clone()?,
+            key: self.key_file.clone()?,
+            trusted_ca: self
+                .trusted_ca_file
+                .clone()
+                .filter(|_| self.client_cert_auth),
+        })
+    }
+
+    /// The peers' TLS files, if peers speak mutual TLS.
+    pub fn peer_tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.peer_cert_file.clone()?,
+            key: self.peer_key_file.clone()?,
+            trusted_ca: Some(self.peer_trusted_ca_file.clone()?),
+        })
+    }
+
     /// Members of each data group of a cluster formed with --shards.
     pub fn replicas(&self) -> usize {
         self.replicas.unwrap_or(3).min(self.cluster.len())
@@ -233,4 +355,14 @@ impl Config {
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.tick_ms)
     }
+}
+
+/// Whether the client API's --listen-host is reachable from this machine only.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

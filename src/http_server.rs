@@ -1,9 +1,13 @@
 //! The accept loop shared by the client API and the peer transport: one hyper HTTP/1
-//! connection task per accepted socket, and a graceful stop that lets in-flight requests
-//! finish (up to a deadline) once shutdown is signalled. It knows nothing about routes.
+//! connection task per accepted socket (after a TLS handshake when the listener has TLS),
+//! and a graceful stop that lets in-flight requests finish (up to a deadline) once
+//! shutdown is signalled. It knows nothing about routes; it only tells handlers which
+//! certificate the client presented ([`ClientCertificate`] in each request's
+//! extensions).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,16 +19,22 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use slog::{info, warn, Logger};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::tls::{ClientCertificate, Tls};
 
 /// How long a stopping server waits for requests already in progress.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(6);
+/// A client that has not finished its TLS handshake within this long is dropped.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Serves `handler` on `listener` until `shutdown` turns true, then drains.
+/// Serves `handler` on `listener` (over TLS if `tls` is given) until `shutdown` turns
+/// true, then drains.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     logger: Logger,
@@ -44,16 +54,18 @@ pub async fn serve<H, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |req| {
-                    let response = handler(req);
-                    async move { Ok::<_, Infallible>(response.await) }
-                });
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                let watcher = graceful.watcher();
+                let (handler, tls, logger) = (handler.clone(), tls.clone(), logger.clone());
                 tokio::spawn(async move {
-                    // A client that goes away mid-request is not an error of ours.
-                    let _ = conn.await;
+                    match tls {
+                        None => serve_connection(TokioIo::new(stream), None, handler, watcher).await,
+                        Some(tls) => {
+                            let Some((stream, certificate)) = handshake(&tls, stream, name, &logger).await else {
+                                return;
+                            };
+                            serve_connection(TokioIo::new(stream), certificate, handler, watcher).await
+                        }
+                    }
                 });
             }
             _ = shutdown.changed() => break,
@@ -69,9 +81,87 @@ pub async fn serve<H, F>(
     info!(logger, "server stopped"; "server" => name);
 }
 
+/// The server's side of a TLS handshake; logs (at debug: a scanner or a peer with the
+/// wrong CA may retry often) and drops a client that fails it.
+async fn handshake(
+    tls: &Tls,
+    stream: TcpStream,
+    server: &'static str,
+    logger: &Logger,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<ClientCertificate>,
+)> {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let accepted = tokio::time::timeout(HANDSHAKE_DEADLINE, tls.acceptor().accept(stream)).await;
+    match accepted {
+        Ok(Ok(stream)) => {
+            let certificate = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|der| ClientCertificate::of(der));
+            Some((stream, certificate))
+        }
+        Ok(Err(e)) => {
+            info!(logger, "TLS handshake refused"; "server" => server, "client" => peer, "error" => %e);
+            None
+        }
+        Err(_) => {
+            info!(logger, "TLS handshake timed out"; "server" => server, "client" => peer);
+            None
+        }
+    }
+}
+
+/// Serves one connection's requests with `handler` until it closes or the server stops.
+async fn serve_connection<I, H, F>(
+    io: I,
+    certificate: Option<ClientCertificate>,
+    handler: H,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if let Some(certificate) = &certificate {
+            req.extensions_mut().insert(certificate.clone());
+        }
+        let response = handler(req);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    let conn = http1::Builder::new().serve_connection(io, service);
+    // A client that goes away mid-request is not an error of ours.
+    let _ = watcher.watch(conn).await;
+}
+
+/// Marks a client request that another member forwarded over the peer port (mutual TLS
+/// when `--admin-cn` is in force): its origin already checked who sent it.
+#[derive(Clone, Copy, Debug)]
+pub struct FromPeer;
+
 /// A response with `status` and a plain-text body.
 pub fn text_response(status: hyper::StatusCode, text: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(text.to_string())));
     *response.status_mut() = status;
     response
+}
+
+/// An error and its causes, on one line (reqwest's own message hides the cause, such as
+/// a refused certificate).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

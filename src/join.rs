@@ -1,6 +1,9 @@
-//! One-step join (`--join-via`), as in the hashicorp raft examples: before a new node
-//! starts, it asks a member to add it (`POST /v1/members`) and learns the members' peer
-//! URLs from the answer, so that it can answer the leader as soon as the leader calls.
+//! Joining a cluster. One-step join (`--join-via`), as in the hashicorp raft examples:
+//! before a new node starts, it asks a member to add it (`POST /v1/members`) and learns
+//! the members' peer URLs and the cluster's id from the answer, so that it can answer the
+//! leader as soon as the leader calls. Two-step join (`POST /<id>`, then `--join`): the
+//! node learns the cluster id from a member listed in its `--cluster` that already counts
+//! it as a member (`cluster_id::learn`); until then it refuses raft traffic.
 //!
 //! It retries while the cluster cannot take the change (no leader, another change
 //! pending, the member unreachable) until a deadline. A 409 that says this very node is
@@ -9,36 +12,51 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use slog::{info, warn, Logger};
 
+use crate::cluster_id;
+use crate::http_server::error_chain;
+use crate::membership::ListedMember;
 use crate::node::CHANGE_IN_PROGRESS;
+use crate::tls::Tls;
 
 /// How long to keep asking before giving up.
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between attempts.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
-/// A member as `/v1/members` lists it.
-#[derive(serde::Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct ListedMember {
-    pub id: u64,
-    pub peer_url: String,
-}
-
 #[derive(serde::Deserialize)]
 struct Members {
     members: Vec<ListedMember>,
+    /// Absent from releases before the cluster id was listed.
+    cluster_id: Option<String>,
+}
+
+/// What a member said when it added this node.
+pub struct Joined {
+    pub members: Vec<ListedMember>,
+    pub cluster_id: u64,
 }
 
 /// Asks the member whose client API is at `via` to add node `id` at `peer_url`; returns
-/// the members (this node included) once the change is applied there.
+/// the members (this node included) and the cluster's id once the change is applied there.
 pub async fn ask_to_join(
     via: &str,
     id: u64,
     peer_url: &str,
+    tls: Option<Arc<Tls>>,
     logger: &Logger,
-) -> Result<Vec<ListedMember>, String> {
-    let client = reqwest::Client::new();
+) -> Result<Joined, String> {
+    let mut client = reqwest::Client::builder();
+    if let Some(tls) = tls {
+        // Presents this node's peer certificate; trusts the peers' CA and the client API's.
+        client = client.use_preconfigured_tls((*tls.client_config()).clone());
+    }
+    let client = client
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
     let deadline = Instant::now() + JOIN_DEADLINE;
     let body = serde_json::json!({ "id": id, "peer_url": peer_url });
     loop {
@@ -58,11 +76,14 @@ pub async fn ask_to_join(
                         return parse_members(&text);
                     }
                     409 => match members_of(&client, via).await {
-                        Ok(members)
-                            if members.iter().any(|m| m.id == id && m.peer_url == peer_url) =>
+                        Ok(joined)
+                            if joined
+                                .members
+                                .iter()
+                                .any(|m| m.id == id && m.peer_url == peer_url) =>
                         {
                             info!(logger, "already a member of the cluster"; "via" => via);
-                            return Ok(members);
+                            return Ok(joined);
                         }
                         _ if text.contains(CHANGE_IN_PROGRESS) => format!("{status}: {text}"),
                         _ => return Err(format!("{via} refused to add this node: {text}")),
@@ -71,7 +92,7 @@ pub async fn ask_to_join(
                     _ => return Err(format!("{via} refused to add this node ({status}): {text}")),
                 }
             }
-            Err(e) => format!("cannot reach {via}: {e}"),
+            Err(e) => format!("cannot reach {via}: {}", error_chain(&e)),
         };
         if Instant::now() + RETRY_EVERY > deadline {
             return Err(format!(
@@ -83,7 +104,7 @@ pub async fn ask_to_join(
     }
 }
 
-async fn members_of(client: &reqwest::Client, via: &str) -> Result<Vec<ListedMember>, String> {
+async fn members_of(client: &reqwest::Client, via: &str) -> Result<Joined, String> {
     let text = client
         .get(format!("{via}/v1/members"))
         .timeout(Duration::from_secs(10))
@@ -96,8 +117,16 @@ async fn members_of(client: &reqwest::Client, via: &str) -> Result<Vec<ListedMem
     parse_members(&text)
 }
 
-fn parse_members(text: &str) -> Result<Vec<ListedMember>, String> {
-    serde_json::from_str::<Members>(text)
-        .map(|m| m.members)
-        .map_err(|e| format!("unexpected member list {text:?}: {e}"))
+fn parse_members(text: &str) -> Result<Joined, String> {
+    let listed = serde_json::from_str::<Members>(text)
+        .map_err(|e| format!("unexpected member list {text:?}: {e}"))?;
+    let cluster_id = listed
+        .cluster_id
+        .as_deref()
+        .and_then(cluster_id::parse)
+        .ok_or_else(|| format!("the member did not say which cluster it is in: {text:?}"))?;
+    Ok(Joined {
+        members: listed.members,
+        cluster_id,
+    })
 }

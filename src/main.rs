@@ -31,13 +31,14 @@ mod router;
 mod sharding;
 mod snapshot;
 mod storage;
+mod tls;
 mod transport;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use clap::Parser;
-use slog::{error, info, o, Drain, Logger};
+use slog::{error, info, o, warn, Drain, Logger};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
@@ -101,22 +102,31 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let tls = TlsSet::load(&config)?;
     // Until the log is replayed, the command line (or the join answer) is the best guess
     // at where the peers are.
     let mut known_peers: Vec<(u64, String)> = (1..).zip(config.cluster.iter().cloned()).collect();
+    // The cluster a node joining with --join-via was added to.
+    let mut joined_cluster = None;
     if !store.is_empty() {
         info!(logger, "restarting from the data dir";
             "data_dir" => %data_dir.display(), "term" => store.hard_state().term,
             "commit" => store.hard_state().commit);
     } else if config.join {
         if let Some(via) = &config.join_via {
-            let members = runtime.block_on(join::ask_to_join(
+            let joined = runtime.block_on(join::ask_to_join(
                 via,
                 config.id,
                 config.own_peer_url(),
+                tls.join.clone(),
                 logger,
             ))?;
-            known_peers = members.into_iter().map(|m| (m.id, m.peer_url)).collect();
+            known_peers = joined
+                .members
+                .into_iter()
+                .map(|m| (m.id, m.peer_url))
+                .collect();
+            joined_cluster = Some(joined.cluster_id);
         }
         info!(
             logger,
@@ -130,17 +140,27 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         info!(logger, "formed a new cluster"; "members" => nodes, "shards" => config.shards);
     }
     let cluster_id = Arc::new(cluster_id::ClusterId::load(data_dir.join("cluster-id"))?);
-    if cluster_id.get().is_none() && !config.join {
-        cluster_id.adopt(cluster_id::ClusterId::of_initial_cluster(&config.cluster))?;
+    if cluster_id.get().is_none() {
+        if let Some(joined) = joined_cluster {
+            cluster_id.adopt(joined)?;
+        } else if !config.join {
+            let token = config.initial_cluster_token.as_deref();
+            cluster_id.adopt(cluster_id::ClusterId::of_initial_cluster(
+                &config.cluster,
+                token,
+            ))?;
+        }
     }
 
     let exit = runtime.block_on(serve(
         config,
         engine,
-        store,
-        recovered,
-        known_peers,
-        cluster_id,
+        Recovered {
+            store,
+            snapshot: recovered,
+            known_peers,
+        },
+        Identity { cluster_id, tls },
         logger.clone(),
     ))?;
     match exit {
@@ -175,21 +195,40 @@ fn refuse_if_removed(data_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What the data dir (or the join) told about the cluster group before serving.
+struct Recovered {
+    store: LogStore,
+    /// The cluster group's latest snapshot, if any.
+    snapshot: Option<snapshot::SnapshotData>,
+    /// Where the peers are, until the log says otherwise.
+    known_peers: Vec<(u64, String)>,
+}
+
+/// Which cluster this node is in, and the certificates it proves who it is with.
+struct Identity {
+    cluster_id: Arc<cluster_id::ClusterId>,
+    tls: TlsSet,
+}
+
 /// Runs the node thread and both HTTP servers until the node stops; returns why it did.
 async fn serve(
     config: Config,
     engine: Arc<raft_engine::Engine>,
-    store: LogStore,
-    recovered: Option<snapshot::SnapshotData>,
-    known_peers: Vec<(u64, String)>,
-    cluster_id: Arc<cluster_id::ClusterId>,
+    recovered: Recovered,
+    identity: Identity,
     logger: Logger,
 ) -> Result<NodeExit, String> {
+    let Recovered {
+        store,
+        snapshot: recovered,
+        known_peers,
+    } = recovered;
+    let Identity { cluster_id, tls } = identity;
     let own_url = reqwest::Url::parse(config.own_peer_url()).expect("validated in config");
     let peer_addr = format!(
         "{}:{}",
         own_url.host_str().unwrap_or("127.0.0.1"),
-        own_url.port().unwrap_or(80)
+        own_url.port_or_known_default().unwrap_or(80)
     );
     // Bound here, served on the raft thread (see below).
     let peer_listener = std::net::TcpListener::bind(&peer_addr)
@@ -206,11 +245,14 @@ async fn serve(
     let partition = Arc::new(faults::Partition::default());
     let metrics = Arc::new(metrics::Metrics::default());
     let transport = Arc::new(Transport::new(
+        config.id,
         tokio::runtime::Handle::current(),
         router.clone(),
+        membership.clone(),
         partition.clone(),
         config.data_dir(),
         cluster_id.clone(),
+        tls.peer.clone(),
         metrics.clone(),
         logger.new(o!("component" => "transport")),
     ));
@@ -255,17 +297,35 @@ async fn serve(
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
         partition: config.enable_fault_injection.then_some(partition.clone()),
+        peer_tls: tls.peer.is_some(),
+        admin_cns: config.admin_cn.clone(),
         data_dir: config.data_dir(),
         metrics: metrics.clone(),
         logger: logger.new(o!("component" => "api")),
     });
     let (stop_servers, servers_stopping) = watch::channel(false);
+    if cluster_id.get().is_none() {
+        // Joining with --join: learn the cluster id from a member that lists this node.
+        tokio::spawn(cluster_id::learn(
+            transport.client(),
+            config.id,
+            config.own_peer_url().to_string(),
+            known_peers
+                .iter()
+                .filter(|(id, _)| *id != config.id)
+                .cloned()
+                .collect(),
+            cluster_id.clone(),
+            logger.clone(),
+        ));
+    }
     let peer_service = Arc::new(transport::PeerService {
+        own_id: config.id,
         node: router.clone(),
         membership: membership.clone(),
         partition,
         data_dir: config.data_dir(),
-        cluster_id,
+        cluster_id: cluster_id.clone(),
         forwarded: forwarded_requests_to(api.clone()),
         strangers: Default::default(),
         logger: logger.new(o!("component" => "transport")),
@@ -273,6 +333,7 @@ async fn serve(
     let (exit_tx, mut exit_rx) = oneshot::channel();
     let peer_server = PeerServer {
         listener: peer_listener,
+        tls: tls.peer.clone(),
         service: peer_service,
         stopping: servers_stopping.clone(),
         logger: logger.clone(),
@@ -285,27 +346,30 @@ async fn serve(
         .map_err(|e| format!("cannot start the node thread: {e}"))?;
 
     if !config.disable_rebalancing {
-        let host = match config.listen_host.as_str() {
-            "0.0.0.0" | "::" | "[::]" => "127.0.0.1",
-            host => host,
-        };
         tokio::spawn(rebalance::run(
             config.id,
-            format!("http://{host}:{}", config.port),
+            rebalance::OwnApi {
+                client: transport.client(),
+                base: format!("{}{}", config.own_peer_url(), transport::FORWARD_PREFIX),
+                cluster_id,
+            },
             router.clone(),
             membership.clone(),
             servers_stopping.clone(),
             logger.new(o!("component" => "rebalance")),
         ));
     }
+    tokio::spawn(tls.clone().reload_on_sighup(logger.clone()));
     let api_server = tokio::spawn(http_server::serve(
         "api",
         api_listener,
+        tls.client.clone(),
         move |req| api.clone().handle(req),
         servers_stopping,
         logger.clone(),
     ));
-    info!(logger, "serving"; "api" => &api_addr, "peer" => config.own_peer_url());
+    info!(logger, "serving"; "api" => &api_addr, "peer" => config.own_peer_url(),
+        "api_tls" => tls.client.is_some(), "peer_tls" => tls.peer.is_some());
 
     let exit = tokio::select! {
         signal = shutdown_signal() => {
@@ -343,9 +407,68 @@ fn forwarded_requests_to(api: Arc<Api>) -> transport::ClientApi {
     })
 }
 
+/// The TLS of each side, loaded from the files the flags name.
+#[derive(Clone)]
+struct TlsSet {
+    /// The client API's, if it serves HTTPS.
+    client: Option<Arc<tls::Tls>>,
+    /// The peers' (both ends of every peer connection), if peers speak mutual TLS.
+    peer: Option<Arc<tls::Tls>>,
+    /// What `--join-via` presents and trusts: the peer certificate, and the peers' CA
+    /// with the client API's.
+    join: Option<Arc<tls::Tls>>,
+}
+
+impl TlsSet {
+    fn load(config: &Config) -> Result<TlsSet, String> {
+        let load = |files: Option<tls::TlsFiles>, extra: Vec<std::path::PathBuf>| {
+            files.map(|files| tls::Tls::load(files, extra)).transpose()
+        };
+        Ok(TlsSet {
+            client: load(config.client_tls(), vec![])?,
+            peer: load(config.peer_tls(), vec![])?,
+            join: load(
+                config.peer_tls(),
+                config.trusted_ca_file.iter().cloned().collect(),
+            )?,
+        })
+    }
+
+    /// Reads every certificate, key and CA file again on each SIGHUP, as etcd does; a
+    /// file that does not load leaves the old ones in force.
+    async fn reload_on_sighup(self, logger: Logger) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            warn!(
+                logger,
+                "cannot install a SIGHUP handler: certificates are not reloaded"
+            );
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            for (side, tls) in [
+                ("api", &self.client),
+                ("peer", &self.peer),
+                ("join", &self.join),
+            ] {
+                let Some(tls) = tls else { continue };
+                match tls.reload() {
+                    Ok(()) => info!(logger, "reloaded TLS certificates"; "side" => side,
+                        "cert" => %tls.files().cert.display()),
+                    Err(e) => {
+                        error!(logger, "could not reload TLS certificates; the previous ones stay in force";
+                        "side" => side, "error" => e)
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The peer-facing server, before it starts on the raft thread.
 struct PeerServer {
     listener: std::net::TcpListener,
+    tls: Option<Arc<tls::Tls>>,
     service: Arc<transport::PeerService>,
     stopping: watch::Receiver<bool>,
     logger: Logger,
@@ -375,6 +498,7 @@ fn run_raft_thread(
         tokio::spawn(http_server::serve(
             "peer",
             listener,
+            peers.tls,
             move |req| transport::handle_peer_request(req, service.clone()),
             peers.stopping,
             peers.logger,

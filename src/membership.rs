@@ -40,14 +40,29 @@ pub struct Placement {
     pub removed: BTreeSet<u64>,
 }
 
-/// Checks that `url` is an `http://host:port` peer URL and returns it normalised
-/// (without a trailing slash).
-pub fn parse_peer_url(url: &str) -> Result<String, String> {
+/// A member as `/v1/members` lists it.
+#[derive(serde::Deserialize, serde::Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListedMember {
+    pub id: u64,
+    pub peer_url: String,
+}
+
+/// Checks that `url` is a `http://host:port` peer URL (`https://` when `tls`, the peers
+/// speaking TLS) and returns it normalised (without a trailing slash).
+pub fn parse_peer_url(url: &str, tls: bool) -> Result<String, String> {
     let trimmed = url.trim();
     let parsed =
         reqwest::Url::parse(trimmed).map_err(|e| format!("invalid peer URL {trimmed:?}: {e}"))?;
-    if parsed.scheme() != "http" {
-        return Err(format!("peer URL {trimmed:?} must start with http://"));
+    let scheme = if tls { "https" } else { "http" };
+    if parsed.scheme() != scheme {
+        let why = if tls {
+            "peers speak TLS (--peer-cert-file)"
+        } else {
+            "peers speak plain HTTP (no --peer-cert-file)"
+        };
+        return Err(format!(
+            "peer URL {trimmed:?} must start with {scheme}://: {why}"
+        ));
     }
     if parsed.host_str().is_none() || parsed.port().is_none() {
         return Err(format!("peer URL {trimmed:?} must name a host and a port"));
@@ -58,6 +73,19 @@ pub fn parse_peer_url(url: &str) -> Result<String, String> {
         ));
     }
     Ok(trimmed.trim_end_matches('/').to_string())
+}
+
+/// `host:port` of a peer URL that [`parse_peer_url`] accepted.
+pub fn authority_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest)
+}
+
+/// The host of a peer URL that [`parse_peer_url`] accepted (brackets kept for IPv6).
+pub fn host_of(url: &str) -> &str {
+    let authority = authority_of(url);
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
 }
 
 /// Parses a node id: a positive integer.
@@ -75,9 +103,16 @@ mod tests {
     #[test]
     fn peer_urls() {
         assert_eq!(
-            parse_peer_url("http://127.0.0.1:42379/").unwrap(),
+            parse_peer_url("http://127.0.0.1:42379/", false).unwrap(),
             "http://127.0.0.1:42379"
         );
+        assert_eq!(
+            parse_peer_url("https://localhost:42379", true).unwrap(),
+            "https://localhost:42379"
+        );
+        assert_eq!(authority_of("https://localhost:42379"), "localhost:42379");
+        assert_eq!(host_of("https://[::1]:42379"), "[::1]");
+        assert!(parse_peer_url("http://127.0.0.1:1", true).is_err());
         for bad in [
             "",
             "127.0.0.1:42379",
@@ -85,7 +120,7 @@ mod tests {
             "http://127.0.0.1",
             "http://h:1/x",
         ] {
-            assert!(parse_peer_url(bad).is_err(), "{bad}");
+            assert!(parse_peer_url(bad, false).is_err(), "{bad}");
         }
     }
 

@@ -15,8 +15,15 @@
 //! [`PeerStream::send`] must never block and never write a partial chunk into the stream
 //! out of order: every write happens under the backlog's lock, and only when the
 //! backlog ahead of it is empty.
+//!
+//! With peer TLS the task makes the handshake (tokio-rustls), then keeps the rustls
+//! connection beside the socket ([`Wire`]): a write encrypts into TLS records and puts
+//! them on the socket the same non-blocking way, and records the socket did not take
+//! wait inside rustls until the task sees the socket writable.
 
-use std::io;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +33,7 @@ use slog::{debug, info, warn, Logger};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::cluster_id;
 use crate::metrics::Metrics;
 use crate::router::Router;
 
@@ -43,11 +51,25 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 pub struct StreamTarget {
     /// `host:port` of the peer's raft listener.
     pub authority: String,
+    /// With peer TLS: the client configuration and the name the peer's certificate must
+    /// carry.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     /// The request path, e.g. `/raft`.
     pub path: String,
     /// Extra request headers (the cluster id), computed when a stream opens.
     pub headers: Box<dyn Fn() -> Vec<(&'static str, String)> + Send + Sync>,
+    /// Checks a 410 answer, given the cluster id it carried, before this node believes
+    /// that it was removed.
+    pub confirm_removal: ConfirmRemoval,
 }
+
+/// See [`StreamTarget::confirm_removal`]: Ok once the removal is confirmed.
+pub type ConfirmRemoval = Box<
+    dyn Fn(Option<u64>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync,
+>;
 
 /// The sending end of one peer's stream, shared by the node's thread and its task.
 pub struct PeerStream {
@@ -70,15 +92,16 @@ enum Conn {
     Idle,
     /// The task is connecting; messages wait in the backlog.
     Connecting,
-    Open(Arc<TcpStream>),
+    Open(Arc<Wire>),
     /// A write failed; the task closes the connection.
     Broken(String),
 }
 
 /// How a stream ended.
 enum Ended {
-    /// The peer says this node was removed from the cluster.
-    Removed(String),
+    /// The peer says this node was removed from the cluster: why, and the cluster id its
+    /// answer carried.
+    Removed(String, Option<u64>),
     Failed(String),
     /// The transport stopped sending to this peer.
     Closed,
@@ -122,8 +145,13 @@ impl PeerStream {
         let mut out = self.outbox.lock().unwrap();
         let mut written = 0;
         match &out.conn {
-            Conn::Open(socket) if out.backlog.is_empty() => match socket.try_write(&chunk) {
-                Ok(n) if n == chunk.len() => return,
+            Conn::Open(wire) if out.backlog.is_empty() => match wire.try_write(&chunk) {
+                Ok(n) if n == chunk.len() => {
+                    if wire.holds_records() {
+                        self.wake.notify_one(); // the task writes them out
+                    }
+                    return;
+                }
                 Ok(n) => written = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
@@ -153,16 +181,16 @@ impl PeerStream {
     }
 
     /// Writes out as much of the backlog as the socket takes now. Ok(true) once empty.
-    fn flush(&self, socket: &TcpStream) -> io::Result<bool> {
+    fn flush(&self, wire: &Wire) -> io::Result<bool> {
         let mut out = self.outbox.lock().unwrap();
         while !out.backlog.is_empty() {
-            match socket.try_write(&out.backlog) {
+            match wire.try_write(&out.backlog) {
                 Ok(n) => out.backlog.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
+        wire.write_records().map(|()| !wire.holds_records())
     }
 }
 
@@ -202,10 +230,19 @@ impl StreamTask {
             }
             match ended {
                 Ended::Closed => return,
-                Ended::Removed(reason) => {
-                    warn!(self.logger, "peer says this node was removed from the cluster"; "reason" => reason);
-                    self.node.removed_by_peer(self.stream.id);
-                    return;
+                Ended::Removed(reason, cluster) => {
+                    match (self.target.confirm_removal)(cluster).await {
+                        Ok(()) => {
+                            warn!(self.logger, "peer says this node was removed from the cluster, and the leader confirms it"; "reason" => reason);
+                            self.node.removed_by_peer(self.stream.id);
+                            return;
+                        }
+                        Err(why) => {
+                            warn!(self.logger, "peer says this node was removed from the cluster; not believed"; "reason" => reason, "why" => why);
+                            self.node.report_unreachable(self.stream.id);
+                            tokio::time::sleep(REACHABLE_AFTER).await;
+                        }
+                    }
                 }
                 Ended::Failed(why) => {
                     Metrics::inc(&self.metrics.peer_send_errors);
@@ -232,19 +269,37 @@ impl StreamTask {
         }
     }
 
-    /// Connects and puts the request head in front of the waiting chunks.
-    async fn connect(&self) -> Result<Arc<TcpStream>, String> {
+    /// Connects (and makes the TLS handshake) and puts the request head in front of the
+    /// waiting chunks.
+    async fn connect(&self) -> Result<Arc<Wire>, String> {
         let target = &self.target;
-        let socket = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target.authority))
+        let opened = async {
+            let socket = TcpStream::connect(&target.authority)
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", target.authority))?;
+            socket.set_nodelay(true).map_err(|e| e.to_string())?;
+            let Some((config, name)) = &target.tls else {
+                return Ok::<Wire, String>(Wire { socket, tls: None });
+            };
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let (socket, session) = connector
+                .connect(name.clone(), socket)
+                .await
+                .map_err(|e| format!("TLS handshake with {} failed: {e}", target.authority))?
+                .into_inner();
+            Ok(Wire {
+                socket,
+                tls: Some(Mutex::new(session)),
+            })
+        };
+        let wire = tokio::time::timeout(CONNECT_TIMEOUT, opened)
             .await
             .map_err(|_| {
                 format!(
                     "no connection to {} within {CONNECT_TIMEOUT:?}",
                     target.authority
                 )
-            })?
-            .map_err(|e| format!("cannot connect to {}: {e}", target.authority))?;
-        socket.set_nodelay(true).map_err(|e| e.to_string())?;
+            })??;
         let mut head = format!(
             "POST {} HTTP/1.1\r\nhost: {}\r\ntransfer-encoding: chunked\r\n",
             target.path, target.authority
@@ -253,18 +308,18 @@ impl StreamTask {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
-        let socket = Arc::new(socket);
+        let wire = Arc::new(wire);
         let mut out = self.stream.outbox.lock().unwrap();
         let mut backlog = BytesMut::from(head.as_bytes());
         backlog.extend_from_slice(&out.backlog);
         out.backlog = backlog;
-        out.conn = Conn::Open(socket.clone());
-        Ok(socket)
+        out.conn = Conn::Open(wire.clone());
+        Ok(wire)
     }
 
     /// Keeps the stream flowing until it ends: writes out the backlog when there is one
     /// and the socket takes it, and reads the peer's answer.
-    async fn serve(&self, socket: &TcpStream, reachable: &mut bool) -> Ended {
+    async fn serve(&self, wire: &Wire, reachable: &mut bool) -> Ended {
         let mut answer = Vec::new();
         let mut backlog_waiting = true;
         let confirm = tokio::time::sleep(REACHABLE_AFTER);
@@ -272,7 +327,7 @@ impl StreamTask {
         let mut confirmed = *reachable;
         loop {
             if backlog_waiting {
-                match self.stream.flush(socket) {
+                match self.stream.flush(wire) {
                     Ok(empty) => backlog_waiting = !empty,
                     Err(e) => return Ended::Failed(format!("writing to the peer: {e}")),
                 }
@@ -287,16 +342,16 @@ impl StreamTask {
                     }
                     backlog_waiting = true;
                 }
-                ready = socket.writable(), if backlog_waiting => {
+                ready = wire.socket.writable(), if backlog_waiting => {
                     if let Err(e) = ready {
                         return Ended::Failed(e.to_string());
                     }
                 }
-                ready = socket.readable() => {
+                ready = wire.socket.readable() => {
                     if let Err(e) = ready {
                         return Ended::Failed(e.to_string());
                     }
-                    if let Some(ended) = read_answer(socket, &mut answer) {
+                    if let Some(ended) = read_answer(wire, &mut answer) {
                         return ended;
                     }
                 }
@@ -312,11 +367,104 @@ impl StreamTask {
     }
 }
 
+/// An open connection to the peer: the socket, and the TLS session on it if any. Every
+/// call is non-blocking (`WouldBlock` when the socket is not ready).
+struct Wire {
+    socket: TcpStream,
+    tls: Option<Mutex<rustls::ClientConnection>>,
+}
+
+impl Wire {
+    /// Writes a prefix of `data` and says how long it was. With TLS the prefix is taken
+    /// into TLS records, which go on the socket now or at the next
+    /// [`Wire::write_records`]; no new data is taken while earlier records wait.
+    fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.socket.try_write(data);
+        };
+        let mut session = tls.lock().unwrap();
+        if !write_records(&mut session, &self.socket)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let taken = session.writer().write(data)?;
+        if taken == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        write_records(&mut session, &self.socket)?;
+        Ok(taken)
+    }
+
+    /// Puts waiting TLS records on the socket, as far as it takes them.
+    fn write_records(&self) -> io::Result<()> {
+        if let Some(tls) = &self.tls {
+            write_records(&mut tls.lock().unwrap(), &self.socket)?;
+        }
+        Ok(())
+    }
+
+    /// Whether TLS records wait for the socket to take them.
+    fn holds_records(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|tls| tls.lock().unwrap().wants_write())
+    }
+
+    /// Reads what the peer sent (decrypted); Ok(0) at the end of the stream.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.socket.try_read(buf);
+        };
+        let mut session = tls.lock().unwrap();
+        loop {
+            match session.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if session.read_tls(&mut SocketIo(&self.socket))? == 0 {
+                return Ok(0);
+            }
+            session.process_new_packets().map_err(io::Error::other)?;
+        }
+    }
+}
+
+/// Ok(true) once rustls holds no more records to send.
+fn write_records(session: &mut rustls::ClientConnection, socket: &TcpStream) -> io::Result<bool> {
+    while session.wants_write() {
+        match session.write_tls(&mut SocketIo(socket)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// The socket as `std::io` (non-blocking) for rustls.
+struct SocketIo<'a>(&'a TcpStream);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Reads what the peer sent. The peer answers only to end the stream, so once the
 /// answer is whole (or the connection closed) the stream is over.
-fn read_answer(socket: &TcpStream, answer: &mut Vec<u8>) -> Option<Ended> {
+fn read_answer(wire: &Wire, answer: &mut Vec<u8>) -> Option<Ended> {
     let mut buf = [0u8; 4096];
-    match socket.try_read(&mut buf) {
+    match wire.try_read(&mut buf) {
         Ok(0) => Some(
             ended_by(answer, true)
                 .unwrap_or_else(|| Ended::Failed("the peer closed the stream".into())),
@@ -339,28 +487,33 @@ fn ended_by(answer: &[u8], eof: bool) -> Option<Ended> {
     let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&answer[..head_end]);
     let body = &answer[head_end + 4..];
-    let length = head.lines().skip(1).find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
+    let length = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok());
     let body = match length {
         Some(length) if body.len() >= length => &body[..length],
         _ if eof => body,
         _ => return None,
     };
     let reason = String::from_utf8_lossy(body).trim().to_string();
+    let cluster = header(&head, cluster_id::HEADER).and_then(cluster_id::parse);
     let status = head
         .lines()
         .next()
         .and_then(|line| line.split(' ').nth(1))
         .and_then(|code| code.parse::<u16>().ok());
     Some(match status {
-        Some(410) => Ended::Removed(reason),
+        Some(410) => Ended::Removed(reason, cluster),
         Some(status) => Ended::Failed(format!(
             "the peer ended the stream: HTTP {status}: {reason}"
         )),
         None => Ended::Failed("the peer sent an unreadable answer".into()),
+    })
+}
+
+/// The value of header `name` in an HTTP answer's `head`.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
     })
 }
 
@@ -377,7 +530,12 @@ mod tests {
     fn answers_are_read_once_whole() {
         let gone = b"HTTP/1.1 410 Gone\r\ncontent-length: 9\r\n\r\nnode 3 was";
         assert!(ended_by(&gone[..40], false).is_none());
-        assert!(matches!(ended_by(gone, false), Some(Ended::Removed(r)) if r == "node 3 wa"));
+        assert!(matches!(ended_by(gone, false), Some(Ended::Removed(r, None)) if r == "node 3 wa"));
+        let signed = b"HTTP/1.1 410 Gone\r\nx-raftkvd-cluster-id: 00000000000000ab\r\ncontent-length: 0\r\n\r\n";
+        assert!(matches!(
+            ended_by(signed, false),
+            Some(Ended::Removed(_, Some(0xab)))
+        ));
         let refused = b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 5\r\n\r\nother";
         assert!(matches!(ended_by(refused, false),
             Some(Ended::Failed(w)) if w == "the peer ended the stream: HTTP 412: other"));

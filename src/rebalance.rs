@@ -6,19 +6,22 @@
 //! The node that leads the cluster group plans: [`next_step`] first picks a replica of a
 //! draining node and the least loaded other node that can take it, or removes a drained
 //! node; otherwise a replica on the most loaded node that the least loaded node can take
-//! (it is not there, and was never removed from that group). It carries the move out as an operator would, through this
-//! node's own client API (`run`): add the new node to the group (it is sent the log or
+//! (it is not there, and was never removed from that group). It carries the move out as
+//! an operator would, through this node's own client API (`run`, reached over its peer
+//! port as a forwarded request): add the new node to the group (it is sent the log or
 //! a snapshot), wait until its replica has applied the group's log up to the addition,
 //! then remove the old node, which deletes its copy. The group has one replica more, not
 //! less, while a move runs, and a move that fails half-way leaves it so, never short.
 //! Leaders are not moved yet.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
+use crate::cluster_id::{self, ClusterId};
 use crate::membership::{Membership, SharedMembership};
 use crate::router::{Router, CLUSTER_GROUP};
 
@@ -128,17 +131,35 @@ fn next_move_among(membership: &Membership, nodes: &[(u64, usize)]) -> Option<Mo
     None
 }
 
+/// This node's own API, reached through its peer port (`/client/...`, as another member
+/// forwards a request): with mutual TLS between peers and `--admin-cn`, the peer
+/// certificate is what lets this node change groups and members.
+pub struct OwnApi {
+    pub client: reqwest::Client,
+    /// `<own peer URL>/client`.
+    pub base: String,
+    pub cluster_id: Arc<ClusterId>,
+}
+
+impl OwnApi {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        match self.cluster_id.get() {
+            Some(id) => request.header(cluster_id::HEADER, cluster_id::format(id)),
+            None => request,
+        }
+    }
+}
+
 /// Plans and carries out moves while this node leads the cluster group, until `stop`.
-/// `api` is this node's own client API (`http://host:port`).
 pub async fn run(
     own_id: u64,
-    api: String,
+    api: OwnApi,
     router: Router,
     membership: SharedMembership,
     mut stop: watch::Receiver<bool>,
     logger: Logger,
 ) {
-    let client = reqwest::Client::new();
     // Draining nodes already reported as unable to hand off a replica.
     let mut stuck: std::collections::BTreeSet<u64> = Default::default();
     loop {
@@ -159,7 +180,7 @@ pub async fn run(
         let mv = match plan {
             None => continue,
             Some(Step::Remove(node)) => {
-                match remove_node(&client, &api, node).await {
+                match remove_node(&api, node).await {
                     Ok(()) => {
                         info!(logger, "rebalancing: a drained node was removed from the cluster"; "node" => node)
                     }
@@ -173,7 +194,7 @@ pub async fn run(
         };
         info!(logger, "rebalancing: moving a replica"; "group" => mv.group, "from" => mv.from, "to" => mv.to);
         let started = Instant::now();
-        match carry_out(&client, &api, mv).await {
+        match carry_out(&api, mv).await {
             Ok(()) => info!(logger, "rebalancing: replica moved"; "group" => mv.group,
                 "from" => mv.from, "to" => mv.to, "ms" => started.elapsed().as_millis()),
             Err(e) => {
@@ -213,10 +234,13 @@ fn report_stuck_drains(
 }
 
 /// Add `to`, wait for its replica to catch up, remove `from`.
-async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), String> {
+async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
     let Move { group, from, to } = mv;
-    let added = client
-        .post(format!("{api}/v1/groups/{group}/members"))
+    let added = api
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/groups/{group}/members"),
+        )
         .json(&serde_json::json!({ "id": to }))
         .send()
         .await
@@ -231,7 +255,7 @@ async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), 
             .as_str()
             .is_some_and(|e| e.contains("already a member")) =>
         {
-            group_view(client, api, group, None).await?["applied"]
+            group_view(api, group, None).await?["applied"]
                 .as_u64()
                 .unwrap_or(0)
         }
@@ -239,7 +263,7 @@ async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), 
     };
     let deadline = Instant::now() + CATCH_UP_DEADLINE;
     loop {
-        let view = group_view(client, api, group, Some(to)).await;
+        let view = group_view(api, group, Some(to)).await;
         if view.is_ok_and(|v| v["applied"].as_u64().unwrap_or(0) >= reached) {
             break;
         }
@@ -248,8 +272,11 @@ async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let removed = client
-        .delete(format!("{api}/v1/groups/{group}/members/{from}"))
+    let removed = api
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/groups/{group}/members/{from}"),
+        )
         .send()
         .await
         .map_err(|e| format!("removing node {from}: {e}"))?;
@@ -264,9 +291,9 @@ async fn carry_out(client: &reqwest::Client, api: &str, mv: Move) -> Result<(), 
 }
 
 /// `DELETE /v1/members/<node>`: the cluster removes the drained node, which exits.
-async fn remove_node(client: &reqwest::Client, api: &str, node: u64) -> Result<(), String> {
-    let answer = client
-        .delete(format!("{api}/v1/members/{node}"))
+async fn remove_node(api: &OwnApi, node: u64) -> Result<(), String> {
+    let answer = api
+        .request(reqwest::Method::DELETE, &format!("/v1/members/{node}"))
         .send()
         .await
         .map_err(|e| e.to_string())?;
@@ -282,14 +309,13 @@ async fn remove_node(client: &reqwest::Client, api: &str, node: u64) -> Result<(
 
 /// `GET /v1/groups/<group>`, as node `node`'s replica sees it if given.
 async fn group_view(
-    client: &reqwest::Client,
-    api: &str,
+    api: &OwnApi,
     group: u64,
     node: Option<u64>,
 ) -> Result<serde_json::Value, String> {
     let query = node.map(|n| format!("?node={n}")).unwrap_or_default();
-    let answer = client
-        .get(format!("{api}/v1/groups/{group}{query}"))
+    let answer = api
+        .request(reqwest::Method::GET, &format!("/v1/groups/{group}{query}"))
         .send()
         .await
         .map_err(|e| e.to_string())?;

@@ -53,7 +53,7 @@ pub fn formation_ops(shards: u64, nodes: u64, replicas: usize) -> Vec<Op> {
 }
 
 /// 64-bit FNV-1a: simple, fast on short keys, and fixed forever.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         hash ^= u64::from(b);

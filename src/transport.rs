@@ -45,12 +45,13 @@ use tokio::io::AsyncWriteExt;
 use crate::cluster_id::{self, ClusterId};
 use crate::durable;
 use crate::faults::Partition;
-use crate::http_server::text_response as reply;
-use crate::membership::{Membership, SharedMembership};
+use crate::http_server::{text_response as reply, FromPeer};
+use crate::membership::{self, Membership, SharedMembership};
 use crate::metrics::Metrics;
 use crate::peer_stream::{PeerStream, StreamTarget, CONNECT_TIMEOUT};
 use crate::router::{Router, CLUSTER_GROUP};
 use crate::snapshot;
+use crate::tls::{self, Tls};
 
 /// The path peers POST raft messages to.
 pub const RAFT_PATH: &str = "/raft";
@@ -69,7 +70,10 @@ type GroupMessage = (u64, Message);
 
 /// The sending half: a stream per peer.
 pub struct Transport {
+    own_id: u64,
     peers: Mutex<HashMap<u64, Peer>>,
+    /// The cluster as this node applied it: who may tell it that it was removed.
+    membership: SharedMembership,
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
     node: Router,
@@ -77,6 +81,8 @@ pub struct Transport {
     /// Each group's snapshots are in a folder of it.
     data_dir: PathBuf,
     cluster_id: Arc<ClusterId>,
+    /// Mutual TLS with the peers, if configured.
+    tls: Option<Arc<Tls>>,
     metrics: Arc<Metrics>,
     logger: Logger,
 }
@@ -95,30 +101,41 @@ impl Drop for Peer {
 }
 
 impl Transport {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        own_id: u64,
         runtime: tokio::runtime::Handle,
         node: Router,
+        membership: SharedMembership,
         partition: Arc<Partition>,
         data_dir: PathBuf,
         cluster_id: Arc<ClusterId>,
+        tls: Option<Arc<Tls>>,
         metrics: Arc<Metrics>,
         logger: Logger,
     ) -> Transport {
         // Each request sets its own timeout (a stream or a snapshot upload).
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(1)
+            .pool_max_idle_per_host(1);
+        if let Some(tls) = &tls {
+            client = client.use_preconfigured_tls((*tls.client_config()).clone());
+        }
+        let client = client
             .build()
             .expect("the HTTP client has a valid static configuration");
         Transport {
+            own_id,
             peers: Mutex::new(HashMap::new()),
+            membership,
             client,
             runtime,
             node,
             partition,
             data_dir,
             cluster_id,
+            tls,
             metrics,
             logger,
         }
@@ -136,8 +153,27 @@ impl Transport {
             return;
         }
         let cluster_id = self.cluster_id.clone();
+        let tls = match &self.tls {
+            None => None,
+            Some(tls) => match tls::server_name(membership::host_of(url)) {
+                Ok(name) => Some((tls.client_config(), name)),
+                Err(e) => {
+                    warn!(self.logger, "cannot check the certificate of a peer: no messages go to it"; "peer" => id, "url" => url, "error" => e);
+                    return;
+                }
+            },
+        };
+        let check = RemovalCheck {
+            client: self.client.clone(),
+            own_id: self.own_id,
+            peer: id,
+            membership: self.membership.clone(),
+            cluster_id: self.cluster_id.clone(),
+        };
         let target = StreamTarget {
-            authority: url.trim_start_matches("http://").to_string(),
+            authority: membership::authority_of(url).to_string(),
+            tls,
+            confirm_removal: Box::new(move |answered| Box::pin(check.clone().confirm(answered))),
             path: RAFT_PATH.to_string(),
             headers: Box::new(move || {
                 let id = cluster_id.get().map(cluster_id::format);
@@ -268,9 +304,65 @@ impl Transport {
     }
 }
 
-/// The forwarded request as the client sent it: its path without `/client`.
+/// Checks that a "you were removed" (410) answer on a peer stream is true before this
+/// node believes it and deletes itself: it must come from this cluster, from a current
+/// member, and the cluster's leader must list this node as removed.
+#[derive(Clone)]
+struct RemovalCheck {
+    client: reqwest::Client,
+    own_id: u64,
+    /// The member that answered 410.
+    peer: u64,
+    membership: SharedMembership,
+    cluster_id: Arc<ClusterId>,
+}
+
+impl RemovalCheck {
+    /// `answered`: the cluster id the 410 answer carried.
+    async fn confirm(self, answered: Option<u64>) -> Result<(), String> {
+        let ours = self.cluster_id.get();
+        if ours.is_none() || answered != ours {
+            return Err(format!(
+                "the answer names cluster {}, not this node's ({})",
+                answered.map_or("none".into(), cluster_id::format),
+                ours.map_or("none".into(), cluster_id::format)
+            ));
+        }
+        let members: Vec<(u64, String)> = {
+            let membership = self.membership.read().unwrap();
+            membership
+                .peer_urls
+                .iter()
+                .filter(|(id, _)| **id != self.own_id && !membership.removed.contains(id))
+                .map(|(id, url)| (*id, url.clone()))
+                .collect()
+        };
+        if !members.iter().any(|(id, _)| *id == self.peer) {
+            return Err(format!(
+                "node {} is not a member of this cluster",
+                self.peer
+            ));
+        }
+        let ours = cluster_id::format(ours.unwrap_or_default());
+        for view in cluster_id::cluster_views(&self.client, &members)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            let leads = view.leader == view.id && members.iter().any(|(id, _)| *id == view.id);
+            if leads && view.cluster_id == ours && view.removed.contains(&self.own_id) {
+                return Ok(());
+            }
+        }
+        Err("no leader of this cluster confirms it".into())
+    }
+}
+
+/// The forwarded request as the client sent it: its path without `/client`, marked as
+/// coming from a peer.
 fn without_forward_prefix(req: Request<Incoming>) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(FromPeer);
     let original = parts
         .uri
         .path_and_query()
@@ -342,11 +434,13 @@ pub type ClientApi = Arc<
 
 /// The peer-port path under which another node forwards client requests.
 pub const FORWARD_PREFIX: &str = "/client";
-/// The only client routes that may be forwarded: a group's keys and status.
-const FORWARDABLE: &str = "/client/v1/groups/";
+/// The only client routes that may be forwarded: a group's keys, status and members
+/// (from another node's API), and the removal of a member (from this node's rebalancer).
+const FORWARDABLE: [&str; 2] = ["/client/v1/groups/", "/client/v1/members/"];
 
 /// What the peer-facing server needs.
 pub struct PeerService {
+    pub own_id: u64,
     pub node: Router,
     pub membership: SharedMembership,
     pub partition: Arc<Partition>,
@@ -367,10 +461,13 @@ pub async fn handle_peer_request(
     req: Request<Incoming>,
     service: Arc<PeerService>,
 ) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == cluster_id::CLUSTER_VIEW_PATH {
+        return service.cluster_view(&req).await;
+    }
     if let Some(refusal) = service.check_cluster(&req) {
         return refusal;
     }
-    if req.uri().path().starts_with(FORWARDABLE) {
+    if FORWARDABLE.iter().any(|p| req.uri().path().starts_with(p)) {
         return (service.forwarded)(without_forward_prefix(req)).await;
     }
     if req.method() != Method::POST {
@@ -390,49 +487,107 @@ pub async fn handle_peer_request(
 }
 
 impl PeerService {
-    /// Refuses (412) a request from another cluster; a node that joined and has no
-    /// cluster id yet adopts the sender's.
+    /// Refuses (412) a request from another cluster or that names none, and (503) every
+    /// request while this node does not know its cluster yet (it is joining).
     fn check_cluster(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let Some(ours) = self.cluster_id.get() else {
+            return Some(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node is joining and does not know its cluster's id yet",
+            ));
+        };
         let theirs = req
             .headers()
             .get(cluster_id::HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(cluster_id::parse)?;
-        let ours = match self.cluster_id.get() {
-            Some(ours) => ours,
-            None => match self.cluster_id.adopt(theirs) {
-                Ok(adopted) => {
-                    info!(self.logger, "joined cluster"; "cluster_id" => cluster_id::format(adopted));
-                    adopted
-                }
-                Err(e) => {
-                    warn!(self.logger, "could not record the cluster id"; "error" => &e);
-                    return Some(reply(StatusCode::INTERNAL_SERVER_ERROR, &e));
-                }
-            },
-        };
-        if ours == theirs {
+            .and_then(cluster_id::parse);
+        if theirs == Some(ours) {
             return None;
         }
-        let why = format!(
-            "this node belongs to cluster {}, the sender to cluster {}",
-            cluster_id::format(ours),
-            cluster_id::format(theirs)
-        );
-        if self.strangers.lock().unwrap().insert(theirs) {
+        let why = match theirs {
+            Some(theirs) => format!(
+                "this node belongs to cluster {}, the sender to cluster {}",
+                cluster_id::format(ours),
+                cluster_id::format(theirs)
+            ),
+            None => format!(
+                "this node belongs to cluster {}; the request names no cluster ({} header)",
+                cluster_id::format(ours),
+                cluster_id::HEADER
+            ),
+        };
+        if self.strangers.lock().unwrap().insert(theirs.unwrap_or(0)) {
             warn!(self.logger, "refusing raft traffic from another cluster"; "reason" => &why);
         }
         Some(reply(StatusCode::PRECONDITION_FAILED, &why))
+    }
+
+    /// `GET /raft/cluster`: which cluster this node is in, its members and its leader as
+    /// this node knows them. Open to a joining node, which knows no cluster id yet (with
+    /// peer TLS, only to holders of a certificate from the peers' CA).
+    async fn cluster_view(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let asked = req
+            .headers()
+            .get(cluster_id::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(cluster_id::parse);
+        let Some(ours) = self.cluster_id.get() else {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node is joining a cluster",
+            );
+        };
+        if asked.is_some_and(|asked| asked != ours) {
+            return reply(
+                StatusCode::PRECONDITION_FAILED,
+                "this node is in another cluster",
+            );
+        }
+        let leader = self
+            .node
+            .status(CLUSTER_GROUP)
+            .await
+            .map_or(0, |status| status.leader);
+        let view = {
+            let membership = self.membership.read().unwrap();
+            cluster_id::ClusterView {
+                cluster_id: cluster_id::format(ours),
+                id: self.own_id,
+                leader,
+                members: membership
+                    .peer_urls
+                    .iter()
+                    .filter(|(id, _)| !membership.removed.contains(id))
+                    .map(|(id, url)| membership::ListedMember {
+                        id: *id,
+                        peer_url: url.clone(),
+                    })
+                    .collect(),
+                removed: membership.removed.iter().copied().collect(),
+            }
+        };
+        let mut response = reply(StatusCode::OK, "");
+        *response.body_mut() = Full::new(Bytes::from(
+            serde_json::to_vec(&view).expect("a view always encodes"),
+        ));
+        response
     }
 
     /// The answer to a message from `from`, if it must not be stepped: 410 for a removed
     /// member.
     fn refuse(&self, from: u64) -> Option<Response<Full<Bytes>>> {
         if self.membership.read().unwrap().removed.contains(&from) {
-            return Some(reply(
+            let mut gone = reply(
                 StatusCode::GONE,
                 &format!("node {from} was removed from the cluster"),
-            ));
+            );
+            if let Some(ours) = self.cluster_id.get() {
+                let value = cluster_id::format(ours)
+                    .parse()
+                    .expect("hex is a header value");
+                gone.headers_mut().insert(cluster_id::HEADER, value);
+            }
+            return Some(gone);
         }
         None
     }

@@ -126,12 +126,17 @@ fn a_group_on_two_nodes_is_served_by_every_node() {
     // must not answer "no such group": that 404 would read as "no such key" where it is
     // relayed. It answers 421 marked not-hosted, and the forwarder tries elsewhere.
     let client = reqwest::blocking::Client::new();
+    let (_, members) = http_json("GET", &url(3, "v1/members"), None);
     let answer = client
         .get(format!(
             "{}/client/v1/groups/9/kv/x",
             cluster.nodes[2].peer_url
         ))
         .header("x-raftkvd-forwarded", "1")
+        .header(
+            "x-raftkvd-cluster-id",
+            members["cluster_id"].as_str().unwrap(),
+        )
         .send()
         .unwrap();
     assert_eq!(answer.status().as_u16(), 421);

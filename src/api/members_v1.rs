@@ -16,6 +16,7 @@ use hyper::{Request, StatusCode};
 
 use super::raftexample::MAX_URL_BYTES;
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
+use crate::cluster_id;
 use crate::command::Op;
 use crate::membership::{parse_node_id, parse_peer_url};
 use crate::router::{MemberChange, CLUSTER_GROUP};
@@ -62,7 +63,11 @@ impl Api {
         let status = self.router.status(CLUSTER_GROUP).await?;
         Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({ "leader": status.leader, "members": status.members }),
+            &serde_json::json!({
+                "leader": status.leader,
+                "members": status.members,
+                "cluster_id": self.cluster_id.get().map(cluster_id::format),
+            }),
         ))
     }
 
@@ -72,7 +77,8 @@ impl Api {
         if new.id == 0 {
             return Err(Failure::bad_request("id must be a positive integer"));
         }
-        let peer_url = parse_peer_url(&new.peer_url).map_err(Failure::bad_request)?;
+        let peer_url =
+            parse_peer_url(&new.peer_url, self.peer_tls).map_err(Failure::bad_request)?;
         let written = self
             .router
             .change_members(
@@ -87,7 +93,11 @@ impl Api {
         let status = self.router.status(CLUSTER_GROUP).await?;
         Ok(json_response(
             StatusCode::CREATED,
-            &serde_json::json!({ "revision": written.revision, "members": status.members }),
+            &serde_json::json!({
+                "revision": written.revision,
+                "members": status.members,
+                "cluster_id": self.cluster_id.get().map(cluster_id::format),
+            }),
         ))
     }
 

@@ -30,11 +30,12 @@ use slog::{warn, Logger};
 
 use crate::cluster_id::ClusterId;
 use crate::faults::Partition;
-use crate::http_server::text_response;
+use crate::http_server::{text_response, FromPeer};
 use crate::kv::SharedKv;
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
 use crate::router::{ProposeError, Router};
+use crate::tls::ClientCertificate;
 
 mod admin;
 mod forward;
@@ -64,6 +65,11 @@ pub struct Api {
     pub request_timeout: Duration,
     /// Present only with `--enable-fault-injection`.
     pub partition: Option<Arc<Partition>>,
+    /// Whether peers speak TLS: a new member's peer URL must then be `https://`.
+    pub peer_tls: bool,
+    /// `--admin-cn`: if not empty, only clients whose certificate has one of these common
+    /// names (or a peer forwarding a request) may use the operator routes.
+    pub admin_cns: Vec<String>,
     /// Measured for `GET /status`.
     pub data_dir: PathBuf,
     pub metrics: Arc<Metrics>,
@@ -186,6 +192,7 @@ impl Api {
 
     async fn route(&self, req: Request<Incoming>, method: &Method, path: &str) -> Reply {
         let target = path.strip_prefix('/').unwrap_or(path);
+        self.check_operator(&req, method, target)?;
         if let Some(rest) = v1_rest(target) {
             return self.route_v1(req, method, rest).await;
         }
@@ -293,6 +300,37 @@ impl Api {
         response
     }
 
+    /// With `--admin-cn`, refuses (403) an operator route to a client that is not an
+    /// operator: membership changes, group management and `/debug/*`.
+    fn check_operator(
+        &self,
+        req: &Request<Incoming>,
+        method: &Method,
+        target: &str,
+    ) -> Result<(), Failure> {
+        if self.admin_cns.is_empty() || !is_operator_route(method, target) {
+            return Ok(());
+        }
+        if req.extensions().get::<FromPeer>().is_some() {
+            return Ok(()); // checked where the client sent it
+        }
+        let name = req
+            .extensions()
+            .get::<ClientCertificate>()
+            .and_then(|c| c.common_name.as_deref());
+        match name {
+            Some(name) if self.admin_cns.iter().any(|admin| admin == name) => Ok(()),
+            _ => Err(Failure::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{method} /{target} is for operators only: the client certificate's \
+                     common name ({}) is not one of --admin-cn",
+                    name.unwrap_or("none")
+                ),
+            )),
+        }
+    }
+
     /// The map of group `group`, if this node hosts it.
     fn map_of(&self, group: u64) -> Result<SharedKv, Failure> {
         self.router
@@ -322,6 +360,29 @@ impl Api {
                 other => other.into(),
             })
     }
+}
+
+/// Whether a route changes who is in the cluster or in a group, or is a `/debug` route:
+/// what `--admin-cn` keeps to operators. Reads of the same resources stay open.
+fn is_operator_route(method: &Method, target: &str) -> bool {
+    if target.starts_with("debug/") {
+        return true;
+    }
+    if *method == Method::GET || *method == Method::HEAD {
+        return false;
+    }
+    if let Some(rest) = v1_rest(target) {
+        let group_members = rest
+            .strip_prefix("/groups/")
+            .and_then(|g| g.split_once('/'))
+            .is_some_and(|(_, sub)| sub == "members" || sub.starts_with("members/"));
+        return rest == "/members"
+            || rest.starts_with("/members/")
+            || rest == "/groups"
+            || group_members;
+    }
+    // raftexample's routes: POST and DELETE /<id> change membership, PUT writes a key.
+    *method == Method::POST || *method == Method::DELETE
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]

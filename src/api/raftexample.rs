@@ -94,7 +94,7 @@ impl Api {
         let body = read_body(req, MAX_URL_BYTES).await?;
         let url = std::str::from_utf8(&body)
             .map_err(|_| Failure::bad_request("peer URL is not UTF-8"))
-            .and_then(|u| parse_peer_url(u).map_err(Failure::bad_request))?;
+            .and_then(|u| parse_peer_url(u, self.peer_tls).map_err(Failure::bad_request))?;
         self.router
             .change_members(
                 CLUSTER_GROUP,
