@@ -92,7 +92,14 @@ pub async fn ask_to_join(
                     _ => return Err(format!("{via} refused to add this node ({status}): {text}")),
                 }
             }
-            Err(e) => format!("cannot reach {via}: {}", error_chain(&e)),
+            Err(e) => {
+                let why = error_chain(&e);
+                // A certificate either side refuses will not be accepted on a retry.
+                if why.contains("certificate") || why.contains("CertificateRequired") {
+                    return Err(format!("the TLS handshake with {via} failed: {why}"));
+                }
+                format!("cannot reach {via}: {why}")
+            }
         };
         if Instant::now() + RETRY_EVERY > deadline {
             return Err(format!(

@@ -215,6 +215,8 @@ struct StreamTask {
 impl StreamTask {
     async fn run(self) {
         let mut reachable = true;
+        // A 410 from this peer was not believed, and said so.
+        let mut disbelieved = false;
         loop {
             if !self.wait_for_messages().await {
                 return;
@@ -238,7 +240,10 @@ impl StreamTask {
                             return;
                         }
                         Err(why) => {
-                            warn!(self.logger, "peer says this node was removed from the cluster; not believed"; "reason" => reason, "why" => why);
+                            if !disbelieved {
+                                warn!(self.logger, "peer says this node was removed from the cluster; not believed (logged once)"; "reason" => reason, "why" => why);
+                                disbelieved = true;
+                            }
                             self.node.report_unreachable(self.stream.id);
                             tokio::time::sleep(REACHABLE_AFTER).await;
                         }
