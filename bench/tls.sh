@@ -38,6 +38,8 @@ run_cluster() {
     curl -sk -XPUT "$url/ready" -d x -o /dev/null -w '%{http_code}' | grep -q 204 && break
     sleep 0.1
   done
+  # Whether node 1 leads changes put1 by a hop: say which node led.
+  echo "$mode: leader is node $(curl -sk "$url/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')"
   for workload in put:2:64 put1:1:1; do
     IFS=: read -r name t c <<<"$workload"
     export BENCH_SYSTEM=raftkvd BENCH_MODE=put BENCH_WORKLOAD="$mode-$name" BENCH_THREADS=$t BENCH_CONNS=$c
