@@ -8,11 +8,12 @@
 //! node; otherwise a replica on the most loaded node that the least loaded node can take
 //! (it is not there, and was never removed from that group). It carries the move out as
 //! an operator would, through this node's own client API (`run`, reached over its peer
-//! port as a forwarded request): add the new node to the group (it is sent the log or
-//! a snapshot), wait until its replica has applied the group's log up to the addition,
-//! then remove the old node, which deletes its copy. The group has one replica more, not
-//! less, while a move runs, and a move that fails half-way leaves it so, never short.
-//! Leaders are not moved yet.
+//! port as a forwarded request): add the new node to the group as a learner (it is sent
+//! the log or a snapshot, and does not vote, so the group's quorum is unchanged while it
+//! catches up), wait until its replica has applied the group's log up to the addition,
+//! promote it to a voter, then remove the old node, which deletes its copy. The group
+//! has one replica more, not less, while a move runs, and a move that fails half-way
+//! leaves it so (possibly as a learner), never short. Leaders are not moved yet.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -236,31 +237,9 @@ fn report_stuck_drains(
 /// Add `to`, wait for its replica to catch up, remove `from`.
 async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
     let Move { group, from, to } = mv;
-    let added = api
-        .request(
-            reqwest::Method::POST,
-            &format!("/v1/groups/{group}/members"),
-        )
-        .json(&serde_json::json!({ "id": to }))
-        .send()
-        .await
-        .map_err(|e| format!("adding node {to}: {e}"))?;
-    let status = added.status();
-    let body: serde_json::Value = added.json().await.unwrap_or_default();
-    // The index the addition was applied at on the node that served it (or, for a retry
-    // of an earlier addition, the group's applied index now).
-    let reached = match status.as_u16() {
-        201 => body["applied"].as_u64().unwrap_or(0),
-        409 if body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("already a member")) =>
-        {
-            group_view(api, group, None).await?["applied"]
-                .as_u64()
-                .unwrap_or(0)
-        }
-        _ => return Err(format!("adding node {to}: {status} {body}")),
-    };
+    // A learner first: while it catches up (by snapshot, most likely) the group's quorum
+    // is what it was.
+    let reached = add_member(api, group, to, true).await?;
     let deadline = Instant::now() + CATCH_UP_DEADLINE;
     loop {
         let view = group_view(api, group, Some(to)).await;
@@ -272,6 +251,7 @@ async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    add_member(api, group, to, false).await?;
     let removed = api
         .request(
             reqwest::Method::DELETE,
@@ -288,6 +268,36 @@ async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `POST /v1/groups/<group>/members`: node `to` as a learner, or as a voter (promoting
+/// the learner). Returns the index the change was applied at on the node that served it
+/// (or, for a retry of an earlier change, the group's applied index now).
+async fn add_member(api: &OwnApi, group: u64, to: u64, learner: bool) -> Result<u64, String> {
+    let role = if learner { "learner" } else { "voter" };
+    let added = api
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/groups/{group}/members"),
+        )
+        .json(&serde_json::json!({ "id": to, "learner": learner }))
+        .send()
+        .await
+        .map_err(|e| format!("adding node {to} as a {role}: {e}"))?;
+    let status = added.status();
+    let body: serde_json::Value = added.json().await.unwrap_or_default();
+    match status.as_u16() {
+        201 => Ok(body["applied"].as_u64().unwrap_or(0)),
+        409 if body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already a member")) =>
+        {
+            Ok(group_view(api, group, None).await?["applied"]
+                .as_u64()
+                .unwrap_or(0))
+        }
+        _ => Err(format!("adding node {to} as a {role}: {status} {body}")),
+    }
 }
 
 /// `DELETE /v1/members/<node>`: the cluster removes the drained node, which exits.

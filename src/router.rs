@@ -51,8 +51,19 @@ pub enum ProposeError {
 /// A change of membership asked for by a client.
 #[derive(Debug, Clone)]
 pub enum MemberChange {
-    Add { id: u64, peer_url: String },
-    Remove { id: u64 },
+    /// Adds a voter, or promotes a learner to one.
+    Add {
+        id: u64,
+        peer_url: String,
+    },
+    /// Adds a learner: it receives the log but does not vote, so a replica that is still
+    /// catching up costs the group no quorum (rebalancing moves add one first).
+    AddLearner {
+        id: u64,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 /// What a proposal did once its entry was applied on this node.
@@ -83,6 +94,9 @@ pub struct NodeStatus {
     /// Index of the newest durable snapshot (0: none).
     pub last_snapshot: u64,
     pub members: Vec<Member>,
+    /// Those of `members` that are learners.
+    #[serde(skip)]
+    pub learners: Vec<u64>,
     /// The group sleeps: it has nothing to do and does not tick (shown in /v1/groups).
     #[serde(skip)]
     pub asleep: bool,

@@ -290,11 +290,15 @@ fn a_group_gains_a_member_by_snapshot_and_a_removed_member_drops_its_data() {
     };
     let (code, answer) = add(&cluster, 3, 9);
     assert_eq!(code, 400, "not a cluster member: {answer}");
-    let (code, answer) = add(&cluster, 3, 3);
+    // First as a learner: it gets the group's data but does not vote.
+    let (code, answer) = http_json(
+        "POST",
+        &url(&cluster, 3, "v1/groups/5/members"),
+        Some(json!({ "id": 3, "learner": true })),
+    );
     assert_eq!(code, 201, "{answer}");
     assert_eq!(answer["members"], json!([1, 2, 3]));
-    let (code, answer) = add(&cluster, 2, 3);
-    assert_eq!(code, 409, "already a member: {answer}");
+    assert_eq!(answer["learners"], json!([3]));
     cluster.wait_until("node 3 to install group 5's snapshot", || {
         cluster.nodes[2]
             .log_text()
@@ -312,6 +316,12 @@ fn a_group_gains_a_member_by_snapshot_and_a_removed_member_drops_its_data() {
         serializable("k59").1["value"] == "v59"
     });
     assert_eq!(serializable("k0").1["value"], "v0");
+    // Then promoted to a voter.
+    let (code, answer) = add(&cluster, 2, 3);
+    assert_eq!(code, 201, "promotion: {answer}");
+    assert_eq!(answer["learners"], json!([]));
+    let (code, answer) = add(&cluster, 2, 3);
+    assert_eq!(code, 409, "already a member: {answer}");
 
     // Node 1 leaves group 5: it deletes the group's data, keeps serving group 1 and
     // still answers for group 5 by forwarding.

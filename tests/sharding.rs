@@ -281,4 +281,10 @@ fn a_joining_node_takes_its_share_of_replicas_and_no_write_is_lost() {
         hosted, 4,
         "node 4 hosts the cluster group and 3 data groups: {status}"
     );
+    // Each move added node 4 as a learner first, then promoted it.
+    let logs: String = cluster.nodes.iter().map(|n| n.log_text()).collect();
+    assert!(
+        logs.contains("node: 4, change: AddLearnerNode"),
+        "moves add node 4 as a learner first"
+    );
 }

@@ -5,7 +5,7 @@
 //! | `GET /v1/groups`                                | 200 `{"groups": [{"id","members","leader","term","applied","keys"}...]}` |
 //! | `POST /v1/groups` body `{"id": 2, "members": [1, 2]}` | creates group 2 on nodes 1 and 2: 201 `{"id","members","revision"}`; 400 for a bad body or a node that is not a cluster member, 409 if the group exists |
 //! | `GET /v1/groups/<g>[?node=<id>]`                | 200 one group as in the list (as node id's replica sees it); 404 if there is no such group |
-//! | `POST /v1/groups/<g>/members` body `{"id": 4}`  | node 4 hosts a replica too: 201, the group after the change |
+//! | `POST /v1/groups/<g>/members` body `{"id": 4}`  | node 4 hosts a replica too: 201, the group after the change; `{"id": 4, "learner": true}` adds it as a learner (it gets the log, does not vote), and a later `{"id": 4}` promotes it |
 //! | `DELETE /v1/groups/<g>/members/<id>`            | the group removes that node, which deletes its replica: 200 `{"id","members"}` |
 //! | `GET`, `PUT`, `DELETE /v1/groups/<g>/kv/<key>`, `GET`, `POST /v1/groups/<g>/kv` | as `/v1/kv`, on group g's map (421 for a key a data group does not own) |
 //!
@@ -167,6 +167,7 @@ impl Api {
         Ok(serde_json::json!({
             "id": group,
             "members": members,
+            "learners": status.learners,
             "leader": status.leader,
             "term": status.term,
             "applied": status.applied,
@@ -183,6 +184,7 @@ impl Api {
             Err(_) => serde_json::json!({
                 "id": group,
                 "members": members,
+                "learners": [],
                 "leader": 0,
                 "term": 0,
                 "applied": 0,
@@ -240,11 +242,12 @@ impl Api {
 impl Api {
     /// `POST /v1/groups/<g>/members` `{"id": n}`: node n hosts a replica of group g. The
     /// table of groups lists it first (so that n starts an empty replica and accepts the
-    /// group's messages), then the group adds it as a voter and its leader sends it the
-    /// log or a snapshot. A retry after a failure finishes what the first try began.
+    /// group's messages), then the group adds it as a voter (or a learner, with
+    /// `"learner": true`; a voter request for a learner promotes it) and its leader sends
+    /// it the log or a snapshot. A retry after a failure finishes what the first try began.
     async fn add_group_member(&self, group: u64, req: Request<Incoming>) -> Reply {
         let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
-        let NewGroupMember { id } = parse_json(&body)?;
+        let NewGroupMember { id, learner } = parse_json(&body)?;
         let placement = self.placement_of(group)?;
         if !self.membership.read().unwrap().peer_urls.contains_key(&id) {
             return Err(Failure::bad_request(format!(
@@ -257,8 +260,9 @@ impl Api {
                 format!("node {id} was removed from group {group} and cannot host it again"),
             ));
         }
-        let members = self.router.status(group).await?.members;
-        if members.iter().any(|m| m.id == id) {
+        let status = self.router.status(group).await?;
+        let promotion = !learner && status.learners.contains(&id);
+        if status.members.iter().any(|m| m.id == id) && !promotion {
             return Err(Failure::new(
                 StatusCode::CONFLICT,
                 format!("node {id} is already a member of group {group}"),
@@ -270,9 +274,12 @@ impl Api {
                 .propose_op(CLUSTER_GROUP, place, self.request_timeout)
                 .await?;
         }
-        let add = MemberChange::Add {
-            id,
-            peer_url: String::new(),
+        let add = match learner {
+            true => MemberChange::AddLearner { id },
+            false => MemberChange::Add {
+                id,
+                peer_url: String::new(),
+            },
         };
         self.router
             .change_members(group, add, self.request_timeout)
@@ -370,6 +377,9 @@ impl Api {
 #[serde(deny_unknown_fields)]
 struct NewGroupMember {
     id: u64,
+    /// Add it as a learner (default: a voter, or promote it if it is a learner).
+    #[serde(default)]
+    learner: bool,
 }
 
 /// A group id from a path: a positive integer.

@@ -359,6 +359,7 @@ impl Group {
                     peer_url: urls.get(&id).cloned().unwrap_or_default(),
                 })
                 .collect(),
+            learners: conf.learners.clone(),
             asleep: self.asleep,
         }
     }

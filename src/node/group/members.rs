@@ -37,6 +37,11 @@ impl Group {
                 cc.node_id = id;
                 peer_url
             }
+            MemberChange::AddLearner { id } => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = id;
+                String::new()
+            }
             MemberChange::Remove { id } => {
                 cc.set_change_type(ConfChangeType::RemoveNode);
                 cc.node_id = id;
@@ -57,7 +62,14 @@ impl Group {
         let conf = self.raw.raft.prs().conf().to_conf_state();
         let members: BTreeSet<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
         let membership = self.membership.read().unwrap();
+        let learner = |id: &u64| conf.learners.contains(id);
         match change {
+            MemberChange::AddLearner { id } if members.contains(id) => {
+                return Err(format!("node {id} is already a member"));
+            }
+            MemberChange::AddLearner { .. } => {}
+            // Promoting a learner.
+            MemberChange::Add { id, .. } if learner(id) && !self.is_cluster_group() => {}
             MemberChange::Add { id, peer_url } => {
                 if members.contains(id) {
                     return Err(format!("node {id} is already a member"));
