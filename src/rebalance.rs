@@ -13,7 +13,10 @@
 //! catches up), wait until its replica has applied the group's log up to the addition,
 //! promote it to a voter, then remove the old node, which deletes its copy. The group
 //! has one replica more, not less, while a move runs, and a move that fails half-way
-//! leaves it so (possibly as a learner), never short. Leaders are not moved yet.
+//! leaves it so (possibly as a learner), never short. Once replicas are balanced, it
+//! spreads leaders the same way ([`next_leader_transfer`]): a node that leads two groups
+//! more than another hands one over to it (`POST /v1/groups/<g>/leader`), so that every
+//! node's share of the groups' write work is even too.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +31,8 @@ use crate::router::{Router, CLUSTER_GROUP};
 
 /// How often the leader of the cluster group looks for a move.
 const PLAN_EVERY: Duration = Duration::from_secs(1);
+/// Leaders are counted (which lists every group) once every this many plans.
+const SPREAD_LEADERS_EVERY: u32 = 3;
 /// How long a new replica may take to catch up before the move is given up.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -163,6 +168,7 @@ pub async fn run(
 ) {
     // Draining nodes already reported as unable to hand off a replica.
     let mut stuck: std::collections::BTreeSet<u64> = Default::default();
+    let mut quiet_plans = 0u32;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PLAN_EVERY) => {}
@@ -179,7 +185,14 @@ pub async fn run(
         let plan = next_step(&table);
         report_stuck_drains(&table, plan, &mut stuck, &logger);
         let mv = match plan {
-            None => continue,
+            None => {
+                // Replicas are where they belong: now the leaders, now and then.
+                quiet_plans = quiet_plans.wrapping_add(1);
+                if quiet_plans.is_multiple_of(SPREAD_LEADERS_EVERY) {
+                    spread_leaders(&api, &table, &logger).await;
+                }
+                continue;
+            }
             Some(Step::Remove(node)) => {
                 match remove_node(&api, node).await {
                     Ok(()) => {
@@ -202,6 +215,118 @@ pub async fn run(
                 warn!(logger, "rebalancing: a move did not finish; the group keeps an extra replica until a later move"; 
                 "group" => mv.group, "from" => mv.from, "to" => mv.to, "error" => e)
             }
+        }
+    }
+}
+
+/// A data group as `GET /v1/groups` lists it: who leads it and who votes in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Led {
+    pub group: u64,
+    /// 0: none known.
+    pub leader: u64,
+    pub voters: Vec<u64>,
+}
+
+/// A leadership to hand over, `(group, to)`, so that leaders spread as replicas do: from
+/// the node that leads the most data groups to one that leads at least two fewer and
+/// votes in one of them. Draining and removed nodes are not given any.
+pub fn next_leader_transfer(membership: &Membership, groups: &[Led]) -> Option<(u64, u64)> {
+    let mut led: BTreeMap<u64, usize> = membership
+        .peer_urls
+        .keys()
+        .filter(|n| !membership.removed.contains(n) && !membership.draining.contains(n))
+        .map(|&n| (n, 0))
+        .collect();
+    for g in groups.iter().filter(|g| g.group != CLUSTER_GROUP) {
+        if let Some(count) = led.get_mut(&g.leader) {
+            *count += 1;
+        }
+    }
+    let (&busiest, &most) = led
+        .iter()
+        .max_by_key(|(node, count)| (**count, u64::MAX - **node))?;
+    let mut takers: Vec<(u64, usize)> = led
+        .iter()
+        .filter(|(_, &count)| count + 2 <= most)
+        .map(|(&node, &count)| (node, count))
+        .collect();
+    takers.sort_by_key(|&(node, count)| (count, node));
+    for (taker, _) in takers {
+        let group = groups
+            .iter()
+            .find(|g| g.group != CLUSTER_GROUP && g.leader == busiest && g.voters.contains(&taker));
+        if let Some(g) = group {
+            return Some((g.group, taker));
+        }
+    }
+    None
+}
+
+/// Every data group's leader and voters, from `GET /v1/groups`.
+async fn leaders(api: &OwnApi) -> Result<Vec<Led>, String> {
+    let answer = api
+        .request(reqwest::Method::GET, "/v1/groups")
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !answer.status().is_success() {
+        return Err(format!("GET /v1/groups: {}", answer.status()));
+    }
+    let list: serde_json::Value = answer.json().await.map_err(|e| e.to_string())?;
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default()
+    };
+    Ok(list["groups"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|g| {
+            let learners = ids(&g["learners"]);
+            Led {
+                group: g["id"].as_u64().unwrap_or(0),
+                leader: g["leader"].as_u64().unwrap_or(0),
+                voters: ids(&g["members"])
+                    .into_iter()
+                    .filter(|m| !learners.contains(m))
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+/// Spreads leaders by one transfer, if one is due.
+async fn spread_leaders(api: &OwnApi, table: &Membership, logger: &Logger) {
+    let groups = match leaders(api).await {
+        Ok(groups) => groups,
+        Err(e) => {
+            warn!(logger, "rebalancing: could not list the groups' leaders"; "error" => e);
+            return;
+        }
+    };
+    let Some((group, to)) = next_leader_transfer(table, &groups) else {
+        return;
+    };
+    info!(logger, "rebalancing: handing over a group's leadership"; "group" => group, "to" => to);
+    let answer = api
+        .request(reqwest::Method::POST, &format!("/v1/groups/{group}/leader"))
+        .json(&serde_json::json!({ "id": to }))
+        .send()
+        .await;
+    match answer {
+        Ok(a) if a.status().is_success() => {}
+        Ok(a) => {
+            let status = a.status().as_u16();
+            let why = a.text().await.unwrap_or_default();
+            warn!(logger, "rebalancing: a leadership transfer did not happen"; "group" => group,
+                "to" => to, "status" => status, "error" => why)
+        }
+        Err(e) => {
+            warn!(logger, "rebalancing: a leadership transfer did not happen"; "group" => group,
+            "to" => to, "error" => %e)
         }
     }
 }
@@ -387,6 +512,52 @@ mod tests {
             assert!(moves.len() < 100, "does not converge");
         }
         moves
+    }
+
+    #[test]
+    fn leaders_spread_until_no_node_leads_two_more_than_another() {
+        let m = cluster(3, &[]);
+        let led = |leaders: &[u64]| -> Vec<Led> {
+            leaders
+                .iter()
+                .enumerate()
+                .map(|(i, &leader)| Led {
+                    group: i as u64 + 2,
+                    leader,
+                    voters: vec![1, 2, 3],
+                })
+                .collect()
+        };
+        let mut groups = led(&[1, 1, 1, 1, 2, 3]);
+        let mut transfers = 0;
+        while let Some((group, to)) = next_leader_transfer(&m, &groups) {
+            groups.iter_mut().find(|g| g.group == group).unwrap().leader = to;
+            transfers += 1;
+            assert!(transfers < 10, "transfers never end: {groups:?}");
+        }
+        let count = |n: u64| groups.iter().filter(|g| g.leader == n).count();
+        assert_eq!((count(1), count(2), count(3)), (2, 2, 2));
+        // Balanced within one: nothing to do.
+        assert_eq!(next_leader_transfer(&m, &led(&[1, 1, 2, 3])), None);
+        // A node that is not a voter of any of the busiest node's groups gets none.
+        let only_1_and_2 = vec![
+            Led {
+                group: 2,
+                leader: 1,
+                voters: vec![1, 2],
+            },
+            Led {
+                group: 3,
+                leader: 1,
+                voters: vec![1, 2],
+            },
+            Led {
+                group: 4,
+                leader: 2,
+                voters: vec![2, 3],
+            },
+        ];
+        assert_eq!(next_leader_transfer(&m, &only_1_and_2), None);
     }
 
     #[test]

@@ -435,7 +435,8 @@ pub type ClientApi = Arc<
 /// The peer-port path under which another node forwards client requests.
 pub const FORWARD_PREFIX: &str = "/client";
 /// The only client routes that may be forwarded: a group's keys, status and members
-/// (from another node's API), and the removal of a member (from this node's rebalancer).
+/// (from another node's API), and the list of groups, the removal of a member and a
+/// group's leader (from this node's rebalancer), besides `/client/v1/groups` itself.
 const FORWARDABLE: [&str; 2] = ["/client/v1/groups/", "/client/v1/members/"];
 
 /// What the peer-facing server needs.
@@ -467,7 +468,8 @@ pub async fn handle_peer_request(
     if let Some(refusal) = service.check_cluster(&req) {
         return refusal;
     }
-    if FORWARDABLE.iter().any(|p| req.uri().path().starts_with(p)) {
+    let path = req.uri().path();
+    if path == "/client/v1/groups" || FORWARDABLE.iter().any(|p| path.starts_with(p)) {
         return (service.forwarded)(without_forward_prefix(req)).await;
     }
     if req.method() != Method::POST {

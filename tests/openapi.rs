@@ -232,6 +232,27 @@ fn the_openapi_document_matches_the_server() {
             400,
         ),
         call(
+            "/v1/groups/{group}/leader",
+            "post",
+            "/v1/groups/2/leader",
+            Some(Body::Json(json!({"id": 2}))),
+            200,
+        ),
+        call(
+            "/v1/groups/{group}/leader",
+            "post",
+            "/v1/groups/2/leader",
+            Some(Body::Json(json!({"id": 9}))),
+            400,
+        ),
+        call(
+            "/v1/groups/{group}/leader",
+            "post",
+            "/v1/groups/9/leader",
+            Some(Body::Json(json!({"id": 1}))),
+            404,
+        ),
+        call(
             "/v1/groups/{group}/members",
             "post",
             "/v1/groups/2/members",

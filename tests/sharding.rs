@@ -288,3 +288,35 @@ fn a_joining_node_takes_its_share_of_replicas_and_no_write_is_lost() {
         "moves add node 4 as a learner first"
     );
 }
+
+#[test]
+fn leaders_spread_over_the_nodes_and_a_leadership_can_be_handed_over() {
+    let cluster = Cluster::start("sharding-leaders", 3, &["--shards", "6"]);
+    let leaders = || -> Vec<(u64, u64)> {
+        let (_, list) = http_json("GET", &cluster.nodes[0].url("v1/groups"), None);
+        list["groups"]
+            .as_array()
+            .map(|groups| {
+                groups
+                    .iter()
+                    .filter(|g| g["id"] != 1)
+                    .map(|g| (g["id"].as_u64().unwrap(), g["leader"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Six data groups of three on three nodes: each node ends up leading two.
+    cluster.wait_until("each node to lead two of the six data groups", || {
+        let led = leaders();
+        led.len() == 6 && (1..=3).all(|n| led.iter().filter(|(_, l)| *l == n).count() == 2)
+    });
+
+    let (group, leader) = leaders()[0];
+    let other = if leader == 1 { 2 } else { 1 };
+    let url = cluster.nodes[2].url(&format!("v1/groups/{group}/leader"));
+    let (code, answer) = http_json("POST", &url, Some(json!({ "id": other })));
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["leader"], json!(other), "{answer}");
+    let (code, answer) = http_json("POST", &url, Some(json!({ "id": 9 })));
+    assert_eq!(code, 400, "not a voter: {answer}");
+}

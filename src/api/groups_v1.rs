@@ -7,6 +7,7 @@
 //! | `GET /v1/groups/<g>[?node=<id>]`                | 200 one group as in the list (as node id's replica sees it); 404 if there is no such group |
 //! | `POST /v1/groups/<g>/members` body `{"id": 4}`  | node 4 hosts a replica too: 201, the group after the change; `{"id": 4, "learner": true}` adds it as a learner (it gets the log, does not vote), and a later `{"id": 4}` promotes it |
 //! | `DELETE /v1/groups/<g>/members/<id>`            | the group removes that node, which deletes its replica: 200 `{"id","members"}` |
+//! | `POST /v1/groups/<g>/leader` body `{"id": 2}`   | node 2 takes over the group's leadership: 200, the group once it leads; 400 if it is not a voter |
 //! | `GET`, `PUT`, `DELETE /v1/groups/<g>/kv/<key>`, `GET`, `POST /v1/groups/<g>/kv` | as `/v1/kv`, on group g's map (421 for a key a data group does not own) |
 //!
 //! Group 1 is the cluster group: every member is in it, and its log holds the table of
@@ -99,6 +100,12 @@ impl Api {
         if below == "members" {
             return match *method {
                 Method::POST => self.add_group_member(group, req).await,
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
+        }
+        if below == "leader" {
+            return match *method {
+                Method::POST => self.transfer_group_leader(group, req).await,
                 _ => Err(Failure::method_not_allowed(method, "POST")),
             };
         }
@@ -354,6 +361,45 @@ impl Api {
         }
     }
 
+    /// `POST /v1/groups/<g>/leader` `{"id": n}`: hands group g's leadership to voter n
+    /// and answers once n leads (the rebalancer spreads leaders this way).
+    async fn transfer_group_leader(&self, group: u64, req: Request<Incoming>) -> Reply {
+        let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
+        let NewLeader { id } = parse_json(&body)?;
+        let status = self.router.status(group).await?;
+        if status.members.is_empty() {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("this node's replica of group {group} has not caught up yet; retry"),
+            ));
+        }
+        let voter = status.members.iter().any(|m| m.id == id) && !status.learners.contains(&id);
+        if !voter {
+            return Err(Failure::bad_request(format!(
+                "node {id} is not a voter of group {group}"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        loop {
+            let leader = self.router.status(group).await?.leader;
+            if leader == id {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &self.group_info(group).await?,
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("node {id} did not take over group {group}'s leadership in time (leader: {leader}); retry"),
+                ));
+            }
+            // On a follower raft-rs passes the request on to the leader.
+            self.router.send(group, GroupMsg::TransferLeader(id));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Group `group`'s entry in the table of groups; the cluster group's members are
     /// changed through `/v1/members` only.
     fn placement_of(&self, group: u64) -> Result<Placement, Failure> {
@@ -380,6 +426,13 @@ struct NewGroupMember {
     /// Add it as a learner (default: a voter, or promote it if it is a learner).
     #[serde(default)]
     learner: bool,
+}
+
+/// The body of `POST /v1/groups/<g>/leader`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewLeader {
+    id: u64,
 }
 
 /// A group id from a path: a positive integer.

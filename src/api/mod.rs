@@ -375,7 +375,9 @@ fn is_operator_route(method: &Method, target: &str) -> bool {
         let group_members = rest
             .strip_prefix("/groups/")
             .and_then(|g| g.split_once('/'))
-            .is_some_and(|(_, sub)| sub == "members" || sub.starts_with("members/"));
+            .is_some_and(|(_, sub)| {
+                sub == "members" || sub.starts_with("members/") || sub == "leader"
+            });
         return rest == "/members"
             || rest.starts_with("/members/")
             || rest == "/groups"
