@@ -33,6 +33,12 @@ use crate::router::{Router, CLUSTER_GROUP};
 const PLAN_EVERY: Duration = Duration::from_secs(1);
 /// Leaders are counted (which lists every group) once every this many plans.
 const SPREAD_LEADERS_EVERY: u32 = 3;
+/// After a leadership transfer that did not happen, leaders are left alone this long.
+const SPREAD_LEADERS_BACKOFF: Duration = Duration::from_secs(30);
+/// A node that does not show its replica within this long gets no leadership.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+/// Entries a replica may lag behind and still be handed a leadership.
+const CAUGHT_UP_SLACK: u64 = 100;
 /// How long a new replica may take to catch up before the move is given up.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -169,6 +175,7 @@ pub async fn run(
     // Draining nodes already reported as unable to hand off a replica.
     let mut stuck: std::collections::BTreeSet<u64> = Default::default();
     let mut quiet_plans = 0u32;
+    let mut leaders_alone_until = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PLAN_EVERY) => {}
@@ -188,8 +195,11 @@ pub async fn run(
             None => {
                 // Replicas are where they belong: now the leaders, now and then.
                 quiet_plans = quiet_plans.wrapping_add(1);
-                if quiet_plans.is_multiple_of(SPREAD_LEADERS_EVERY) {
-                    spread_leaders(&api, &table, &logger).await;
+                if quiet_plans.is_multiple_of(SPREAD_LEADERS_EVERY)
+                    && Instant::now() >= leaders_alone_until
+                    && !spread_leaders(&api, &table, &logger).await
+                {
+                    leaders_alone_until = Instant::now() + SPREAD_LEADERS_BACKOFF;
                 }
                 continue;
             }
@@ -298,18 +308,36 @@ async fn leaders(api: &OwnApi) -> Result<Vec<Led>, String> {
         .collect())
 }
 
-/// Spreads leaders by one transfer, if one is due.
-async fn spread_leaders(api: &OwnApi, table: &Membership, logger: &Logger) {
+/// Spreads leaders by one transfer, if one is due. Returns false when a transfer was
+/// due but did not happen: the caller then leaves leaders alone for a while, since
+/// while a transfer is pending the group's leader takes no writes (raft-rs drops
+/// proposals until the transfer ends or an election timeout passes).
+async fn spread_leaders(api: &OwnApi, table: &Membership, logger: &Logger) -> bool {
     let groups = match leaders(api).await {
         Ok(groups) => groups,
         Err(e) => {
             warn!(logger, "rebalancing: could not list the groups' leaders"; "error" => e);
-            return;
+            return false;
         }
     };
     let Some((group, to)) = next_leader_transfer(table, &groups) else {
-        return;
+        return true;
     };
+    // Only to a replica that answers at once and is caught up (a paused or cut-off node
+    // would stall the group's writes for the transfer's whole timeout).
+    let leader_view = group_view(api, group, None).await;
+    let taker_view = tokio::time::timeout(LIVENESS_CHECK, group_view(api, group, Some(to))).await;
+    let caught_up = match (leader_view, taker_view) {
+        (Ok(lead), Ok(Ok(taker))) => {
+            let applied = |v: &serde_json::Value| v["applied"].as_u64().unwrap_or(0);
+            applied(&taker) + CAUGHT_UP_SLACK >= applied(&lead)
+        }
+        _ => false,
+    };
+    if !caught_up {
+        info!(logger, "rebalancing: not handing over a leadership to a node that is not answering or not caught up"; "group" => group, "to" => to);
+        return false;
+    }
     info!(logger, "rebalancing: handing over a group's leadership"; "group" => group, "to" => to);
     let answer = api
         .request(reqwest::Method::POST, &format!("/v1/groups/{group}/leader"))
@@ -317,16 +345,18 @@ async fn spread_leaders(api: &OwnApi, table: &Membership, logger: &Logger) {
         .send()
         .await;
     match answer {
-        Ok(a) if a.status().is_success() => {}
+        Ok(a) if a.status().is_success() => true,
         Ok(a) => {
             let status = a.status().as_u16();
             let why = a.text().await.unwrap_or_default();
             warn!(logger, "rebalancing: a leadership transfer did not happen"; "group" => group,
-                "to" => to, "status" => status, "error" => why)
+                "to" => to, "status" => status, "error" => why);
+            false
         }
         Err(e) => {
             warn!(logger, "rebalancing: a leadership transfer did not happen"; "group" => group,
-            "to" => to, "error" => %e)
+                "to" => to, "error" => %e);
+            false
         }
     }
 }

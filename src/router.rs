@@ -244,7 +244,11 @@ impl Router {
         self.tx
             .send(NodeMsg::Group(group_id, GroupMsg::Status(reply)))
             .map_err(|_| ProposeError::Stopped)?;
-        answer.await.map_err(|_| ProposeError::Stopped)
+        // An unanswered question: the node stopped, or it hosts no such group (any more).
+        answer.await.map_err(|_| match self.tx.is_closed() {
+            true => ProposeError::Stopped,
+            false => ProposeError::NotHosted(group_id),
+        })
     }
 
     /// Hands a message from a peer to group `group_id`'s raft.

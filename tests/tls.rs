@@ -195,6 +195,32 @@ fn the_walkthrough_runs_over_https_with_mutual_tls_and_operator_only_membership(
     let (code, text) = call(&admin, "POST", &https(&nodes[0], "4"), Some(&urls[3]));
     assert_eq!(code, 204, "{text}");
 
+    // A group on nodes 1 and 2 only: node 3 serves it by forwarding over the peer
+    // port's mutual TLS.
+    let (code, text) = call(
+        &admin,
+        "POST",
+        &https(&nodes[0], "v1/groups"),
+        Some(r#"{"id": 2, "members": [1, 2]}"#),
+    );
+    assert_eq!(code, 201, "{text}");
+    poll_until(
+        "a write to group 2 through node 3",
+        || {
+            call(
+                &client,
+                "PUT",
+                &https(&nodes[2], "v1/groups/2/kv/g"),
+                Some("x"),
+            )
+            .0 == 200
+        },
+        || logs(&nodes),
+    );
+    let (code, text) = call(&client, "GET", &https(&nodes[2], "v1/groups/2/kv/g"), None);
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains(r#""value":"x""#), "{text}");
+
     // Node 4 joins over mutual TLS and catches up.
     let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut fourth = node_spec(&dir.0, 4, &urls, &extra, true);
@@ -299,29 +325,21 @@ fn certificates_are_reloaded_on_sighup() {
     let mut node = node_spec(&dir.0, 1, &urls, &extra, false);
     node.start();
     // A client trusting only the first CA reaches the node; one trusting the second does not.
-    poll_until(
-        "the node to serve its first certificate",
-        || {
-            call(
-                &first.client(Some("client")),
-                "GET",
-                &https(&node, "health"),
-                None,
-            )
-            .0 == 200
-        },
-        || node.log_text(),
-    );
-    assert_eq!(
+    let health_for = |pki: &Pki| {
         call(
-            &second.client(Some("client")),
+            &pki.client(Some("client")),
             "GET",
             &https(&node, "health"),
-            None
+            None,
         )
-        .0,
-        0
+        .0
+    };
+    poll_until(
+        "the node to serve its first certificate",
+        || health_for(&first) == 200,
+        || node.log_text(),
     );
+    assert_eq!(health_for(&second), 0);
 
     // New files, then SIGHUP: the next handshake uses the second CA's certificate.
     for f in ["node.pem", "node-key.pem"] {
@@ -330,15 +348,7 @@ fn certificates_are_reloaded_on_sighup() {
     node.signal("HUP");
     poll_until(
         "the node to serve its new certificate",
-        || {
-            call(
-                &second.client(Some("client")),
-                "GET",
-                &https(&node, "health"),
-                None,
-            )
-            .0 == 200
-        },
+        || health_for(&second) == 200,
         || node.log_text(),
     );
     node.assert_logged("reloaded TLS certificates", "a reload is logged");
@@ -354,16 +364,7 @@ fn certificates_are_reloaded_on_sighup() {
         },
         || node.log_text(),
     );
-    assert_eq!(
-        call(
-            &second.client(Some("client")),
-            "GET",
-            &https(&node, "health"),
-            None
-        )
-        .0,
-        200
-    );
+    assert_eq!(health_for(&second), 200);
 }
 
 #[test]

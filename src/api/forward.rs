@@ -102,7 +102,18 @@ impl Api {
         group: u64,
         request: Forwarded,
     ) -> Result<reqwest::Response, Failure> {
-        let hosts = self.hosts_of(group);
+        let mut hosts = self.hosts_of(group);
+        // Any host will do (a follower passes writes to its leader); starting from a
+        // different one each time keeps one slow or paused host from holding up every
+        // forwarded request.
+        if !hosts.is_empty() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos() as usize;
+            let start = nanos % hosts.len();
+            hosts.rotate_left(start);
+        }
         self.send_via(hosts, group, request).await
     }
 

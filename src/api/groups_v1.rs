@@ -154,10 +154,15 @@ impl Api {
         };
         let mut groups = Vec::with_capacity(table.len());
         for (group, members) in table {
-            groups.push(if self.router.kv(group).is_some() {
-                self.group_info(group).await?
-            } else {
-                self.remote_group_info(group, &members).await
+            // A replica dropped since the table was read (its node just left the group)
+            // is asked about elsewhere.
+            let local = match self.router.kv(group) {
+                Some(_) => self.group_info(group).await.ok(),
+                None => None,
+            };
+            groups.push(match local {
+                Some(info) => info,
+                None => self.remote_group_info(group, &members).await,
             });
         }
         Ok(json_response(
@@ -379,8 +384,19 @@ impl Api {
                 "node {id} is not a voter of group {group}"
             )));
         }
+        if status.leader == id {
+            return Ok(json_response(
+                StatusCode::OK,
+                &self.group_info(group).await?,
+            ));
+        }
+        // Asked once: while a transfer is pending the leader takes no writes, and raft-rs
+        // gives it up by itself after an election timeout. (On a follower raft-rs passes
+        // the request on to the leader.)
+        self.router.send(group, GroupMsg::TransferLeader(id));
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         loop {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             let leader = self.router.status(group).await?.leader;
             if leader == id {
                 return Ok(json_response(
@@ -394,9 +410,6 @@ impl Api {
                     format!("node {id} did not take over group {group}'s leadership in time (leader: {leader}); retry"),
                 ));
             }
-            // On a follower raft-rs passes the request on to the leader.
-            self.router.send(group, GroupMsg::TransferLeader(id));
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
