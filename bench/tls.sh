@@ -4,7 +4,8 @@
 # (-t2 -c64) and `put1` (-t1 -c1) workloads of ../shared/bench (its kv.lua), one after
 # the other on this machine. Prints both and the TLS/plain ratios. wrk cannot present a
 # client certificate, so the client API runs without --client-cert-auth here.
-# Needs: wrk, openssl, python3. Env: DURATION (default 10s), WARMUP (2s), WORKDIR.
+# Needs: wrk, openssl, python3. Env: DURATION (default 10s), WARMUP (2s), WORKDIR,
+# MODES (default "plain tls": the order of the two runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
@@ -38,7 +39,8 @@ run_cluster() {
     curl -sk -XPUT "$url/ready" -d x -o /dev/null -w '%{http_code}' | grep -q 204 && break
     sleep 0.1
   done
-  # Whether node 1 leads changes put1 by a hop: say which node led.
+  # Whether node 1 leads changes put1 by a hop: make it lead in both runs.
+  curl -sk -XPOST "$url/v1/groups/1/leader" -d '{"id": 1}' -o /dev/null
   echo "$mode: leader is node $(curl -sk "$url/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')"
   for workload in put:2:64 put1:1:1; do
     IFS=: read -r name t c <<<"$workload"
@@ -51,8 +53,7 @@ run_cluster() {
 }
 
 : >"$WORKDIR/results.jsonl"
-run_cluster plain
-run_cluster tls
+for mode in ${MODES:-plain tls}; do run_cluster "$mode"; done
 python3 - "$WORKDIR/results.jsonl" <<'PY'
 import json, sys
 rows = {r["workload"]: r for r in map(json.loads, open(sys.argv[1]))}
