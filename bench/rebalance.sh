@@ -55,11 +55,15 @@ t0=$(now)
 PUT_KEYS=$KEYS PUT_TOTAL=$KEYS wrk -t2 -c64 -d3600s --timeout 10s -s bench/puts.lua \
   "http://127.0.0.1:${A[1]}" >"$WORKDIR/wrk.log" 2>&1 &
 wrk_pid=$!
-# Until every key is in, or wrk is done (a put refused with 503 while a group's leadership
-# moves is not retried: a few keys may be missing), or 300 s passed.
-load_deadline=$(( $(date +%s) + 300 ))
-until (( $(keys_on 1) >= KEYS )) || ! kill -0 "$wrk_pid" 2>/dev/null || (( $(date +%s) > load_deadline )); do
+# Until every key is in, or no key came in for 5 s (a put refused with 503 while a
+# group's leadership moves is not retried, so a few keys may be missing; wrk itself runs
+# for its whole -d even after its threads stop).
+last=-1 still=0
+until (( $(keys_on 1) >= KEYS )) || (( still >= 10 )); do
   sleep 0.5
+  loaded=$(keys_on 1)
+  if (( loaded == last )); then still=$((still + 1)); else still=0; fi
+  last=$loaded
 done
 kill -INT "$wrk_pid" 2>/dev/null; wait "$wrk_pid" || true
 python3 -c "print(f'load: {($(now) - $t0):.1f} s, {$(keys_on 1)} keys')"
