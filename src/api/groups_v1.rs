@@ -97,6 +97,13 @@ impl Api {
                 _ => Err(Failure::method_not_allowed(method, "GET")),
             };
         }
+        let changes_group =
+            below == "members" || below == "leader" || below.starts_with("members/");
+        if changes_group && self.router.status(group).await?.members.is_empty() {
+            // This node's replica is new and has not learnt the group's configuration
+            // yet: it would take any node for a non-member. Ask a host that knows.
+            return self.forward(group, req, None).await;
+        }
         if below == "members" {
             return match *method {
                 Method::POST => self.add_group_member(group, req).await,
@@ -372,12 +379,6 @@ impl Api {
         let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
         let NewLeader { id } = parse_json(&body)?;
         let status = self.router.status(group).await?;
-        if status.members.is_empty() {
-            return Err(Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("this node's replica of group {group} has not caught up yet; retry"),
-            ));
-        }
         let voter = status.members.iter().any(|m| m.id == id) && !status.learners.contains(&id);
         if !voter {
             return Err(Failure::bad_request(format!(
