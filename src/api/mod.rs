@@ -548,6 +548,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn operator_routes_are_membership_groups_and_debug_never_keys() {
+        let (get, put, post, delete) = (Method::GET, Method::PUT, Method::POST, Method::DELETE);
+        for (method, target) in [
+            (&post, "4"),
+            (&delete, "3"),
+            (&post, "v1/members"),
+            (&delete, "v1/members/3"),
+            (&post, "v1/groups"),
+            (&post, "v1/groups/2/members"),
+            (&delete, "v1/groups/2/members/1"),
+            (&post, "v1/groups/2/leader"),
+            (&post, "debug/partition"),
+        ] {
+            assert!(is_operator_route(method, target), "{method} {target}");
+        }
+        for (method, target) in [
+            (&put, "my-key"),
+            (&get, "my-key"),
+            (&get, "v1/members"),
+            (&get, "v1/groups/2"),
+            (&put, "v1/kv/members"),
+            (&post, "v1/kv"),
+            (&put, "v1/groups/2/kv/members"),
+            (&delete, "v1/groups/2/kv/leader"),
+        ] {
+            assert!(!is_operator_route(method, target), "{method} {target}");
+        }
+    }
+
+    #[test]
     fn query_parameters_are_decoded_and_unknown_ones_refused() {
         let params = parse_query(Some("prefix=a%2Fb+c&limit=5"), &["prefix", "limit"])
             .ok()
