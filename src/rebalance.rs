@@ -236,6 +236,8 @@ pub struct Led {
     /// 0: none known.
     pub leader: u64,
     pub voters: Vec<u64>,
+    /// The group's applied index, as the node that answered for it sees it.
+    pub applied: u64,
 }
 
 /// A leadership to hand over, `(group, to)`, so that leaders spread as replicas do: from
@@ -303,6 +305,7 @@ async fn leaders(api: &OwnApi) -> Result<Vec<Led>, String> {
                     .into_iter()
                     .filter(|m| !learners.contains(m))
                     .collect(),
+                applied: g["applied"].as_u64().unwrap_or(0),
             }
         })
         .collect())
@@ -325,13 +328,13 @@ async fn spread_leaders(api: &OwnApi, table: &Membership, logger: &Logger) -> bo
     };
     // Only to a replica that answers at once and is caught up (a paused or cut-off node
     // would stall the group's writes for the transfer's whole timeout).
-    let leader_view = group_view(api, group, None).await;
+    let applied = groups
+        .iter()
+        .find(|g| g.group == group)
+        .map_or(0, |g| g.applied);
     let taker_view = tokio::time::timeout(LIVENESS_CHECK, group_view(api, group, Some(to))).await;
-    let caught_up = match (leader_view, taker_view) {
-        (Ok(lead), Ok(Ok(taker))) => {
-            let applied = |v: &serde_json::Value| v["applied"].as_u64().unwrap_or(0);
-            applied(&taker) + CAUGHT_UP_SLACK >= applied(&lead)
-        }
+    let caught_up = match taker_view {
+        Ok(Ok(taker)) => taker["applied"].as_u64().unwrap_or(0) + CAUGHT_UP_SLACK >= applied,
         _ => false,
     };
     if !caught_up {
@@ -555,6 +558,7 @@ mod tests {
                     group: i as u64 + 2,
                     leader,
                     voters: vec![1, 2, 3],
+                    applied: 0,
                 })
                 .collect()
         };
@@ -575,16 +579,19 @@ mod tests {
                 group: 2,
                 leader: 1,
                 voters: vec![1, 2],
+                applied: 0,
             },
             Led {
                 group: 3,
                 leader: 1,
                 voters: vec![1, 2],
+                applied: 0,
             },
             Led {
                 group: 4,
                 leader: 2,
                 voters: vec![2, 3],
+                applied: 0,
             },
         ];
         assert_eq!(next_leader_transfer(&m, &only_1_and_2), None);

@@ -24,7 +24,7 @@ use hyper::{Method, Request, StatusCode};
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
 use crate::command::Op;
 use crate::membership::{parse_node_id, Placement};
-use crate::router::{GroupMsg, MemberChange, CLUSTER_GROUP};
+use crate::router::{GroupMsg, MemberChange, NodeStatus, CLUSTER_GROUP};
 
 /// Largest body of `POST /v1/groups`.
 const MAX_GROUP_BODY_BYTES: usize = 64 * 1024;
@@ -99,27 +99,21 @@ impl Api {
         }
         let changes_group =
             below == "members" || below == "leader" || below.starts_with("members/");
-        if changes_group && self.router.status(group).await?.members.is_empty() {
-            // This node's replica is new and has not learnt the group's configuration
-            // yet: it would take any node for a non-member. Ask a host that knows.
-            return self.forward(group, req, None).await;
-        }
-        if below == "members" {
-            return match *method {
-                Method::POST => self.add_group_member(group, req).await,
-                _ => Err(Failure::method_not_allowed(method, "POST")),
-            };
-        }
-        if below == "leader" {
-            return match *method {
-                Method::POST => self.transfer_group_leader(group, req).await,
-                _ => Err(Failure::method_not_allowed(method, "POST")),
-            };
-        }
-        if let Some(node) = below.strip_prefix("members/") {
-            return match *method {
-                Method::DELETE => self.remove_group_member(group, node).await,
-                _ => Err(Failure::method_not_allowed(method, "DELETE")),
+        if changes_group {
+            let status = self.router.status(group).await?;
+            if status.members.is_empty() {
+                // This node's replica is new and has not learnt the group's configuration
+                // yet: it would take any node for a non-member. Ask a host that knows.
+                return self.forward(group, req, None).await;
+            }
+            return match (method.clone(), below.strip_prefix("members/")) {
+                (Method::POST, None) if below == "members" => {
+                    self.add_group_member(group, status, req).await
+                }
+                (Method::POST, None) => self.transfer_group_leader(group, status, req).await,
+                (Method::DELETE, Some(node)) => self.remove_group_member(group, status, node).await,
+                (_, Some(_)) => Err(Failure::method_not_allowed(method, "DELETE")),
+                (_, None) => Err(Failure::method_not_allowed(method, "POST")),
             };
         }
         if below == "kv" {
@@ -264,7 +258,12 @@ impl Api {
     /// group's messages), then the group adds it as a voter (or a learner, with
     /// `"learner": true`; a voter request for a learner promotes it) and its leader sends
     /// it the log or a snapshot. A retry after a failure finishes what the first try began.
-    async fn add_group_member(&self, group: u64, req: Request<Incoming>) -> Reply {
+    async fn add_group_member(
+        &self,
+        group: u64,
+        status: NodeStatus,
+        req: Request<Incoming>,
+    ) -> Reply {
         let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
         let NewGroupMember { id, learner } = parse_json(&body)?;
         let placement = self.placement_of(group)?;
@@ -279,7 +278,6 @@ impl Api {
                 format!("node {id} was removed from group {group} and cannot host it again"),
             ));
         }
-        let status = self.router.status(group).await?;
         let promotion = !learner && status.learners.contains(&id);
         if status.members.iter().any(|m| m.id == id) && !promotion {
             return Err(Failure::new(
@@ -312,10 +310,10 @@ impl Api {
     /// `DELETE /v1/groups/<g>/members/<n>`: the group removes node n, then the table of
     /// groups takes it out, and n deletes its replica's data. n keeps serving its other
     /// groups; it never hosts group g again.
-    async fn remove_group_member(&self, group: u64, node: &str) -> Reply {
+    async fn remove_group_member(&self, group: u64, status: NodeStatus, node: &str) -> Reply {
         let id = parse_node_id(node).map_err(Failure::bad_request)?;
         let placement = self.placement_of(group)?;
-        let members = self.router.status(group).await?.members;
+        let members = status.members;
         let in_group = members.iter().any(|m| m.id == id);
         if !in_group && !placement.members.contains(&id) {
             return Err(Failure::new(
@@ -375,10 +373,14 @@ impl Api {
 
     /// `POST /v1/groups/<g>/leader` `{"id": n}`: hands group g's leadership to voter n
     /// and answers once n leads (the rebalancer spreads leaders this way).
-    async fn transfer_group_leader(&self, group: u64, req: Request<Incoming>) -> Reply {
+    async fn transfer_group_leader(
+        &self,
+        group: u64,
+        status: NodeStatus,
+        req: Request<Incoming>,
+    ) -> Reply {
         let body = read_body(req, MAX_GROUP_BODY_BYTES).await?;
         let NewLeader { id } = parse_json(&body)?;
-        let status = self.router.status(group).await?;
         let voter = status.members.iter().any(|m| m.id == id) && !status.learners.contains(&id);
         if !voter {
             return Err(Failure::bad_request(format!(
