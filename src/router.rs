@@ -40,6 +40,8 @@ pub enum ProposeError {
     Dropped(String),
     /// The entry was not applied within the deadline; it may still commit later.
     Timeout,
+    /// The leader changed before the entry committed; it may still commit later.
+    LeaderChanged,
     /// The node is shutting down.
     Stopped,
     /// This node does not host that raft group (or not yet).

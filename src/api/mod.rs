@@ -151,6 +151,10 @@ impl From<ProposeError> for Failure {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("raft did not accept the proposal ({why}); retry"),
             ),
+            ProposeError::LeaderChanged => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the leader changed before the write committed: the outcome is unknown; retry",
+            ),
             ProposeError::Timeout => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not applied within the request timeout: the outcome is unknown",

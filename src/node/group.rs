@@ -89,8 +89,9 @@ pub struct Group {
     kv: SharedKv,
     membership: SharedMembership,
     transport: Arc<Transport>,
-    /// Clients waiting for their entry to be applied, by proposal id.
-    waiters: HashMap<ProposalId, Reply>,
+    /// Clients waiting for their entry to be applied, by proposal id, with the term in
+    /// which it was proposed (see `apply`).
+    waiters: HashMap<ProposalId, (u64, Reply)>,
     /// Client writes taken from the inbox this round, encoded, not yet proposed.
     batch: Vec<(Vec<u8>, ProposalId, Reply)>,
     reads: ReadQueue,
@@ -246,7 +247,7 @@ impl Group {
         }
         self.raw.tick();
         self.ticks += 1;
-        self.waiters.retain(|_, reply| !reply.is_closed());
+        self.waiters.retain(|_, (_, reply)| !reply.is_closed());
         self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
         self.count_quiet_tick();
     }
@@ -432,7 +433,7 @@ impl Group {
         match proposed {
             Ok(()) => {
                 Metrics::inc(&self.metrics.proposals);
-                self.waiters.insert(id, reply);
+                self.waiters.insert(id, (self.raw.raft.term, reply));
             }
             Err(why) => {
                 let _ = reply.send(Err(ProposeError::Dropped(why)));
@@ -561,9 +562,41 @@ impl Group {
             .applied_entries
             .fetch_add(last - self.applied, std::sync::atomic::Ordering::Relaxed);
         self.applied = last;
+        if last_term > self.applied_term {
+            self.give_up_on_older_terms(last_term);
+        }
         self.applied_term = last_term;
         self.reads.on_applied(last);
         Ok(())
+    }
+
+    /// An entry of `term` applied: every entry of an older term that will ever commit is
+    /// before it, so a waiter proposed in an older term whose entry has not applied lost
+    /// it when the leader changed (a leader refused or dropped it, or it was never
+    /// replicated). Its client hears so now, not at the request timeout, and may retry.
+    /// The outcome stays unknown: a proposal still in flight to the old leader could yet
+    /// be forwarded to the new one and apply later, with no one waiting for it.
+    fn give_up_on_older_terms(&mut self, term: u64) {
+        let lost: Vec<ProposalId> = self
+            .waiters
+            .iter()
+            .filter(|(_, (proposed_in, _))| *proposed_in < term)
+            .map(|(id, _)| *id)
+            .collect();
+        if !lost.is_empty() {
+            info!(self.logger, "the leader changed before these writes committed; their clients are told";
+                "writes" => lost.len(), "term" => term);
+        }
+        for id in lost {
+            self.answer(id, Err(ProposeError::LeaderChanged));
+        }
+    }
+
+    /// Answers the client waiting for proposal `id` here, if any.
+    pub(super) fn answer(&mut self, id: ProposalId, outcome: Result<Written, ProposeError>) {
+        if let Some((_, reply)) = self.waiters.remove(&id) {
+            let _ = reply.send(outcome);
+        }
     }
 
     /// Applies each command of a normal entry at its own revision and answers the client
@@ -612,9 +645,7 @@ impl Group {
         drop(kv);
         // Answered once the map is unlocked: waking a client's task may cost a syscall.
         for (id, outcome) in outcomes {
-            if let Some(reply) = self.waiters.remove(&id) {
-                let _ = reply.send(outcome);
-            }
+            self.answer(id, outcome);
         }
     }
 }

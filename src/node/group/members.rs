@@ -171,9 +171,7 @@ impl Group {
                     .map_err(|e| format!("could not persist the conf state: {e}"))?,
                 Err(e) => {
                     warn!(self.logger, "raft refused a conf change"; "index" => entry.index, "error" => %e);
-                    if let Some(reply) = self.waiters.remove(&context.id) {
-                        let _ = reply.send(Err(ProposeError::Conflict(e.to_string())));
-                    }
+                    self.answer(context.id, Err(ProposeError::Conflict(e.to_string())));
                     return Ok(());
                 }
             }
@@ -203,12 +201,13 @@ impl Group {
         info!(self.logger, "membership changed"; "group" => self.id,
             "change" => ?cc.get_change_type(), "node" => node, "index" => entry.index,
             "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
-        if let Some(reply) = self.waiters.remove(&context.id) {
-            let _ = reply.send(Ok(Written {
+        self.answer(
+            context.id,
+            Ok(Written {
                 revision,
                 deleted: 0,
-            }));
-        }
+            }),
+        );
         Ok(())
     }
 }
