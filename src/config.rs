@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::membership::parse_peer_url;
+use crate::membership::{authority_of, parse_peer_url};
 use crate::tls::TlsFiles;
 
 /// Most data groups --shards may ask for.
@@ -14,10 +14,22 @@ const MAX_SHARDS: u64 = 4096;
 
 /// raftkvd: a replicated key-value store on raft, in the style of etcd's raftexample.
 #[derive(Parser, Debug, Clone)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Health checks: `raftkvd probe [URL]` GETs URL (default: this node's \
+        /health on RAFTKVD_PORT) and exits 0 on a 2xx answer, 1 otherwise."
+)]
 pub struct Config {
-    /// This node's raft id: its 1-based position in --cluster.
-    #[arg(long, env = "RAFTKVD_ID")]
+    /// This node's raft id: its 1-based position in --cluster. Default: the position of
+    /// --peer-url in --cluster (so that a StatefulSet's pods, which know their own name
+    /// but cannot add one to their ordinal, need no id).
+    #[arg(long = "id", env = "RAFTKVD_ID")]
+    id_flag: Option<u64>,
+
+    /// The id in force: --id, or the one validate() derived.
+    #[arg(skip)]
     pub id: u64,
 
     /// Comma-separated peer URLs of the cluster (http://host:port), one per node id in
@@ -35,6 +47,12 @@ pub struct Config {
     /// Default: the --id'th entry of --cluster. Needed with --join-via without --cluster.
     #[arg(long, env = "RAFTKVD_PEER_URL")]
     pub peer_url: Option<String>,
+
+    /// Where the raft transport listens (http://host:port, e.g. http://0.0.0.0:2380) when
+    /// that differs from the peer URL the other nodes reach this node at (containers, NAT).
+    /// One URL, as etcd's --listen-peer-urls. Default: the host and port of the peer URL.
+    #[arg(long, env = "RAFTKVD_LISTEN_PEER_URLS")]
+    pub listen_peer_urls: Option<String>,
 
     /// Port of the client HTTP API (GET/PUT /<key>, POST/DELETE /<node-id>).
     #[arg(long, env = "RAFTKVD_PORT")]
@@ -200,6 +218,7 @@ impl Config {
             .iter()
             .map(|u| parse_peer_url(u, tls).map_err(|e| format!("--cluster: {e}")))
             .collect::<Result<_, _>>()?;
+        self.id = self.resolve_id(tls)?;
         if self.id == 0 {
             return Err("--id must be a positive integer".into());
         }
@@ -233,6 +252,17 @@ impl Config {
                 ))
             }
         };
+        if let Some(listen) = &self.listen_peer_urls {
+            if listen.contains(',') {
+                return Err(
+                    "--listen-peer-urls takes one URL (this node listens for peers on \
+                    one address)"
+                        .into(),
+                );
+            }
+            self.listen_peer_urls =
+                Some(parse_peer_url(listen, tls).map_err(|e| format!("--listen-peer-urls: {e}"))?);
+        }
         if let Some(via) = &self.join_via {
             let https = via.trim().starts_with("https://");
             if https && !tls {
@@ -269,6 +299,27 @@ impl Config {
             return Err("--tick-ms and --request-timeout-ms must be positive".into());
         }
         Ok(self)
+    }
+
+    /// --id, else the 1-based position of --peer-url in (the normalised) --cluster.
+    fn resolve_id(&self, tls: bool) -> Result<u64, String> {
+        if let Some(id) = self.id_flag {
+            return Ok(id);
+        }
+        let Some(own) = &self.peer_url else {
+            return Err(
+                "--id is required (or --peer-url, whose position in --cluster \
+                gives the id)"
+                    .into(),
+            );
+        };
+        let own = parse_peer_url(own, tls).map_err(|e| format!("--peer-url: {e}"))?;
+        match self.cluster.iter().position(|u| *u == own) {
+            Some(at) => Ok(at as u64 + 1),
+            None => Err(format!(
+                "--id is required: --peer-url {own} is not in --cluster, so it gives no id"
+            )),
+        }
     }
 
     /// Checks the TLS flags against each other (the files are read later, in tls.rs).
@@ -348,6 +399,12 @@ impl Config {
         self.peer_url.as_deref().expect("set by validate")
     }
 
+    /// The `host:port` the raft transport binds: --listen-peer-urls, else the peer URL's.
+    pub fn peer_listen_addr(&self) -> String {
+        let url = self.listen_peer_urls.as_deref();
+        authority_of(url.unwrap_or_else(|| self.own_peer_url())).to_string()
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
@@ -365,4 +422,68 @@ fn is_loopback(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["raftkvd", "--port", "2379"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .validate()
+    }
+
+    const CLUSTER: &str = "http://raftkvd1:2380,http://raftkvd2:2380,http://raftkvd3:2380";
+
+    #[test]
+    fn the_id_is_the_position_of_the_peer_url_when_not_given() {
+        let config = parse(&["--cluster", CLUSTER, "--peer-url", "http://raftkvd2:2380/"]).unwrap();
+        assert_eq!(config.id, 2);
+        let config = parse(&["--cluster", CLUSTER, "--id", "3"]).unwrap();
+        assert_eq!(
+            (config.id, config.own_peer_url()),
+            (3, "http://raftkvd3:2380")
+        );
+        let unlisted = parse(&["--cluster", CLUSTER, "--peer-url", "http://other:2380"]);
+        assert!(unlisted.unwrap_err().contains("is not in --cluster"));
+        assert!(parse(&["--cluster", CLUSTER])
+            .unwrap_err()
+            .contains("--id is required"));
+    }
+
+    #[test]
+    fn peers_are_heard_on_the_listen_url_or_else_the_peer_url() {
+        let config = parse(&["--cluster", CLUSTER, "--id", "1"]).unwrap();
+        assert_eq!(config.peer_listen_addr(), "raftkvd1:2380");
+        let args = [
+            "--cluster",
+            CLUSTER,
+            "--id",
+            "1",
+            "--listen-peer-urls",
+            "http://0.0.0.0:2390",
+        ];
+        assert_eq!(parse(&args).unwrap().peer_listen_addr(), "0.0.0.0:2390");
+        let two = [
+            "--cluster",
+            CLUSTER,
+            "--id",
+            "1",
+            "--listen-peer-urls",
+            "http://a:1,http://b:2",
+        ];
+        assert!(parse(&two).unwrap_err().contains("one URL"));
+        let tls = [
+            "--cluster",
+            CLUSTER,
+            "--id",
+            "1",
+            "--listen-peer-urls",
+            "https://0.0.0.0:2380",
+        ];
+        assert!(parse(&tls).unwrap_err().contains("--listen-peer-urls"));
+    }
 }

@@ -24,6 +24,7 @@ mod membership;
 mod metrics;
 mod node;
 mod peer_stream;
+mod probe;
 mod read_index;
 mod rebalance;
 mod record;
@@ -54,6 +55,10 @@ use crate::transport::Transport;
 const REMOVED_MARKER: &str = "REMOVED";
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("probe") {
+        std::process::exit(probe::run(&args[2..]));
+    }
     let config = match Config::parse().validate() {
         Ok(config) => config,
         Err(e) => {
@@ -224,12 +229,7 @@ async fn serve(
         known_peers,
     } = recovered;
     let Identity { cluster_id, tls } = identity;
-    let own_url = reqwest::Url::parse(config.own_peer_url()).expect("validated in config");
-    let peer_addr = format!(
-        "{}:{}",
-        own_url.host_str().unwrap_or("127.0.0.1"),
-        own_url.port_or_known_default().unwrap_or(80)
-    );
+    let peer_addr = config.peer_listen_addr();
     // Bound here, served on the raft thread (see below).
     let peer_listener = std::net::TcpListener::bind(&peer_addr)
         .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
