@@ -1,0 +1,346 @@
+//! The clients of the Jepsen-style tests and what they record: `CLIENTS` threads PUT
+//! unique values to and GET a few keys from random members, `CAS_CLIENTS` threads
+//! increment one counter with compare-and-swap on `/v1/kv`, and the checks run on what
+//! they saw (the history through `checker`, the counter against the acknowledged
+//! increments). Members are named by the base URL of their client API
+//! (`http://host:port`), so the same clients drive processes on loopback
+//! (`linearizability.rs`) and containers with their own addresses (`containers.rs`).
+#![allow(dead_code)]
+
+use crate::checker::{self, Kind, Op};
+use crate::common::http_with_timeout;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+pub const CLIENTS: usize = 6;
+pub const CAS_CLIENTS: usize = 2;
+pub const COUNTER: &str = "cas-counter";
+/// Each client sends at most this many requests, a bound on the run.
+const MAX_OPS_PER_CLIENT: usize = 20_000;
+/// A client waits this long after a request that failed (no leader, no answer) before
+/// its next, as a real client backs off: without it, the fast 503s of an election spend
+/// a long soak's whole budget of requests (a 600 s soak ran out and stalled).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The client API base URLs the clients pick from; the test changes it as members come
+/// and go (or a container's address changes).
+pub type Bases = Arc<RwLock<Vec<String>>>;
+
+/// A tiny xorshift generator: the tests need variety, not cryptography.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// One of `items`, at random.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
+    /// One of `items` (which must not be empty), cloned.
+    pub fn pick_cloned<T: Clone>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())].clone()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// The history, and counters the nemesis waits on.
+pub struct Recorder {
+    pub epoch: Instant,
+    pub ops: Mutex<Vec<Op>>,
+    pub succeeded: AtomicUsize,
+    pub unknown_writes: AtomicUsize,
+    pub failed_reads: AtomicUsize,
+    pub unexpected: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn record(&self, op: Op) {
+        if op.ret.is_some() {
+            self.succeeded.fetch_add(1, Ordering::SeqCst);
+        }
+        self.ops.lock().unwrap().push(op);
+    }
+
+    /// One GET (linearizable) on `port`; records it if it succeeded.
+    pub fn read(&self, base: &str, key: &str) -> bool {
+        let call = self.now();
+        let url = format!("{base}/{key}");
+        let (code, body) = http_with_timeout("GET", &url, None, CLIENT_TIMEOUT);
+        let ret = self.now();
+        let value = match code {
+            200 => Some(body),
+            404 => None,
+            0 | 503 => {
+                self.failed_reads.fetch_add(1, Ordering::SeqCst);
+                return false;
+            }
+            other => {
+                self.unexpected
+                    .lock()
+                    .unwrap()
+                    .push(format!("GET {url}: {other} {body}"));
+                return false;
+            }
+        };
+        self.record(Op {
+            key: key.into(),
+            call,
+            ret: Some(ret),
+            kind: Kind::Read(value),
+        });
+        true
+    }
+
+    /// One PUT of a unique value; an unanswered or 503 PUT is recorded as open-ended.
+    /// Returns whether it was acknowledged.
+    pub fn write(&self, base: &str, key: &str, value: String) -> bool {
+        let call = self.now();
+        let url = format!("{base}/{key}");
+        let (code, body) = http_with_timeout(
+            "PUT",
+            &url,
+            Some(value.clone().into_bytes()),
+            CLIENT_TIMEOUT,
+        );
+        let ret = match code {
+            204 => Some(self.now()),
+            0 | 503 => {
+                self.unknown_writes.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            other => {
+                self.unexpected
+                    .lock()
+                    .unwrap()
+                    .push(format!("PUT {url}: {other} {body}"));
+                None
+            }
+        };
+        self.record(Op {
+            key: key.into(),
+            call,
+            ret,
+            kind: Kind::Write(value),
+        });
+        ret.is_some()
+    }
+}
+
+pub fn run_client(id: usize, bases: Bases, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
+    let mut rng = Rng::new(id as u64 + 1);
+    for n in 0..MAX_OPS_PER_CLIENT {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let base = rng.pick_cloned(&bases.read().unwrap());
+        let key = rng.pick(&KEYS);
+        let ok = if rng.below(2) == 0 {
+            rec.write(&base, key, format!("c{id}-{n}"))
+        } else {
+            rec.read(&base, key)
+        };
+        if !ok {
+            thread::sleep(RETRY_PAUSE);
+        }
+    }
+}
+
+/// What the compare-and-swap clients saw.
+#[derive(Default)]
+pub struct CasTally {
+    /// Counter values written by a CAS that was answered 200.
+    pub acked: Vec<u64>,
+    /// CAS writes with no answer or a 503: they may or may not have landed.
+    pub unknown: usize,
+    /// CAS writes refused with 412 (another client got there first).
+    pub refused: usize,
+    pub unexpected: Vec<String>,
+}
+
+/// Reads the counter linearizably: Some((value, revision)), (0, 0) if absent, None if
+/// the read failed.
+pub fn read_counter(base: &str) -> Option<(u64, u64)> {
+    let url = format!("{base}/v1/kv/{COUNTER}");
+    let (code, body) = http_with_timeout("GET", &url, None, CLIENT_TIMEOUT);
+    match code {
+        200 => {
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let value = v["value"].as_str()?.parse().ok()?;
+            Some((value, v["revision"].as_u64()?))
+        }
+        404 => Some((0, 0)),
+        _ => None,
+    }
+}
+
+pub fn run_cas_client(id: usize, bases: Bases, tally: Arc<Mutex<CasTally>>, stop: Arc<AtomicBool>) {
+    let mut rng = Rng::new(1000 + id as u64);
+    for _ in 0..MAX_OPS_PER_CLIENT {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let base = rng.pick_cloned(&bases.read().unwrap());
+        let Some((value, revision)) = read_counter(&base) else {
+            thread::sleep(RETRY_PAUSE);
+            continue;
+        };
+        let next = value + 1;
+        let url = format!("{base}/v1/kv/{COUNTER}?if_revision={revision}");
+        let (code, body) = http_with_timeout(
+            "PUT",
+            &url,
+            Some(next.to_string().into_bytes()),
+            CLIENT_TIMEOUT,
+        );
+        let mut tally = tally.lock().unwrap();
+        match code {
+            200 => tally.acked.push(next),
+            412 => tally.refused += 1,
+            0 | 503 => {
+                tally.unknown += 1;
+                drop(tally);
+                thread::sleep(RETRY_PAUSE);
+            }
+            other => tally.unexpected.push(format!("PUT {url}: {other} {body}")),
+        }
+    }
+}
+
+/// The client threads, running until [`Workload::finish`].
+pub struct Workload {
+    pub bases: Bases,
+    pub rec: Arc<Recorder>,
+    pub tally: Arc<Mutex<CasTally>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Workload {
+    /// Starts every client against `bases`.
+    pub fn start(bases: Vec<String>) -> Workload {
+        let bases: Bases = Arc::new(RwLock::new(bases));
+        let rec = Arc::new(Recorder {
+            epoch: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+            succeeded: AtomicUsize::new(0),
+            unknown_writes: AtomicUsize::new(0),
+            failed_reads: AtomicUsize::new(0),
+            unexpected: Mutex::new(Vec::new()),
+        });
+        let tally = Arc::new(Mutex::new(CasTally::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..CLIENTS {
+            let (bases, rec, stop) = (bases.clone(), rec.clone(), stop.clone());
+            threads.push(thread::spawn(move || run_client(i, bases, rec, stop)));
+        }
+        for i in 0..CAS_CLIENTS {
+            let (bases, tally, stop) = (bases.clone(), tally.clone(), stop.clone());
+            threads.push(thread::spawn(move || run_cas_client(i, bases, tally, stop)));
+        }
+        Workload {
+            bases,
+            rec,
+            tally,
+            stop,
+            threads,
+        }
+    }
+
+    /// Operations answered so far.
+    pub fn succeeded(&self) -> usize {
+        self.rec.succeeded.load(Ordering::SeqCst)
+    }
+
+    /// Stops the clients and waits for them.
+    pub fn finish(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+    }
+
+    /// After [`Workload::finish`]: no unexpected answer, the counter (`counter`, read
+    /// linearizably after healing) against what the CAS clients were told, and every key's
+    /// history linearizable. Prints what was checked.
+    pub fn verify(&self, counter: u64, faults: &[String]) -> Result<(), String> {
+        let unexpected = self.rec.unexpected.lock().unwrap().clone();
+        if !unexpected.is_empty() {
+            return Err(format!("unexpected answers: {unexpected:#?}"));
+        }
+        check_counter(&self.tally.lock().unwrap(), counter)?;
+        let history = self.rec.ops.lock().unwrap().clone();
+        let writes = history
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::Write(_)))
+            .count();
+        eprintln!(
+            "linearizability: {} ops checked ({} writes, {} of them unknown outcome; {} reads, \
+             {} failed reads dropped), faults injected: {} ({})",
+            history.len(),
+            writes,
+            self.rec.unknown_writes.load(Ordering::SeqCst),
+            history.len() - writes,
+            self.rec.failed_reads.load(Ordering::SeqCst),
+            faults.len(),
+            faults.join("; "),
+        );
+        // The search recurses once per operation of a key: give it a deep stack.
+        thread::Builder::new()
+            .stack_size(512 * 1024 * 1024)
+            .spawn(move || checker::check(&history))
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+}
+
+/// The counter after healing against what the CAS clients were told.
+fn check_counter(tally: &CasTally, value: u64) -> Result<(), String> {
+    if !tally.unexpected.is_empty() {
+        return Err(format!("unexpected CAS answers: {:#?}", tally.unexpected));
+    }
+    let mut acked = tally.acked.clone();
+    acked.sort_unstable();
+    let distinct = acked.len();
+    acked.dedup();
+    if acked.len() != distinct {
+        return Err("two compare-and-swaps won from the same revision".into());
+    }
+    let low = distinct as u64;
+    let high = low + tally.unknown as u64;
+    eprintln!(
+        "compare-and-swap counter: {value}; {distinct} increments acknowledged, {} refused \
+         (412), {} of unknown outcome",
+        tally.refused, tally.unknown
+    );
+    if !(low..=high).contains(&value) || acked.last().is_some_and(|&max| value < max) {
+        return Err(format!(
+            "counter is {value}, but {low} increments were acknowledged (max {:?}) and {} \
+             unknown",
+            acked.last(),
+            tally.unknown
+        ));
+    }
+    if low == 0 {
+        return Err("no compare-and-swap ever succeeded".into());
+    }
+    Ok(())
+}
