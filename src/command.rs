@@ -276,18 +276,40 @@ impl Proposal {
 
 /// The payload of an entry carrying all of `encoded` (each a [`Proposal::encode`]), in
 /// order: the proposal itself if there is one.
-pub fn encode_entry(mut encoded: Vec<Vec<u8>>) -> Vec<u8> {
-    if encoded.len() == 1 {
-        return encoded.pop().unwrap();
+pub fn encode_entry(encoded: &[Vec<u8>]) -> Vec<u8> {
+    if let [one] = encoded {
+        return one.clone();
     }
     let len = 5 + encoded.iter().map(|p| 4 + p.len()).sum::<usize>();
     let mut buf = Vec::with_capacity(len);
     buf.push(FORMAT_BATCH);
     buf.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-    for proposal in &encoded {
+    for proposal in encoded {
         put_bytes(&mut buf, proposal);
     }
     buf
+}
+
+/// Leading byte of a normal entry's context that names the term it was proposed in.
+const CONTEXT_PROPOSED_TERM: u8 = 1;
+
+/// The context of a normal entry proposed in `term`: a leader appends the entry only in
+/// that term (`node/group.rs`), so a proposal cannot be appended by a later leader after
+/// its proposer has given it up and proposed it again. Releases that do not know the
+/// context ignore it (raft-rs carries it untouched).
+pub fn proposed_term_context(term: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(9);
+    buf.push(CONTEXT_PROPOSED_TERM);
+    buf.extend_from_slice(&term.to_le_bytes());
+    buf
+}
+
+/// The term a normal entry's context names, if it names one this release knows.
+pub fn proposed_term(context: &[u8]) -> Option<u64> {
+    match context {
+        [CONTEXT_PROPOSED_TERM, term @ ..] => Some(u64::from_le_bytes(term.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 /// The proposals of a normal entry's payload, in order.
@@ -469,9 +491,21 @@ mod tests {
     }
 
     #[test]
+    fn the_proposed_term_round_trips_and_anything_else_names_none() {
+        assert_eq!(proposed_term(&proposed_term_context(7)), Some(7));
+        assert_eq!(
+            proposed_term(&proposed_term_context(u64::MAX)),
+            Some(u64::MAX)
+        );
+        assert_eq!(proposed_term(&[]), None);
+        assert_eq!(proposed_term(&proposed_term_context(7)[..8]), None);
+        assert_eq!(proposed_term(&[9, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+    }
+
+    #[test]
     fn an_entry_carries_one_proposal_or_a_batch() {
         let single = checked_txn();
-        let one = encode_entry(vec![single.encode()]);
+        let one = encode_entry(&[single.encode()]);
         assert_eq!(one, single.encode(), "a lone proposal is written as before");
         assert_eq!(decode_entry(&one.into()), Ok(vec![single.clone()]));
         let put = Proposal {
@@ -481,7 +515,7 @@ mod tests {
                 Bytes::from_static(b"v"),
             )),
         };
-        let batch = encode_entry(vec![put.encode(), single.encode(), put.encode()]);
+        let batch = encode_entry(&[put.encode(), single.encode(), put.encode()]);
         assert_eq!(
             decode_entry(&Bytes::copy_from_slice(&batch)),
             Ok(vec![put.clone(), single, put])

@@ -42,6 +42,8 @@ pub enum ProposeError {
     Timeout,
     /// The leader changed before the entry committed; it may still commit later.
     LeaderChanged,
+    /// This node caught up by a snapshot, which may or may not hold the entry.
+    OvertakenBySnapshot,
     /// The node is shutting down.
     Stopped,
     /// This node does not host that raft group (or not yet).

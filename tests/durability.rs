@@ -1,13 +1,15 @@
 //! Every acknowledged PUT survives kill -9: of a single node, and of a whole cluster at
 //! once, with writes in flight at the moment of the kill. A SIGTERM with writes in flight
-//! answers each of them (success, or 503 / a closed connection) and exits 0.
+//! answers each of them (success, or 503 / a closed connection) and exits 0. Writes lost
+//! with a frozen leader are proposed again and apply exactly once.
 
 mod common;
 
-use common::{http, Cluster};
+use common::{http, http_json, Cluster};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 const WRITERS: usize = 6;
 /// Stop writing (and kill) once this many PUTs were acknowledged.
@@ -159,4 +161,84 @@ fn sigterm_with_writes_in_flight_answers_them_and_exits_0() {
     check_all_acked(&cluster, &acked);
     cluster.node(leader).start();
     check_all_acked(&cluster, &acked);
+}
+
+/// Writes sent through the followers just after the leader froze (SIGSTOP: the proposals
+/// they forward sit unread in its socket) are proposed again once a new leader is elected,
+/// within the default request timeout: 200, not 503. And each applies once: after the old
+/// leader wakes up, reads its socket and learns of the new term, every key is still at
+/// the revision its write was acknowledged with (a second application would have moved
+/// it).
+#[test]
+fn writes_lost_with_a_frozen_leader_are_proposed_again_and_apply_once() {
+    let mut cluster = Cluster::start("repropose", 3, &[]);
+    let leader = cluster.wait_leader();
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    // A node's first /v1 request waits for a read index of the cluster group, which
+    // would hold these writes back until a new leader is elected: make it now.
+    for &id in &followers {
+        let (code, _) = http("GET", &cluster.node(id).url("v1/kv/warm-up"), None);
+        assert_eq!(code, 404);
+    }
+    cluster.node(leader).signal("STOP");
+    let frozen = Instant::now();
+    let writers: Vec<_> = (0..6)
+        .map(|i| {
+            let url = cluster
+                .node(followers[i % 2])
+                .url(&format!("v1/kv/lost-{i}"));
+            thread::spawn(move || {
+                let body = Some(serde_json::json!({ "value": format!("v{i}") }));
+                (i, http_json("PUT", &url, body))
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for writer in writers {
+        let (i, (code, answer)) = writer.join().unwrap();
+        assert_eq!(
+            code,
+            200,
+            "PUT lost-{i} through a follower: {answer}\n{}",
+            cluster.logs()
+        );
+        acked.push((i, answer["revision"].as_u64().unwrap()));
+    }
+    eprintln!("all six answered {:?} after the freeze", frozen.elapsed());
+    cluster.node(leader).signal("CONT");
+    cluster.wait_until("the old leader to follow the new one", || {
+        cluster.nodes.iter().all(|n| {
+            n.status()
+                .is_some_and(|s| s["leader"].as_u64().is_some_and(|l| l != 0 && l != leader))
+        })
+    });
+    // One more write through the old leader; a node that serves it has applied every
+    // entry before it, including any second copy of the writes above.
+    let (code, _) = http(
+        "PUT",
+        &cluster.node(leader).url("after"),
+        Some(b"x".to_vec()),
+    );
+    assert_eq!(code, 204);
+    for node in &cluster.nodes {
+        let after = node.url("after?consistency=serializable");
+        cluster.wait_until(&format!("node {} to apply the last write", node.id), || {
+            http("GET", &after, None).0 == 200
+        });
+        for &(i, revision) in &acked {
+            let url = node.url(&format!("v1/kv/lost-{i}?consistency=serializable"));
+            cluster.wait_until(&format!("node {} to hold lost-{i}", node.id), || {
+                http_json("GET", &url, None).0 == 200
+            });
+            let (_, got) = http_json("GET", &url, None);
+            assert_eq!(got["value"], format!("v{i}"));
+            assert_eq!(
+                got["revision"].as_u64(),
+                Some(revision),
+                "node {}: lost-{i} was applied again after it was acknowledged\n{}",
+                node.id,
+                cluster.logs()
+            );
+        }
+    }
 }

@@ -155,6 +155,11 @@ impl From<ProposeError> for Failure {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the leader changed before the write committed: the outcome is unknown; retry",
             ),
+            ProposeError::OvertakenBySnapshot => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node caught up by snapshot before the write was applied here: the \
+                 outcome is unknown",
+            ),
             ProposeError::Timeout => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not applied within the request timeout: the outcome is unknown",

@@ -47,7 +47,7 @@ pub fn bootstrap(
         let entry = Entry {
             term: 1,
             index: entries.len() as u64 + 1,
-            data: encode_entry(vec![proposal.encode()]).into(),
+            data: encode_entry(&[proposal.encode()]).into(),
             ..Default::default()
         };
         entries.push(entry);

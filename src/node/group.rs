@@ -25,7 +25,9 @@ use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
 use slog::{error, info, warn, Logger};
 
-use crate::command::{decode_entry, encode_entry, Op, Proposal, ProposalId};
+use crate::command::{
+    decode_entry, encode_entry, proposed_term, proposed_term_context, Op, Proposal, ProposalId,
+};
 use crate::kv::{Applied, SharedKv};
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
@@ -82,6 +84,16 @@ pub struct StagedReady {
     pub must_sync: bool,
 }
 
+/// A client waiting for its proposal to be applied.
+struct Waiter {
+    /// The term it was proposed in (see `apply`).
+    term: u64,
+    reply: Reply,
+    /// The encoded proposal of a normal entry, kept to propose it again if a leader
+    /// change loses it; None for a conf change, which is not proposed again.
+    proposal: Option<Vec<u8>>,
+}
+
 pub struct Group {
     /// The raft group id.
     id: u64,
@@ -89,11 +101,13 @@ pub struct Group {
     kv: SharedKv,
     membership: SharedMembership,
     transport: Arc<Transport>,
-    /// Clients waiting for their entry to be applied, by proposal id, with the term in
-    /// which it was proposed (see `apply`).
-    waiters: HashMap<ProposalId, (u64, Reply)>,
+    /// Clients waiting for their entry to be applied, by proposal id.
+    waiters: HashMap<ProposalId, Waiter>,
     /// Client writes taken from the inbox this round, encoded, not yet proposed.
     batch: Vec<(Vec<u8>, ProposalId, Reply)>,
+    /// Writes held back while this leader hands its office over (raft-rs would drop
+    /// them); proposed once the transfer ends, to the new leader or to this one.
+    parked: Vec<(Vec<u8>, ProposalId, Reply)>,
     reads: ReadQueue,
     /// Index of the last entry applied to the map.
     applied: u64,
@@ -179,6 +193,7 @@ impl Group {
             transport,
             waiters: HashMap::new(),
             batch: Vec::new(),
+            parked: Vec::new(),
             reads: ReadQueue::default(),
             applied: snap.index,
             ticks: 0,
@@ -247,7 +262,7 @@ impl Group {
         }
         self.raw.tick();
         self.ticks += 1;
-        self.waiters.retain(|_, (_, reply)| !reply.is_closed());
+        self.waiters.retain(|_, waiter| !waiter.reply.is_closed());
         self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
         self.count_quiet_tick();
     }
@@ -255,6 +270,7 @@ impl Group {
     /// The work of one loop round after the messages and before the Ready: propose the
     /// round's writes and ask for the round's reads.
     pub fn propose_round(&mut self) {
+        self.release_parked();
         self.propose_batch();
         self.start_read_batch();
     }
@@ -277,7 +293,12 @@ impl Group {
                 self.wake();
                 self.reads.push(reply)
             }
-            GroupMsg::Step(msg) => {
+            GroupMsg::Step(mut msg) => {
+                if msg.get_msg_type() == MessageType::MsgPropose
+                    && !self.keep_proposals_of_this_term(&mut msg)
+                {
+                    return;
+                }
                 let keeps_sleep = Group::keeps_sleep(&msg);
                 let sleep_signal = Group::is_sleep_signal(&msg);
                 let (from, kind) = (msg.from, msg.get_msg_type());
@@ -399,20 +420,28 @@ impl Group {
     /// past `MAX_ENTRY_BYTES`), in one raft message, as `RawNode::propose` does for one: a
     /// leader appends it and sends each follower one append; a follower forwards it to the
     /// leader. (An entry per write cost a raft step, an append and an ack each, and 48
-    /// bytes of raft-engine's in-memory index per write until the next snapshot.)
+    /// bytes of raft-engine's in-memory index per write until the next snapshot.) Each
+    /// entry's context names the current term: see [`Self::keep_proposals_of_this_term`].
     fn propose_batch(&mut self) {
         if self.batch.is_empty() {
             return;
         }
+        if self.handing_over() {
+            self.parked.append(&mut self.batch);
+            return;
+        }
+        let term = self.raw.raft.term;
         let (encoded, waiters): (Vec<Vec<u8>>, Vec<(ProposalId, Reply)>) = self
             .batch
             .drain(..)
             .map(|(encoded, id, reply)| (encoded, (id, reply)))
             .unzip();
-        let entries: Vec<Entry> = split_by_size(encoded, MAX_ENTRY_BYTES)
+        let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
+        let entries: Vec<Entry> = split_by_size(&sizes, MAX_ENTRY_BYTES)
             .into_iter()
-            .map(|batch| Entry {
-                data: encode_entry(batch).into(),
+            .map(|range| Entry {
+                data: encode_entry(&encoded[range]).into(),
+                context: proposed_term_context(term).into(),
                 ..Default::default()
             })
             .collect();
@@ -421,24 +450,75 @@ impl Group {
         msg.from = self.raw.raft.id;
         msg.set_entries(entries.into());
         let refused = self.raw.raft.step(msg).err().map(|e| e.to_string());
-        for (id, reply) in waiters {
+        for ((id, reply), proposal) in waiters.into_iter().zip(encoded) {
             let proposed = refused.as_ref().map_or(Ok(()), |why| Err(why.clone()));
-            self.await_proposal(id, proposed, reply);
+            self.await_proposal(id, proposed, reply, Some(proposal));
         }
+    }
+
+    /// This node leads and is handing leadership over: raft-rs refuses proposals.
+    fn handing_over(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader && self.raw.raft.lead_transferee.is_some()
+    }
+
+    /// Once a leadership transfer is over (done or abandoned), the writes held back during
+    /// it go first into the next proposal. They were never appended anywhere, so they
+    /// cannot apply twice.
+    fn release_parked(&mut self) {
+        if self.parked.is_empty() || self.handing_over() {
+            return;
+        }
+        self.parked.retain(|(_, _, reply)| !reply.is_closed());
+        let fresh = std::mem::take(&mut self.batch);
+        self.batch = std::mem::take(&mut self.parked);
+        self.batch.extend(fresh);
     }
 
     /// Registers the waiter of a proposal raft accepted (it is answered when the entry is
     /// applied), or tells the client why raft refused it.
-    fn await_proposal(&mut self, id: ProposalId, proposed: Result<(), String>, reply: Reply) {
+    fn await_proposal(
+        &mut self,
+        id: ProposalId,
+        proposed: Result<(), String>,
+        reply: Reply,
+        proposal: Option<Vec<u8>>,
+    ) {
         match proposed {
             Ok(()) => {
                 Metrics::inc(&self.metrics.proposals);
-                self.waiters.insert(id, (self.raw.raft.term, reply));
+                let term = self.raw.raft.term;
+                self.waiters.insert(
+                    id,
+                    Waiter {
+                        term,
+                        reply,
+                        proposal,
+                    },
+                );
             }
             Err(why) => {
                 let _ = reply.send(Err(ProposeError::Dropped(why)));
             }
         }
+    }
+
+    /// A leader appends a forwarded proposal only in the term it was proposed in (its
+    /// entries' context): one that arrives later, as a follower's proposal sent to a
+    /// leader that then lost its office and forwarded it on, may already have been
+    /// proposed again by its proposer (`apply`), and appending both would apply it twice.
+    /// Entries without the context (older releases) are kept. Returns whether anything
+    /// is left to step.
+    fn keep_proposals_of_this_term(&mut self, msg: &mut Message) -> bool {
+        let term = self.raw.raft.term;
+        if self.raw.raft.state != StateRole::Leader {
+            return true; // a follower forwards it to its leader, which decides
+        }
+        let refused = drop_proposals_of_other_terms(msg, term);
+        if refused > 0 {
+            info!(self.logger, "refused proposals from an earlier term (their proposer proposes them again)";
+                "from" => msg.from, "entries" => refused, "term" => term);
+        }
+        !msg.entries.is_empty()
     }
 
     /// The first half of handling a Ready, in raft-rs's required order: sends the
@@ -563,7 +643,7 @@ impl Group {
             .fetch_add(last - self.applied, std::sync::atomic::Ordering::Relaxed);
         self.applied = last;
         if last_term > self.applied_term {
-            self.give_up_on_older_terms(last_term);
+            self.repropose_lost(last_term);
         }
         self.applied_term = last_term;
         self.reads.on_applied(last);
@@ -571,31 +651,61 @@ impl Group {
     }
 
     /// An entry of `term` applied: every entry of an older term that will ever commit is
-    /// before it, so a waiter proposed in an older term whose entry has not applied lost
-    /// it when the leader changed (a leader refused or dropped it, or it was never
-    /// replicated). Its client hears so now, not at the request timeout, and may retry.
-    /// The outcome stays unknown: a proposal still in flight to the old leader could yet
-    /// be forwarded to the new one and apply later, with no one waiting for it.
-    fn give_up_on_older_terms(&mut self, term: u64) {
+    /// before it (a later leader's log holds no entry of an older term after one of its
+    /// own), so a waiter proposed in an older term whose entry has not applied lost it
+    /// when the leader changed: a leader dropped it (during a transfer), or never
+    /// replicated it. Its write is proposed again, under the same proposal id, in the
+    /// current term; no leader appends the old one any more
+    /// ([`Self::keep_proposals_of_this_term`]), so it applies at most once. A conf change
+    /// is not proposed again: its client hears 503 (outcome unknown) now.
+    fn repropose_lost(&mut self, term: u64) {
         let lost: Vec<ProposalId> = self
             .waiters
             .iter()
-            .filter(|(_, (proposed_in, _))| *proposed_in < term)
+            .filter(|(_, waiter)| waiter.term < term)
             .map(|(id, _)| *id)
             .collect();
-        if !lost.is_empty() {
-            info!(self.logger, "the leader changed before these writes committed; their clients are told";
-                "writes" => lost.len(), "term" => term);
-        }
+        let mut again = 0;
         for id in lost {
-            self.answer(id, Err(ProposeError::LeaderChanged));
+            let Some(waiter) = self.waiters.remove(&id) else {
+                continue;
+            };
+            if waiter.reply.is_closed() {
+                continue; // its client gave up (request timeout)
+            }
+            match waiter.proposal {
+                Some(proposal) => {
+                    self.batch.push((proposal, id, waiter.reply));
+                    again += 1;
+                }
+                None => {
+                    let _ = waiter.reply.send(Err(ProposeError::LeaderChanged));
+                }
+            }
+        }
+        if again > 0 {
+            info!(self.logger, "the leader changed before these writes committed; proposing them again";
+                "writes" => again, "term" => term);
+        }
+    }
+
+    /// A snapshot replaced the log here: a waiting write may be inside it, applied
+    /// without its id being seen, so it must never be proposed again. Its client hears
+    /// 503 (outcome unknown) now.
+    pub(super) fn abandon_waiters_overtaken_by_snapshot(&mut self) {
+        if !self.waiters.is_empty() {
+            info!(self.logger, "a snapshot overtook writes proposed here; their clients are told the outcome is unknown";
+                "writes" => self.waiters.len());
+        }
+        for (_, waiter) in self.waiters.drain() {
+            let _ = waiter.reply.send(Err(ProposeError::OvertakenBySnapshot));
         }
     }
 
     /// Answers the client waiting for proposal `id` here, if any.
     pub(super) fn answer(&mut self, id: ProposalId, outcome: Result<Written, ProposeError>) {
-        if let Some((_, reply)) = self.waiters.remove(&id) {
-            let _ = reply.send(outcome);
+        if let Some(waiter) = self.waiters.remove(&id) {
+            let _ = waiter.reply.send(outcome);
         }
     }
 
@@ -650,23 +760,33 @@ impl Group {
     }
 }
 
-/// `items` in order, in groups of at most `max_bytes` (an item larger than that alone).
-fn split_by_size(items: Vec<Vec<u8>>, max_bytes: usize) -> Vec<Vec<Vec<u8>>> {
-    let mut groups: Vec<Vec<Vec<u8>>> = Vec::new();
+/// Takes out of a `MsgPropose` every entry proposed in another term than `term` (entries
+/// that name none are kept); returns how many it took out.
+fn drop_proposals_of_other_terms(msg: &mut Message, term: u64) -> usize {
+    let before = msg.entries.len();
+    msg.mut_entries()
+        .retain(|e| proposed_term(&e.context).is_none_or(|t| t == term));
+    before - msg.entries.len()
+}
+
+/// Items of `sizes` bytes, in order, in runs of at most `max_bytes` (an item larger than
+/// that alone): the index range of each run.
+fn split_by_size(sizes: &[usize], max_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     let mut bytes = 0;
-    for item in items {
-        match groups.last_mut() {
-            Some(group) if bytes + item.len() <= max_bytes => {
-                bytes += item.len();
-                group.push(item);
+    for (at, &size) in sizes.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if bytes + size <= max_bytes => {
+                bytes += size;
+                run.end = at + 1;
             }
             _ => {
-                bytes = item.len();
-                groups.push(vec![item]);
+                bytes = size;
+                runs.push(at..at + 1);
             }
         }
     }
-    groups
+    runs
 }
 
 /// A random number from the standard library's per-process hasher keys.
@@ -688,22 +808,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_are_split_into_entries_by_size_in_order() {
-        let sizes = |groups: Vec<Vec<Vec<u8>>>| -> Vec<Vec<usize>> {
-            groups
-                .iter()
-                .map(|g| g.iter().map(Vec::len).collect())
-                .collect()
+    fn a_leader_keeps_only_the_proposals_of_its_own_term() {
+        let entry = |context: Vec<u8>| Entry {
+            context: context.into(),
+            ..Default::default()
         };
-        let items = |lens: &[usize]| lens.iter().map(|&n| vec![0; n]).collect();
-        assert_eq!(
-            sizes(split_by_size(items(&[3, 3, 4, 1]), 10)),
-            [vec![3, 3, 4], vec![1]]
+        let mut msg = Message::default();
+        msg.set_entries(
+            vec![
+                entry(proposed_term_context(4)),
+                entry(proposed_term_context(5)),
+                entry(Vec::new()),
+                entry(proposed_term_context(6)),
+            ]
+            .into(),
         );
+        assert_eq!(drop_proposals_of_other_terms(&mut msg, 5), 2);
+        let kept: Vec<Option<u64>> = msg
+            .entries
+            .iter()
+            .map(|e| proposed_term(&e.context))
+            .collect();
         assert_eq!(
-            sizes(split_by_size(items(&[2, 20, 2]), 10)),
-            [vec![2], vec![20], vec![2]]
+            kept,
+            [Some(5), None],
+            "this term's, and one from an older release"
         );
-        assert!(split_by_size(Vec::new(), 10).is_empty());
+    }
+
+    #[test]
+    fn writes_are_split_into_entries_by_size_in_order() {
+        assert_eq!(split_by_size(&[3, 3, 4, 1], 10), [0..3, 3..4]);
+        assert_eq!(split_by_size(&[2, 20, 2], 10), [0..1, 1..2, 2..3]);
+        assert!(split_by_size(&[], 10).is_empty());
     }
 }

@@ -58,7 +58,10 @@ impl Group {
     }
 
     fn nothing_waits(&self) -> bool {
-        self.batch.is_empty() && self.waiters.is_empty() && self.reads.is_empty()
+        self.batch.is_empty()
+            && self.parked.is_empty()
+            && self.waiters.is_empty()
+            && self.reads.is_empty()
     }
 
     /// Marks the heartbeats of the Ready being sent as the leader's last before sleep.

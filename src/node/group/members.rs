@@ -53,7 +53,7 @@ impl Group {
             .raw
             .propose_conf_change(vec![], cc)
             .map_err(|e| e.to_string());
-        self.await_proposal(id, proposed, reply);
+        self.await_proposal(id, proposed, reply, None);
     }
 
     /// Refuses a change that cannot succeed, instead of letting raft-rs silently turn it
