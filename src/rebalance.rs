@@ -13,10 +13,13 @@
 //! catches up), wait until its replica has applied the group's log up to the addition,
 //! promote it to a voter, then remove the old node, which deletes its copy. The group
 //! has one replica more, not less, while a move runs, and a move that fails half-way
-//! leaves it so (possibly as a learner), never short. Once replicas are balanced, it
+//! leaves it so (possibly as a learner, or placed and not yet added), never short. Once replicas are balanced, it
 //! spreads leaders the same way ([`next_leader_transfer`]): a node that leads two groups
 //! more than another hands one over to it (`POST /v1/groups/<g>/leader`), so that every
-//! node's share of the groups' write work is even too.
+//! node's share of the groups' write work is even too. Before that, a move that stopped
+//! between placing the new replica in the table and the group's adding it is finished
+//! ([`unfinished_placement`]): otherwise its node would count as a replica and serve
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,6 +38,8 @@ const PLAN_EVERY: Duration = Duration::from_secs(1);
 const SPREAD_LEADERS_EVERY: u32 = 3;
 /// After a leadership transfer that did not happen, leaders are left alone this long.
 const SPREAD_LEADERS_BACKOFF: Duration = Duration::from_secs(30);
+/// After a half-done move that could not be finished, it is left alone this long.
+const UNFINISHED_BACKOFF: Duration = Duration::from_secs(10);
 /// A node that does not show its replica within this long gets no leadership.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 /// Entries a replica may lag behind and still be handed a leadership.
@@ -176,6 +181,7 @@ pub async fn run(
     let mut stuck: std::collections::BTreeSet<u64> = Default::default();
     let mut quiet_plans = 0u32;
     let mut leaders_alone_until = Instant::now();
+    let mut unfinished_alone_until = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PLAN_EVERY) => {}
@@ -193,11 +199,33 @@ pub async fn run(
         report_stuck_drains(&table, plan, &mut stuck, &logger);
         let mv = match plan {
             None => {
-                // Replicas are where they belong: now the leaders, now and then.
+                // Replicas are where the table says, now and then: a move that stopped
+                // half-way is finished first, then the leaders are spread.
                 quiet_plans = quiet_plans.wrapping_add(1);
-                if quiet_plans.is_multiple_of(SPREAD_LEADERS_EVERY)
-                    && Instant::now() >= leaders_alone_until
-                    && !spread_leaders(&api, &table, &logger).await
+                if !quiet_plans.is_multiple_of(SPREAD_LEADERS_EVERY) {
+                    continue;
+                }
+                let groups = match leaders(&api).await {
+                    Ok(groups) => groups,
+                    Err(e) => {
+                        warn!(logger, "rebalancing: could not list the groups"; "error" => e);
+                        continue;
+                    }
+                };
+                let unfinished = unfinished_placement(&table, &groups);
+                if let (Some((group, node)), true) =
+                    (unfinished, Instant::now() >= unfinished_alone_until)
+                {
+                    info!(logger, "rebalancing: finishing a move that stopped half-way"; "group" => group, "node" => node);
+                    if let Err(e) = join_as_voter(&api, group, node).await {
+                        warn!(logger, "rebalancing: could not finish a half-done move; will retry"; 
+                            "group" => group, "node" => node, "error" => e);
+                        unfinished_alone_until = Instant::now() + UNFINISHED_BACKOFF;
+                    }
+                    continue;
+                }
+                if Instant::now() >= leaders_alone_until
+                    && !spread_leaders(&api, &table, &groups, &logger).await
                 {
                     leaders_alone_until = Instant::now() + SPREAD_LEADERS_BACKOFF;
                 }
@@ -229,6 +257,31 @@ pub async fn run(
     }
 }
 
+/// A replica that the table of groups places on a node that its group never added: a
+/// move (or `POST /v1/groups/<g>/members`) that stopped half-way, between placing the
+/// node and the group's conf change (a crash, or the group had no leader then). Such a
+/// replica counts in the plans but serves nothing: its node answers the group's reads
+/// and writes with 503. Finishing the move (learner, catch up, voter) mends it; the
+/// group then keeps one replica more than it was created with, which a later move off a
+/// draining node may drop. A learner is left alone: an operator may want one, and it
+/// serves. Groups without a leader, or whose voters the answering node does not know,
+/// wait.
+pub fn unfinished_placement(table: &Membership, groups: &[Led]) -> Option<(u64, u64)> {
+    groups
+        .iter()
+        .filter(|g| g.group != CLUSTER_GROUP && !g.voters.is_empty() && g.leader != 0)
+        .find_map(|g| {
+            let placement = table.groups.get(&g.group)?;
+            let node = placement.members.iter().find(|n| {
+                !g.voters.contains(n)
+                    && !g.learners.contains(n)
+                    && table.peer_urls.contains_key(n)
+                    && !table.draining.contains(n)
+            })?;
+            Some((g.group, *node))
+        })
+}
+
 /// A data group as `GET /v1/groups` lists it: who leads it and who votes in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Led {
@@ -236,6 +289,7 @@ pub struct Led {
     /// 0: none known.
     pub leader: u64,
     pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
     /// The group's applied index, as the node that answered for it sees it.
     pub applied: u64,
 }
@@ -305,6 +359,7 @@ async fn leaders(api: &OwnApi) -> Result<Vec<Led>, String> {
                     .into_iter()
                     .filter(|m| !learners.contains(m))
                     .collect(),
+                learners,
                 applied: g["applied"].as_u64().unwrap_or(0),
             }
         })
@@ -315,15 +370,8 @@ async fn leaders(api: &OwnApi) -> Result<Vec<Led>, String> {
 /// due but did not happen: the caller then leaves leaders alone for a while, since
 /// while a transfer is pending the group's leader takes no writes (raft-rs drops
 /// proposals until the transfer ends or an election timeout passes).
-async fn spread_leaders(api: &OwnApi, table: &Membership, logger: &Logger) -> bool {
-    let groups = match leaders(api).await {
-        Ok(groups) => groups,
-        Err(e) => {
-            warn!(logger, "rebalancing: could not list the groups' leaders"; "error" => e);
-            return false;
-        }
-    };
-    let Some((group, to)) = next_leader_transfer(table, &groups) else {
+async fn spread_leaders(api: &OwnApi, table: &Membership, groups: &[Led], logger: &Logger) -> bool {
+    let Some((group, to)) = next_leader_transfer(table, groups) else {
         return true;
     };
     // Only to a replica that answers at once and is caught up (a paused or cut-off node
@@ -395,21 +443,7 @@ fn report_stuck_drains(
 /// Add `to`, wait for its replica to catch up, remove `from`.
 async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
     let Move { group, from, to } = mv;
-    // A learner first: while it catches up (by snapshot, most likely) the group's quorum
-    // is what it was.
-    let reached = add_member(api, group, to, true).await?;
-    let deadline = Instant::now() + CATCH_UP_DEADLINE;
-    loop {
-        let view = group_view(api, group, Some(to)).await;
-        if view.is_ok_and(|v| v["applied"].as_u64().unwrap_or(0) >= reached) {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("node {to} did not catch up to index {reached}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    add_member(api, group, to, false).await?;
+    join_as_voter(api, group, to).await?;
     let removed = api
         .request(
             reqwest::Method::DELETE,
@@ -425,6 +459,26 @@ async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
             removed.text().await.unwrap_or_default()
         ));
     }
+    Ok(())
+}
+
+/// Makes node `to` a caught-up voter of `group`. A learner first: while it catches up
+/// (by snapshot, most likely) the group's quorum is what it was. Each step may have been
+/// done already (finishing a half-done move): the API then answers that it is.
+async fn join_as_voter(api: &OwnApi, group: u64, to: u64) -> Result<(), String> {
+    let reached = add_member(api, group, to, true).await?;
+    let deadline = Instant::now() + CATCH_UP_DEADLINE;
+    loop {
+        let view = group_view(api, group, Some(to)).await;
+        if view.is_ok_and(|v| v["applied"].as_u64().unwrap_or(0) >= reached) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("node {to} did not catch up to index {reached}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    add_member(api, group, to, false).await?;
     Ok(())
 }
 
@@ -558,6 +612,7 @@ mod tests {
                     group: i as u64 + 2,
                     leader,
                     voters: vec![1, 2, 3],
+                    learners: Vec::new(),
                     applied: 0,
                 })
                 .collect()
@@ -579,18 +634,21 @@ mod tests {
                 group: 2,
                 leader: 1,
                 voters: vec![1, 2],
+                learners: Vec::new(),
                 applied: 0,
             },
             Led {
                 group: 3,
                 leader: 1,
                 voters: vec![1, 2],
+                learners: Vec::new(),
                 applied: 0,
             },
             Led {
                 group: 4,
                 leader: 2,
                 voters: vec![2, 3],
+                learners: Vec::new(),
                 applied: 0,
             },
         ];
@@ -663,5 +721,43 @@ mod tests {
         assert_eq!(next_move(&m), None, "node 3 may host neither group");
         let m = cluster(3, &[(2, &[1, 2]), (3, &[3])]);
         assert_eq!(next_move(&m), None, "2, 1, 1 is within one");
+    }
+
+    #[test]
+    fn a_replica_placed_but_not_voting_is_a_move_to_finish() {
+        let mut m = cluster(4, &[(2, &[1, 2, 3, 4]), (3, &[1, 2, 3])]);
+        let led = |group: u64, voters: &[u64]| Led {
+            group,
+            leader: voters.first().copied().unwrap_or(0),
+            voters: voters.to_vec(),
+            learners: Vec::new(),
+            applied: 10,
+        };
+        let complete = [led(2, &[1, 2, 3, 4]), led(3, &[1, 2, 3])];
+        assert_eq!(unfinished_placement(&m, &complete), None);
+        let half_done = [led(2, &[1, 2, 3]), led(3, &[1, 2, 3])];
+        assert_eq!(unfinished_placement(&m, &half_done), Some((2, 4)));
+        let mut learning = half_done.clone();
+        learning[0].learners = vec![4];
+        assert_eq!(
+            unfinished_placement(&m, &learning),
+            None,
+            "a learner serves"
+        );
+        let mut leaderless = half_done.clone();
+        leaderless[0].leader = 0;
+        assert_eq!(
+            unfinished_placement(&m, &leaderless),
+            None,
+            "it waits for a leader"
+        );
+        let unknown = [led(2, &[]), led(3, &[1, 2, 3])];
+        assert_eq!(
+            unfinished_placement(&m, &unknown),
+            None,
+            "no view, no guess"
+        );
+        m.draining.insert(4);
+        assert_eq!(unfinished_placement(&m, &half_done), None, "4 is leaving");
     }
 }

@@ -374,3 +374,72 @@ fn a_group_gains_a_member_by_snapshot_and_a_removed_member_drops_its_data() {
         "{answer}"
     );
 }
+
+/// A member added to a group while the group has no leader is placed in the table of
+/// groups but never added by the group (503 to the operator): its node would count as a
+/// replica and serve nothing. Once the group has a leader again, the rebalancer finishes
+/// the move: the node becomes a voter and serves the group's keys from its own replica.
+#[test]
+fn a_member_placed_but_never_added_is_finished_by_the_rebalancer() {
+    let mut cluster = Cluster::start("groups-unfinished", 4, &[]);
+    let url = |cluster: &Cluster, id: u64, path: &str| cluster.nodes[id as usize - 1].url(path);
+    let (code, answer) = http_json(
+        "POST",
+        &url(&cluster, 1, "v1/groups"),
+        Some(json!({"id": 2, "members": [1, 2]})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    for i in 0..10 {
+        put_in_group(&cluster, 1, 2, &format!("k{i}"), &format!("v{i}"));
+    }
+    // Group 2 loses its quorum (the cluster group, 3 of 4, keeps its own). Writes keep
+    // node 1's replica awake until it knows it has no leader.
+    cluster.node(2).kill();
+    let view = url(&cluster, 1, "v1/groups/2?node=1");
+    let write = url(&cluster, 1, "v1/groups/2/kv/x");
+    cluster.wait_until("node 1 to know group 2 has no leader", || {
+        http("PUT", &write, Some(b"x".to_vec()));
+        http_json("GET", &view, None).1["leader"] == 0
+    });
+    let (code, answer) = http_json(
+        "POST",
+        &url(&cluster, 1, "v1/groups/2/members"),
+        Some(json!({ "id": 4 })),
+    );
+    assert_eq!(code, 503, "group 2 has no leader: {answer}");
+    let (_, group) = http_json("GET", &view, None);
+    assert_eq!(
+        group["members"],
+        json!([1, 2]),
+        "placed, not added: {group}"
+    );
+
+    cluster.node(2).start();
+    let voters = |group: &Value| -> Vec<u64> {
+        let mut ids: Vec<u64> = group["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    cluster.wait_until("the rebalancer to make node 4 a voter of group 2", || {
+        let (_, group) = http_json("GET", &url(&cluster, 1, "v1/groups/2"), None);
+        voters(&group) == [1, 2, 4] && group["learners"] == json!([])
+    });
+    let own = url(&cluster, 4, "v1/groups/2/kv/k9?consistency=serializable");
+    cluster.wait_until("node 4's own replica to hold k9", || {
+        http_json("GET", &own, None).1["value"] == "v9"
+    });
+    let finished = cluster.nodes.iter().any(|n| {
+        n.log_text()
+            .contains("finishing a move that stopped half-way")
+    });
+    assert!(
+        finished,
+        "the cluster group's leader finished it\n{}",
+        cluster.logs()
+    );
+}

@@ -65,10 +65,12 @@ impl Api {
                 format!("no raft group {group}; see GET /v1/groups"),
             ));
         }
+        let mut asked_node = None;
         if below.is_empty() && *method == Method::GET {
             // `?node=<id>`: the group as that node's replica sees it.
             let params = super::parse_query(req.uri().query(), &["node"])?;
-            if let Some(node) = super::number_param(&params, "node")? {
+            asked_node = super::number_param(&params, "node")?;
+            if let Some(node) = asked_node {
                 if node != self.id {
                     let Some(host) = self.node_url(node) else {
                         return Err(Failure::bad_request(format!(
@@ -90,10 +92,15 @@ impl Api {
         }
         if below.is_empty() {
             return match *method {
-                Method::GET => Ok(json_response(
-                    StatusCode::OK,
-                    &self.group_info(group).await?,
-                )),
+                Method::GET => {
+                    let info = self.group_info(group).await?;
+                    if asked_node.is_none() && !knows_members(&info) {
+                        // A new replica here, that has not learnt the group's
+                        // configuration: a host that has tells more.
+                        return self.forward(group, req, None).await;
+                    }
+                    Ok(json_response(StatusCode::OK, &info))
+                }
                 _ => Err(Failure::method_not_allowed(method, "GET")),
             };
         }
@@ -155,10 +162,10 @@ impl Api {
         };
         let mut groups = Vec::with_capacity(table.len());
         for (group, members) in table {
-            // A replica dropped since the table was read (its node just left the group)
-            // is asked about elsewhere.
+            // A replica dropped since the table was read (its node just left the group),
+            // or one too new to know the group's members, is asked about elsewhere.
             let local = match self.router.kv(group) {
-                Some(_) => self.group_info(group).await.ok(),
+                Some(_) => self.group_info(group).await.ok().filter(knows_members),
                 None => None,
             };
             groups.push(match local {
@@ -172,7 +179,8 @@ impl Api {
         ))
     }
 
-    /// A group this node hosts, as its replica here sees it.
+    /// A group this node hosts, as its replica here sees it (with no members while the
+    /// replica is new and has not learnt the group's configuration).
     async fn group_info(&self, group: u64) -> Result<serde_json::Value, Failure> {
         let status = self.router.status(group).await?;
         let keys = self.map_of(group)?.read().unwrap().len();
@@ -455,4 +463,10 @@ struct NewLeader {
 fn parse_group_id(text: &str) -> Result<u64, Failure> {
     parse_node_id(text)
         .map_err(|_| Failure::bad_request(format!("group id {text:?} is not a positive integer")))
+}
+
+/// Whether a group's info (`group_info`) names its members: a new replica that has not
+/// learnt the group's configuration names none.
+fn knows_members(info: &serde_json::Value) -> bool {
+    info["members"].as_array().is_some_and(|m| !m.is_empty())
 }
