@@ -8,7 +8,9 @@
 //! A [`Command`] is a list of writes (puts and deletes) applied together, at one revision,
 //! and only if every revision check it carries holds: that is how compare-and-swap and the
 //! atomic multi-key set work. A conf-change entry carries a [`MemberContext`] (the
-//! proposal id and the new member's peer URL) in its context.
+//! proposal id and the new member's peer URL) in its context; a normal entry's context
+//! names the term it was proposed in ([`proposed_term_context`]), so that a write lost
+//! with a leader can be proposed again without ever applying twice.
 //!
 //! The format is a small hand-written binary layout with a version byte, so that entries
 //! written today stay readable: version 1 is one proposal, version 2 a batch of them

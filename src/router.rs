@@ -40,7 +40,8 @@ pub enum ProposeError {
     Dropped(String),
     /// The entry was not applied within the deadline; it may still commit later.
     Timeout,
-    /// The leader changed before the entry committed; it may still commit later.
+    /// The leader changed before the entry (a membership change: writes are proposed
+    /// again) committed; it may still commit later.
     LeaderChanged,
     /// This node caught up by a snapshot, which may or may not hold the entry.
     OvertakenBySnapshot,

@@ -153,7 +153,7 @@ impl From<ProposeError> for Failure {
             ),
             ProposeError::LeaderChanged => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the leader changed before the write committed: the outcome is unknown; retry",
+                "the leader changed before the change committed: the outcome is unknown; retry",
             ),
             ProposeError::OvertakenBySnapshot => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
