@@ -216,6 +216,16 @@ pub async fn run(
                 if let (Some((group, node)), true) =
                     (unfinished, Instant::now() >= unfinished_alone_until)
                 {
+                    // Only for a node that answers: waiting for a dead one to catch up
+                    // would hold every other move back for the whole catch-up deadline.
+                    let answers =
+                        tokio::time::timeout(LIVENESS_CHECK, group_view(&api, group, Some(node)))
+                            .await
+                            .is_ok_and(|view| view.is_ok());
+                    if !answers {
+                        unfinished_alone_until = Instant::now() + UNFINISHED_BACKOFF;
+                        continue;
+                    }
                     info!(logger, "rebalancing: finishing a move that stopped half-way"; "group" => group, "node" => node);
                     if let Err(e) = join_as_voter(&api, group, node).await {
                         warn!(logger, "rebalancing: could not finish a half-done move; will retry"; 
