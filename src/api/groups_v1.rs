@@ -350,30 +350,42 @@ impl Api {
     /// another member and waits until that one leads. A leader that applies its own
     /// removal stops at once, and a member left behind that has not learnt the removal
     /// committed could never be elected (in a group of two, it waits for a vote from the
-    /// node that left).
+    /// node that left). Each heir is asked once and given a second: while a transfer is
+    /// pending the leader holds writes back, and asking again and again would keep it
+    /// pending; if that heir does not take over (it may be down), the next is asked.
     async fn move_leadership_off(
         &self,
         group: u64,
         id: u64,
         members: &[crate::router::Member],
     ) -> Result<(), Failure> {
-        let Some(heir) = members.iter().map(|m| m.id).find(|&m| m != id) else {
+        let heirs: Vec<u64> = members.iter().map(|m| m.id).filter(|&m| m != id).collect();
+        if heirs.is_empty() {
             return Ok(());
-        };
+        }
         let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut asked: Option<(tokio::time::Instant, usize)> = None;
         loop {
             let leader = self.router.status(group).await?.leader;
             if leader != id && leader != 0 {
                 return Ok(());
             }
-            if tokio::time::Instant::now() > deadline {
+            let now = tokio::time::Instant::now();
+            if now > deadline {
                 return Err(Failure::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("node {id} still leads group {group}; retry the removal"),
                 ));
             }
-            if leader == id {
-                self.router.send(group, GroupMsg::TransferLeader(heir));
+            let next = match asked {
+                None => Some(0),
+                Some((at, heir)) if now >= at + HEIR_PATIENCE => Some(heir + 1),
+                Some(_) => None,
+            };
+            if let (true, Some(heir)) = (leader == id, next) {
+                self.router
+                    .send(group, GroupMsg::TransferLeader(heirs[heir % heirs.len()]));
+                asked = Some((now, heir));
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -464,6 +476,9 @@ fn parse_group_id(text: &str) -> Result<u64, Failure> {
     parse_node_id(text)
         .map_err(|_| Failure::bad_request(format!("group id {text:?} is not a positive integer")))
 }
+
+/// How long an heir asked to take a group's leadership is given before the next is asked.
+const HEIR_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether a group's info (`group_info`) names its members: a new replica that has not
 /// learnt the group's configuration names none.
