@@ -13,8 +13,8 @@
 //! catches up), wait until its replica has applied the group's log up to the addition,
 //! promote it to a voter, then remove the old node, which deletes its copy. The group
 //! has one replica more, not less, while a move runs, and a move that fails half-way
-//! leaves it so (possibly as a learner, or placed and not yet added), never short. Once replicas are balanced, it
-//! spreads leaders the same way ([`next_leader_transfer`]): a node that leads two groups
+//! leaves it so (possibly as a learner, or placed and not yet added), never short. Once
+//! replicas are balanced, it spreads leaders the same way ([`next_leader_transfer`]): a node that leads two groups
 //! more than another hands one over to it (`POST /v1/groups/<g>/leader`), so that every
 //! node's share of the groups' write work is even too. Before that, a move that stopped
 //! between placing the new replica in the table and the group's adding it is finished
@@ -218,11 +218,7 @@ pub async fn run(
                 {
                     // Only for a node that answers: waiting for a dead one to catch up
                     // would hold every other move back for the whole catch-up deadline.
-                    let answers =
-                        tokio::time::timeout(LIVENESS_CHECK, group_view(&api, group, Some(node)))
-                            .await
-                            .is_ok_and(|view| view.is_ok());
-                    if !answers {
+                    if answering_view(&api, group, node).await.is_none() {
                         unfinished_alone_until = Instant::now() + UNFINISHED_BACKOFF;
                         continue;
                     }
@@ -292,7 +288,8 @@ pub fn unfinished_placement(table: &Membership, groups: &[Led]) -> Option<(u64, 
         })
 }
 
-/// A data group as `GET /v1/groups` lists it: who leads it and who votes in it.
+/// A data group as `GET /v1/groups` lists it: who leads it, who votes in it and who
+/// learns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Led {
     pub group: u64,
@@ -378,8 +375,8 @@ async fn leaders(api: &OwnApi) -> Result<Vec<Led>, String> {
 
 /// Spreads leaders by one transfer, if one is due. Returns false when a transfer was
 /// due but did not happen: the caller then leaves leaders alone for a while, since
-/// while a transfer is pending the group's leader takes no writes (raft-rs drops
-/// proposals until the transfer ends or an election timeout passes).
+/// while a transfer is pending the group's leader holds its writes back (until the
+/// transfer ends or an election timeout passes).
 async fn spread_leaders(api: &OwnApi, table: &Membership, groups: &[Led], logger: &Logger) -> bool {
     let Some((group, to)) = next_leader_transfer(table, groups) else {
         return true;
@@ -390,11 +387,9 @@ async fn spread_leaders(api: &OwnApi, table: &Membership, groups: &[Led], logger
         .iter()
         .find(|g| g.group == group)
         .map_or(0, |g| g.applied);
-    let taker_view = tokio::time::timeout(LIVENESS_CHECK, group_view(api, group, Some(to))).await;
-    let caught_up = match taker_view {
-        Ok(Ok(taker)) => taker["applied"].as_u64().unwrap_or(0) + CAUGHT_UP_SLACK >= applied,
-        _ => false,
-    };
+    let caught_up = answering_view(api, group, to)
+        .await
+        .is_some_and(|taker| taker["applied"].as_u64().unwrap_or(0) + CAUGHT_UP_SLACK >= applied);
     if !caught_up {
         info!(logger, "rebalancing: not handing over a leadership to a node that is not answering or not caught up"; "group" => group, "to" => to);
         return false;
@@ -537,6 +532,15 @@ async fn remove_node(api: &OwnApi, node: u64) -> Result<(), String> {
         "{status} {}",
         answer.text().await.unwrap_or_default()
     ))
+}
+
+/// Group `group` as node `node`'s replica sees it, if that node answers within
+/// `LIVENESS_CHECK` (a paused or cut-off node is given no work).
+async fn answering_view(api: &OwnApi, group: u64, node: u64) -> Option<serde_json::Value> {
+    tokio::time::timeout(LIVENESS_CHECK, group_view(api, group, Some(node)))
+        .await
+        .ok()?
+        .ok()
 }
 
 /// `GET /v1/groups/<group>`, as node `node`'s replica sees it if given.

@@ -413,8 +413,8 @@ impl Api {
                 &self.group_info(group).await?,
             ));
         }
-        // Asked once: while a transfer is pending the leader takes no writes, and raft-rs
-        // gives it up by itself after an election timeout. (On a follower raft-rs passes
+        // Asked once: while a transfer is pending the leader holds its writes back, and
+        // raft-rs gives it up by itself after an election timeout. (On a follower raft-rs passes
         // the request on to the leader.)
         self.router.send(group, GroupMsg::TransferLeader(id));
         let deadline = tokio::time::Instant::now() + self.request_timeout;
