@@ -120,7 +120,8 @@ pub struct Config {
     pub log_level: slog::Level,
 
     /// TESTS ONLY: enables `POST /debug/partition` (body: comma-separated peer ids whose
-    /// raft messages this node drops; empty heals). Never use it in production.
+    /// raft messages this node drops; empty heals) and `POST /debug/panic`. Never use it
+    /// in production.
     #[arg(long, env = "RAFTKVD_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
 

@@ -67,6 +67,7 @@ fn main() {
         }
     };
     let logger = build_logger(config.log_format, config.log_level).new(o!("node" => config.id));
+    exit_on_panic(logger.clone());
     let code = match run(config, &logger) {
         Ok(()) => 0,
         Err(e) => {
@@ -75,6 +76,27 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Exit status of a process that stopped because a thread panicked (Rust's own).
+const PANIC_EXIT_CODE: i32 = 101;
+
+/// A panic on any thread stops the whole process with a non-zero status and a log line:
+/// a node whose raft thread died must not linger half-alive, nor exit 0 (a supervisor
+/// restarts only what failed). Whatever panicked may have left shared state
+/// half-changed, so nothing else gets to run on it.
+fn exit_on_panic(logger: Logger) {
+    let print_default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print_default(info);
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        error!(logger, "a thread panicked; stopping the process";
+            "thread" => thread, "panic" => %info, "exit_status" => PANIC_EXIT_CODE);
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
 }
 
 /// Logs go to stderr, synchronously: nothing is lost when the process exits.
@@ -378,16 +400,22 @@ async fn serve(
             let _ = stop_servers.send(true);
             let _ = api_server.await;
             router.shutdown();
-            exit_rx.await.unwrap_or(NodeExit::Stopped)
+            exit_rx.await.unwrap_or_else(|_| raft_thread_vanished())
         }
         exit = &mut exit_rx => {
-            let exit = exit.unwrap_or(NodeExit::Stopped);
+            let exit = exit.unwrap_or_else(|_| raft_thread_vanished());
             let _ = stop_servers.send(true);
             let _ = api_server.await;
             exit
         }
     };
     Ok(exit)
+}
+
+/// The raft thread ended without saying how (only a panic does that, and the panic hook
+/// exits first): never reported as a clean stop.
+fn raft_thread_vanished() -> NodeExit {
+    NodeExit::Failed("the raft thread ended without reporting why".into())
 }
 
 /// How the peer server hands a client request that another node forwarded (under

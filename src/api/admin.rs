@@ -7,6 +7,7 @@
 //! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
 //! | `GET /metrics`           | Prometheus text format (`metrics.rs`), with gauges per hosted group |
 //! | `POST /debug/partition`  | test-only (`--enable-fault-injection`): drop raft messages to/from the listed peers |
+//! | `POST /debug/panic`      | test-only (`--enable-fault-injection`): panic, to show a panic stops the process |
 //!
 //! Nothing here changes replicated state.
 
@@ -24,8 +25,9 @@ use crate::membership::parse_node_id;
 use crate::metrics::{render_groups, GroupGauges};
 use crate::router::{NodeStatus, CLUSTER_GROUP};
 
-/// The fault-injection route (without its leading slash).
+/// The fault-injection routes (without their leading slash).
 pub(super) const PARTITION_ROUTE: &str = "debug/partition";
+pub(super) const PANIC_ROUTE: &str = "debug/panic";
 
 /// `GET /status`: the node's view (of the cluster group) plus what only the process
 /// knows.
@@ -147,6 +149,12 @@ impl Api {
         }
         Ok(no_content())
     }
+}
+
+/// `POST /debug/panic` (test-only): panics on the request's task, which the async
+/// runtime alone would survive; the process's panic hook must stop it (non-zero status).
+pub(super) fn panic_on_purpose() -> Reply {
+    panic!("fault injection: POST /debug/panic");
 }
 
 /// Total size of the files under `dir` (files that vanish meanwhile count as 0).

@@ -6,7 +6,7 @@
 //! | `/v1/kv...`: keys with revisions, listing, multi-key set, compare-and-swap | `kv_v1.rs` |
 //! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
 //! | `/v1/groups...`: the raft groups, create one, the keys of one (forwarded to a node that hosts it, `forward.rs`) | `groups_v1.rs` |
-//! | `/status`, `/health`, `/readyz`, `/metrics`, `/debug/partition` | `admin.rs` |
+//! | `/status`, `/health`, `/readyz`, `/metrics`, `/debug/partition`, `/debug/panic` | `admin.rs` |
 //!
 //! `GET /v1/openapi.json` serves the OpenAPI document of the `/v1` routes (`openapi.json`
 //! beside this file; `tests/openapi.rs` keeps it true).
@@ -212,6 +212,9 @@ impl Api {
             (&Method::GET, "metrics") => self.metrics().await,
             (&Method::POST, admin::PARTITION_ROUTE) if self.partition.is_some() => {
                 self.set_partition(req).await
+            }
+            (&Method::POST, admin::PANIC_ROUTE) if self.partition.is_some() => {
+                admin::panic_on_purpose()
             }
             (&Method::GET, key) => self.get_key(key, req.uri().query()).await,
             (&Method::PUT, key) => self.put_key(key, req).await,
@@ -481,7 +484,7 @@ fn route_of(method: &Method, path: &str) -> &'static str {
     let target = path.strip_prefix('/').unwrap_or(path);
     match (method.as_str(), target) {
         ("GET", "status" | "health" | "readyz" | "metrics") => "admin",
-        ("POST", admin::PARTITION_ROUTE) => "admin",
+        ("POST", admin::PARTITION_ROUTE | admin::PANIC_ROUTE) => "admin",
         ("GET", "v1/kv") => "v1_list",
         ("POST", "v1/kv") => "v1_set_many",
         (_, t) if t.starts_with("v1/kv/") => match method.as_str() {
@@ -569,6 +572,7 @@ mod tests {
             (&delete, "v1/groups/2/members/1"),
             (&post, "v1/groups/2/leader"),
             (&post, "debug/partition"),
+            (&post, "debug/panic"),
         ] {
             assert!(is_operator_route(method, target), "{method} {target}");
         }
