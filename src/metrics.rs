@@ -66,6 +66,8 @@ pub struct Metrics {
     pub applied_entries: AtomicU64,
     pub leader_changes: AtomicU64,
     pub peer_send_errors: AtomicU64,
+    /// Peer messages dropped before raft saw them (implausible, or from a non-member).
+    pub peer_messages_refused: AtomicU64,
     pub snapshots: AtomicU64,
     pub snapshot_duration: Histogram,
     /// One synced write of entries and hard state to the raft log.
@@ -147,6 +149,11 @@ impl Metrics {
                 "raftkvd_peer_send_errors_total",
                 "Peer message streams that failed.",
                 &self.peer_send_errors,
+            ),
+            (
+                "raftkvd_peer_messages_refused_total",
+                "Peer raft messages dropped unstepped: implausible for the group's state, or from a node that is not a member.",
+                &self.peer_messages_refused,
             ),
             (
                 "raftkvd_snapshots_total",

@@ -22,3 +22,153 @@ fn a_panic_anywhere_stops_the_process_with_a_failure_status() {
         "the panic is logged",
     );
 }
+
+/// The cluster id a node's peer port answers with (what a peer must name).
+fn cluster_id_of(peer_url: &str) -> String {
+    let (code, body) = http("GET", &format!("{peer_url}/raft/cluster"), None);
+    assert_eq!(code, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    view["cluster_id"].as_str().unwrap().to_string()
+}
+
+/// POSTs `frames` (raw bytes) to a peer port's `/raft`, as a peer would.
+fn post_frames(peer_url: &str, cluster_id: &str, frames: Vec<u8>) -> u16 {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    client
+        .post(format!("{peer_url}/raft"))
+        .header("x-raftkvd-cluster-id", cluster_id)
+        .body(frames)
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// One frame: group id, length, protobuf-encoded raft message.
+fn frame(group: u64, msg: &raft::eraftpb::Message) -> Vec<u8> {
+    use protobuf::Message as _;
+    let body = msg.write_to_bytes().unwrap();
+    let mut out = group.to_le_bytes().to_vec();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Forged raft messages that raft-rs would abort on (a heartbeat committing past the
+/// log's end, an empty proposal, a read request without context, entries that do not
+/// follow on, a snapshot with an impossible configuration, a local-only message) and
+/// random and mutated frames: every node stays up, refuses and counts them, and the
+/// cluster keeps serving every write it acknowledged.
+#[test]
+fn forged_and_random_peer_frames_cannot_stop_a_node() {
+    use raft::eraftpb::{Entry, Message, MessageType};
+    let cluster = Cluster::start("forged-frames", 3, &[]);
+    let leader = cluster.wait_leader();
+    let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    for i in 0..20 {
+        cluster.put_ok(leader, &format!("before-{i}"), "v");
+    }
+    let term = follower.status_u64("term");
+    let cluster_id = cluster_id_of(&follower.peer_url);
+    let forged = |kind: MessageType, term: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = leader;
+        m.to = follower.id;
+        m.term = term;
+        m
+    };
+    let mut attacks = Vec::new();
+    let mut heartbeat = forged(MessageType::MsgHeartbeat, term);
+    heartbeat.commit = 1 << 40;
+    attacks.push(heartbeat);
+    attacks.push(forged(MessageType::MsgPropose, 0));
+    attacks.push(forged(MessageType::MsgReadIndex, 0));
+    attacks.push(forged(MessageType::MsgHup, 0));
+    attacks.push(forged(MessageType::MsgTransferLeader, term));
+    let mut append = forged(MessageType::MsgAppend, term);
+    append.index = 1;
+    append.log_term = 1;
+    append.entries = vec![Entry {
+        index: 1,
+        term,
+        ..Default::default()
+    }]
+    .into();
+    attacks.push(append);
+    let mut snapshot = forged(MessageType::MsgSnapshot, term);
+    let meta = snapshot.mut_snapshot().mut_metadata();
+    meta.index = 1 << 30;
+    meta.term = term;
+    meta.mut_conf_state().voters = vec![1, 2, 3];
+    meta.mut_conf_state().learners = vec![2];
+    attacks.push(snapshot);
+    for attack in &attacks {
+        let code = post_frames(&follower.peer_url, &cluster_id, frame(1, attack));
+        assert!(
+            code == 204 || code == 0,
+            "{:?}: {code}",
+            attack.get_msg_type()
+        );
+    }
+    // Random bytes and mutations of a real frame, at every node.
+    let mut seed = 42u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let valid = frame(1, &attacks[0]);
+    for node in &cluster.nodes {
+        let cluster_id = cluster_id_of(&node.peer_url);
+        for _ in 0..200 {
+            let mut bytes = if next() % 2 == 0 {
+                valid.clone()
+            } else {
+                (0..next() % 64).map(|_| next() as u8).collect()
+            };
+            for _ in 0..next() % 4 {
+                if !bytes.is_empty() {
+                    let at = (next() % bytes.len() as u64) as usize;
+                    bytes[at] = next() as u8;
+                }
+            }
+            post_frames(&node.peer_url, &cluster_id, bytes);
+        }
+    }
+    for node in &cluster.nodes {
+        let (code, _) = http("GET", &node.url("health"), None);
+        assert_eq!(
+            code,
+            200,
+            "node {} must survive\n{}",
+            node.id,
+            node.log_text()
+        );
+    }
+    follower.assert_logged(
+        "refused a peer message raft could not safely take",
+        "forged messages are logged",
+    );
+    let (_, metrics) = http("GET", &follower.url("metrics"), None);
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("raftkvd_peer_messages_refused_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 5, "refusals counted: {refused}");
+    // The cluster still takes writes through every node and loses none.
+    let leader = cluster.wait_leader();
+    for node in &cluster.nodes {
+        cluster.put_ok(node.id, &format!("after-{}", node.id), "w");
+    }
+    for node in &cluster.nodes {
+        for i in 0..20 {
+            cluster.wait_value(node.id, &format!("before-{i}"), "v");
+        }
+        cluster.wait_value(node.id, &format!("after-{leader}"), "w");
+    }
+}

@@ -41,6 +41,7 @@ use raft::Ready;
 use raft_engine::LogBatch;
 
 mod hibernation;
+mod inbound;
 mod members;
 mod placement;
 mod snapshots;
@@ -145,6 +146,8 @@ pub struct Group {
     applied_term: u64,
     /// The node's own inbox, for the snapshot writer's answer.
     inbox: Router,
+    /// When a refused peer message was last logged, and how many were refused since.
+    refusals: (Option<std::time::Instant>, u64),
     metrics: Arc<Metrics>,
     logger: Logger,
 }
@@ -216,6 +219,7 @@ impl Group {
             snapshot_in_progress: false,
             applied_term: snap.term,
             inbox,
+            refusals: (None, 0),
             metrics,
             logger,
         })
@@ -294,6 +298,10 @@ impl Group {
                 self.reads.push(reply)
             }
             GroupMsg::Step(mut msg) => {
+                if let Err(why) = inbound::check(&self.raw.raft, &msg) {
+                    self.refused(&msg, &why);
+                    return;
+                }
                 if msg.get_msg_type() == MessageType::MsgPropose
                     && !self.keep_proposals_of_this_term(&mut msg)
                 {
@@ -332,6 +340,22 @@ impl Group {
                 let _ = reply.send(self.status());
             }
         }
+    }
+
+    /// Counts a peer message that failed [`inbound::check`] and logs it, at most once a
+    /// second (a flood of them must not flood the log too).
+    fn refused(&mut self, msg: &Message, why: &str) {
+        Metrics::inc(&self.metrics.peer_messages_refused);
+        let (last_logged, since) = &mut self.refusals;
+        *since += 1;
+        if last_logged.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        warn!(self.logger, "refused a peer message raft could not safely take";
+            "from" => msg.from, "type" => ?msg.get_msg_type(), "term" => msg.term,
+            "reason" => why, "refused_since_last_log" => *since);
+        *last_logged = Some(std::time::Instant::now());
+        *since = 0;
     }
 
     /// A leader hands leadership to its most up-to-date follower, so that stopping this
