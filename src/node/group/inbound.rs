@@ -184,10 +184,11 @@ mod tests {
             })
             .collect();
         storage.wl().append(&entries).unwrap();
-        let mut hs = raft::eraftpb::HardState::default();
-        hs.term = 2;
-        hs.commit = 6;
-        storage.wl().set_hardstate(hs);
+        storage.wl().set_hardstate(raft::eraftpb::HardState {
+            term: 2,
+            commit: 6,
+            ..Default::default()
+        });
         let config = Config {
             id: 2,
             applied: 6,
