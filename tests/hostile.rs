@@ -172,3 +172,52 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
         cluster.wait_value(node.id, &format!("after-{leader}"), "w");
     }
 }
+
+/// A committed entry this build cannot decode (as if a member of a newer release wrote
+/// it) stops the node with an error naming the entry, every time it starts, instead of
+/// being skipped while the other replicas apply it.
+#[test]
+fn an_entry_this_build_cannot_read_stops_the_node_naming_it() {
+    use raft::eraftpb::{Entry, Message, MessageType};
+    let mut cluster = Cluster::start("unreadable-entry", 3, &[]);
+    let leader = cluster.wait_leader();
+    cluster.put_ok(leader, "k", "v");
+    let follower_id = cluster.nodes.iter().find(|n| n.id != leader).unwrap().id;
+    let follower = cluster.node(follower_id);
+    common::poll_until(
+        "the follower to apply everything",
+        || {
+            let s = follower.status().unwrap_or_default();
+            s["applied"] == s["commit"] && s["commit"].as_u64().unwrap_or(0) > 0
+        },
+        || follower.log_text(),
+    );
+    let (term, last) = (follower.status_u64("term"), follower.status_u64("commit"));
+    let mut append = Message::default();
+    append.set_msg_type(MessageType::MsgAppend);
+    append.from = leader;
+    append.to = follower_id;
+    append.term = term;
+    append.index = last;
+    append.log_term = term;
+    append.commit = last + 1;
+    append.entries = vec![Entry {
+        index: last + 1,
+        term,
+        data: vec![9, 1, 2, 3].into(),
+        ..Default::default()
+    }]
+    .into();
+    let cluster_id = cluster_id_of(&follower.peer_url);
+    post_frames(&follower.peer_url, &cluster_id, frame(1, &append));
+    let status = follower.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let needle = format!("cannot apply the committed entry at index {}", last + 1);
+    follower.assert_logged(&needle, "the entry is named");
+    // It stays stopped at the same entry: nothing was skipped.
+    std::fs::write(&follower.log, "").unwrap();
+    follower.start();
+    let status = follower.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    follower.assert_logged(&needle, "the entry is named again");
+}

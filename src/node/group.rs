@@ -650,15 +650,14 @@ impl Group {
         for entry in entries {
             self.applied_bytes_since_snapshot += entry.data.len() as u64;
             match entry.get_entry_type() {
-                EntryType::EntryNormal => self.apply_normal(&entry),
-                entry_type => {
+                EntryType::EntryNormal => self.apply_normal(&entry)?,
+                EntryType::EntryConfChange => {
                     // Takes a revision, as every entry without a command does (kv.rs).
                     let revision = self.kv.write().unwrap().skip_revision();
-                    if entry_type == EntryType::EntryConfChange {
-                        self.apply_conf_change(&entry, revision)?;
-                    } else {
-                        error!(self.logger, "skipping a ConfChangeV2 entry, which raftkvd never proposes"; "index" => entry.index);
-                    }
+                    self.apply_conf_change(&entry, revision)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    return Err(self.unreadable(&entry, "a ConfChangeV2, which raftkvd never writes"))
                 }
             }
         }
@@ -733,16 +732,26 @@ impl Group {
         }
     }
 
+    /// Why this node stops at a committed entry it cannot read. Skipping it would make
+    /// this replica diverge silently from those that can (a member of a newer release
+    /// wrote it, or the log is damaged); stopping leaves the entry for a build that reads
+    /// it. Logged by whoever reports the node's exit.
+    fn unreadable(&self, entry: &Entry, what: &str) -> String {
+        format!(
+            "raft group {} cannot apply the committed entry at index {} (term {}): {what}. \
+             Stopping rather than let this replica diverge; a member running a newer release \
+             may have written it: upgrade this node and start it again",
+            self.id, entry.index, entry.term
+        )
+    }
+
     /// Applies each command of a normal entry at its own revision and answers the client
-    /// waiting for it here, if any.
-    fn apply_normal(&mut self, entry: &Entry) {
+    /// waiting for it here, if any. An entry it cannot decode stops the node.
+    fn apply_normal(&mut self, entry: &Entry) -> Result<(), String> {
         let proposals = if entry.data.is_empty() {
             Vec::new() // a new leader's empty entry
         } else {
-            decode_entry(&entry.data).unwrap_or_else(|e| {
-                error!(self.logger, "skipping an undecodable entry"; "index" => entry.index, "error" => %e);
-                Vec::new()
-            })
+            decode_entry(&entry.data).map_err(|e| self.unreadable(entry, &e.to_string()))?
         };
         let shared_kv = self.kv.clone();
         let mut kv = shared_kv.write().unwrap();
@@ -781,6 +790,7 @@ impl Group {
         for (id, outcome) in outcomes {
             self.answer(id, outcome);
         }
+        Ok(())
     }
 }
 

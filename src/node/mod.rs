@@ -393,10 +393,10 @@ impl Node {
         }
     }
 
-    /// Logs a storage failure (in `group`, 0: the round's shared write) once; the node
-    /// stops, since continuing could lose data.
+    /// Logs a failure to persist or apply (in `group`, 0: the round's shared write) once;
+    /// the node stops, since continuing could lose data or diverge.
     fn storage_failed(&self, group: u64, error: String) -> NodeExit {
-        error!(self.logger, "storage failed; stopping to protect the data"; "group" => group, "error" => &error);
+        error!(self.logger, "cannot persist or apply; stopping to protect the data"; "group" => group, "error" => &error);
         NodeExit::Failed(error)
     }
 

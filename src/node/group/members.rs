@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType};
 use raft::{StateRole, INVALID_ID};
-use slog::{error, info, warn};
+use slog::{info, warn};
 
 use super::{Group, GroupEvent};
 use crate::command::MemberContext;
@@ -155,10 +155,7 @@ impl Group {
                 Ok((cc, ctx))
             }) {
             Ok(parsed) => parsed,
-            Err(e) => {
-                error!(self.logger, "skipping an undecodable conf change"; "index" => entry.index, "error" => e);
-                return Ok(());
-            }
+            Err(e) => return Err(self.unreadable(entry, &format!("a conf change: {e}"))),
         };
         // Entries up to the stored conf index were applied to raft before a restart; raft
         // already starts from their result.
