@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
     pub max_value_bytes: usize,
 
+    /// Largest snapshot file a peer may upload to this node, in bytes; a larger upload is
+    /// refused with 413 (and the leader keeps trying). Generous by default.
+    #[arg(long, env = "RAFTKVD_MAX_SNAPSHOT_BYTES", default_value_t = 32 << 30)]
+    pub max_snapshot_bytes: u64,
+
     /// Take a snapshot after at least this many applied writes since the last one, then
     /// compact the raft log. Once snapshots exceed 4 MiB, the next waits until the log since
     /// the last one is as large as it (at most 10 times this many writes), so rewriting

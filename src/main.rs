@@ -350,6 +350,8 @@ async fn serve(
         cluster_id: cluster_id.clone(),
         forwarded: forwarded_requests_to(api.clone()),
         strangers: Default::default(),
+        uploads: Default::default(),
+        max_snapshot_bytes: config.max_snapshot_bytes,
         logger: logger.new(o!("component" => "transport")),
     });
     let (exit_tx, mut exit_rx) = oneshot::channel();

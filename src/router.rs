@@ -14,6 +14,7 @@ use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use crate::command::{Command, Op};
@@ -119,6 +120,10 @@ pub enum GroupMsg {
     ChangeMembers(MemberChange, Reply),
     ReadIndex(ReadReply),
     Step(Box<Message>),
+    /// A peer's MsgSnapshot whose file arrived whole and verified under a temporary
+    /// name: the group steps the message and, only if raft takes the snapshot, moves the
+    /// file to its final name. The answer says whether it did.
+    SnapshotReceived(Box<Message>, PathBuf, oneshot::Sender<Result<(), String>>),
     /// The transport finished sending a snapshot to a peer (true: delivered).
     SnapshotSent(u64, bool),
     /// The background snapshot writer finished.
@@ -254,6 +259,24 @@ impl Router {
             true => ProposeError::Stopped,
             false => ProposeError::NotHosted(group_id),
         })
+    }
+
+    /// Hands a peer's MsgSnapshot, whose file is at `file`, to group `group_id`; answers
+    /// whether raft took it (the file is then under its final name).
+    pub async fn snapshot_received(
+        &self,
+        group_id: u64,
+        msg: Message,
+        file: PathBuf,
+    ) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.send(
+            group_id,
+            GroupMsg::SnapshotReceived(Box::new(msg), file, reply),
+        );
+        answer
+            .await
+            .unwrap_or_else(|_| Err(format!("raft group {group_id} is not hosted here")))
     }
 
     /// Hands a message from a peer to group `group_id`'s raft.

@@ -229,9 +229,12 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     Ok((path, size))
 }
 
-/// Deletes all but the newest `KEEP` snapshot files.
-pub fn prune(dir: &Path) -> io::Result<()> {
-    for index in list(dir)?.into_iter().skip(KEEP) {
+/// Deletes the snapshot files older than the newest `KEEP` up to `recorded`, the one the
+/// log store records. A file past it (whatever put it there) is left alone: pruning
+/// never deletes the snapshot a restart needs, nor one it may fall back on.
+pub fn prune(dir: &Path, recorded: u64) -> io::Result<()> {
+    let kept = list(dir)?.into_iter().filter(|&index| index <= recorded);
+    for index in kept.skip(KEEP) {
         fs::remove_file(path_of(dir, index))?;
     }
     Ok(())
@@ -278,7 +281,7 @@ impl<R: Read> Verified<R> {
 }
 
 /// Checks a snapshot file's magic and checksum without loading it.
-pub fn verify(path: &Path) -> Result<(), String> {
+fn verify_checksum(path: &Path) -> Result<(), String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let size = file.metadata().map_err(|e| e.to_string())?.len();
     if size < MAGIC.len() as u64 + 4 {
@@ -307,14 +310,16 @@ pub fn verify(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads and verifies the snapshot file at `path`.
-pub fn read(path: &Path) -> Result<SnapshotData, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let size = file.metadata().map_err(|e| e.to_string())?.len();
-    let mut r = Verified {
-        inner: BufReader::with_capacity(BUFFER_BYTES, file),
-        crc: crc32fast::Hasher::new(),
-    };
+/// What a file's header says: raft's metadata, the map's revision, and which parts its
+/// format has.
+struct Header {
+    meta: SnapshotMeta,
+    map_revision: u64,
+    has_groups: bool,
+    has_revisions: bool,
+}
+
+fn read_header<R: Read>(r: &mut Verified<R>, size: u64) -> Result<Header, String> {
     let mut magic = [0; 8];
     r.exact(&mut magic)?;
     let (has_groups, has_map_revision, has_revisions) = match &magic {
@@ -324,16 +329,54 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
         MAGIC_V1 => (false, false, false),
         _ => return Err("not a raftkvd snapshot file".into()),
     };
-    let mut data = SnapshotData::default();
-    data.meta.index = r.u64()?;
-    data.meta.term = r.u64()?;
-    let map_revision = if has_map_revision {
-        r.u64()?
-    } else {
-        data.meta.index
-    };
-    data.meta.conf_state =
+    let index = r.u64()?;
+    let term = r.u64()?;
+    let map_revision = if has_map_revision { r.u64()? } else { index };
+    let conf_state =
         ConfState::parse_from_bytes(&r.bytes(size)?).map_err(|e| format!("bad conf state: {e}"))?;
+    Ok(Header {
+        meta: SnapshotMeta {
+            index,
+            term,
+            conf_state,
+        },
+        map_revision,
+        has_groups,
+        has_revisions,
+    })
+}
+
+/// Checks a snapshot file's magic and checksum without loading it, and returns the raft
+/// metadata its header records.
+pub fn verify(path: &Path) -> Result<SnapshotMeta, String> {
+    verify_checksum(path)?;
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut r = Verified {
+        inner: BufReader::with_capacity(BUFFER_BYTES, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    Ok(read_header(&mut r, size)?.meta)
+}
+
+/// Reads and verifies the snapshot file at `path`.
+pub fn read(path: &Path) -> Result<SnapshotData, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut r = Verified {
+        inner: BufReader::with_capacity(BUFFER_BYTES, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    let Header {
+        meta,
+        map_revision,
+        has_groups,
+        has_revisions,
+    } = read_header(&mut r, size)?;
+    let mut data = SnapshotData {
+        meta,
+        ..Default::default()
+    };
     for _ in 0..r.u32()? {
         let id = r.u64()?;
         let url = String::from_utf8(r.bytes(size)?).map_err(|_| "peer URL is not UTF-8")?;
@@ -495,8 +538,12 @@ mod tests {
         for index in [10, 20, 30, 40] {
             write(&dir, &sample(index)).unwrap();
         }
-        prune(&dir).unwrap();
+        // Recorded: 30. Nothing past it goes, and three up to it stay.
+        prune(&dir, 30).unwrap();
+        assert_eq!(list(&dir).unwrap(), vec![40, 30, 20, 10]);
+        prune(&dir, 40).unwrap();
         assert_eq!(list(&dir).unwrap(), vec![40, 30, 20]);
+        assert_eq!(verify(&path_of(&dir, 40)).unwrap(), sample(40).meta);
         let back = read(&path_of(&dir, 40)).unwrap();
         let want = sample(40);
         assert_eq!(back.meta, want.meta);

@@ -12,9 +12,11 @@
 //! Snapshots do not travel inside a raft message: raft-rs's `MsgSnapshot` carries only the
 //! metadata, and its sender streams the snapshot file (read in chunks, never whole in
 //! memory) to `<peer-url>/raft/snapshot`, with the message itself in a header. The
-//! receiver writes the file, checks its checksum, makes it durable under its final name
-//! and only then steps the message into raft. The outcome goes back to raft-rs through
-//! `report_snapshot`.
+//! receiver takes one upload per peer at a time, up to `--max-snapshot-bytes` and within
+//! a deadline; it writes the file under a temporary name, makes it durable, checks its
+//! checksum and that its header matches the message, and only then hands the message to
+//! the group, which names the file as a snapshot only if raft takes it. The outcome goes
+//! back to raft-rs through `report_snapshot`.
 //!
 //! Receiving: [`handle_peer_request`] decodes frames as they arrive and steps each message
 //! into the node. Every stream and upload names its cluster id; one from another cluster
@@ -43,7 +45,6 @@ use slog::{debug, info, warn, Logger};
 use tokio::io::AsyncWriteExt;
 
 use crate::cluster_id::{self, ClusterId};
-use crate::durable;
 use crate::faults::Partition;
 use crate::http_server::{text_response as reply, FromPeer};
 use crate::membership::{self, Membership, SharedMembership};
@@ -62,6 +63,8 @@ const MESSAGE_HEADER: &str = "x-raft-message";
 const GROUP_HEADER: &str = "x-raft-group";
 /// A snapshot upload may take this long before it is given up.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// ... and may pause this long between two chunks.
+const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest frame a peer may send.
 const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 
@@ -452,6 +455,10 @@ pub struct PeerService {
     pub forwarded: ClientApi,
     /// Senders of another cluster already logged, so each is logged once.
     pub strangers: Mutex<std::collections::HashSet<u64>>,
+    /// Peers with a snapshot upload in progress (one each at a time).
+    pub uploads: Mutex<std::collections::HashSet<u64>>,
+    /// Largest snapshot upload taken (`--max-snapshot-bytes`).
+    pub max_snapshot_bytes: u64,
     pub logger: Logger,
 }
 
@@ -643,8 +650,13 @@ impl PeerService {
         reply(StatusCode::NO_CONTENT, "")
     }
 
-    /// Stores the streamed file as `snap-<index>.snap` once it is whole and verified,
-    /// then steps the MsgSnapshot into raft.
+    /// Receives a snapshot file: at most one upload per peer at a time, at most
+    /// `max_snapshot_bytes`, within `SNAPSHOT_TIMEOUT` (and `SNAPSHOT_IDLE_TIMEOUT`
+    /// between chunks). The file is written and fsynced under a temporary name, its
+    /// checksum and its header's metadata are checked against the message, and only
+    /// then is the message handed to the group, which gives the file its final name
+    /// only if raft takes the snapshot (`Group::take_received_snapshot`). Anything else
+    /// deletes the file.
     async fn receive_snapshot(
         &self,
         req: Request<Incoming>,
@@ -654,10 +666,15 @@ impl PeerService {
         let msg = header(MESSAGE_HEADER)
             .and_then(hex_decode)
             .and_then(|bytes| Message::parse_from_bytes(&bytes).ok())
-            .ok_or("missing or malformed raft message header")?;
-        let group_id = header(GROUP_HEADER)
-            .and_then(|g| g.parse().ok())
-            .ok_or("missing or malformed raft group header")?;
+            .filter(|msg| msg.get_msg_type() == MessageType::MsgSnapshot);
+        let group_id = header(GROUP_HEADER).and_then(|g| g.parse::<u64>().ok());
+        let (Some(msg), Some(group_id)) = (msg, group_id) else {
+            let why = "missing or malformed raft message (a MsgSnapshot) or raft group header";
+            warn!(self.logger, "refused a snapshot upload"; "reason" => why);
+            return Ok(reply(StatusCode::BAD_REQUEST, why));
+        };
+        let declared =
+            header(hyper::header::CONTENT_LENGTH.as_str()).and_then(|n| n.parse::<u64>().ok());
         if let Some(refusal) = self.refuse(msg.from) {
             return Ok(refusal);
         }
@@ -670,37 +687,85 @@ impl PeerService {
         if self.partition.is_blocked(msg.from) {
             return Ok(reply(StatusCode::NO_CONTENT, ""));
         }
-        let index = msg.get_snapshot().get_metadata().index;
-        let upload = UPLOADS.fetch_add(1, Ordering::Relaxed);
+        if declared.is_some_and(|bytes| bytes > self.max_snapshot_bytes) {
+            return Ok(self.too_large(msg.from, declared.unwrap_or_default()));
+        }
+        let Some(_upload) = UploadSlot::take(&self.uploads, msg.from) else {
+            return Ok(reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "a snapshot upload from node {} is already in progress",
+                    msg.from
+                ),
+            ));
+        };
+        let meta = msg.get_snapshot().get_metadata().clone();
+        let index = meta.index;
         let snap_dir = snapshot::dir_of(&self.data_dir, group_id);
+        let upload = UPLOADS.fetch_add(1, Ordering::Relaxed);
         let tmp = snap_dir.join(format!("recv-{index:016x}-{upload}.tmp"));
-        let received = self.write_upload(req.into_body(), &snap_dir, &tmp).await;
-        let stored = match received {
+        let received = tokio::time::timeout(
+            SNAPSHOT_TIMEOUT,
+            self.write_upload(req.into_body(), &snap_dir, &tmp),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Upload::TooSlow(SNAPSHOT_TIMEOUT)));
+        let checked = match received {
             Ok(bytes) => {
-                let (tmp2, dir) = (tmp.clone(), snap_dir.clone());
-                tokio::task::spawn_blocking(move || {
-                    snapshot::verify(&tmp2)?;
-                    std::fs::rename(&tmp2, snapshot::path_of(&dir, index))
-                        .and_then(|_| durable::sync_dir(&dir))
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r)
-                .map(|_| bytes)
+                let file = tmp.clone();
+                tokio::task::spawn_blocking(move || snapshot::verify(&file))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .and_then(|found| same_snapshot(&found, &meta))
+                    .map(|()| bytes)
+                    .map_err(Upload::Bad)
             }
             Err(e) => Err(e),
         };
-        let bytes = match stored {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
+        let outcome = match checked {
+            Ok(bytes) => {
+                let from = msg.from;
+                match self
+                    .node
+                    .snapshot_received(group_id, msg, tmp.clone())
+                    .await
+                {
+                    Ok(()) => {
+                        info!(self.logger, "received a snapshot"; "group" => group_id, "from" => from, "index" => index, "bytes" => bytes);
+                        Ok(reply(StatusCode::NO_CONTENT, ""))
+                    }
+                    Err(why) => {
+                        info!(self.logger, "a received snapshot was not taken"; "group" => group_id, "from" => from, "index" => index, "reason" => &why);
+                        Ok(reply(StatusCode::CONFLICT, &why))
+                    }
+                }
             }
+            Err(Upload::TooLarge(bytes)) => Ok(self.too_large(msg.from, bytes)),
+            Err(Upload::Bad(why)) => {
+                warn!(self.logger, "refused a snapshot upload"; "from" => msg.from, "reason" => &why);
+                Ok(reply(StatusCode::BAD_REQUEST, &why))
+            }
+            Err(Upload::TooSlow(limit)) => {
+                let why = format!("the upload took longer than {limit:?} (or paused that long)");
+                warn!(self.logger, "refused a snapshot upload"; "from" => msg.from, "reason" => &why);
+                Ok(reply(StatusCode::REQUEST_TIMEOUT, &why))
+            }
+            Err(Upload::Io(e)) => Err(e),
         };
-        info!(self.logger, "received a snapshot"; "group" => group_id, "from" => msg.from, "index" => index, "bytes" => bytes);
-        self.node.step(group_id, msg);
-        Ok(reply(StatusCode::NO_CONTENT, ""))
+        // Moved away if raft took it; otherwise it must not stay.
+        let _ = tokio::fs::remove_file(&tmp).await;
+        outcome
+    }
+
+    fn too_large(&self, from: u64, bytes: u64) -> Response<Full<Bytes>> {
+        let why = format!(
+            "a snapshot upload of at least {bytes} bytes from node {from} is over this node's \
+             --max-snapshot-bytes ({})",
+            self.max_snapshot_bytes
+        );
+        warn!(self.logger, "refused a snapshot upload"; "reason" => &why);
+        reply(StatusCode::PAYLOAD_TOO_LARGE, &why)
     }
 
     async fn write_upload(
@@ -708,24 +773,84 @@ impl PeerService {
         mut body: Incoming,
         dir: &std::path::Path,
         path: &std::path::Path,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, Upload> {
+        let failed = |e: String| Upload::Io(e);
         tokio::fs::create_dir_all(dir)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         let mut file = tokio::fs::File::create(path)
             .await
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .map_err(|e| failed(format!("cannot create {}: {e}", path.display())))?;
         let mut bytes = 0;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("upload interrupted: {e}"))?;
+        loop {
+            let frame = tokio::time::timeout(SNAPSHOT_IDLE_TIMEOUT, body.frame())
+                .await
+                .map_err(|_| Upload::TooSlow(SNAPSHOT_IDLE_TIMEOUT))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| Upload::Bad(format!("upload interrupted: {e}")))?;
             if let Some(data) = frame.data_ref() {
-                file.write_all(data).await.map_err(|e| e.to_string())?;
                 bytes += data.len() as u64;
+                if bytes > self.max_snapshot_bytes {
+                    return Err(Upload::TooLarge(bytes));
+                }
+                file.write_all(data)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
             }
         }
-        file.sync_all().await.map_err(|e| e.to_string())?;
+        file.sync_all().await.map_err(|e| failed(e.to_string()))?;
         Ok(bytes)
     }
+}
+
+/// Why an upload was not taken in.
+enum Upload {
+    /// Over `--max-snapshot-bytes` (413).
+    TooLarge(u64),
+    /// Not a whole, valid file of the announced snapshot (400).
+    Bad(String),
+    /// Over the deadline, or paused too long (408).
+    TooSlow(Duration),
+    /// This node could not write it (500).
+    Io(String),
+}
+
+/// A peer's one upload in progress; the slot frees when it is dropped.
+struct UploadSlot<'a> {
+    uploads: &'a Mutex<std::collections::HashSet<u64>>,
+    peer: u64,
+}
+
+impl<'a> UploadSlot<'a> {
+    fn take(uploads: &'a Mutex<std::collections::HashSet<u64>>, peer: u64) -> Option<Self> {
+        let free = uploads.lock().unwrap().insert(peer);
+        // Built only if taken: dropping a slot frees it.
+        free.then(|| UploadSlot { uploads, peer })
+    }
+}
+
+impl Drop for UploadSlot<'_> {
+    fn drop(&mut self) {
+        self.uploads.lock().unwrap().remove(&self.peer);
+    }
+}
+
+/// The file must hold the snapshot the message announces: same index, term and
+/// configuration.
+fn same_snapshot(
+    found: &snapshot::SnapshotMeta,
+    sent: &raft::eraftpb::SnapshotMetadata,
+) -> Result<(), String> {
+    if found.index != sent.index
+        || found.term != sent.term
+        || found.conf_state != *sent.get_conf_state()
+    {
+        return Err(format!(
+            "the uploaded file holds the snapshot at index {} term {}, the message announces index {} term {} (or another configuration)",
+            found.index, found.term, sent.index, sent.term
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

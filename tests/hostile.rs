@@ -221,3 +221,186 @@ fn an_entry_this_build_cannot_read_stops_the_node_naming_it() {
     assert_eq!(status.code(), Some(1), "{status:?}");
     follower.assert_logged(&needle, "the entry is named again");
 }
+
+/// Uploads `body` to a peer port's snapshot route, announcing `msg`.
+fn upload_snapshot(
+    peer_url: &str,
+    cluster_id: &str,
+    msg: &raft::eraftpb::Message,
+    body: Vec<u8>,
+) -> (u16, String) {
+    use protobuf::Message as _;
+    let hex: String = msg
+        .write_to_bytes()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    match client
+        .post(format!("{peer_url}/raft/snapshot"))
+        .header("x-raftkvd-cluster-id", cluster_id)
+        .header("x-raft-message", hex)
+        .header("x-raft-group", "1")
+        .body(body)
+        .send()
+    {
+        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+        Err(e) => (0, format!("{e:?}")),
+    }
+}
+
+/// Snapshot files in a node's cluster-group snapshot folder.
+fn snapshot_files(node: &common::Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.data_dir.join("snap"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Snapshot uploads that do not hold what they announce, are too large, or come two at
+/// a time from one peer are refused; none leaves a file behind or takes a snapshot's
+/// name, and the node restarts cleanly on what it had.
+#[test]
+fn abusive_snapshot_uploads_are_refused_and_leave_nothing_behind() {
+    use raft::eraftpb::{Message, MessageType};
+    let mut cluster = Cluster::start(
+        "snapshot-uploads",
+        3,
+        &["--snapshot-count", "10", "--max-snapshot-bytes", "100000"],
+    );
+    let leader = cluster.wait_leader();
+    for i in 0..40 {
+        cluster.put_ok(leader, &format!("k{i}"), "v");
+    }
+    let leader_node = cluster.nodes.iter().find(|n| n.id == leader).unwrap();
+    common::poll_until(
+        "the leader to write a snapshot",
+        || !snapshot_files(leader_node).is_empty(),
+        || leader_node.log_text(),
+    );
+    let real_name = snapshot_files(leader_node).pop().unwrap();
+    let real = std::fs::read(leader_node.data_dir.join("snap").join(&real_name)).unwrap();
+    let real_index = u64::from_str_radix(
+        real_name
+            .trim_start_matches("snap-")
+            .trim_end_matches(".snap"),
+        16,
+    )
+    .unwrap();
+    let follower_id = cluster.nodes.iter().find(|n| n.id != leader).unwrap().id;
+    let follower = cluster.node(follower_id);
+    let before = snapshot_files(follower);
+    let cluster_id = cluster_id_of(&follower.peer_url);
+    let term = follower.status_u64("term");
+    let announce = |index: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgSnapshot);
+        m.from = leader;
+        m.to = follower_id;
+        m.term = term;
+        let meta = m.mut_snapshot().mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.mut_conf_state().voters = vec![1, 2, 3];
+        m
+    };
+    // Garbage announced at a huge index (this once made pruning delete real snapshots).
+    let (code, text) = upload_snapshot(
+        &follower.peer_url,
+        &cluster_id,
+        &announce(1 << 40),
+        vec![7; 5000],
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("not a raftkvd snapshot"), "{text}");
+    // A real file announced as another snapshot.
+    let (code, text) = upload_snapshot(
+        &follower.peer_url,
+        &cluster_id,
+        &announce(real_index + 1000),
+        real.clone(),
+    );
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("the message announces"), "{text}");
+    // Over --max-snapshot-bytes.
+    let (code, text) = upload_snapshot(
+        &follower.peer_url,
+        &cluster_id,
+        &announce(real_index + 1000),
+        vec![0; 200_000],
+    );
+    assert_eq!(code, 413, "{text}");
+    // Not a snapshot message at all.
+    let mut heartbeat = announce(1);
+    heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+    let (code, text) = upload_snapshot(&follower.peer_url, &cluster_id, &heartbeat, real);
+    assert_eq!(code, 400, "{text}");
+
+    // Two at once from one peer: the second is refused while the first is still open.
+    let first = {
+        use protobuf::Message as _;
+        use std::io::Write;
+        let hex: String = announce(real_index + 2000)
+            .write_to_bytes()
+            .unwrap()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let addr = follower.peer_url.trim_start_matches("http://").to_string();
+        let mut socket = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            socket,
+            "POST /raft/snapshot HTTP/1.1\r\nhost: {addr}\r\nx-raftkvd-cluster-id: {cluster_id}\r\n\
+             x-raft-message: {hex}\r\nx-raft-group: 1\r\ntransfer-encoding: chunked\r\n\r\n\
+             a\r\n0123456789\r\n"
+        )
+        .unwrap();
+        socket
+    };
+    let second = std::cell::RefCell::new((0, String::new()));
+    common::poll_until(
+        "a second concurrent upload to be refused",
+        || {
+            *second.borrow_mut() = upload_snapshot(
+                &follower.peer_url,
+                &cluster_id,
+                &announce(real_index + 3000),
+                vec![2; 10],
+            );
+            second.borrow().0 == 429
+        },
+        || format!("{:?}", second.borrow()),
+    );
+    drop(first);
+    // The slot frees when the first upload breaks off.
+    common::poll_until(
+        "the next upload to be taken in",
+        || {
+            let (code, _) = upload_snapshot(
+                &follower.peer_url,
+                &cluster_id,
+                &announce(real_index + 3000),
+                vec![2; 10],
+            );
+            code == 400
+        },
+        String::new,
+    );
+
+    assert_eq!(snapshot_files(follower), before, "no upload left a file");
+    follower.signal("TERM");
+    assert!(follower.wait_exit(Duration::from_secs(15)).success());
+    follower.start();
+    cluster.put_ok(leader, "after", "restart");
+    cluster.wait_value(follower_id, "k39", "v");
+    cluster.wait_value(follower_id, "after", "restart");
+}

@@ -317,6 +317,9 @@ impl Group {
                     self.after_peer_message(kind, sleep_signal, from);
                 }
             }
+            GroupMsg::SnapshotReceived(msg, file, reply) => {
+                let _ = reply.send(self.take_received_snapshot(msg, &file));
+            }
             GroupMsg::SnapshotSent(peer, delivered) => {
                 let status = if delivered {
                     SnapshotStatus::Finish
@@ -657,7 +660,9 @@ impl Group {
                     self.apply_conf_change(&entry, revision)?;
                 }
                 EntryType::EntryConfChangeV2 => {
-                    return Err(self.unreadable(&entry, "a ConfChangeV2, which raftkvd never writes"))
+                    return Err(
+                        self.unreadable(&entry, "a ConfChangeV2, which raftkvd never writes")
+                    )
                 }
             }
         }

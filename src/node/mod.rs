@@ -432,6 +432,7 @@ fn not_hosted(group: u64, msg: GroupMsg) {
             let _ = reply.send(Err(ProposeError::NotHosted(group)));
         }
         GroupMsg::Step(_)
+        | GroupMsg::SnapshotReceived(..)
         | GroupMsg::SnapshotSent(..)
         | GroupMsg::SnapshotWritten(_)
         | GroupMsg::Status(_)

@@ -96,7 +96,7 @@ impl Group {
             let started = Instant::now();
             let result = snapshot::write(&dir, &data)
                 .and_then(|(_, bytes)| {
-                    snapshot::prune(&dir)?;
+                    snapshot::prune(&dir, data.meta.index)?;
                     Ok(bytes)
                 })
                 .map(|bytes| WrittenSnapshot {
@@ -155,6 +155,38 @@ impl Group {
         Ok(())
     }
 
+    /// A peer's snapshot arrived, its file verified at `file` (a temporary name): steps
+    /// the message like any other, and if raft took the snapshot (it is now pending,
+    /// to be installed from the next Ready) moves the file to its final name, durably,
+    /// before that Ready is handled. A snapshot raft ignores never gets a snapshot's
+    /// name, so no upload can stand in for, or prune away, a snapshot this node has.
+    pub(super) fn take_received_snapshot(
+        &mut self,
+        msg: Box<raft::eraftpb::Message>,
+        file: &std::path::Path,
+    ) -> Result<(), String> {
+        let index = msg.get_snapshot().get_metadata().index;
+        self.handle(GroupMsg::Step(msg));
+        let taken = self
+            .raw
+            .raft
+            .raft_log
+            .unstable_snapshot()
+            .as_ref()
+            .is_some_and(|snap| snap.get_metadata().index == index);
+        if !taken {
+            return Err(format!("raft did not take the snapshot at index {index}"));
+        }
+        let path = snapshot::path_of(&self.snap_dir, index);
+        std::fs::rename(file, &path)
+            .and_then(|()| crate::durable::sync_dir(&self.snap_dir))
+            .map_err(|e| {
+                let e = format!("cannot move the received snapshot to {}: {e}", path.display());
+                error!(self.logger, "a received snapshot cannot be kept; its install will fail"; "error" => &e);
+                e
+            })
+    }
+
     /// Replaces the state machine with a snapshot the leader sent (the transport already
     /// stored and verified its file), then the log with the snapshot's point.
     pub(super) fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), String> {
@@ -188,7 +220,7 @@ impl Group {
         self.last_snapshot_bytes = snapshot::size_of(&path);
         self.applied_bytes_since_snapshot = 0;
         self.reads.on_applied(meta.index);
-        if let Err(e) = snapshot::prune(&self.snap_dir) {
+        if let Err(e) = snapshot::prune(&self.snap_dir, meta.index) {
             warn!(self.logger, "could not prune old snapshots"; "error" => %e);
         }
         info!(self.logger, "installed a snapshot from the leader";
