@@ -709,7 +709,7 @@ impl PeerService {
             self.write_upload(req.into_body(), &snap_dir, &tmp),
         )
         .await
-        .unwrap_or_else(|_| Err(Upload::TooSlow(SNAPSHOT_TIMEOUT)));
+        .unwrap_or(Err(Upload::TooSlow(SNAPSHOT_TIMEOUT)));
         let checked = match received {
             Ok(bytes) => {
                 let file = tmp.clone();
