@@ -81,6 +81,26 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
     pub max_value_bytes: usize,
 
+    /// Client connections open at once; more wait (in the kernel's backlog) until one
+    /// closes.
+    #[arg(long, env = "RAFTKVD_MAX_CLIENT_CONNECTIONS", default_value_t = 4096)]
+    pub max_client_connections: usize,
+
+    /// Peer connections open at once (each peer process holds a few).
+    #[arg(long, env = "RAFTKVD_MAX_PEER_CONNECTIONS", default_value_t = 1024)]
+    pub max_peer_connections: usize,
+
+    /// Milliseconds a connection may take to send a request's headers, counted from
+    /// when it starts to wait for one; a connection that sends nothing for this long
+    /// between requests is closed too.
+    #[arg(long, env = "RAFTKVD_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Largest raft message frame a peer may send, in bytes (it must hold the largest
+    /// entry: --max-value-bytes and a key, with room to spare).
+    #[arg(long, env = "RAFTKVD_MAX_PEER_FRAME_BYTES", default_value_t = 64 << 20)]
+    pub max_peer_frame_bytes: usize,
+
     /// Largest snapshot file a peer may upload to this node, in bytes; a larger upload is
     /// refused with 413 (and the leader keeps trying). Generous by default.
     #[arg(long, env = "RAFTKVD_MAX_SNAPSHOT_BYTES", default_value_t = 32 << 30)]
@@ -227,6 +247,23 @@ impl Config {
         self.id = self.resolve_id(tls)?;
         if self.id == 0 {
             return Err("--id must be a positive integer".into());
+        }
+        if self.max_client_connections == 0 || self.max_peer_connections == 0 {
+            return Err(
+                "--max-client-connections and --max-peer-connections must be positive".into(),
+            );
+        }
+        if self.header_read_timeout_ms == 0 {
+            return Err("--header-read-timeout-ms must be positive".into());
+        }
+        // An entry holds a value, its key (up to 64 KiB) and a little framing.
+        let largest_entry = self.max_value_bytes + (128 << 10);
+        if self.max_peer_frame_bytes < largest_entry.max(4 << 20) {
+            return Err(format!(
+                "--max-peer-frame-bytes ({}) must be at least 4 MiB and hold the largest entry \
+                 (--max-value-bytes + 128 KiB = {largest_entry})",
+                self.max_peer_frame_bytes
+            ));
         }
         let joining = self.join || self.join_via.is_some();
         if !joining && self.id as usize > self.cluster.len() {
@@ -417,6 +454,22 @@ impl Config {
 
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.tick_ms)
+    }
+
+    /// What the client API's listener allows.
+    pub fn client_limits(&self) -> crate::http_server::Limits {
+        crate::http_server::Limits {
+            max_connections: self.max_client_connections,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+        }
+    }
+
+    /// What the peer listener allows.
+    pub fn peer_limits(&self) -> crate::http_server::Limits {
+        crate::http_server::Limits {
+            max_connections: self.max_peer_connections,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+        }
     }
 }
 

@@ -4,6 +4,12 @@
 //! shutdown is signalled. It knows nothing about routes; it only tells handlers which
 //! certificate the client presented ([`ClientCertificate`] in each request's
 //! extensions).
+//!
+//! It bounds what a client can hold ([`Limits`]): at most so many open connections
+//! (beyond them, new ones wait in the kernel's backlog until one closes), and a deadline
+//! for a request's headers, so that a connection that sends nothing, or sends slowly, is
+//! closed. An accept error (such as running out of file descriptors) backs off instead
+//! of spinning, and is logged once per outage.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,11 +22,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use slog::{info, warn, Logger};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::tls::{ClientCertificate, Tls};
 
@@ -28,13 +34,26 @@ use crate::tls::{ClientCertificate, Tls};
 const DRAIN_DEADLINE: Duration = Duration::from_secs(6);
 /// A client that has not finished its TLS handshake within this long is dropped.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// First and longest pause after a failed accept.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// What one listener allows its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// From the moment a connection waits for a request until its headers are in.
+    pub header_read_timeout: Duration,
+}
 
 /// Serves `handler` on `listener` (over TLS if `tls` is given) until `shutdown` turns
 /// true, then drains.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
+    limits: Limits,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     logger: Logger,
@@ -43,33 +62,62 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff: Option<Duration> = None;
+    let mut full_logged = false;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        warn!(logger, "accept failed"; "server" => name, "error" => %e);
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let watcher = graceful.watcher();
-                let (handler, tls, logger) = (handler.clone(), tls.clone(), logger.clone());
-                tokio::spawn(async move {
-                    match tls {
-                        None => serve_connection(TokioIo::new(stream), None, handler, watcher).await,
-                        Some(tls) => {
-                            let Some((stream, certificate)) = handshake(&tls, stream, name, &logger).await else {
-                                return;
-                            };
-                            serve_connection(TokioIo::new(stream), certificate, handler, watcher).await
-                        }
-                    }
-                });
-            }
-            _ = shutdown.changed() => break,
+        if connections.available_permits() == 0 && !full_logged {
+            warn!(logger, "connection limit reached; new connections wait until one closes";
+                "server" => name, "max_connections" => limits.max_connections);
         }
+        full_logged = connections.available_permits() == 0;
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                if backoff.take().is_some() {
+                    info!(logger, "accepting connections again"; "server" => name);
+                }
+                stream
+            }
+            Err(e) => {
+                let pause = match backoff {
+                    None => {
+                        warn!(logger, "accept failed; backing off"; "server" => name, "error" => %e);
+                        ACCEPT_BACKOFF.0
+                    }
+                    Some(pause) => (pause * 2).min(ACCEPT_BACKOFF.1),
+                };
+                backoff = Some(pause);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let (handler, tls, logger) = (handler.clone(), tls.clone(), logger.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => {
+                    serve_connection(TokioIo::new(stream), None, limits, handler, watcher).await
+                }
+                Some(tls) => {
+                    let Some((stream, certificate)) = handshake(&tls, stream, name, &logger).await
+                    else {
+                        return;
+                    };
+                    let io = TokioIo::new(stream);
+                    serve_connection(io, certificate, limits, handler, watcher).await
+                }
+            }
+        });
     }
     drop(listener);
     tokio::select! {
@@ -122,6 +170,7 @@ async fn handshake(
 async fn serve_connection<I, H, F>(
     io: I,
     certificate: Option<ClientCertificate>,
+    limits: Limits,
     handler: H,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
@@ -136,7 +185,10 @@ async fn serve_connection<I, H, F>(
         let response = handler(req);
         async move { Ok::<_, Infallible>(response.await) }
     });
-    let conn = http1::Builder::new().serve_connection(io, service);
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(io, service);
     // A client that goes away mid-request is not an error of ours.
     let _ = watcher.watch(conn).await;
 }

@@ -352,12 +352,14 @@ async fn serve(
         strangers: Default::default(),
         uploads: Default::default(),
         max_snapshot_bytes: config.max_snapshot_bytes,
+        max_frame_bytes: config.max_peer_frame_bytes,
         logger: logger.new(o!("component" => "transport")),
     });
     let (exit_tx, mut exit_rx) = oneshot::channel();
     let peer_server = PeerServer {
         listener: peer_listener,
         tls: tls.peer.clone(),
+        limits: config.peer_limits(),
         service: peer_service,
         stopping: servers_stopping.clone(),
         logger: logger.clone(),
@@ -388,6 +390,7 @@ async fn serve(
         "api",
         api_listener,
         tls.client.clone(),
+        config.client_limits(),
         move |req| api.clone().handle(req),
         servers_stopping,
         logger.clone(),
@@ -499,6 +502,7 @@ impl TlsSet {
 struct PeerServer {
     listener: std::net::TcpListener,
     tls: Option<Arc<tls::Tls>>,
+    limits: http_server::Limits,
     service: Arc<transport::PeerService>,
     stopping: watch::Receiver<bool>,
     logger: Logger,
@@ -529,6 +533,7 @@ fn run_raft_thread(
             "peer",
             listener,
             peers.tls,
+            peers.limits,
             move |req| transport::handle_peer_request(req, service.clone()),
             peers.stopping,
             peers.logger,

@@ -65,8 +65,6 @@ const GROUP_HEADER: &str = "x-raft-group";
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// ... and may pause this long between two chunks.
 const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest frame a peer may send.
-const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 
 /// One message addressed to one raft group.
 type GroupMessage = (u64, Message);
@@ -406,13 +404,19 @@ fn encode_frame(buf: &mut Vec<u8>, group_id: u64, msg: &Message) {
 }
 
 /// Removes the complete frames at the front of `buf` and decodes them; an incomplete
-/// frame stays for the next chunk.
-fn take_frames(buf: &mut Vec<u8>) -> Result<Vec<GroupMessage>, String> {
+/// frame stays for the next chunk. A frame longer than `max_bytes` is an error as soon
+/// as its length is read, before it is buffered.
+fn take_frames(buf: &mut Vec<u8>, max_bytes: usize) -> Result<Vec<GroupMessage>, String> {
     let mut out = Vec::new();
     let mut at = 0;
     while buf.len() - at >= 12 {
         let group_id = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
         let len = u32::from_le_bytes(buf[at + 8..at + 12].try_into().unwrap()) as usize;
+        if len > max_bytes {
+            return Err(format!(
+                "a frame of {len} bytes is over --max-peer-frame-bytes ({max_bytes})"
+            ));
+        }
         if buf.len() - at - 12 < len {
             break;
         }
@@ -459,6 +463,8 @@ pub struct PeerService {
     pub uploads: Mutex<std::collections::HashSet<u64>>,
     /// Largest snapshot upload taken (`--max-snapshot-bytes`).
     pub max_snapshot_bytes: u64,
+    /// Largest raft message frame taken (`--max-peer-frame-bytes`).
+    pub max_frame_bytes: usize,
     pub logger: Logger,
 }
 
@@ -624,11 +630,7 @@ impl PeerService {
                 break; // the sender went away; whatever it sent has been stepped
             };
             pending.extend_from_slice(&chunk);
-            if pending.len() > MAX_FRAME_BYTES {
-                warn!(self.logger, "peer sent an oversized frame");
-                return reply(StatusCode::PAYLOAD_TOO_LARGE, "frame too large");
-            }
-            let messages = match take_frames(&mut pending) {
+            let messages = match take_frames(&mut pending, self.max_frame_bytes) {
                 Ok(messages) => messages,
                 Err(e) => {
                     warn!(self.logger, "malformed peer message stream"; "error" => &e);
@@ -872,13 +874,17 @@ mod tests {
         }
         for split in 0..=bytes.len() {
             let mut buf = bytes[..split].to_vec();
-            let mut got = take_frames(&mut buf).unwrap();
+            let mut got = take_frames(&mut buf, 1 << 20).unwrap();
             buf.extend_from_slice(&bytes[split..]);
-            got.extend(take_frames(&mut buf).unwrap());
+            got.extend(take_frames(&mut buf, 1 << 20).unwrap());
             assert_eq!(got, batch, "split at {split}");
             assert!(buf.is_empty());
         }
         let mut garbage = vec![1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0xff, 0xff, 0xff];
-        assert!(take_frames(&mut garbage).is_err());
+        assert!(take_frames(&mut garbage, 1 << 20).is_err());
+        let mut huge = vec![1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f];
+        assert!(take_frames(&mut huge, 1 << 20)
+            .unwrap_err()
+            .contains("over"));
     }
 }

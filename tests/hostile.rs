@@ -404,3 +404,108 @@ fn abusive_snapshot_uploads_are_refused_and_leave_nothing_behind() {
     cluster.wait_value(follower_id, "k39", "v");
     cluster.wait_value(follower_id, "after", "restart");
 }
+
+/// PUTs 8 MiB with urllib and prints the status (or the error) it gets.
+const PYTHON_BIG_PUT: &str = "
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=b'x' * (8 << 20), method='PUT'))
+    print('accepted')
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception as e:
+    print(repr(e))
+";
+
+/// Sends `request` on a fresh connection to `addr` and returns what comes back before
+/// the server closes it (or `deadline` passes).
+fn raw_exchange(addr: &str, request: &[u8], deadline: Duration) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    socket.set_read_timeout(Some(deadline)).unwrap();
+    let _ = socket.write_all(request);
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The client port under abuse: a client that sends its whole oversized body before
+/// reading (as Python's urllib does) still gets its 413; slow or silent connections are
+/// closed after the header deadline; huge headers and broken chunked bodies get a 4xx;
+/// two thousand idle connections neither stop the node nor keep it from serving.
+#[test]
+fn malformed_slow_and_idle_client_connections_cannot_wedge_the_api() {
+    let cluster = Cluster::start("client-abuse", 1, &["--header-read-timeout-ms", "1000"]);
+    let node = &cluster.nodes[0];
+    let addr = format!("127.0.0.1:{}", node.api_port);
+
+    // Python's urllib sends the whole body before it reads an answer.
+    let urllib = std::process::Command::new("python3")
+        .args(["-c", PYTHON_BIG_PUT, &node.url("big")])
+        .output()
+        .expect("python3 runs (the CI image has it)");
+    let said = String::from_utf8_lossy(&urllib.stdout);
+    assert_eq!(
+        said.trim(),
+        "413",
+        "{}",
+        String::from_utf8_lossy(&urllib.stderr)
+    );
+
+    // Headers that never end: closed after the deadline, with nothing served.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(
+        &addr,
+        b"GET /health HTTP/1.1\r\nhost: x\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "closed by the deadline"
+    );
+
+    let huge = format!(
+        "GET /health HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let answer = raw_exchange(&addr, huge.as_bytes(), Duration::from_secs(10));
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer:.200}"
+    );
+    let answer = raw_exchange(
+        &addr,
+        b"PUT /k HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nvalue\r\n0\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+        "{answer:.200}"
+    );
+
+    let idle: Vec<std::net::TcpStream> = (0..2000)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let (code, _) = http("PUT", &node.url("k"), Some(b"v".to_vec()));
+    assert_eq!(code, 204, "served beside 2000 idle connections");
+    // The idle ones are closed by the header deadline.
+    common::poll_until(
+        "the idle connections to be closed",
+        || {
+            idle.iter().all(|s| {
+                use std::io::Read;
+                s.set_nonblocking(true).unwrap();
+                matches!((&*s).read(&mut [0; 1]), Ok(0))
+            })
+        },
+        String::new,
+    );
+    let (code, body) = http("GET", &node.url("k"), None);
+    assert_eq!((code, body.as_str()), (200, "v"));
+    assert_eq!(
+        http("GET", &node.url("big"), None).0,
+        404,
+        "nothing of the 413 was stored"
+    );
+}
