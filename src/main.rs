@@ -23,6 +23,7 @@ mod kv;
 mod membership;
 mod metrics;
 mod node;
+mod peer_frame;
 mod peer_stream;
 mod probe;
 mod read_index;

@@ -49,6 +49,7 @@ use crate::faults::Partition;
 use crate::http_server::{text_response as reply, FromPeer};
 use crate::membership::{self, Membership, SharedMembership};
 use crate::metrics::Metrics;
+use crate::peer_frame::{encode_frame, take_frames};
 use crate::peer_stream::{PeerStream, StreamTarget, CONNECT_TIMEOUT};
 use crate::router::{Router, CLUSTER_GROUP};
 use crate::snapshot;
@@ -65,9 +66,6 @@ const GROUP_HEADER: &str = "x-raft-group";
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// ... and may pause this long between two chunks.
 const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// One message addressed to one raft group.
-type GroupMessage = (u64, Message);
 
 /// The sending half: a stream per peer.
 pub struct Transport {
@@ -389,44 +387,6 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-/// Appends one frame to `buf`: `group id (u64 LE) | length (u32 LE) | protobuf-encoded
-/// raft message`. A stream is a sequence of frames.
-fn encode_frame(buf: &mut Vec<u8>, group_id: u64, msg: &Message) {
-    buf.extend_from_slice(&group_id.to_le_bytes());
-    let length_at = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    // Encoded in place (a message carries a round's entries; no second copy of them).
-    msg.write_to_vec(buf).expect("raft messages always encode");
-    let length = (buf.len() - length_at - 4) as u32;
-    buf[length_at..length_at + 4].copy_from_slice(&length.to_le_bytes());
-}
-
-/// Removes the complete frames at the front of `buf` and decodes them; an incomplete
-/// frame stays for the next chunk. A frame longer than `max_bytes` is an error as soon
-/// as its length is read, before it is buffered.
-fn take_frames(buf: &mut Vec<u8>, max_bytes: usize) -> Result<Vec<GroupMessage>, String> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while buf.len() - at >= 12 {
-        let group_id = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
-        let len = u32::from_le_bytes(buf[at + 8..at + 12].try_into().unwrap()) as usize;
-        if len > max_bytes {
-            return Err(format!(
-                "a frame of {len} bytes is over --max-peer-frame-bytes ({max_bytes})"
-            ));
-        }
-        if buf.len() - at - 12 < len {
-            break;
-        }
-        let msg = Message::parse_from_bytes(&buf[at + 12..at + 12 + len])
-            .map_err(|e| format!("bad raft message: {e}"))?;
-        out.push((group_id, msg));
-        at += 12 + len;
-    }
-    buf.drain(..at);
-    Ok(out)
 }
 
 /// Answers a client request forwarded by another node (see `api/forward.rs`).
@@ -853,38 +813,4 @@ fn same_snapshot(
         ));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use raft::eraftpb::MessageType;
-
-    #[test]
-    fn frames_round_trip_across_any_split_and_garbage_is_rejected() {
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgHeartbeat);
-        m.from = 1;
-        m.to = 2;
-        m.term = 5;
-        let batch = vec![(1, m.clone()), (7, m)];
-        let mut bytes = Vec::new();
-        for (group_id, msg) in &batch {
-            encode_frame(&mut bytes, *group_id, msg);
-        }
-        for split in 0..=bytes.len() {
-            let mut buf = bytes[..split].to_vec();
-            let mut got = take_frames(&mut buf, 1 << 20).unwrap();
-            buf.extend_from_slice(&bytes[split..]);
-            got.extend(take_frames(&mut buf, 1 << 20).unwrap());
-            assert_eq!(got, batch, "split at {split}");
-            assert!(buf.is_empty());
-        }
-        let mut garbage = vec![1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0xff, 0xff, 0xff];
-        assert!(take_frames(&mut garbage, 1 << 20).is_err());
-        let mut huge = vec![1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f];
-        assert!(take_frames(&mut huge, 1 << 20)
-            .unwrap_err()
-            .contains("over"));
-    }
 }

@@ -92,6 +92,15 @@ pub fn open_group(
 ) -> Result<(LogStore, Option<SnapshotData>), String> {
     let mut store = LogStore::load(engine.clone(), group_id)
         .map_err(|e| format!("cannot read the raft log of group {group_id}: {e}"))?;
+    store.verify_entries().map_err(|e| {
+        format!(
+            "the raft log in {} is damaged: group {group_id}'s {e}. Refusing to start rather \
+             than serve or replicate what it cannot verify: restore the data dir from a backup, \
+             or remove this node from the cluster, wipe its data dir and add it back under a \
+             new id",
+            data_dir.join("raft-log").display()
+        )
+    })?;
     let recovered = snapshot::recover(
         &snapshot::dir_of(data_dir, group_id),
         &store.snapshot_meta(),

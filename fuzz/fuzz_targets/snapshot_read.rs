@@ -1,0 +1,18 @@
+//! Snapshot files, as a node reads them at start-up or after an upload.
+#![no_main]
+#![allow(dead_code, unused_imports)]
+
+#[path = "../../src/command.rs"]
+mod command;
+#[path = "../../src/durable.rs"]
+mod durable;
+#[path = "../../src/kv.rs"]
+mod kv;
+#[path = "../../src/membership.rs"]
+mod membership;
+#[path = "../../src/record.rs"]
+mod record;
+#[path = "../../src/snapshot.rs"]
+mod snapshot;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| snapshot::check_reading(data));
