@@ -443,6 +443,29 @@ impl Reader<'_, Bytes> {
     }
 }
 
+/// The fuzzers' oracle (`fuzz/fuzz_targets/entry_decode.rs`, and the corpus replay in
+/// the tests): decoding arbitrary bytes never panics, and whatever decodes encodes back
+/// to the same value.
+#[cfg(any(test, fuzzing))]
+pub fn check_decoding(data: &[u8]) {
+    if let Ok(proposals) = decode_entry(&Bytes::copy_from_slice(data)) {
+        for proposal in proposals {
+            let again = Proposal::decode(&Bytes::from(proposal.encode()));
+            assert_eq!(
+                again.as_ref(),
+                Ok(&proposal),
+                "a proposal re-encodes to itself"
+            );
+        }
+    }
+    if let Ok(context) = MemberContext::decode(data) {
+        assert_eq!(MemberContext::decode(&context.encode()), Ok(context));
+    }
+    if let Some(term) = proposed_term(data) {
+        assert_eq!(proposed_term(&proposed_term_context(term)), Some(term));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,28 +618,5 @@ mod tests {
             assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
         }
         assert!(Proposal::decode(&Bytes::from_static(&[9, 0, 0])).is_err());
-    }
-}
-
-/// The fuzzers' oracle (`fuzz/fuzz_targets/entry_decode.rs`, and the corpus replay in
-/// the tests): decoding arbitrary bytes never panics, and whatever decodes encodes back
-/// to the same value.
-#[cfg(any(test, fuzzing))]
-pub fn check_decoding(data: &[u8]) {
-    if let Ok(proposals) = decode_entry(&Bytes::copy_from_slice(data)) {
-        for proposal in proposals {
-            let again = Proposal::decode(&Bytes::from(proposal.encode()));
-            assert_eq!(
-                again.as_ref(),
-                Ok(&proposal),
-                "a proposal re-encodes to itself"
-            );
-        }
-    }
-    if let Ok(context) = MemberContext::decode(data) {
-        assert_eq!(MemberContext::decode(&context.encode()), Ok(context));
-    }
-    if let Some(term) = proposed_term(data) {
-        assert_eq!(proposed_term(&proposed_term_context(term)), Some(term));
     }
 }
