@@ -163,3 +163,69 @@ fn a_damaged_raft_log_is_refused_at_start_up() {
     node.assert_logged("raft-log is damaged", "the log is named");
     node.assert_logged("cannot be read", "the entries are named");
 }
+
+/// Builds the fsync-failing shim (tests/faults/fail_fsync.c) into `dir`, or None where no
+/// C compiler is installed (the test then says so and passes vacuously).
+fn build_fsync_shim(dir: &Path) -> Option<PathBuf> {
+    let out = dir.join("fail_fsync.so");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/faults/fail_fsync.c");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&out)
+        .arg(source)
+        .arg("-ldl")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        eprintln!("*** disk_faults: no C compiler to build the fsync shim: SKIPPED ***");
+        return None;
+    }
+    Some(out)
+}
+
+/// fsync fails with EIO (a dying disk): after a failed fsync the page cache cannot be
+/// trusted, so the node stops with a failure status and a log line, acknowledges
+/// nothing it could not sync, and starts cleanly with every acknowledged write on a
+/// healthy disk.
+#[test]
+fn a_failed_fsync_stops_the_node() {
+    let mut cluster = Cluster::new("fsync-eio", 1, &[]);
+    let Some(shim) = build_fsync_shim(&cluster.dir.0) else {
+        return;
+    };
+    let trigger = cluster.dir.0.join("fail-fsync-now");
+    cluster.nodes[0].env = vec![
+        ("LD_PRELOAD".into(), shim.display().to_string()),
+        (
+            "RAFTKVD_TEST_FAIL_FSYNC".into(),
+            trigger.display().to_string(),
+        ),
+    ];
+    cluster.nodes[0].start();
+    cluster.wait_leader();
+    for i in 0..20 {
+        cluster.put_ok(1, &format!("k{i}"), "v");
+    }
+    std::fs::write(&trigger, "").unwrap();
+    let (code, text) = http("PUT", &cluster.nodes[0].url("lost"), Some(b"w".to_vec()));
+    assert_ne!(
+        code, 204,
+        "a write whose fsync failed was acknowledged: {text}"
+    );
+    let node = &mut cluster.nodes[0];
+    let status = node.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "{status:?}");
+    let log = node.log_text();
+    assert!(
+        log.contains("fdatasync") || log.contains("Input/output error"),
+        "the failed sync is named\n{log}"
+    );
+    std::fs::remove_file(&trigger).unwrap();
+    node.env.clear();
+    node.start();
+    cluster.wait_leader();
+    for i in 0..20 {
+        cluster.wait_value(1, &format!("k{i}"), "v");
+    }
+    cluster.put_ok(1, "after", "healthy disk");
+}

@@ -75,6 +75,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     pub args: Vec<String>,
     pub log: PathBuf,
+    /// Extra environment for the process (fault-injection shims).
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
 }
 
@@ -97,6 +99,7 @@ impl Node {
             .unwrap();
         let child = Command::new(BIN)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -331,6 +334,7 @@ pub fn node_spec(dir: &Path, id: u64, peer_urls: &[String], extra: &[&str], join
         data_dir,
         args,
         log: dir.join(format!("n{id}.log")),
+        env: Vec::new(),
         child: None,
     }
 }
@@ -436,6 +440,7 @@ pub fn join_via_spec(dir: &Path, id: u64, via_api: &str) -> Node {
         data_dir,
         args,
         log: dir.join(format!("n{id}.log")),
+        env: Vec::new(),
         child: None,
     }
 }
