@@ -48,7 +48,7 @@ use crate::api::Api;
 use crate::config::Config;
 use crate::membership::SharedMembership;
 use crate::node::{Node, NodeConfig, NodeShared};
-use crate::router::{NodeExit, NodeMsg, Router, CLUSTER_GROUP};
+use crate::router::{NodeExit, Router, CLUSTER_GROUP};
 use crate::storage::LogStore;
 use crate::transport::Transport;
 
@@ -512,11 +512,7 @@ struct PeerServer {
 /// The raft thread: a single-threaded runtime that runs the node loop and the peer
 /// server, so that a message from a peer is read and stepped on one thread without a
 /// wake-up between them. When the loop ends, the runtime and the peer server go with it.
-fn run_raft_thread(
-    node: Node,
-    inbox: tokio::sync::mpsc::UnboundedReceiver<NodeMsg>,
-    peers: PeerServer,
-) -> NodeExit {
+fn run_raft_thread(node: Node, inbox: router::Inbox, peers: PeerServer) -> NodeExit {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,6 +6,11 @@
 //! The API and the peer transport know groups only through this module; it imports
 //! neither them nor the node, so nothing below it imports it back in a circle. Nothing
 //! here touches raft state.
+//!
+//! The raft thread's inbox is bounded in what others can pile into it: a client request
+//! finds it full (`MAX_QUEUED_REQUESTS` waiting) and is answered 503 at once, and a
+//! peer's message that would take the queued peer bytes past `MAX_QUEUED_PEER_BYTES` is
+//! dropped (raft sends again); the node's own messages always go in.
 
 use std::time::Duration;
 
@@ -15,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::command::{Command, Op};
@@ -52,6 +58,8 @@ pub enum ProposeError {
     NotHosted(u64),
     /// The command's keys belong to another group; nothing was written.
     Misrouted,
+    /// The raft thread has too many requests waiting; nothing was proposed.
+    Overloaded,
 }
 
 /// A change of membership asked for by a client.
@@ -148,14 +156,125 @@ pub enum NodeMsg {
 #[derive(Clone)]
 pub struct Router {
     tx: mpsc::UnboundedSender<NodeMsg>,
+    queued: Arc<Queued>,
     maps: Arc<RwLock<HashMap<u64, SharedKv>>>,
 }
 
+/// Client requests waiting in the inbox beyond which a new one is refused (503).
+const MAX_QUEUED_REQUESTS: usize = 50_000;
+/// Bytes of peer messages waiting in the inbox beyond which a new one is dropped.
+const MAX_QUEUED_PEER_BYTES: usize = 256 << 20;
+
+/// What waits in the inbox, counted as it goes in and comes out.
+#[derive(Default)]
+struct Queued {
+    requests: AtomicUsize,
+    peer_bytes: AtomicUsize,
+}
+
+impl Queued {
+    /// Counts a message in; false (counting nothing) if its bound is reached.
+    fn admit(&self, weight: Weight) -> bool {
+        let admitted = match weight {
+            Weight::Request => self.requests.fetch_add(1, Ordering::Relaxed) < MAX_QUEUED_REQUESTS,
+            Weight::PeerBytes(n) => {
+                self.peer_bytes.fetch_add(n, Ordering::Relaxed) < MAX_QUEUED_PEER_BYTES
+            }
+            Weight::Own => return true,
+        };
+        if !admitted {
+            self.release(weight);
+        }
+        admitted
+    }
+
+    /// Counts a message out.
+    fn release(&self, weight: Weight) {
+        match weight {
+            Weight::Request => self.requests.fetch_sub(1, Ordering::Relaxed),
+            Weight::PeerBytes(n) => self.peer_bytes.fetch_sub(n, Ordering::Relaxed),
+            Weight::Own => 0,
+        };
+    }
+}
+
+/// The raft thread's end of the inbox.
+pub struct Inbox {
+    rx: mpsc::UnboundedReceiver<NodeMsg>,
+    queued: Arc<Queued>,
+}
+
+impl Inbox {
+    /// The next message; None once every sender is gone.
+    pub async fn recv(&mut self) -> Option<NodeMsg> {
+        let msg = self.rx.recv().await?;
+        self.taken(&msg);
+        Some(msg)
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<NodeMsg> {
+        let msg = self.rx.try_recv().ok()?;
+        self.taken(&msg);
+        Some(msg)
+    }
+
+    fn taken(&self, msg: &NodeMsg) {
+        self.queued.release(weight(msg));
+    }
+}
+
+/// How a message counts against the inbox's bounds.
+#[derive(Clone, Copy)]
+enum Weight {
+    /// A client's request: refused when too many wait.
+    Request,
+    /// A peer's message of about this many bytes: dropped when too many bytes wait.
+    PeerBytes(usize),
+    /// The node's own bookkeeping: always taken.
+    Own,
+}
+
+fn weight(msg: &NodeMsg) -> Weight {
+    match msg {
+        NodeMsg::Group(
+            _,
+            GroupMsg::Propose(..) | GroupMsg::ChangeMembers(..) | GroupMsg::ReadIndex(_),
+        ) => Weight::Request,
+        NodeMsg::Group(_, GroupMsg::Step(m)) => {
+            Weight::PeerBytes(64 + m.entries.iter().map(|e| e.data.len() + 32).sum::<usize>())
+        }
+        _ => Weight::Own,
+    }
+}
+
 impl Router {
-    pub fn new() -> (Router, mpsc::UnboundedReceiver<NodeMsg>) {
+    pub fn new() -> (Router, Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::<Queued>::default();
         let maps = Arc::default();
-        (Router { tx, maps }, rx)
+        (
+            Router {
+                tx,
+                queued: queued.clone(),
+                maps,
+            },
+            Inbox { rx, queued },
+        )
+    }
+
+    /// Puts `msg` in the inbox unless its bound is reached; false if it was refused (or
+    /// the raft thread has stopped).
+    fn enqueue(&self, msg: NodeMsg) -> bool {
+        if !self.queued.admit(weight(&msg)) {
+            return false;
+        }
+        if let Err(mpsc::error::SendError(msg)) = self.tx.send(msg) {
+            // The raft thread stopped: nothing will count it out.
+            self.queued.release(weight(&msg));
+            return false;
+        }
+        true
     }
 
     /// Group `group_id` is hosted here, with `kv` as its map (the raft thread calls it).
@@ -180,9 +299,10 @@ impl Router {
         self.maps.read().unwrap().get(&group_id).cloned()
     }
 
-    /// Hands `msg` to group `group_id` (dropped if the raft thread has stopped).
+    /// Hands `msg` to group `group_id` (dropped if the raft thread has stopped, or if
+    /// it is a peer's message and the inbox holds too many).
     pub fn send(&self, group_id: u64, msg: GroupMsg) {
-        let _ = self.tx.send(NodeMsg::Group(group_id, msg));
+        self.enqueue(NodeMsg::Group(group_id, msg));
     }
 
     /// Proposes `command` to group `group_id` and waits until it is applied here.
@@ -238,9 +358,12 @@ impl Router {
         timeout: Duration,
     ) -> Result<T, ProposeError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(NodeMsg::Group(group_id, msg(reply)))
-            .map_err(|_| ProposeError::Stopped)?;
+        if !self.enqueue(NodeMsg::Group(group_id, msg(reply))) {
+            return Err(match self.tx.is_closed() {
+                true => ProposeError::Stopped,
+                false => ProposeError::Overloaded,
+            });
+        }
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProposeError::Stopped),
@@ -312,4 +435,37 @@ pub enum NodeExit {
     Removed { index: u64 },
     /// Storage failed; continuing could lose data.
     Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inbox_refuses_requests_past_its_bound_and_counts_them_out() {
+        let (router, mut inbox) = Router::new();
+        let mut answers = Vec::new();
+        for _ in 0..MAX_QUEUED_REQUESTS {
+            let (reply, answer) = oneshot::channel();
+            assert!(router.enqueue(NodeMsg::Group(1, GroupMsg::ReadIndex(reply))));
+            answers.push(answer);
+        }
+        let (reply, _answer) = oneshot::channel();
+        assert!(!router.enqueue(NodeMsg::Group(1, GroupMsg::ReadIndex(reply))));
+        // The node's own messages still go in.
+        assert!(router.enqueue(NodeMsg::Shutdown));
+        assert!(inbox.try_recv().is_some());
+        let (reply, _answer) = oneshot::channel();
+        assert!(router.enqueue(NodeMsg::Group(1, GroupMsg::ReadIndex(reply))));
+        let big = Message {
+            entries: vec![raft::eraftpb::Entry {
+                data: vec![0; MAX_QUEUED_PEER_BYTES].into(),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        };
+        assert!(router.enqueue(NodeMsg::Group(1, GroupMsg::Step(Box::new(big.clone())))));
+        assert!(!router.enqueue(NodeMsg::Group(1, GroupMsg::Step(Box::new(big)))));
+    }
 }

@@ -172,6 +172,10 @@ impl From<ProposeError> for Failure {
                 "the key belongs to another raft group than this node took it to; nothing was \
                  written; retry",
             ),
+            ProposeError::Overloaded => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node has too many requests waiting for its raft loop; retry later",
+            ),
             ProposeError::NotHosted(group) => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("raft group {group} is not (yet) hosted on this node; retry"),

@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::router::Inbox;
 use raft_engine::{Engine, LogBatch};
 use slog::{error, info, o, warn, Logger};
-use tokio::sync::mpsc;
 
 use crate::kv::SharedKv;
 use crate::membership::{Placement, SharedMembership};
@@ -247,7 +247,7 @@ impl Node {
     /// the raft thread, beside the tasks that read the peers' message streams, so that a
     /// message from a peer reaches raft without waking another thread. Everything else
     /// (stepping, fsync, applying) blocks this thread on purpose, as a plain loop would.
-    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<NodeMsg>) -> NodeExit {
+    pub async fn run(mut self, mut inbox: Inbox) -> NodeExit {
         let tick = self.config.tick;
         let mut next_tick = Instant::now() + tick;
         loop {
@@ -263,7 +263,7 @@ impl Node {
                     return exit;
                 }
                 for _ in 0..MAX_MSGS_PER_ROUND {
-                    let Ok(msg) = inbox.try_recv() else { break };
+                    let Some(msg) = inbox.try_recv() else { break };
                     if let Some(exit) = self.handle(msg) {
                         return exit;
                     }
