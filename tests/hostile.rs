@@ -509,3 +509,73 @@ fn malformed_slow_and_idle_client_connections_cannot_wedge_the_api() {
         "nothing of the 413 was stored"
     );
 }
+
+/// CPU time (user + system, in clock ticks) the process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors (more clients than `ulimit -n`): the accept loop backs off
+/// instead of spinning, logs it once, and serves again as soon as descriptors free up.
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let dir = common::TempDir::new("emfile");
+    let peers = [format!("http://127.0.0.1:{}", common::free_port())];
+    let mut node = common::node_spec(&dir.0, 1, &peers, &[], false);
+    let log = std::fs::File::create(&node.log).unwrap();
+    let child = std::process::Command::new("prlimit")
+        .arg("--nofile=128:128")
+        .arg(common::BIN)
+        .args(&node.args)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    let pid = child.id();
+    node.child = Some(child);
+    common::poll_until(
+        "the node to serve",
+        || http("GET", &node.url("health"), None).0 == 200,
+        || node.log_text(),
+    );
+    let addr = format!("127.0.0.1:{}", node.api_port);
+    let clients: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    common::poll_until(
+        "the node to run out of descriptors",
+        || node.log_text().contains("accept failed; backing off"),
+        || node.log_text(),
+    );
+    let before = cpu_ticks(pid);
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // 100 ticks a second is one core; a spinning accept loop would take about that.
+    let ticks_per_second = used as f64 / started.elapsed().as_secs_f64();
+    assert!(
+        ticks_per_second < 30.0,
+        "{ticks_per_second} ticks/s while out of descriptors"
+    );
+    assert_eq!(
+        node.log_text()
+            .matches("accept failed; backing off")
+            .count(),
+        1,
+        "logged once per outage"
+    );
+    drop(clients);
+    common::poll_until(
+        "the node to serve again",
+        || http("GET", &node.url("health"), None).0 == 200,
+        || node.log_text(),
+    );
+    node.assert_logged("accepting connections again", "the recovery is logged");
+}
