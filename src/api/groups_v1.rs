@@ -21,6 +21,7 @@ use std::collections::BTreeSet;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
+use super::request::parse_group_id;
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
 use crate::command::Op;
 use crate::membership::{parse_node_id, Placement};
@@ -469,12 +470,6 @@ struct NewGroupMember {
 #[serde(deny_unknown_fields)]
 struct NewLeader {
     id: u64,
-}
-
-/// A group id from a path: a positive integer.
-fn parse_group_id(text: &str) -> Result<u64, Failure> {
-    parse_node_id(text)
-        .map_err(|_| Failure::bad_request(format!("group id {text:?} is not a positive integer")))
 }
 
 /// How long an heir asked to take a group's leadership is given before the next is asked.

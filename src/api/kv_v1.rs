@@ -31,6 +31,7 @@ use hyper::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::forward::{failure_of, Forwarded, REVISION_HEADER};
+use super::request::parse_pairs;
 use super::{
     decode_path_segment, json_bytes, json_response, number_param, parse_json, parse_query,
     read_body, Api, Consistency, Failure, Reply,
@@ -424,20 +425,6 @@ impl Api {
             &serde_json::json!({ "revision": written.revision, "keys": keys, "group": group }),
         ))
     }
-}
-
-/// The body of a multi-key set: `{"key": "value", ...}`, one key at least, none empty.
-fn parse_pairs(body: &[u8]) -> Result<BTreeMap<String, String>, Failure> {
-    let pairs: BTreeMap<String, String> = parse_json(body)?;
-    if pairs.is_empty() {
-        return Err(Failure::bad_request(
-            "the body names no keys: send {\"key\": \"value\", ...}",
-        ));
-    }
-    if pairs.contains_key("") {
-        return Err(Failure::bad_request("a key must not be empty"));
-    }
-    Ok(pairs)
 }
 
 fn revision_check(key: &Bytes, revision: Option<u64>) -> Vec<RevisionCheck> {

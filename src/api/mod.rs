@@ -43,8 +43,10 @@ mod groups_v1;
 mod kv_v1;
 mod members_v1;
 mod raftexample;
+mod request;
 
 use forward::FORWARDED_HEADER;
+use request::{decode_path_segment, number_param, parse_json, parse_query, v1_rest, Failure};
 
 /// The OpenAPI document of the `/v1` routes.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -77,56 +79,6 @@ pub struct Api {
 }
 
 type Reply = Result<Response<Full<Bytes>>, Failure>;
-
-/// A request that failed: the status and the message the client sees, and for a failed
-/// revision check the key's current revision.
-struct Failure {
-    status: StatusCode,
-    message: String,
-    revision: Option<u64>,
-    /// For 405: the methods the route does accept.
-    allow: Option<&'static str>,
-    /// A forwarded request reached a node that does not host (or know) its group: the
-    /// forwarder tries another node (see `forward.rs`).
-    not_hosted: bool,
-}
-
-impl Failure {
-    fn new(status: StatusCode, message: impl Into<String>) -> Failure {
-        Failure {
-            status,
-            message: message.into(),
-            revision: None,
-            allow: None,
-            not_hosted: false,
-        }
-    }
-
-    /// The answer to a forwarded request for `group`, which this node does not host.
-    fn not_hosted_here(group: u64) -> Failure {
-        Failure {
-            not_hosted: true,
-            ..Failure::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!("raft group {group} is not hosted on this node (or not known to it yet)"),
-            )
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> Failure {
-        Failure::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    fn method_not_allowed(method: &Method, allow: &'static str) -> Failure {
-        Failure {
-            allow: Some(allow),
-            ..Failure::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method {method} is not allowed here; use {allow}"),
-            )
-        }
-    }
-}
 
 impl From<ProposeError> for Failure {
     fn from(e: ProposeError) -> Failure {
@@ -424,65 +376,6 @@ impl Consistency {
     }
 }
 
-/// The query string's parameters, percent-decoded. Any name not in `known` is refused, so
-/// that a misspelt condition is never silently ignored.
-fn parse_query(query: Option<&str>, known: &[&str]) -> Result<HashMap<String, String>, Failure> {
-    let mut params = HashMap::new();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = percent_decode(name)?;
-        if !known.contains(&name.as_str()) {
-            return Err(Failure::bad_request(format!(
-                "unknown query parameter {name:?}; this route takes: {}",
-                known.join(", ")
-            )));
-        }
-        params.insert(name, percent_decode(value)?);
-    }
-    Ok(params)
-}
-
-/// Reads an unsigned integer query parameter.
-fn number_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Failure> {
-    params
-        .get(name)
-        .map(|text| {
-            text.parse::<u64>().map_err(|_| {
-                Failure::bad_request(format!("{name}={text:?} is not a non-negative integer"))
-            })
-        })
-        .transpose()
-}
-
-fn percent_decode(text: &str) -> Result<String, Failure> {
-    let plus_as_space = text.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus_as_space)
-        .decode_utf8()
-        .map(|s| s.into_owned())
-        .map_err(|_| Failure::bad_request(format!("{text:?} is not UTF-8 once percent-decoded")))
-}
-
-/// A key from a `/v1/kv/<key>` path: percent-decoded, UTF-8, not empty.
-fn decode_path_segment(raw: &str) -> Result<Bytes, Failure> {
-    if raw.is_empty() {
-        return Err(Failure::bad_request("missing key: use /v1/kv/<key>"));
-    }
-    let key = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| {
-            Failure::bad_request(format!("key {raw:?} is not UTF-8 once percent-decoded"))
-        })?;
-    Ok(Bytes::from(key.into_owned()))
-}
-
-/// For a path (without its leading slash) under `/v1`, the rest after `v1` (empty or
-/// starting with `/`); `None` for raftexample's and the admin routes.
-fn v1_rest(target: &str) -> Option<&str> {
-    target
-        .strip_prefix("v1")
-        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
 /// The `route` label of a request in the metrics.
 fn route_of(method: &Method, path: &str) -> &'static str {
     let target = path.strip_prefix('/').unwrap_or(path);
@@ -570,12 +463,6 @@ async fn drain(mut body: Incoming, declared: Option<u64>) {
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
-}
-
-/// Parses a JSON body into `T`, with serde's explanation on failure.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
-    serde_json::from_slice(body)
-        .map_err(|e| Failure::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {

@@ -1,0 +1,196 @@
+//! The parts of a client request, parsed: the error every handler answers with
+//! ([`Failure`]), the query string, path segments, group ids and JSON bodies. Pure
+//! functions of their input: they never touch raft state, never panic on any input (the
+//! `api_request` fuzz target holds them to it), and refuse what they cannot read with a
+//! 400 and a message saying why.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+
+use crate::membership::parse_node_id;
+
+/// A request that failed: the status and the message the client sees, and for a failed
+/// revision check the key's current revision.
+pub struct Failure {
+    pub status: StatusCode,
+    pub message: String,
+    pub revision: Option<u64>,
+    /// For 405: the methods the route does accept.
+    pub allow: Option<&'static str>,
+    /// A forwarded request reached a node that does not host (or know) its group: the
+    /// forwarder tries another node (see `forward.rs`).
+    pub not_hosted: bool,
+}
+
+impl Failure {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            message: message.into(),
+            revision: None,
+            allow: None,
+            not_hosted: false,
+        }
+    }
+
+    /// The answer to a forwarded request for `group`, which this node does not host.
+    pub fn not_hosted_here(group: u64) -> Failure {
+        Failure {
+            not_hosted: true,
+            ..Failure::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("raft group {group} is not hosted on this node (or not known to it yet)"),
+            )
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn method_not_allowed(method: &Method, allow: &'static str) -> Failure {
+        Failure {
+            allow: Some(allow),
+            ..Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {method} is not allowed here; use {allow}"),
+            )
+        }
+    }
+}
+
+/// The query string's parameters, percent-decoded. Any name not in `known` is refused, so
+/// that a misspelt condition is never silently ignored.
+pub fn parse_query(
+    query: Option<&str>,
+    known: &[&str],
+) -> Result<HashMap<String, String>, Failure> {
+    let mut params = HashMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name)?;
+        if !known.contains(&name.as_str()) {
+            return Err(Failure::bad_request(format!(
+                "unknown query parameter {name:?}; this route takes: {}",
+                known.join(", ")
+            )));
+        }
+        params.insert(name, percent_decode(value)?);
+    }
+    Ok(params)
+}
+
+/// Reads an unsigned integer query parameter.
+pub fn number_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Failure> {
+    params
+        .get(name)
+        .map(|text| {
+            text.parse::<u64>().map_err(|_| {
+                Failure::bad_request(format!("{name}={text:?} is not a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+pub fn percent_decode(text: &str) -> Result<String, Failure> {
+    let plus_as_space = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_as_space)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Failure::bad_request(format!("{text:?} is not UTF-8 once percent-decoded")))
+}
+
+/// A key from a `/v1/kv/<key>` path: percent-decoded, UTF-8, not empty.
+pub fn decode_path_segment(raw: &str) -> Result<Bytes, Failure> {
+    if raw.is_empty() {
+        return Err(Failure::bad_request("missing key: use /v1/kv/<key>"));
+    }
+    let key = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| {
+            Failure::bad_request(format!("key {raw:?} is not UTF-8 once percent-decoded"))
+        })?;
+    Ok(Bytes::from(key.into_owned()))
+}
+
+/// For a path (without its leading slash) under `/v1`, the rest after `v1` (empty or
+/// starting with `/`); `None` for raftexample's and the admin routes.
+pub fn v1_rest(target: &str) -> Option<&str> {
+    target
+        .strip_prefix("v1")
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Parses a JSON body into `T`, with serde's explanation on failure.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The body of a multi-key set: `{"key": "value", ...}`, one key at least, none empty.
+pub fn parse_pairs(body: &[u8]) -> Result<BTreeMap<String, String>, Failure> {
+    let pairs: BTreeMap<String, String> = parse_json(body)?;
+    if pairs.is_empty() {
+        return Err(Failure::bad_request(
+            "the body names no keys: send {\"key\": \"value\", ...}",
+        ));
+    }
+    if pairs.contains_key("") {
+        return Err(Failure::bad_request("a key must not be empty"));
+    }
+    Ok(pairs)
+}
+
+/// A group id from a path: a positive integer.
+pub fn parse_group_id(text: &str) -> Result<u64, Failure> {
+    parse_node_id(text)
+        .map_err(|_| Failure::bad_request(format!("group id {text:?} is not a positive integer")))
+}
+
+/// The fuzzers' oracle (`fuzz/fuzz_targets/api_request.rs`, and the corpus replay in the
+/// tests): the first byte splits the input into a query string, a path and a body; no
+/// parser panics on them, and what they accept holds what they promise.
+#[cfg(any(test, fuzzing))]
+pub fn check_parsing(data: &[u8]) {
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let cut = (cut as usize).min(rest.len());
+    let (head, body) = rest.split_at(cut);
+    let head = String::from_utf8_lossy(head);
+    let (query, path) = head.split_once('#').unwrap_or((&head, ""));
+    const KNOWN: [&str; 3] = ["prefix", "limit", "revision"];
+    if let Ok(params) = parse_query(Some(query), &KNOWN) {
+        assert!(params.keys().all(|name| KNOWN.contains(&name.as_str())));
+        let _ = number_param(&params, "limit");
+    }
+    if let Ok(key) = decode_path_segment(path) {
+        assert!(!key.is_empty(), "an empty key was accepted");
+    }
+    let _ = percent_decode(path);
+    let _ = v1_rest(path);
+    if let Ok(group) = parse_group_id(path) {
+        assert!(group > 0, "group 0 was accepted");
+    }
+    if let Ok(pairs) = parse_pairs(body) {
+        assert!(!pairs.is_empty() && !pairs.contains_key(""));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every input the fuzzer kept (`fuzz/corpus/api_request`) still passes its oracle.
+    #[test]
+    fn replays_the_fuzz_corpus() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/api_request");
+        let inputs: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        assert!(!inputs.is_empty(), "{dir} is empty");
+        for input in inputs {
+            check_parsing(&std::fs::read(input.path()).unwrap());
+        }
+    }
+}
