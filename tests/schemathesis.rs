@@ -48,6 +48,7 @@ fn schemathesis_finds_no_answer_the_document_does_not_allow() {
             "20261130",
         ])
         .env("NO_COLOR", "1")
+        .current_dir(&cluster.dir.0)
         .output()
         .expect("schemathesis runs");
     let report = String::from_utf8_lossy(&run.stdout);
