@@ -209,6 +209,12 @@ impl Transport {
     }
 
     /// Stops sending to `id`.
+    /// Whether `id` is a peer this node knows where to reach: one named on its command
+    /// line or in its join answer, or a member it has applied since.
+    pub fn knows_peer(&self, id: u64) -> bool {
+        self.peers.lock().unwrap().contains_key(&id)
+    }
+
     pub fn remove_peer(&self, id: u64) {
         self.peers.lock().unwrap().remove(&id);
     }
@@ -419,6 +425,11 @@ pub struct PeerService {
     pub forwarded: ClientApi,
     /// Senders of another cluster already logged, so each is logged once.
     pub strangers: Mutex<std::collections::HashSet<u64>>,
+    /// The sending half, which knows the peers this node can answer.
+    pub transport: Arc<Transport>,
+    /// Senders that are no peer of this node, already logged.
+    pub unknown_senders: Mutex<std::collections::HashSet<u64>>,
+    pub metrics: Arc<Metrics>,
     /// Peers with a snapshot upload in progress (one each at a time).
     pub uploads: Mutex<std::collections::HashSet<u64>>,
     /// Largest snapshot upload taken (`--max-snapshot-bytes`).
@@ -567,6 +578,21 @@ impl PeerService {
         None
     }
 
+    /// Whether `msg` comes from a peer of this node, addressed to it. Anything else is
+    /// dropped, counted and logged once per sender: a member this node has not applied
+    /// yet is heard from once it has (raft sends again).
+    fn from_a_peer(&self, msg: &Message) -> bool {
+        if msg.to == self.own_id && self.transport.knows_peer(msg.from) {
+            return true;
+        }
+        Metrics::inc(&self.metrics.peer_messages_refused);
+        if self.unknown_senders.lock().unwrap().insert(msg.from) {
+            warn!(self.logger, "dropping raft messages from a node that is not a known peer, or addressed to another";
+                "from" => msg.from, "to" => msg.to);
+        }
+        false
+    }
+
     /// Whether `group_id` is the cluster group or in the cluster's table of groups as this
     /// node applied it so far. A message for any other group is dropped: a group this
     /// node has not learnt of yet will be sent to again.
@@ -600,6 +626,9 @@ impl PeerService {
             for (group_id, msg) in messages {
                 if let Some(refusal) = self.refuse(msg.from) {
                     return refusal;
+                }
+                if !self.from_a_peer(&msg) {
+                    continue;
                 }
                 if self.knows_group(group_id) && !self.partition.is_blocked(msg.from) {
                     self.node.step(group_id, msg);
@@ -639,6 +668,12 @@ impl PeerService {
             header(hyper::header::CONTENT_LENGTH.as_str()).and_then(|n| n.parse::<u64>().ok());
         if let Some(refusal) = self.refuse(msg.from) {
             return Ok(refusal);
+        }
+        if !self.from_a_peer(&msg) {
+            return Ok(reply(
+                StatusCode::FORBIDDEN,
+                &format!("node {} is not a member this node knows of", msg.from),
+            ));
         }
         if !self.knows_group(group_id) {
             return Ok(reply(

@@ -105,6 +105,9 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
     meta.mut_conf_state().voters = vec![1, 2, 3];
     meta.mut_conf_state().learners = vec![2];
     attacks.push(snapshot);
+    let mut stranger = forged(MessageType::MsgHeartbeat, term);
+    stranger.from = 99;
+    attacks.push(stranger);
     for attack in &attacks {
         let code = post_frames(&follower.peer_url, &cluster_id, frame(1, attack));
         assert!(
@@ -159,7 +162,11 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
         .find_map(|l| l.strip_prefix("raftkvd_peer_messages_refused_total "))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(refused >= 5, "refusals counted: {refused}");
+    assert!(refused >= 6, "refusals counted: {refused}");
+    follower.assert_logged(
+        "dropping raft messages from a node that is not a known peer",
+        "a stranger's message is logged",
+    );
     // The cluster still takes writes through every node and loses none.
     let leader = cluster.wait_leader();
     for node in &cluster.nodes {
