@@ -581,7 +581,7 @@ impl PeerService {
     /// Whether `msg` comes from a peer of this node, addressed to it. Anything else is
     /// dropped, counted and logged once per sender: a member this node has not applied
     /// yet is heard from once it has (raft sends again).
-    fn from_a_peer(&self, msg: &Message) -> bool {
+    fn sent_by_a_peer(&self, msg: &Message) -> bool {
         if msg.to == self.own_id && self.transport.knows_peer(msg.from) {
             return true;
         }
@@ -627,7 +627,7 @@ impl PeerService {
                 if let Some(refusal) = self.refuse(msg.from) {
                     return refusal;
                 }
-                if !self.from_a_peer(&msg) {
+                if !self.sent_by_a_peer(&msg) {
                     continue;
                 }
                 if self.knows_group(group_id) && !self.partition.is_blocked(msg.from) {
@@ -669,7 +669,7 @@ impl PeerService {
         if let Some(refusal) = self.refuse(msg.from) {
             return Ok(refusal);
         }
-        if !self.from_a_peer(&msg) {
+        if !self.sent_by_a_peer(&msg) {
             return Ok(reply(
                 StatusCode::FORBIDDEN,
                 &format!("node {} is not a member this node knows of", msg.from),
