@@ -92,6 +92,15 @@ pub struct ClusterView {
     pub leader: u64,
     pub members: Vec<ListedMember>,
     pub removed: Vec<u64>,
+    /// The newest entry format the answering node reads (`entry_formats.rs`); absent
+    /// from older releases' answers, which read format 1 only as far as this build
+    /// assumes.
+    #[serde(default = "single_format")]
+    pub entry_format: u8,
+}
+
+fn single_format() -> u8 {
+    crate::entry_formats::SINGLE
 }
 
 /// Asks each peer in `peers` for its view of the cluster, one after another (a peer that
@@ -107,7 +116,7 @@ pub async fn cluster_views(
     views
 }
 
-async fn cluster_view(client: &reqwest::Client, url: &str) -> Result<ClusterView, String> {
+pub async fn cluster_view(client: &reqwest::Client, url: &str) -> Result<ClusterView, String> {
     let answer = client
         .get(format!("{url}{CLUSTER_VIEW_PATH}"))
         .timeout(Duration::from_secs(2))

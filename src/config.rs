@@ -456,6 +456,19 @@ impl Config {
         Duration::from_millis(self.tick_ms)
     }
 
+    /// The newest entry format this node reads: `entry_formats::NEWEST`, or under
+    /// `--enable-fault-injection` what `RAFTKVD_FAULT_ENTRY_FORMAT` says, so that a test
+    /// can play a member of an older release.
+    pub fn entry_format_read(&self) -> u8 {
+        let pretend = std::env::var("RAFTKVD_FAULT_ENTRY_FORMAT").ok();
+        match pretend.and_then(|v| v.parse::<u8>().ok()) {
+            Some(older) if self.enable_fault_injection && older >= 1 => {
+                older.min(crate::entry_formats::NEWEST)
+            }
+            _ => crate::entry_formats::NEWEST,
+        }
+    }
+
     /// What the client API's listener allows.
     pub fn client_limits(&self) -> crate::http_server::Limits {
         crate::http_server::Limits {

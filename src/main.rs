@@ -16,6 +16,7 @@ mod cluster_id;
 mod command;
 mod config;
 mod durable;
+mod entry_formats;
 mod faults;
 mod http_server;
 mod join;
@@ -269,6 +270,7 @@ async fn serve(
     let metrics = Arc::new(metrics::Metrics::default());
     let transport = Arc::new(Transport::new(
         config.id,
+        Arc::new(entry_formats::EntryFormats::new(config.entry_format_read())),
         tokio::runtime::Handle::current(),
         router.clone(),
         membership.clone(),
@@ -390,6 +392,11 @@ async fn serve(
         ));
     }
     tokio::spawn(tls.clone().reload_on_sighup(logger.clone()));
+    tokio::spawn(
+        transport
+            .clone()
+            .learn_entry_formats(servers_stopping.clone()),
+    );
     let api_server = tokio::spawn(http_server::serve(
         "api",
         api_listener,

@@ -45,6 +45,7 @@ use slog::{debug, info, warn, Logger};
 use tokio::io::AsyncWriteExt;
 
 use crate::cluster_id::{self, ClusterId};
+use crate::entry_formats::{self, EntryFormats};
 use crate::faults::Partition;
 use crate::http_server::{text_response as reply, FromPeer};
 use crate::membership::{self, Membership, SharedMembership};
@@ -67,9 +68,16 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// ... and may pause this long between two chunks.
 const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often peers that may read an older entry format are asked again, and how often
+/// once every peer reads the newest.
+const FORMAT_POLL: Duration = Duration::from_secs(1);
+const FORMAT_RECHECK: Duration = Duration::from_secs(30);
+
 /// The sending half: a stream per peer.
 pub struct Transport {
     own_id: u64,
+    /// The entry formats this node and its peers read.
+    formats: Arc<EntryFormats>,
     peers: Mutex<HashMap<u64, Peer>>,
     /// The cluster as this node applied it: who may tell it that it was removed.
     membership: SharedMembership,
@@ -103,6 +111,7 @@ impl Transport {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         own_id: u64,
+        formats: Arc<EntryFormats>,
         runtime: tokio::runtime::Handle,
         node: Router,
         membership: SharedMembership,
@@ -126,6 +135,7 @@ impl Transport {
             .expect("the HTTP client has a valid static configuration");
         Transport {
             own_id,
+            formats,
             peers: Mutex::new(HashMap::new()),
             membership,
             client,
@@ -152,6 +162,7 @@ impl Transport {
             return;
         }
         let cluster_id = self.cluster_id.clone();
+        let own_format = self.formats.own();
         let tls = match &self.tls {
             None => None,
             Some(tls) => match tls::server_name(membership::host_of(url)) {
@@ -176,7 +187,10 @@ impl Transport {
             path: RAFT_PATH.to_string(),
             headers: Box::new(move || {
                 let id = cluster_id.get().map(cluster_id::format);
-                id.map(|id| (cluster_id::HEADER, id)).into_iter().collect()
+                let mut headers: Vec<_> =
+                    id.map(|id| (cluster_id::HEADER, id)).into_iter().collect();
+                headers.push((entry_formats::HEADER, own_format.to_string()));
+                headers
             }),
         };
         let stream = PeerStream::start(
@@ -211,6 +225,46 @@ impl Transport {
     /// Stops sending to `id`.
     /// Whether `id` is a peer this node knows where to reach: one named on its command
     /// line or in its join answer, or a member it has applied since.
+    /// The entry formats this node and its peers read.
+    pub fn formats(&self) -> &EntryFormats {
+        &self.formats
+    }
+
+    /// Asks every peer that has not said it reads this build's newest entry format which
+    /// one it reads (`GET /raft/cluster`), every `FORMAT_POLL` until all have, then
+    /// every `FORMAT_RECHECK`: a follower hears no stream from the other followers, so
+    /// it learns their formats this way. Ends when the servers stop.
+    pub async fn learn_entry_formats(
+        self: Arc<Self>,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let peers: Vec<(u64, String)> = {
+                let peers = self.peers.lock().unwrap();
+                peers.iter().map(|(id, p)| (*id, p.url.clone())).collect()
+            };
+            let mut all_newest = true;
+            for (id, url) in peers {
+                match cluster_id::cluster_view(&self.client, &url).await {
+                    Ok(view) if view.id == id => {
+                        self.formats.heard(id, view.entry_format);
+                        all_newest &= view.entry_format >= entry_formats::NEWEST;
+                    }
+                    _ => all_newest = false,
+                }
+            }
+            let pause = if all_newest {
+                FORMAT_RECHECK
+            } else {
+                FORMAT_POLL
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stopping.changed() => return,
+            }
+        }
+    }
+
     pub fn knows_peer(&self, id: u64) -> bool {
         self.peers.lock().unwrap().contains_key(&id)
     }
@@ -550,6 +604,7 @@ impl PeerService {
                     })
                     .collect(),
                 removed: membership.removed.iter().copied().collect(),
+                entry_format: self.transport.formats().own(),
             }
         };
         let mut response = reply(StatusCode::OK, "");
@@ -609,6 +664,12 @@ impl PeerService {
     /// Reads a message stream: frames may arrive split across chunks; each complete one is
     /// stepped at once.
     async fn receive_messages(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let format = entry_formats::parse(
+            req.headers()
+                .get(entry_formats::HEADER)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut format_heard_from = None;
         let mut body = req.into_body();
         let mut pending = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -629,6 +690,10 @@ impl PeerService {
                 }
                 if !self.sent_by_a_peer(&msg) {
                     continue;
+                }
+                if format_heard_from != Some(msg.from) {
+                    self.transport.formats().heard(msg.from, format);
+                    format_heard_from = Some(msg.from);
                 }
                 if self.knows_group(group_id) && !self.partition.is_blocked(msg.from) {
                     self.node.step(group_id, msg);

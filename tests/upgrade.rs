@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::{free_port, http, node_spec, poll_until, TempDir};
 
@@ -75,4 +76,69 @@ fn a_data_dir_of_the_previous_release_starts_and_serves_its_data() {
         || node.log_text(),
     );
     assert_eq!(http("GET", &node.url("key1"), None), (200, "value1".into()));
+}
+
+/// Concurrent PUTs through node `via` (so that rounds carry several writes each), keys
+/// `<prefix>-<thread>-<i>`; returns once all are acknowledged.
+fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {
+    let url = cluster.nodes[via as usize - 1].url("");
+    std::thread::scope(|scope| {
+        for thread in 0..16 {
+            let url = url.clone();
+            scope.spawn(move || {
+                for i in 0..25 {
+                    let (code, text) = http(
+                        "PUT",
+                        &format!("{url}{prefix}-{thread}-{i}"),
+                        Some(b"v".to_vec()),
+                    );
+                    assert_eq!(code, 204, "{text}");
+                }
+            });
+        }
+    });
+}
+
+/// A rolling upgrade that brings a new entry format: while one member reads only the
+/// old format (node 3 plays a member of an older release), the others write only that
+/// format, so it applies every write and stays up; once it reads the new one too, the
+/// others start writing it.
+#[test]
+fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
+    let mut cluster = common::Cluster::new("entry-format", 3, &["--enable-fault-injection"]);
+    cluster.nodes[2].env = vec![("RAFTKVD_FAULT_ENTRY_FORMAT".into(), "1".into())];
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    let leader = cluster.wait_leader();
+    concurrent_puts(&cluster, leader, "old");
+    for thread in 0..16 {
+        cluster.wait_value(3, &format!("old-{thread}-24"), "v");
+    }
+    let writes_batches = "entry format written changed: every member reads it, format: 2";
+    assert!(!cluster.nodes[0].log_text().contains(writes_batches));
+    assert_eq!(http("GET", &cluster.nodes[2].url("health"), None).0, 200);
+
+    // Node 3 is upgraded: the others hear it reads batches, and write them.
+    let node3 = cluster.node(3);
+    node3.signal("TERM");
+    assert!(node3.wait_exit(Duration::from_secs(15)).success());
+    node3.env.clear();
+    node3.start();
+    poll_until(
+        "nodes 1 and 2 to write batches",
+        || {
+            // A node decides what it writes when it has something to write.
+            cluster.nodes[..2].iter().all(|n| {
+                http("PUT", &n.url("probe"), Some(b"v".to_vec()));
+                n.log_text().contains(writes_batches)
+            })
+        },
+        || cluster.logs(),
+    );
+    let leader = cluster.wait_leader();
+    concurrent_puts(&cluster, leader, "new");
+    for thread in 0..16 {
+        cluster.wait_value(3, &format!("new-{thread}-24"), "v");
+    }
 }

@@ -28,6 +28,7 @@ use slog::{error, info, warn, Logger};
 use crate::command::{
     decode_entry, encode_entry, proposed_term, proposed_term_context, Op, Proposal, ProposalId,
 };
+use crate::entry_formats;
 use crate::kv::{Applied, SharedKv};
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
@@ -464,7 +465,12 @@ impl Group {
             .map(|(encoded, id, reply)| (encoded, (id, reply)))
             .unzip();
         let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
-        let entries: Vec<Entry> = split_by_size(&sizes, MAX_ENTRY_BYTES)
+        let ranges = if self.members_read_batches() {
+            split_by_size(&sizes, MAX_ENTRY_BYTES)
+        } else {
+            (0..encoded.len()).map(|i| i..i + 1).collect()
+        };
+        let entries: Vec<Entry> = ranges
             .into_iter()
             .map(|range| Entry {
                 data: encode_entry(&encoded[range]).into(),
@@ -484,6 +490,26 @@ impl Group {
     }
 
     /// This node leads and is handing leadership over: raft-rs refuses proposals.
+    /// Whether every member of the cluster reads entries that carry several proposals
+    /// (`entry_formats.rs`); if not, each write gets an entry of its own.
+    fn members_read_batches(&self) -> bool {
+        let own_id = self.raw.raft.id;
+        let members: Vec<u64> = {
+            let membership = self.membership.read().unwrap();
+            membership
+                .peer_urls
+                .keys()
+                .copied()
+                .filter(|id| *id != own_id && !membership.removed.contains(id))
+                .collect()
+        };
+        let (format, changed) = self.transport.formats().writable(members.into_iter());
+        if changed {
+            info!(self.logger, "entry format written changed: every member reads it"; "format" => format);
+        }
+        format >= entry_formats::BATCH
+    }
+
     fn handing_over(&self) -> bool {
         self.raw.raft.state == StateRole::Leader && self.raw.raft.lead_transferee.is_some()
     }
@@ -753,6 +779,11 @@ impl Group {
     /// Applies each command of a normal entry at its own revision and answers the client
     /// waiting for it here, if any. An entry it cannot decode stops the node.
     fn apply_normal(&mut self, entry: &Entry) -> Result<(), String> {
+        let readable = self.transport.formats().own();
+        if let Some(&format) = entry.data.first().filter(|&&format| format > readable) {
+            let why = format!("its format {format} is newer than this node reads ({readable})");
+            return Err(self.unreadable(entry, &why));
+        }
         let proposals = if entry.data.is_empty() {
             Vec::new() // a new leader's empty entry
         } else {
