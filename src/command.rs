@@ -473,12 +473,7 @@ mod tests {
     /// Every input the fuzzer kept (`fuzz/corpus/entry_decode`) still passes its oracle.
     #[test]
     fn replays_the_fuzz_corpus() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/entry_decode");
-        let inputs: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
-        assert!(!inputs.is_empty(), "{dir} is empty");
-        for input in inputs {
-            check_decoding(&std::fs::read(input.path()).unwrap());
-        }
+        crate::fuzz_corpus::replay("entry_decode", check_decoding);
     }
 
     #[test]

@@ -18,6 +18,8 @@ mod config;
 mod durable;
 mod entry_formats;
 mod faults;
+#[cfg(test)]
+mod fuzz_corpus;
 mod http_server;
 mod join;
 mod kv;

@@ -81,12 +81,7 @@ mod tests {
     /// Every input the fuzzer kept (`fuzz/corpus/peer_frames`) still passes its oracle.
     #[test]
     fn replays_the_fuzz_corpus() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/peer_frames");
-        let inputs: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
-        assert!(!inputs.is_empty(), "{dir} is empty");
-        for input in inputs {
-            check_decoding(&std::fs::read(input.path()).unwrap());
-        }
+        crate::fuzz_corpus::replay("peer_frames", check_decoding);
     }
     use raft::eraftpb::MessageType;
 

@@ -11,6 +11,18 @@ use std::time::Duration;
 
 use common::{http, Cluster};
 
+/// `len` pseudo-random letters: raft-engine compresses what it can, and these it cannot.
+fn incompressible(len: usize, mut seed: u64) -> String {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            char::from(b'a' + (seed % 26) as u8)
+        })
+        .collect()
+}
+
 /// A small tmpfs mounted for one test (unmounted when dropped), or None where this
 /// process may not mount (not root): the test then says so and passes vacuously.
 struct SmallDisk(PathBuf);
@@ -59,16 +71,7 @@ fn a_full_disk_stops_writes_without_losing_an_acknowledged_one() {
     };
     cluster.nodes[0].start();
     cluster.wait_leader();
-    // Incompressible (raft-engine compresses what it can).
-    let mut seed = 7u64;
-    let value: String = (0..64 << 10)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            char::from(b'a' + (seed % 26) as u8)
-        })
-        .collect();
+    let value = incompressible(64 << 10, 7);
     let mut acknowledged = Vec::new();
     let mut refused = 0;
     for i in 0..2000 {
@@ -123,18 +126,9 @@ fn a_full_disk_stops_writes_without_losing_an_acknowledged_one() {
 #[test]
 fn a_damaged_raft_log_is_refused_at_start_up() {
     let mut cluster = Cluster::start("damaged-log", 1, &["--snapshot-count", "1000000"]);
-    // Past raft-engine's 8 MiB file size, in incompressible values.
-    let mut seed = 11u64;
+    // Past raft-engine's 8 MiB file size.
     for i in 0..180 {
-        let value: String = (0..64 << 10)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(b'a' + (seed % 26) as u8)
-            })
-            .collect();
-        cluster.put_ok(1, &format!("k{i}"), &value);
+        cluster.put_ok(1, &format!("k{i}"), &incompressible(64 << 10, 11 + i));
     }
     let node = cluster.node(1);
     node.signal("TERM");
