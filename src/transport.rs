@@ -222,9 +222,6 @@ impl Transport {
         }
     }
 
-    /// Stops sending to `id`.
-    /// Whether `id` is a peer this node knows where to reach: one named on its command
-    /// line or in its join answer, or a member it has applied since.
     /// The entry formats this node and its peers read.
     pub fn formats(&self) -> &EntryFormats {
         &self.formats
@@ -265,10 +262,18 @@ impl Transport {
         }
     }
 
+    /// Whether `id` is a peer this node knows where to reach: one named on its command
+    /// line or in its join answer, or a member it has applied since.
     pub fn knows_peer(&self, id: u64) -> bool {
         self.peers.lock().unwrap().contains_key(&id)
     }
 
+    /// The peers this node knows (itself not among them).
+    pub fn peer_ids(&self) -> Vec<u64> {
+        self.peers.lock().unwrap().keys().copied().collect()
+    }
+
+    /// Stops sending to `id`.
     pub fn remove_peer(&self, id: u64) {
         self.peers.lock().unwrap().remove(&id);
     }

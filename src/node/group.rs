@@ -489,27 +489,18 @@ impl Group {
         }
     }
 
-    /// This node leads and is handing leadership over: raft-rs refuses proposals.
-    /// Whether every member of the cluster reads entries that carry several proposals
-    /// (`entry_formats.rs`); if not, each write gets an entry of its own.
+    /// Whether every peer of this node (the members it knows, `entry_formats.rs`) reads
+    /// entries that carry several proposals; if not, each write gets an entry of its own.
     fn members_read_batches(&self) -> bool {
-        let own_id = self.raw.raft.id;
-        let members: Vec<u64> = {
-            let membership = self.membership.read().unwrap();
-            membership
-                .peer_urls
-                .keys()
-                .copied()
-                .filter(|id| *id != own_id && !membership.removed.contains(id))
-                .collect()
-        };
-        let (format, changed) = self.transport.formats().writable(members.into_iter());
+        let peers = self.transport.peer_ids();
+        let (format, changed) = self.transport.formats().writable(peers.into_iter());
         if changed {
             info!(self.logger, "entry format written changed: every member reads it"; "format" => format);
         }
         format >= entry_formats::BATCH
     }
 
+    /// This node leads and is handing leadership over: raft-rs refuses proposals.
     fn handing_over(&self) -> bool {
         self.raw.raft.state == StateRole::Leader && self.raw.raft.lead_transferee.is_some()
     }
