@@ -194,6 +194,38 @@ fn bad_flags_are_refused_with_a_message() {
             "--replicas",
             "3",
         ],
+        // Limits that cannot work: a frame too small for the largest entry, no
+        // connections, no time for headers.
+        vec![
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1",
+            "--port",
+            "1",
+            "--max-peer-frame-bytes",
+            "1000",
+        ],
+        vec![
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1",
+            "--port",
+            "1",
+            "--max-client-connections",
+            "0",
+        ],
+        vec![
+            "--id",
+            "1",
+            "--cluster",
+            "http://127.0.0.1:1",
+            "--port",
+            "1",
+            "--header-read-timeout-ms",
+            "0",
+        ],
     ] {
         let out = std::process::Command::new(BIN)
             .args(&args)
