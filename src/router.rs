@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::command::{Command, Op};
@@ -157,7 +157,14 @@ pub enum NodeMsg {
 pub struct Router {
     tx: mpsc::UnboundedSender<NodeMsg>,
     queued: Arc<Queued>,
-    maps: Arc<RwLock<HashMap<u64, SharedKv>>>,
+    maps: Arc<RwLock<HashMap<u64, Hosted>>>,
+}
+
+/// A group hosted here: its map, and whether its replica knows the group's
+/// configuration yet.
+struct Hosted {
+    kv: SharedKv,
+    configured: Arc<AtomicBool>,
 }
 
 /// Client requests waiting in the inbox beyond which a new one is refused (503).
@@ -278,8 +285,15 @@ impl Router {
     }
 
     /// Group `group_id` is hosted here, with `kv` as its map (the raft thread calls it).
-    pub fn register(&self, group_id: u64, kv: SharedKv) {
-        self.maps.write().unwrap().insert(group_id, kv);
+    /// The replica sets the returned flag while it knows the group's configuration.
+    pub fn register(&self, group_id: u64, kv: SharedKv) -> Arc<AtomicBool> {
+        let configured = Arc::new(AtomicBool::new(false));
+        let hosted = Hosted {
+            kv,
+            configured: configured.clone(),
+        };
+        self.maps.write().unwrap().insert(group_id, hosted);
+        configured
     }
 
     /// Group `group_id` is no longer hosted here.
@@ -296,7 +310,19 @@ impl Router {
 
     /// The map of group `group_id`, if it is hosted here.
     pub fn kv(&self, group_id: u64) -> Option<SharedKv> {
-        self.maps.read().unwrap().get(&group_id).cloned()
+        let maps = self.maps.read().unwrap();
+        maps.get(&group_id).map(|hosted| hosted.kv.clone())
+    }
+
+    /// The map of group `group_id`, if a replica here can serve it: hosted, and knowing
+    /// the group's configuration. A replica just placed here, still waiting for the
+    /// group's data, cannot (it knows no leader and no member); a request for the group
+    /// goes to a node that hosts it then.
+    pub fn serving(&self, group_id: u64) -> Option<SharedKv> {
+        let maps = self.maps.read().unwrap();
+        maps.get(&group_id)
+            .filter(|hosted| hosted.configured.load(Ordering::Relaxed))
+            .map(|hosted| hosted.kv.clone())
     }
 
     /// Hands `msg` to group `group_id` (dropped if the raft thread has stopped, or if

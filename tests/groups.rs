@@ -443,3 +443,83 @@ fn a_member_placed_but_never_added_is_finished_by_the_rebalancer() {
         cluster.logs()
     );
 }
+
+/// A replica placed on a node but still waiting for the group's data (here: cut off from
+/// the group's leader, not from the cluster's) knows no configuration and no leader: the
+/// node forwards the group's requests to a host that does instead of answering 503, and
+/// serves them itself once the data arrived.
+#[test]
+fn a_replica_waiting_for_its_data_forwards_the_groups_requests() {
+    let cluster = Cluster::start(
+        "groups-waiting-replica",
+        3,
+        &["--enable-fault-injection", "--disable-rebalancing"],
+    );
+    let url = |id: u64, path: &str| cluster.nodes[id as usize - 1].url(path);
+    let (code, body) = http_json(
+        "POST",
+        &url(1, "v1/groups"),
+        Some(json!({"id": 2, "members": [1, 2]})),
+    );
+    assert_eq!(code, 201, "{body}");
+    put_in_group(&cluster, 1, 2, "k", "v");
+    // The group's leader must not lead the cluster group too: node 3 has to keep
+    // learning the cluster's table while it is cut off from the group's leader.
+    let cluster_leader = cluster.wait_leader();
+    let mut group_leader = 0;
+    cluster.wait_until("group 2 to have a leader", || {
+        group_leader = http_json("GET", &url(1, "v1/groups/2"), None).1["leader"]
+            .as_u64()
+            .unwrap_or(0);
+        group_leader != 0
+    });
+    if group_leader == cluster_leader {
+        let heir = if group_leader == 1 { 2 } else { 1 };
+        let (code, body) = http_json(
+            "POST",
+            &url(1, "v1/groups/2/leader"),
+            Some(json!({"id": heir})),
+        );
+        assert_eq!(code, 200, "{body}");
+        group_leader = heir;
+    }
+    let (code, _) = http(
+        "POST",
+        &url(3, "debug/partition"),
+        Some(group_leader.to_string().into_bytes()),
+    );
+    assert_eq!(code, 204);
+    // Through the group's other member: the group's leader may be cut off from the
+    // cluster group's leader now (if node 3 leads it).
+    let other = if group_leader == 1 { 2 } else { 1 };
+    let (code, body) = http_json(
+        "POST",
+        &url(other, "v1/groups/2/members"),
+        Some(json!({"id": 3, "learner": true})),
+    );
+    assert_eq!(code, 201, "{body}");
+    cluster.wait_until("node 3 to host a replica of group 2", || {
+        cluster.nodes[2].status().is_some_and(|s| {
+            s["groups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g["id"] == 2))
+        })
+    });
+    let (code, body) = get_in_group(&cluster, 3, 2, "k");
+    assert_eq!((code, &body["value"]), (200, &json!("v")), "{body}");
+    let (code, body) = http_json("GET", &url(3, "v1/groups/2"), None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body["leader"].as_u64().unwrap_or(0) != 0, "{body}");
+
+    // Healed: the snapshot arrives and node 3's own replica serves.
+    assert_eq!(
+        http("POST", &url(3, "debug/partition"), Some(Vec::new())).0,
+        204
+    );
+    cluster.wait_until("node 3's replica to know the group", || {
+        let (_, own) = http_json("GET", &url(3, "v1/groups/2?node=3"), None);
+        own["members"].as_array().is_some_and(|m| !m.is_empty())
+    });
+    let (code, body) = get_in_group(&cluster, 3, 2, "k");
+    assert_eq!((code, &body["value"]), (200, &json!("v")), "{body}");
+}

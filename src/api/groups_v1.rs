@@ -88,18 +88,20 @@ impl Api {
                 }
             }
         }
-        if self.router.kv(group).is_none() {
+        // `?node=<this node>` asks for this replica's view, whatever it knows; otherwise
+        // a replica that does not know the group's configuration yet leaves the request
+        // to a host that does.
+        let here = match asked_node {
+            Some(_) => self.router.kv(group),
+            None => self.router.serving(group),
+        };
+        if here.is_none() {
             return self.forward(group, req, None).await;
         }
         if below.is_empty() {
             return match *method {
                 Method::GET => {
                     let info = self.group_info(group).await?;
-                    if asked_node.is_none() && !knows_members(&info) {
-                        // A new replica here, that has not learnt the group's
-                        // configuration: a host that has tells more.
-                        return self.forward(group, req, None).await;
-                    }
                     Ok(json_response(StatusCode::OK, &info))
                 }
                 _ => Err(Failure::method_not_allowed(method, "GET")),
@@ -165,8 +167,8 @@ impl Api {
         for (group, members) in table {
             // A replica dropped since the table was read (its node just left the group),
             // or one too new to know the group's members, is asked about elsewhere.
-            let local = match self.router.kv(group) {
-                Some(_) => self.group_info(group).await.ok().filter(knows_members),
+            let local = match self.router.serving(group) {
+                Some(_) => self.group_info(group).await.ok(),
                 None => None,
             };
             groups.push(match local {
@@ -474,9 +476,3 @@ struct NewLeader {
 
 /// How long an heir asked to take a group's leadership is given before the next is asked.
 const HEIR_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Whether a group's info (`group_info`) names its members: a new replica that has not
-/// learnt the group's configuration names none.
-fn knows_members(info: &serde_json::Value) -> bool {
-    info["members"].as_array().is_some_and(|m| !m.is_empty())
-}

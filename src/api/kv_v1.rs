@@ -107,7 +107,7 @@ impl Api {
         let key = decode_path_segment(raw)?;
         self.settle_shards(req.uri().query()).await?;
         let group = self.owner_of(&key);
-        if self.router.kv(group).is_none() {
+        if self.router.serving(group).is_none() {
             let query = req
                 .uri()
                 .query()
@@ -308,7 +308,7 @@ impl Api {
         let mut items = Vec::new();
         let mut more = false;
         for group in groups {
-            let page = if self.router.kv(group).is_some() {
+            let page = if self.router.serving(group).is_some() {
                 self.page_of(group, &list, consistency).await?
             } else {
                 let query = query.map(|q| format!("?{q}")).unwrap_or_default();
@@ -378,7 +378,7 @@ impl Api {
             ));
         }
         let group = groups.into_iter().next().expect("one key at least");
-        if self.router.kv(group).is_some() {
+        if self.router.serving(group).is_some() {
             return self.write_pairs(group, pairs).await;
         }
         let request = Forwarded {

@@ -38,7 +38,7 @@ impl Api {
         let consistency = Consistency::from_params(&params)?;
         self.settle_shards(query).await?;
         let group = self.owner_of(key.as_bytes());
-        if self.router.kv(group).is_none() {
+        if self.router.serving(group).is_none() {
             let query = query.map(|q| format!("?{q}")).unwrap_or_default();
             let request = Forwarded {
                 method: Method::GET,
@@ -60,7 +60,7 @@ impl Api {
         let value = read_body(req, self.max_value_bytes).await?;
         self.settle_shards(None).await?;
         let group = self.owner_of(key.as_bytes());
-        if self.router.kv(group).is_none() {
+        if self.router.serving(group).is_none() {
             let request = Forwarded {
                 method: Method::PUT,
                 path: group_key_path(group, key),

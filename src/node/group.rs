@@ -149,6 +149,9 @@ pub struct Group {
     inbox: Router,
     /// When a refused peer message was last logged, and how many were refused since.
     refusals: (Option<std::time::Instant>, u64),
+    /// Set while this replica knows the group's configuration (the router's
+    /// `serving`: the API serves the group here only then).
+    configured: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
     logger: Logger,
 }
@@ -221,6 +224,7 @@ impl Group {
             applied_term: snap.term,
             inbox,
             refusals: (None, 0),
+            configured: Arc::default(),
             metrics,
             logger,
         })
@@ -344,6 +348,20 @@ impl Group {
                 let _ = reply.send(self.status());
             }
         }
+    }
+
+    /// From now on, keeps `flag` set while this replica knows the group's configuration.
+    pub fn report_configuration_to(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        self.configured = flag;
+        self.note_configuration();
+    }
+
+    /// Whether this replica knows the group's configuration (a replica placed here waits
+    /// for the group's snapshot with none), told to the router.
+    fn note_configuration(&self) {
+        let known = !self.raw.raft.prs().conf().voters().ids().is_empty();
+        self.configured
+            .store(known, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts a peer message that failed [`inbound::check`] and logs it, at most once a

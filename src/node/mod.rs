@@ -161,8 +161,8 @@ impl Node {
             inbox: self.shared.router.clone(),
             metrics: self.shared.metrics.clone(),
         };
-        let group = Group::new(id, &self.config, store, kv.clone(), shared, logger)?;
-        self.shared.router.register(id, kv);
+        let mut group = Group::new(id, &self.config, store, kv.clone(), shared, logger)?;
+        group.report_configuration_to(self.shared.router.register(id, kv));
         self.groups.insert(id, group);
         Ok(())
     }

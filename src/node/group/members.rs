@@ -161,11 +161,13 @@ impl Group {
         // already starts from their result.
         if entry.index > self.raw.store().conf_index() {
             match self.raw.apply_conf_change(&cc) {
-                Ok(conf_state) => self
-                    .raw
-                    .mut_store()
-                    .set_conf_state(conf_state, entry.index)
-                    .map_err(|e| format!("could not persist the conf state: {e}"))?,
+                Ok(conf_state) => {
+                    self.raw
+                        .mut_store()
+                        .set_conf_state(conf_state, entry.index)
+                        .map_err(|e| format!("could not persist the conf state: {e}"))?;
+                    self.note_configuration();
+                }
                 Err(e) => {
                     warn!(self.logger, "raft refused a conf change"; "index" => entry.index, "error" => %e);
                     self.answer(context.id, Err(ProposeError::Conflict(e.to_string())));

@@ -215,6 +215,7 @@ impl Group {
             .map_err(|e| format!("could not install the snapshot in the log: {e}"))?;
         self.applied = meta.index;
         self.applied_term = meta.term;
+        self.note_configuration();
         self.abandon_waiters_overtaken_by_snapshot();
         self.last_snapshot = meta.index;
         self.last_snapshot_bytes = snapshot::size_of(&path);
