@@ -616,6 +616,10 @@ impl PeerService {
         *response.body_mut() = Full::new(Bytes::from(
             serde_json::to_vec(&view).expect("a view always encodes"),
         ));
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
         response
     }
 
