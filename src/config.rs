@@ -256,8 +256,17 @@ impl Config {
         if self.header_read_timeout_ms == 0 {
             return Err("--header-read-timeout-ms must be positive".into());
         }
+        if self.header_read_timeout_ms < 25_000 {
+            // Peers keep an idle connection for 20 s (transport.rs): closing it sooner
+            // may catch a forwarded request on the way.
+            eprintln!(
+                "raftkvd: warning: --header-read-timeout-ms {} is below the 20 s peers keep an \
+                 idle connection; a forwarded request may meet a connection being closed",
+                self.header_read_timeout_ms
+            );
+        }
         // An entry holds a value, its key (up to 64 KiB) and a little framing.
-        let largest_entry = self.max_value_bytes + (128 << 10);
+        let largest_entry = self.max_value_bytes.saturating_add(128 << 10);
         if self.max_peer_frame_bytes < largest_entry.max(4 << 20) {
             return Err(format!(
                 "--max-peer-frame-bytes ({}) must be at least 4 MiB and hold the largest entry \

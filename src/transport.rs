@@ -68,6 +68,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// ... and may pause this long between two chunks.
 const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long an idle connection to a peer is kept for the next request.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often peers that may read an older entry format are asked again, and how often
 /// once every peer reads the newest.
 const FORMAT_POLL: Duration = Duration::from_secs(1);
@@ -122,11 +124,14 @@ impl Transport {
         metrics: Arc<Metrics>,
         logger: Logger,
     ) -> Transport {
-        // Each request sets its own timeout (a stream or a snapshot upload).
+        // Each request sets its own timeout (a stream or a snapshot upload). An idle
+        // pooled connection is let go before a peer's default --header-read-timeout-ms
+        // (30 s) closes it, so a request never goes out on one the peer is closing.
         let mut client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(1);
+            .pool_max_idle_per_host(1)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
         if let Some(tls) = &tls {
             client = client.use_preconfigured_tls((*tls.client_config()).clone());
         }
