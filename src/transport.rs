@@ -459,6 +459,23 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Keys (cluster ids, node ids) whose refusal was logged, so that each is logged once.
+/// Forged traffic can name endless keys: past `MAX_LOGGED_KEYS` no new one is
+/// remembered, or logged (the metrics still count every refusal).
+#[derive(Default)]
+pub struct LoggedOnce(Mutex<std::collections::HashSet<u64>>);
+
+/// How many keys a [`LoggedOnce`] remembers.
+const MAX_LOGGED_KEYS: usize = 1024;
+
+impl LoggedOnce {
+    /// Whether `key` is new here (and so to be logged).
+    fn first(&self, key: u64) -> bool {
+        let mut seen = self.0.lock().unwrap();
+        seen.len() < MAX_LOGGED_KEYS && seen.insert(key)
+    }
+}
+
 /// Answers a client request forwarded by another node (see `api/forward.rs`).
 pub type ClientApi = Arc<
     dyn Fn(
@@ -487,12 +504,12 @@ pub struct PeerService {
     pub cluster_id: Arc<ClusterId>,
     /// Where client requests that another node forwarded go.
     pub forwarded: ClientApi,
-    /// Senders of another cluster already logged, so each is logged once.
-    pub strangers: Mutex<std::collections::HashSet<u64>>,
+    /// Clusters whose traffic was refused, each logged once.
+    pub strangers: LoggedOnce,
     /// The sending half, which knows the peers this node can answer.
     pub transport: Arc<Transport>,
-    /// Senders that are no peer of this node, already logged.
-    pub unknown_senders: Mutex<std::collections::HashSet<u64>>,
+    /// Senders that are no peer of this node, each logged once.
+    pub unknown_senders: LoggedOnce,
     pub metrics: Arc<Metrics>,
     /// Peers with a snapshot upload in progress (one each at a time).
     pub uploads: Mutex<std::collections::HashSet<u64>>,
@@ -566,7 +583,7 @@ impl PeerService {
                 cluster_id::HEADER
             ),
         };
-        if self.strangers.lock().unwrap().insert(theirs.unwrap_or(0)) {
+        if self.strangers.first(theirs.unwrap_or(0)) {
             warn!(self.logger, "refusing raft traffic from another cluster"; "reason" => &why);
         }
         Some(reply(StatusCode::PRECONDITION_FAILED, &why))
@@ -655,7 +672,7 @@ impl PeerService {
             return true;
         }
         Metrics::inc(&self.metrics.peer_messages_refused);
-        if self.unknown_senders.lock().unwrap().insert(msg.from) {
+        if self.unknown_senders.first(msg.from) {
             warn!(self.logger, "dropping raft messages from a node that is not a known peer, or addressed to another";
                 "from" => msg.from, "to" => msg.to);
         }
@@ -927,4 +944,24 @@ fn same_snapshot(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_key_is_logged_once_and_only_so_many_are_remembered() {
+        let logged = LoggedOnce::default();
+        assert!(logged.first(7));
+        assert!(!logged.first(7));
+        for key in 100..100 + MAX_LOGGED_KEYS as u64 {
+            logged.first(key);
+        }
+        assert!(
+            !logged.first(1 << 40),
+            "past the bound nothing new is remembered"
+        );
+        assert_eq!(logged.0.lock().unwrap().len(), MAX_LOGGED_KEYS);
+    }
 }
