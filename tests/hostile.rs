@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{http, Cluster};
-use history::{read_counter, Workload, KEYS};
+use history::{read_counter, Rng, Workload, KEYS};
 
 /// A panic on any thread ends the process with a non-zero status and a log line, so a
 /// supervisor restarts it (the async runtime alone would have survived this one).
@@ -121,13 +121,8 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
         );
     }
     // Random bytes and mutations of a real frame, at every node.
-    let mut seed = 42u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng::new(42);
+    let mut next = move || rng.next_u64();
     let valid = frame(1, &attacks[0]);
     for node in &cluster.nodes {
         let cluster_id = cluster_id_of(&node.peer_url);
@@ -146,16 +141,7 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
             post_frames(&node.peer_url, &cluster_id, bytes);
         }
     }
-    for node in &cluster.nodes {
-        let (code, _) = http("GET", &node.url("health"), None);
-        assert_eq!(
-            code,
-            200,
-            "node {} must survive\n{}",
-            node.id,
-            node.log_text()
-        );
-    }
+    cluster.assert_every_node_serves();
     follower.assert_logged(
         "refused a peer message raft could not safely take",
         "forged messages are logged",
@@ -622,13 +608,8 @@ fn a_cluster_under_hostile_traffic_stays_linearizable() {
             let (peer_url, cluster_id, stop) = (&node.peer_url, &cluster_id, &stop);
             let to = node.id;
             scope.spawn(move || {
-                let mut seed = 0x9e37_79b9_u64 ^ to;
-                let mut next = move || {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed
-                };
+                let mut rng = Rng::new(to);
+                let mut next = move || rng.next_u64();
                 while !stop.load(Ordering::Relaxed) {
                     let mut m = Message::default();
                     let kinds = [
@@ -681,14 +662,7 @@ fn a_cluster_under_hostile_traffic_stays_linearizable() {
         workload.succeeded() > 50,
         "too few operations succeeded to mean anything"
     );
-    for node in &cluster.nodes {
-        assert_eq!(
-            http("GET", &node.url("health"), None).0,
-            200,
-            "node {} is up",
-            node.id
-        );
-    }
+    cluster.assert_every_node_serves();
     cluster.wait_leader();
     for base in &bases {
         for key in KEYS {

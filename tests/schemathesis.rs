@@ -13,7 +13,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{http, Cluster};
+use common::Cluster;
 
 #[test]
 fn schemathesis_finds_no_answer_the_document_does_not_allow() {
@@ -61,12 +61,5 @@ fn schemathesis_finds_no_answer_the_document_does_not_allow() {
         String::from_utf8_lossy(&run.stderr),
         cluster.logs()
     );
-    for node in &cluster.nodes {
-        assert_eq!(
-            http("GET", &node.url("health"), None).0,
-            200,
-            "node {} is up",
-            node.id
-        );
-    }
+    cluster.assert_every_node_serves();
 }

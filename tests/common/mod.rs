@@ -261,6 +261,20 @@ impl Cluster {
     }
 
     /// Polls `cond` until it holds, or fails the test with every node's log.
+    /// Fails the test unless every running node answers `/health` with 200.
+    pub fn assert_every_node_serves(&self) {
+        for node in self.running() {
+            let (code, _) = http("GET", &node.url("health"), None);
+            assert_eq!(
+                code,
+                200,
+                "node {} must serve\n{}",
+                node.id,
+                node.log_text()
+            );
+        }
+    }
+
     pub fn wait_until(&self, what: &str, cond: impl FnMut() -> bool) {
         poll_until(what, cond, || self.logs());
     }
