@@ -106,8 +106,11 @@ fn check_append<S: Storage>(raft: &Raft<S>, msg: &Message) -> Result<(), String>
         }
         previous_term = entry.term;
     }
+    // No log holds a term above its node's current one, so an anchor at that term or
+    // later passes without a look into the log store (the steady state, where every
+    // append is anchored in the leader's term: no read on the follower's hot path).
     let committed = raft.raft_log.committed;
-    if msg.index >= committed {
+    if msg.index >= committed && msg.log_term < raft.term {
         let committed_term = raft.raft_log.term(committed).unwrap_or(0);
         if msg.log_term < committed_term {
             return Err(format!(
