@@ -284,7 +284,11 @@ fn abusive_snapshot_uploads_are_refused_and_leave_nothing_behind() {
         || !snapshot_files(leader_node).is_empty(),
         || leader_node.log_text(),
     );
-    let real_name = snapshot_files(leader_node).pop().unwrap();
+    // A finished snapshot (the writer's `.tmp` file of the next one may be there too).
+    let real_name = snapshot_files(leader_node)
+        .into_iter()
+        .rfind(|name| name.ends_with(".snap"))
+        .unwrap();
     let real = std::fs::read(leader_node.data_dir.join("snap").join(&real_name)).unwrap();
     let real_index = u64::from_str_radix(
         real_name
@@ -295,7 +299,6 @@ fn abusive_snapshot_uploads_are_refused_and_leave_nothing_behind() {
     .unwrap();
     let follower_id = cluster.nodes.iter().find(|n| n.id != leader).unwrap().id;
     let follower = cluster.node(follower_id);
-    let before = snapshot_files(follower);
     let cluster_id = cluster_id_of(&follower.peer_url);
     let term = follower.status_u64("term");
     let announce = |index: u64| {
@@ -393,7 +396,26 @@ fn abusive_snapshot_uploads_are_refused_and_leave_nothing_behind() {
         String::new,
     );
 
-    assert_eq!(snapshot_files(follower), before, "no upload left a file");
+    // An upload's file is `recv-*.tmp` until raft takes it, then `snap-<index>.snap`; the
+    // follower's own snapshots come and go meanwhile (it writes one every 10 writes).
+    let announced = [
+        1 << 40,
+        real_index + 1000,
+        real_index + 2000,
+        real_index + 3000,
+    ];
+    let files = snapshot_files(follower);
+    assert!(
+        !files.iter().any(|name| name.starts_with("recv-")),
+        "an upload left a file: {files:?}"
+    );
+    for index in announced {
+        let name = format!("snap-{index:016x}.snap");
+        assert!(
+            !files.contains(&name),
+            "an upload took a snapshot's name: {name}"
+        );
+    }
     follower.signal("TERM");
     assert!(follower.wait_exit(Duration::from_secs(15)).success());
     follower.start();
