@@ -3,7 +3,8 @@
 //! operation (so no 5xx but the documented 503s), every body matches its schema and
 //! content type, and every node is still up afterwards. `.ci/run` installs it; elsewhere
 //! the test is skipped, loudly, when the `schemathesis` command is missing.
-//! `RAFTKVD_SCHEMATHESIS_SECS` sets the time budget (default 60).
+//! `RAFTKVD_SCHEMATHESIS_SECS` sets the time budget (default 60) and
+//! `RAFTKVD_SCHEMATHESIS_SEED` the seed (default fixed, so that a CI failure replays).
 //!
 //! Membership changes (`/v1/members`, a group's members) are left out: random ids would
 //! remove the cluster's own nodes mid-run; tests/openapi.rs and tests/groups.rs cover
@@ -32,6 +33,7 @@ fn schemathesis_finds_no_answer_the_document_does_not_allow() {
     let cluster = Cluster::start("schemathesis", 3, &["--shards", "4"]);
     let base = cluster.nodes[0].url("");
     let secs = std::env::var("RAFTKVD_SCHEMATHESIS_SECS").unwrap_or_else(|_| "60".into());
+    let seed = std::env::var("RAFTKVD_SCHEMATHESIS_SEED").unwrap_or_else(|_| "20261130".into());
     let run = Command::new("schemathesis")
         .args(["run", &format!("{base}v1/openapi.json"), "--url"])
         .arg(base.trim_end_matches('/'))
@@ -45,7 +47,7 @@ fn schemathesis_finds_no_answer_the_document_does_not_allow() {
             "--workers",
             "2",
             "--seed",
-            "20261130",
+            &seed,
         ])
         .env("NO_COLOR", "1")
         .current_dir(&cluster.dir.0)
@@ -55,11 +57,12 @@ fn schemathesis_finds_no_answer_the_document_does_not_allow() {
     let tail: Vec<&str> = report.lines().rev().take(25).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     eprintln!("{}", tail.join("\n"));
+    // The nodes' logs come first and schemathesis's report last: CI keeps the tail.
     assert!(
         run.status.success(),
-        "schemathesis found answers the document does not allow:\n{report}\n{}\n{}",
+        "{}\n{}\nschemathesis found answers the document does not allow:\n{report}",
+        cluster.logs(),
         String::from_utf8_lossy(&run.stderr),
-        cluster.logs()
     );
     cluster.assert_every_node_serves();
 }
