@@ -49,7 +49,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::api::Api;
 use crate::config::Config;
-use crate::membership::SharedMembership;
+use crate::membership::{SharedMembership, CLUSTER_GROUP_VOTERS};
 use crate::node::{Node, NodeConfig, NodeShared};
 use crate::router::{NodeExit, Router, CLUSTER_GROUP};
 use crate::storage::LogStore;
@@ -167,7 +167,7 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
         let members: Vec<(u64, String)> = (1..).zip(config.cluster.iter().cloned()).collect();
         let nodes = members.len() as u64;
         let data_groups = sharding::formation_ops(config.shards, nodes, config.replicas());
-        node::bootstrap(&mut store, &members, data_groups)?;
+        node::bootstrap(&mut store, &members, CLUSTER_GROUP_VOTERS, data_groups)?;
         info!(logger, "formed a new cluster"; "members" => nodes, "shards" => config.shards);
     }
     let cluster_id = Arc::new(cluster_id::ClusterId::load(data_dir.join("cluster-id"))?);

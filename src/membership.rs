@@ -10,6 +10,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
+/// The most voters the cluster group (the meta group: members, groups, shards) has.
+/// Consensus on that table needs no more, and every voter more slows each change. The
+/// members beyond them are the group's learners: each keeps a full, current copy of the
+/// table, which it routes by, without voting; one is promoted when a voter leaves.
+pub const CLUSTER_GROUP_VOTERS: usize = 5;
+
 /// Shared between the node (the only writer) and the peer transport.
 pub type SharedMembership = Arc<RwLock<Membership>>;
 

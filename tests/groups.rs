@@ -523,3 +523,67 @@ fn a_replica_waiting_for_its_data_forwards_the_groups_requests() {
     let (code, body) = get_in_group(&cluster, 3, 2, "k");
     assert_eq!((code, &body["value"]), (200, &json!("v")), "{body}");
 }
+
+/// The cluster group (the meta group: members, groups, shards; and the keys, with one
+/// shard) votes on at most five nodes. The other members are its learners: they keep a
+/// current copy, route by it and serve reads and writes, but never vote or lead. When
+/// a voter leaves, the leader promotes a learner in its place.
+#[test]
+fn the_cluster_group_votes_on_five_nodes_and_the_others_learn() {
+    let mut cluster = Cluster::start("meta-voters", 6, &[]);
+    let view = |cluster: &Cluster, via: u64| {
+        let node = cluster.nodes.iter().find(|n| n.id == via).unwrap();
+        let (code, one) = http_json("GET", &node.url("v1/groups/1"), None);
+        assert_eq!(code, 200, "{one}");
+        let ids = |field: &str| -> Vec<u64> {
+            let list = one[field].as_array().cloned().unwrap_or_default();
+            list.iter().filter_map(Value::as_u64).collect()
+        };
+        let (members, learners) = (ids("members"), ids("learners"));
+        let voters: Vec<u64> = members
+            .into_iter()
+            .filter(|m| !learners.contains(m))
+            .collect();
+        (voters, learners)
+    };
+    assert_eq!(view(&cluster, 1), (vec![1, 2, 3, 4, 5], vec![6]));
+
+    cluster.add_member(7, 1, &[]);
+    cluster.wait_until("node 7 to join the cluster group as a learner", || {
+        view(&cluster, 1) == (vec![1, 2, 3, 4, 5], vec![6, 7])
+    });
+    cluster.put_ok(1, "before-7", "x");
+    cluster.wait_value(7, "before-7", "x");
+    cluster.put_ok(7, "from-a-learner", "a");
+    cluster.wait_value(6, "from-a-learner", "a");
+    let leader = cluster.wait_leader();
+    assert!(leader <= 5, "a learner never leads: node {leader} does");
+
+    let voter = (1..=5).find(|&id| id != leader).unwrap();
+    let (code, text) = http(
+        "DELETE",
+        &cluster.node(leader).url(&voter.to_string()),
+        None,
+    );
+    assert_eq!(code, 204, "DELETE /{voter}: {text}");
+    let status = cluster.node(voter).wait_exit(common::DEADLINE);
+    assert!(
+        status.success(),
+        "node {voter} exits 0 once removed: {status}"
+    );
+    cluster.wait_until("a learner to take the removed voter's place", || {
+        let (voters, learners) = view(&cluster, leader);
+        voters.len() == 5 && !voters.contains(&voter) && learners.len() == 1
+    });
+    let (_, learners) = view(&cluster, leader);
+    cluster.put_ok(learners[0], "after-the-promotion", "b");
+    for node in cluster.running() {
+        assert_eq!(
+            view(&cluster, node.id).0.len(),
+            5,
+            "node {} sees five voters",
+            node.id
+        );
+    }
+    cluster.wait_value(learners[0], "after-the-promotion", "b");
+}

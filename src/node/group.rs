@@ -273,6 +273,7 @@ impl Group {
         self.ticks += 1;
         self.waiters.retain(|_, waiter| !waiter.reply.is_closed());
         self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
+        self.keep_cluster_group_voters();
         self.count_quiet_tick();
     }
 
@@ -409,6 +410,18 @@ impl Group {
         let raft = &self.raw.raft;
         let conf = raft.prs().conf().to_conf_state();
         let urls = &self.membership.read().unwrap().peer_urls;
+        let mut members: Vec<Member> = conf
+            .voters
+            .iter()
+            .chain(&conf.learners)
+            .map(|&id| Member {
+                id,
+                peer_url: urls.get(&id).cloned().unwrap_or_default(),
+            })
+            .collect();
+        members.sort_unstable_by_key(|m| m.id);
+        let mut learners = conf.learners;
+        learners.sort_unstable();
         NodeStatus {
             id: raft.id,
             term: raft.term,
@@ -418,16 +431,8 @@ impl Group {
             applied: raft.raft_log.applied,
             revision: self.kv.read().unwrap().revision(),
             last_snapshot: self.last_snapshot,
-            members: conf
-                .voters
-                .iter()
-                .chain(&conf.learners)
-                .map(|&id| Member {
-                    id,
-                    peer_url: urls.get(&id).cloned().unwrap_or_default(),
-                })
-                .collect(),
-            learners: conf.learners.clone(),
+            members,
+            learners,
             asleep: self.asleep,
         }
     }

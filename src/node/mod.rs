@@ -207,7 +207,7 @@ impl Node {
                 .iter()
                 .map(|&id| (id, String::new()))
                 .collect();
-            bootstrap(&mut store, &members, Vec::new())?;
+            bootstrap(&mut store, &members, members.len(), Vec::new())?;
             info!(logger, "started a replica of a new group"; "members" => ?placement.initial);
         } else if store.is_empty() {
             info!(

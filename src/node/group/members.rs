@@ -13,6 +13,7 @@ use slog::{info, warn};
 
 use super::{Group, GroupEvent};
 use crate::command::MemberContext;
+use crate::membership::CLUSTER_GROUP_VOTERS;
 use crate::router::{MemberChange, ProposeError, Reply, Written};
 
 /// The start of the message that refuses a change while another is unapplied; a client
@@ -32,6 +33,13 @@ impl Group {
         let id = self.next_proposal_id();
         let mut cc = ConfChange::default();
         let peer_url = match change {
+            MemberChange::Add { id, peer_url } if self.joins_cluster_group_as_learner(id) => {
+                info!(self.logger, "the cluster group has all its voters: the new member joins it as a learner";
+                    "node" => id, "voters" => CLUSTER_GROUP_VOTERS);
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = id;
+                peer_url
+            }
             MemberChange::Add { id, peer_url } => {
                 cc.set_change_type(ConfChangeType::AddNode);
                 cc.node_id = id;
@@ -68,8 +76,15 @@ impl Group {
                 return Err(format!("node {id} is already a member"));
             }
             MemberChange::AddLearner { .. } => {}
-            // Promoting a learner.
-            MemberChange::Add { id, .. } if learner(id) && !self.is_cluster_group() => {}
+            // Promoting a learner (in the cluster group, only to fill a voter's place).
+            MemberChange::Add { id, .. } if learner(id) => {
+                if self.is_cluster_group() && conf.voters.len() >= CLUSTER_GROUP_VOTERS {
+                    return Err(format!(
+                        "node {id} is already a member (a learner of the cluster group, \
+                         which has its {CLUSTER_GROUP_VOTERS} voters)"
+                    ));
+                }
+            }
             MemberChange::Add { id, peer_url } => {
                 if members.contains(id) {
                     return Err(format!("node {id} is already a member"));
@@ -122,6 +137,58 @@ impl Group {
             return Err(format!("{CHANGE_IN_PROGRESS}; retry once it is applied"));
         }
         Ok(())
+    }
+
+    /// Whether adding node `id` to the cluster group makes it a learner: it is new, and
+    /// the group has its [`CLUSTER_GROUP_VOTERS`] voters already.
+    fn joins_cluster_group_as_learner(&self, id: u64) -> bool {
+        let conf = self.raw.raft.prs().conf();
+        self.is_cluster_group()
+            && !conf.learners().contains(&id)
+            && conf.voters().ids().len() >= CLUSTER_GROUP_VOTERS
+    }
+
+    /// On the cluster group's leader, every tick: while the group has fewer than
+    /// [`CLUSTER_GROUP_VOTERS`] voters (one left), promotes the learner that is furthest
+    /// along, once it holds everything committed and answered recently. No client waits
+    /// for the change; the next tick looks again.
+    pub(super) fn keep_cluster_group_voters(&mut self) {
+        if !self.is_cluster_group() || !self.is_leader() {
+            return;
+        }
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf();
+        if conf.voters().ids().len() >= CLUSTER_GROUP_VOTERS
+            || conf.learners().is_empty()
+            || raft.has_pending_conf()
+        {
+            return;
+        }
+        let committed = raft.raft_log.committed;
+        let heir = conf
+            .learners()
+            .iter()
+            .filter_map(|&id| Some((id, raft.prs().get(id)?)))
+            .filter(|(_, progress)| progress.recent_active && progress.matched >= committed)
+            .max_by_key(|(id, progress)| (progress.matched, std::cmp::Reverse(*id)))
+            .map(|(id, _)| id);
+        let Some(heir) = heir else {
+            return;
+        };
+        let Some(peer_url) = self
+            .membership
+            .read()
+            .unwrap()
+            .peer_urls
+            .get(&heir)
+            .cloned()
+        else {
+            return;
+        };
+        info!(self.logger, "the cluster group is short of voters: promoting a learner";
+            "node" => heir, "voters" => conf.voters().ids().len());
+        let (reply, _nobody_waits) = tokio::sync::oneshot::channel();
+        self.propose_member_change(MemberChange::Add { id: heir, peer_url }, reply);
     }
 
     /// True while a conf change may still be unapplied. On the leader this is exactly the
