@@ -547,6 +547,9 @@ fn the_cluster_group_votes_on_five_nodes_and_the_others_learn() {
         (voters, learners)
     };
     assert_eq!(view(&cluster, 1), (vec![1, 2, 3, 4, 5], vec![6]));
+    let (_, listed) = http_json("GET", &cluster.nodes[1].url("v1/members"), None);
+    assert_eq!(listed["learners"], json!([6]), "{listed}");
+    assert_eq!(listed["members"].as_array().unwrap().len(), 6, "{listed}");
 
     cluster.add_member(7, 1, &[]);
     cluster.wait_until("node 7 to join the cluster group as a learner", || {

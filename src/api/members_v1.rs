@@ -66,6 +66,7 @@ impl Api {
             &serde_json::json!({
                 "leader": status.leader,
                 "members": status.members,
+                "learners": status.learners,
                 "cluster_id": self.cluster_id.get().map(cluster_id::format),
             }),
         ))
