@@ -29,6 +29,7 @@ mod node;
 mod peer_frame;
 mod peer_stream;
 mod probe;
+mod random;
 mod read_index;
 mod rebalance;
 mod record;

@@ -107,11 +107,7 @@ impl Api {
         // different one each time keeps one slow or paused host from holding up every
         // forwarded request.
         if !hosts.is_empty() {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .subsec_nanos() as usize;
-            let start = nanos % hosts.len();
+            let start = (crate::random::random_u64() % hosts.len() as u64) as usize;
             hosts.rotate_left(start);
         }
         self.send_via(hosts, group, request).await

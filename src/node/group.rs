@@ -32,6 +32,7 @@ use crate::entry_formats;
 use crate::kv::{Applied, SharedKv};
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
+use crate::random::random_u64;
 use crate::read_index::ReadQueue;
 use crate::snapshot::{self, SnapshotMeta};
 use crate::storage::LogStore;
@@ -871,20 +872,6 @@ fn split_by_size(sizes: &[usize], max_bytes: usize) -> Vec<std::ops::Range<usize
         }
     }
     runs
-}
-
-/// A random number from the standard library's per-process hasher keys.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 #[cfg(test)]

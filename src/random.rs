@@ -1,0 +1,27 @@
+//! Random numbers where nothing depends on their quality: proposal-id incarnations, and
+//! which host a forwarded request tries first. Seeded from the standard library's
+//! per-process hasher keys, the clock and the process id; no crate needed. Never use it
+//! for anything an attacker must not guess.
+
+use std::hash::{BuildHasher, Hasher};
+
+/// A random 64-bit number.
+pub fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn two_draws_differ() {
+        assert_ne!(super::random_u64(), super::random_u64());
+    }
+}
