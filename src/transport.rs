@@ -490,8 +490,11 @@ pub type ClientApi = Arc<
 pub const FORWARD_PREFIX: &str = "/client";
 /// The only client routes that may be forwarded: a group's keys, status and members
 /// (from another node's API), and the list of groups, the removal of a member and a
-/// group's leader (from this node's rebalancer), besides `/client/v1/groups` itself.
-const FORWARDABLE: [&str; 2] = ["/client/v1/groups/", "/client/v1/members/"];
+/// group's leader (from this node's rebalancer).
+fn forwardable(path: &str) -> bool {
+    const UNDER: [&str; 2] = ["/client/v1/groups/", "/client/v1/members/"];
+    path == "/client/v1/groups" || UNDER.iter().any(|p| path.starts_with(p))
+}
 
 /// What the peer-facing server needs.
 pub struct PeerService {
@@ -534,7 +537,7 @@ pub async fn handle_peer_request(
         return refusal;
     }
     let path = req.uri().path();
-    if path == "/client/v1/groups" || FORWARDABLE.iter().any(|p| path.starts_with(p)) {
+    if forwardable(path) {
         return (service.forwarded)(without_forward_prefix(req)).await;
     }
     if req.method() != Method::POST {
