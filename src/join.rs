@@ -94,8 +94,9 @@ pub async fn ask_to_join(
             }
             Err(e) => {
                 let why = error_chain(&e);
-                // A certificate either side refuses will not be accepted on a retry.
-                if why.contains("certificate") || why.contains("CertificateRequired") {
+                // A handshake either side refuses (a certificate, a CA) fails the same
+                // way on a retry.
+                if tls_handshake_failed(&e) {
                     return Err(format!("the TLS handshake with {via} failed: {why}"));
                 }
                 format!("cannot reach {via}: {why}")
@@ -136,4 +137,39 @@ fn parse_members(text: &str) -> Result<Joined, String> {
         members: listed.members,
         cluster_id,
     })
+}
+
+/// Whether `e` was caused by a TLS error (rustls's own type, somewhere in its chain of
+/// causes). An I/O error's `source()` skips the error it wraps, so the walk looks
+/// inside each one instead; the handshake's error comes wrapped in two.
+fn tls_handshake_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<rustls::Error>() {
+            return true;
+        }
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_handshake_failed;
+
+    #[test]
+    fn a_tls_error_is_found_inside_an_io_error() {
+        let tls = rustls::Error::NoCertificatesPresented;
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let wrapped = std::io::Error::other(io);
+        assert!(tls_handshake_failed(&wrapped));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!tls_handshake_failed(&refused));
+    }
 }
