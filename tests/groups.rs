@@ -550,6 +550,13 @@ fn the_cluster_group_votes_on_five_nodes_and_the_others_learn() {
     let (_, listed) = http_json("GET", &cluster.nodes[1].url("v1/members"), None);
     assert_eq!(listed["learners"], json!([6]), "{listed}");
     assert_eq!(listed["members"].as_array().unwrap().len(), 6, "{listed}");
+    let elsewhere = format!("http://127.0.0.1:{}", common::free_port());
+    let (code, text) = http(
+        "POST",
+        &cluster.nodes[0].url("6"),
+        Some(elsewhere.into_bytes()),
+    );
+    assert_eq!(code, 409, "a learner is a member already: {text}");
 
     cluster.add_member(7, 1, &[]);
     cluster.wait_until("node 7 to join the cluster group as a learner", || {

@@ -77,11 +77,19 @@ impl Group {
             }
             MemberChange::AddLearner { .. } => {}
             // Promoting a learner (in the cluster group, only to fill a voter's place).
-            MemberChange::Add { id, .. } if learner(id) => {
+            MemberChange::Add { id, peer_url } if learner(id) => {
                 if self.is_cluster_group() && conf.voters.len() >= CLUSTER_GROUP_VOTERS {
                     return Err(format!(
                         "node {id} is already a member (a learner of the cluster group, \
                          which has its {CLUSTER_GROUP_VOTERS} voters)"
+                    ));
+                }
+                // A promotion must not move the member's address on the side.
+                let known = membership.peer_urls.get(id);
+                if self.is_cluster_group() && known != Some(peer_url) {
+                    return Err(format!(
+                        "node {id} is already a member, at {}",
+                        known.map_or("an unknown URL", String::as_str)
                     ));
                 }
             }
