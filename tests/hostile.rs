@@ -170,6 +170,51 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
     }
 }
 
+/// A cluster member that hosts no replica of a group cannot speak in it: a heartbeat it
+/// forges for group 2 (on nodes 1 and 2 only) with a higher term would make node 1's
+/// replica follow it at that term; it is refused, and group 2 keeps its leader and term.
+#[test]
+fn a_node_outside_a_group_cannot_speak_in_it() {
+    use raft::eraftpb::{Message, MessageType};
+    let cluster = Cluster::start("outsider", 3, &[]);
+    let (code, body) = common::http_json(
+        "POST",
+        &cluster.nodes[0].url("v1/groups"),
+        Some(serde_json::json!({"id": 2, "members": [1, 2]})),
+    );
+    assert_eq!(code, 201, "{body}");
+    // Group 2's leader and term as node 1's replica sees them (none while it starts).
+    let group_on_1 = || {
+        let url = cluster.nodes[0].url("v1/groups/2?node=1");
+        let (code, view) = common::http_json("GET", &url, None);
+        let leader = view["leader"].as_u64().unwrap_or(0);
+        (code == 200 && leader != 0).then(|| (leader, view["term"].as_u64().unwrap()))
+    };
+    let mut before = None;
+    cluster.wait_until("group 2 to elect a leader", || {
+        before = group_on_1();
+        before.is_some()
+    });
+    let before = before.unwrap();
+    let mut heartbeat = Message::default();
+    heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+    heartbeat.from = 3;
+    heartbeat.to = 1;
+    heartbeat.term = before.1 + 10;
+    let peer_url = &cluster.nodes[0].peer_url;
+    let code = post_frames(peer_url, &cluster_id_of(peer_url), frame(2, &heartbeat));
+    assert_eq!(code, 204);
+    assert_eq!(
+        group_on_1(),
+        Some(before),
+        "group 2 on node 1 kept its leader and term"
+    );
+    cluster.nodes[0].assert_logged(
+        "node 3 hosts no replica of group 2",
+        "a message from outside the group is refused and logged",
+    );
+}
+
 /// A committed entry this build cannot decode (as if a member of a newer release wrote
 /// it) stops the node with an error naming the entry, every time it starts, instead of
 /// being skipped while the other replicas apply it.

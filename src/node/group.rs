@@ -305,7 +305,10 @@ impl Group {
                 self.reads.push(reply)
             }
             GroupMsg::Step(mut msg) => {
-                if let Err(why) = inbound::check(&self.raw.raft, &msg) {
+                let refusal = self
+                    .refuses_sender(msg.from)
+                    .map_or_else(|| inbound::check(&self.raw.raft, &msg), Err);
+                if let Err(why) = refusal {
                     self.refused(&msg, &why);
                     return;
                 }
