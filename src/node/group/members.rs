@@ -158,8 +158,9 @@ impl Group {
 
     /// On the cluster group's leader, every tick: while the group has fewer than
     /// [`CLUSTER_GROUP_VOTERS`] voters (one left), promotes the learner that is furthest
-    /// along, once it holds everything committed and answered recently. No client waits
-    /// for the change; the next tick looks again.
+    /// along, once it holds everything committed and answered recently (not while handing
+    /// leadership over: raft-rs would drop the change). No client waits for the change;
+    /// the next tick looks again.
     pub(super) fn keep_cluster_group_voters(&mut self) {
         if !self.is_cluster_group() || !self.is_leader() {
             return;
@@ -169,6 +170,7 @@ impl Group {
         if conf.voters().ids().len() >= CLUSTER_GROUP_VOTERS
             || conf.learners().is_empty()
             || raft.has_pending_conf()
+            || self.handing_over()
         {
             return;
         }
