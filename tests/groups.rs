@@ -587,13 +587,10 @@ fn the_cluster_group_votes_on_five_nodes_and_the_others_learn() {
     });
     let (_, learners) = view(&cluster, leader);
     cluster.put_ok(learners[0], "after-the-promotion", "b");
-    for node in cluster.running() {
-        assert_eq!(
-            view(&cluster, node.id).0.len(),
-            5,
-            "node {} sees five voters",
-            node.id
-        );
-    }
+    cluster.wait_until("every node to see five voters", || {
+        cluster
+            .running()
+            .all(|node| view(&cluster, node.id).0.len() == 5)
+    });
     cluster.wait_value(learners[0], "after-the-promotion", "b");
 }

@@ -172,7 +172,7 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
 
 /// A cluster member that hosts no replica of a group cannot speak in it: a heartbeat it
 /// forges for group 2 (on nodes 1 and 2 only) with a higher term would make node 1's
-/// replica follow it at that term; it is refused, and group 2 keeps its leader and term.
+/// replica follow it at that term; it is refused, and group 2 keeps its own leader.
 #[test]
 fn a_node_outside_a_group_cannot_speak_in_it() {
     use raft::eraftpb::{Message, MessageType};
@@ -204,10 +204,16 @@ fn a_node_outside_a_group_cannot_speak_in_it() {
     let peer_url = &cluster.nodes[0].peer_url;
     let code = post_frames(peer_url, &cluster_id_of(peer_url), frame(2, &heartbeat));
     assert_eq!(code, 204);
-    assert_eq!(
-        group_on_1(),
-        Some(before),
-        "group 2 on node 1 kept its leader and term"
+    // (An election of its own may still happen on a loaded machine: it moves the term by
+    // one or two, never to the forged term, and never to node 3.)
+    let mut after = None;
+    cluster.wait_until("node 1 to know group 2's leader", || {
+        after = group_on_1();
+        after.is_some()
+    });
+    assert!(
+        after.is_some_and(|(leader, term)| leader != 3 && term < heartbeat.term),
+        "group 2 on node 1 followed the outsider: {after:?}, was {before:?}"
     );
     cluster.nodes[0].assert_logged(
         "node 3 hosts no replica of group 2",
