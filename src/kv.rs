@@ -109,25 +109,21 @@ impl FrozenKv {
                     .take_while(move |record| record.key().starts_with(prefix))
             })
             .collect();
-        // Each shard's next record, and the shards ordered by it (a key is in one shard).
-        let mut heads: Vec<Option<&Record>> = shards.iter_mut().map(Iterator::next).collect();
-        let mut order: BinaryHeap<Reverse<(&[u8], usize)>> = heads
-            .iter()
+        // Each shard's next record, smallest first (records order by key; a key is in one
+        // shard), with the shard it came from.
+        let mut order: BinaryHeap<Reverse<(&Record, usize)>> = shards
+            .iter_mut()
             .enumerate()
-            .filter_map(|(i, head)| head.map(|record| Reverse((record.key(), i))))
+            .filter_map(|(i, shard)| shard.next().map(|record| Reverse((record, i))))
             .collect();
         let mut found = Vec::with_capacity(limit.min(1024));
-        while let Some(Reverse((_, i))) = order.pop() {
+        while let Some(Reverse((record, i))) = order.pop() {
             if found.len() == limit {
                 return (found, true);
             }
-            let record = heads[i]
-                .take()
-                .expect("every shard in the order has a head");
             found.push((Bytes::copy_from_slice(record.key()), record.into()));
             if let Some(next) = shards[i].next() {
-                order.push(Reverse((next.key(), i)));
-                heads[i] = Some(next);
+                order.push(Reverse((next, i)));
             }
         }
         (found, false)
