@@ -78,7 +78,7 @@ impl Group {
             MemberChange::AddLearner { .. } => {}
             // Promoting a learner (in the cluster group, only to fill a voter's place).
             MemberChange::Add { id, peer_url } if learner(id) => {
-                if self.is_cluster_group() && conf.voters.len() >= CLUSTER_GROUP_VOTERS {
+                if self.is_cluster_group() && self.has_all_cluster_voters() {
                     return Err(format!(
                         "node {id} is already a member (a learner of the cluster group, \
                          which has its {CLUSTER_GROUP_VOTERS} voters)"
@@ -147,13 +147,18 @@ impl Group {
         Ok(())
     }
 
+    /// Whether this group's configuration has [`CLUSTER_GROUP_VOTERS`] voters or more
+    /// (what the cluster group may have at most).
+    fn has_all_cluster_voters(&self) -> bool {
+        self.raw.raft.prs().conf().voters().ids().len() >= CLUSTER_GROUP_VOTERS
+    }
+
     /// Whether adding node `id` to the cluster group makes it a learner: it is new, and
     /// the group has its [`CLUSTER_GROUP_VOTERS`] voters already.
     fn joins_cluster_group_as_learner(&self, id: u64) -> bool {
-        let conf = self.raw.raft.prs().conf();
         self.is_cluster_group()
-            && !conf.learners().contains(&id)
-            && conf.voters().ids().len() >= CLUSTER_GROUP_VOTERS
+            && !self.raw.raft.prs().conf().learners().contains(&id)
+            && self.has_all_cluster_voters()
     }
 
     /// On the cluster group's leader, every tick: while the group has fewer than
@@ -167,7 +172,7 @@ impl Group {
         }
         let raft = &self.raw.raft;
         let conf = raft.prs().conf();
-        if conf.voters().ids().len() >= CLUSTER_GROUP_VOTERS
+        if self.has_all_cluster_voters()
             || conf.learners().is_empty()
             || raft.has_pending_conf()
             || self.handing_over()
