@@ -260,7 +260,6 @@ impl Cluster {
         leader
     }
 
-    /// Polls `cond` until it holds, or fails the test with every node's log.
     /// Fails the test unless every running node answers `/health` with 200.
     pub fn assert_every_node_serves(&self) {
         for node in self.running() {
@@ -275,6 +274,7 @@ impl Cluster {
         }
     }
 
+    /// Polls `cond` until it holds, or fails the test with every node's log.
     pub fn wait_until(&self, what: &str, cond: impl FnMut() -> bool) {
         poll_until(what, cond, || self.logs());
     }
