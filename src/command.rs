@@ -38,6 +38,10 @@ const OP_REMOVE_GROUP_MEMBER: u8 = 5;
 const OP_SET_SHARDS: u8 = 6;
 /// Operation tag of a member that is to leave the cluster once its replicas moved.
 const OP_DRAIN_NODE: u8 = 7;
+/// Operation tag of a node placed again in a raft group it was removed from: group id,
+/// node id. (A tag of its own: a release that forbids it stops at the entry, rather
+/// than apply it differently from the others; see `entry_formats::REHOST`.)
+const OP_READD_GROUP_MEMBER: u8 = 8;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
@@ -103,8 +107,12 @@ pub enum Op {
     CreateGroup { group: u64, members: Vec<u64> },
     /// Node `node` is to host a replica of `group` (before the group adds it).
     AddGroupMember { group: u64, node: u64 },
-    /// Node `node` no longer hosts `group` (after the group removed it), and never will.
+    /// Node `node` no longer hosts `group` (after the group removed it); its replica's
+    /// raft id is never used again.
     RemoveGroupMember { group: u64, node: u64 },
+    /// Node `node`, removed from `group` before, is to host a new replica of it, under
+    /// its next raft id (`replica_id.rs`).
+    ReAddGroupMember { group: u64, node: u64 },
     /// The data groups that own the keys, by hash slot (`sharding.rs`).
     SetShards { groups: Vec<u64> },
     /// Member `node` is leaving the cluster: move its replicas, then remove it.
@@ -192,9 +200,12 @@ impl Proposal {
                 buf.push(OP_DRAIN_NODE);
                 buf.extend_from_slice(&node.to_le_bytes());
             }
-            Op::AddGroupMember { group, node } | Op::RemoveGroupMember { group, node } => {
+            Op::AddGroupMember { group, node }
+            | Op::RemoveGroupMember { group, node }
+            | Op::ReAddGroupMember { group, node } => {
                 let tag = match self.op {
                     Op::AddGroupMember { .. } => OP_ADD_GROUP_MEMBER,
+                    Op::ReAddGroupMember { .. } => OP_READD_GROUP_MEMBER,
                     _ => OP_REMOVE_GROUP_MEMBER,
                 };
                 buf.push(tag);
@@ -237,13 +248,14 @@ impl Proposal {
                 }
                 Op::SetShards { groups }
             }
-            tag @ (OP_ADD_GROUP_MEMBER | OP_REMOVE_GROUP_MEMBER) => {
+            tag @ (OP_ADD_GROUP_MEMBER | OP_REMOVE_GROUP_MEMBER | OP_READD_GROUP_MEMBER) => {
                 let (group, node) = (r.u64()?, r.u64()?);
                 if r.at != bytes.len() {
                     return Err(DecodeError("trailing bytes"));
                 }
                 match tag {
                     OP_ADD_GROUP_MEMBER => Op::AddGroupMember { group, node },
+                    OP_READD_GROUP_MEMBER => Op::ReAddGroupMember { group, node },
                     _ => Op::RemoveGroupMember { group, node },
                 }
             }
@@ -566,6 +578,7 @@ mod tests {
             },
             Op::AddGroupMember { group: 2, node: 4 },
             Op::RemoveGroupMember { group: 9, node: 1 },
+            Op::ReAddGroupMember { group: 9, node: 1 },
             Op::SetShards {
                 groups: vec![2, 3, 4],
             },

@@ -248,6 +248,12 @@ impl Config {
         if self.id == 0 {
             return Err("--id must be a positive integer".into());
         }
+        if self.id > crate::replica_id::MAX_NODE_ID {
+            return Err(format!(
+                "--id must be at most {} (a raft id's high bits count a node's replicas of a group)",
+                crate::replica_id::MAX_NODE_ID
+            ));
+        }
         if self.max_client_connections == 0 || self.max_peer_connections == 0 {
             return Err(
                 "--max-client-connections and --max-peer-connections must be positive".into(),

@@ -20,8 +20,11 @@ pub const HEADER: &str = "x-raftkvd-entry-format";
 pub const SINGLE: u8 = 1;
 /// Entries that carry several proposals (a round's writes).
 pub const BATCH: u8 = 2;
+/// The table of groups may place a node again in a group it was removed from
+/// (`command.rs`'s `ReAddGroupMember`, under the replica's next raft id).
+pub const REHOST: u8 = 3;
 /// The newest format this build reads and writes.
-pub const NEWEST: u8 = BATCH;
+pub const NEWEST: u8 = REHOST;
 
 pub struct EntryFormats {
     /// The newest format this node reads.
@@ -49,6 +52,15 @@ impl EntryFormats {
     /// `peer` said it reads formats up to `newest`.
     pub fn heard(&self, peer: u64, newest: u8) {
         self.peers.lock().unwrap().insert(peer, newest);
+    }
+
+    /// Whether this node and every one of `members` read `format`.
+    pub fn all_read(&self, members: impl Iterator<Item = u64>, format: u8) -> bool {
+        let peers = self.peers.lock().unwrap();
+        self.own >= format
+            && members
+                .into_iter()
+                .all(|id| peers.get(&id).copied().unwrap_or(SINGLE) >= format)
     }
 
     /// The newest format every one of `members` (this node among them or not) reads,
@@ -97,6 +109,9 @@ mod tests {
             EntryFormats::new(SINGLE).writable([2].into_iter()).0,
             SINGLE
         );
+        assert!(formats.all_read([2, 3].into_iter(), BATCH));
+        assert!(!formats.all_read([2, 3].into_iter(), REHOST));
+        assert!(!EntryFormats::new(BATCH).all_read([].into_iter(), REHOST));
         assert_eq!(parse(None), SINGLE);
         assert_eq!(parse(Some("2")), BATCH);
         assert_eq!(parse(Some("0")), SINGLE);

@@ -33,6 +33,7 @@ mod random;
 mod read_index;
 mod rebalance;
 mod record;
+mod replica_id;
 mod router;
 mod sharding;
 mod snapshot;
@@ -271,9 +272,10 @@ async fn serve(
     let membership = SharedMembership::default();
     let partition = Arc::new(faults::Partition::default());
     let metrics = Arc::new(metrics::Metrics::default());
+    let formats = Arc::new(entry_formats::EntryFormats::new(config.entry_format_read()));
     let transport = Arc::new(Transport::new(
         config.id,
-        Arc::new(entry_formats::EntryFormats::new(config.entry_format_read())),
+        formats.clone(),
         tokio::runtime::Handle::current(),
         router.clone(),
         membership.clone(),
@@ -320,6 +322,7 @@ async fn serve(
         router: router.clone(),
         membership: membership.clone(),
         peers: transport.client(),
+        entry_formats: formats.clone(),
         cluster_id: cluster_id.clone(),
         shards_settled: Default::default(),
         max_value_bytes: config.max_value_bytes,
@@ -358,6 +361,7 @@ async fn serve(
         strangers: Default::default(),
         transport: transport.clone(),
         unknown_senders: Default::default(),
+        outsiders: Default::default(),
         metrics: metrics.clone(),
         uploads: Default::default(),
         max_snapshot_bytes: config.max_snapshot_bytes,
@@ -390,6 +394,7 @@ async fn serve(
             },
             router.clone(),
             membership.clone(),
+            formats.clone(),
             servers_stopping.clone(),
             logger.new(o!("component" => "rebalance")),
         ));

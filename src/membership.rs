@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
+use crate::replica_id::{self, MAX_NODE_ID};
+
 /// The most voters the cluster group (the meta group: members, groups, shards) has.
 /// Consensus on that table needs no more, and every voter more slows each change. The
 /// members beyond them are the group's learners: each keeps a full, current copy of the
@@ -41,9 +43,32 @@ pub struct Placement {
     /// The nodes that host a replica now; one added later starts empty and is sent the
     /// log or a snapshot by the group's leader.
     pub members: BTreeSet<u64>,
-    /// Nodes removed from the group. They never host it again: a late message for their
-    /// old replica must not reach a new one under the same raft id.
+    /// The raft ids of the replicas removed from the group (`replica_id.rs`): a node
+    /// placed in it again hosts a new replica under a new raft id, so that a late message
+    /// for its old replica never reaches the new one. (Before replicas had incarnations,
+    /// a node was never placed in a group again, and this held node ids: the same ids.)
     pub removed: BTreeSet<u64>,
+}
+
+impl Placement {
+    /// How many of `node`'s replicas the group removed.
+    pub fn times_removed(&self, node: u64) -> u64 {
+        self.removed
+            .iter()
+            .filter(|&&replica| replica_id::node_of(replica) == node)
+            .count() as u64
+    }
+
+    /// Whether `node` hosted the group before and was removed from it.
+    pub fn was_removed(&self, node: u64) -> bool {
+        self.times_removed(node) > 0
+    }
+
+    /// The raft id of `node`'s replica of the group: the one it hosts, or the one it
+    /// would host if placed now.
+    pub fn replica_of(&self, node: u64) -> u64 {
+        replica_id::replica_id(node, self.times_removed(node))
+    }
 }
 
 /// A member as `/v1/members` lists it.
@@ -94,10 +119,11 @@ pub fn host_of(url: &str) -> &str {
         .map_or(authority, |(host, _)| host)
 }
 
-/// Parses a node id: a positive integer.
+/// Parses a node id: a positive integer up to [`MAX_NODE_ID`].
 pub fn parse_node_id(text: &str) -> Result<u64, String> {
     match text.parse::<u64>() {
-        Ok(id) if id > 0 => Ok(id),
+        Ok(id) if id > 0 && id <= MAX_NODE_ID => Ok(id),
+        Ok(id) if id > 0 => Err(format!("node id {id} is above the largest, {MAX_NODE_ID}")),
         _ => Err(format!("node id {text:?} is not a positive integer")),
     }
 }
@@ -131,9 +157,24 @@ mod tests {
     }
 
     #[test]
+    fn a_node_placed_again_hosts_its_next_replica() {
+        let mut placement = Placement::default();
+        assert_eq!(placement.replica_of(4), 4);
+        assert!(!placement.was_removed(4));
+        placement.removed.insert(4);
+        placement.removed.insert(replica_id::replica_id(5, 0));
+        assert_eq!(placement.replica_of(4), replica_id::replica_id(4, 1));
+        placement.removed.insert(placement.replica_of(4));
+        assert_eq!(placement.times_removed(4), 2);
+        assert_eq!(placement.replica_of(4), replica_id::replica_id(4, 2));
+        assert_eq!(placement.replica_of(3), 3);
+    }
+
+    #[test]
     fn node_ids() {
         assert_eq!(parse_node_id("4"), Ok(4));
-        for bad in ["0", "-1", "x", "", "4.0"] {
+        assert_eq!(parse_node_id("4294967295"), Ok(MAX_NODE_ID));
+        for bad in ["0", "-1", "x", "", "4.0", "4294967296"] {
             assert!(parse_node_id(bad).is_err(), "{bad}");
         }
     }

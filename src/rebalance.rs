@@ -6,7 +6,9 @@
 //! The node that leads the cluster group plans: [`next_step`] first picks a replica of a
 //! draining node and the least loaded other node that can take it, or removes a drained
 //! node; otherwise a replica on the most loaded node that the least loaded node can take
-//! (it is not there, and was never removed from that group). It carries the move out as
+//! (it is not there; and, unless every member reads entry format 3, it was never removed
+//! from that group: placed again, a node hosts a new replica under a new raft id, see
+//! `replica_id.rs`, which a release before that format cannot do). It carries the move out as
 //! an operator would, through this node's own client API (`run`, reached over its peer
 //! port as a forwarded request): add the new node to the group as a learner (it is sent
 //! the log or a snapshot, and does not vote, so the group's quorum is unchanged while it
@@ -29,7 +31,8 @@ use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
 use crate::cluster_id::{self, ClusterId};
-use crate::membership::{Membership, SharedMembership};
+use crate::entry_formats::{self, EntryFormats};
+use crate::membership::{Membership, Placement, SharedMembership};
 use crate::router::{Router, CLUSTER_GROUP};
 
 /// How often the leader of the cluster group looks for a move.
@@ -63,10 +66,18 @@ pub enum Step {
     Remove(u64),
 }
 
+/// Whether `node` may take a replica of the group placed as `placement`: it hosts none,
+/// and it was never removed from the group unless `rehost` (every member may place a
+/// node in a group again).
+fn may_take(placement: &Placement, node: u64, rehost: bool) -> bool {
+    !placement.members.contains(&node) && (rehost || !placement.was_removed(node))
+}
+
 /// The next step: first empty the draining nodes (each of their replicas to the least
 /// loaded other node that can take it), remove a drained one, then even out the others
-/// until each hosts the mean number of replicas give or take one.
-pub fn next_step(membership: &Membership) -> Option<Step> {
+/// until each hosts the mean number of replicas give or take one. `rehost`: see
+/// [`may_take`].
+pub fn next_step(membership: &Membership, rehost: bool) -> Option<Step> {
     let load = load_of(membership);
     let takers: Vec<(u64, usize)> = load
         .iter()
@@ -77,11 +88,11 @@ pub fn next_step(membership: &Membership) -> Option<Step> {
         if load.get(&leaving).copied().unwrap_or(0) == 0 {
             return Some(Step::Remove(leaving));
         }
-        if let Some(mv) = move_from(membership, leaving, &takers) {
+        if let Some(mv) = move_from(membership, leaving, &takers, rehost) {
             return Some(Step::Move(mv));
         }
     }
-    next_move_among(membership, &takers).map(Step::Move)
+    next_move_among(membership, &takers, rehost).map(Step::Move)
 }
 
 /// Replicas per member of the cluster.
@@ -103,7 +114,12 @@ fn load_of(membership: &Membership) -> BTreeMap<u64, usize> {
 /// dropped, if the group keeps as many replicas as it was created with: the "move" to
 /// a node that is a member already only makes sure that node is in the group and caught
 /// up before `from` leaves.
-fn move_from(membership: &Membership, from: u64, takers: &[(u64, usize)]) -> Option<Move> {
+fn move_from(
+    membership: &Membership,
+    from: u64,
+    takers: &[(u64, usize)],
+    rehost: bool,
+) -> Option<Move> {
     let mut takers = takers.to_vec();
     takers.sort_by_key(|&(node, n)| (n, node));
     let mut shrink = None;
@@ -111,9 +127,9 @@ fn move_from(membership: &Membership, from: u64, takers: &[(u64, usize)]) -> Opt
         if !placement.members.contains(&from) {
             continue;
         }
-        let to = takers.iter().find(|(node, _)| {
-            *node != from && !placement.members.contains(node) && !placement.removed.contains(node)
-        });
+        let to = takers
+            .iter()
+            .find(|(node, _)| *node != from && may_take(placement, *node, rehost));
         if let Some(&(to, _)) = to {
             return Some(Move { group, from, to });
         }
@@ -130,7 +146,7 @@ fn move_from(membership: &Membership, from: u64, takers: &[(u64, usize)]) -> Opt
 
 /// The next move among `nodes` (with their loads) toward each hosting the mean number of
 /// replicas give or take one.
-fn next_move_among(membership: &Membership, nodes: &[(u64, usize)]) -> Option<Move> {
+fn next_move_among(membership: &Membership, nodes: &[(u64, usize)], rehost: bool) -> Option<Move> {
     let &(to, least) = nodes.iter().min_by_key(|&&(node, n)| (n, node))?;
     let mut donors = nodes.to_vec();
     donors.sort_by_key(|&(node, n)| (std::cmp::Reverse(n), node));
@@ -138,9 +154,10 @@ fn next_move_among(membership: &Membership, nodes: &[(u64, usize)]) -> Option<Mo
         if most <= least + 1 {
             return None;
         }
-        let movable = membership.groups.iter().find(|(_, p)| {
-            p.members.contains(&from) && !p.members.contains(&to) && !p.removed.contains(&to)
-        });
+        let movable = membership
+            .groups
+            .iter()
+            .find(|(_, p)| p.members.contains(&from) && may_take(p, to, rehost));
         if let Some((&group, _)) = movable {
             return Some(Move { group, from, to });
         }
@@ -174,6 +191,7 @@ pub async fn run(
     api: OwnApi,
     router: Router,
     membership: SharedMembership,
+    formats: Arc<EntryFormats>,
     mut stop: watch::Receiver<bool>,
     logger: Logger,
 ) {
@@ -195,7 +213,9 @@ pub async fn run(
             continue;
         }
         let table = membership.read().unwrap().clone();
-        let plan = next_step(&table);
+        let others = table.peer_urls.keys().copied().filter(|&n| n != own_id);
+        let rehost = formats.all_read(others, entry_formats::REHOST);
+        let plan = next_step(&table, rehost);
         report_stuck_drains(&table, plan, &mut stuck, &logger);
         let mv = match plan {
             None => {
@@ -418,8 +438,8 @@ async fn spread_leaders(api: &OwnApi, table: &Membership, groups: &[Led], logger
 }
 
 /// Logs, once per node, a draining node that still hosts replicas no step moves: every
-/// other node hosts those groups already or was removed from them (a node never hosts a
-/// group again), so the node cannot leave without a group running short.
+/// other node hosts those groups already (or was removed from them while some member
+/// cannot place a node again), so the node cannot leave without a group running short.
 fn report_stuck_drains(
     table: &Membership,
     plan: Option<Step>,
@@ -439,7 +459,7 @@ fn report_stuck_drains(
             .map(|(g, _)| *g)
             .collect();
         if busy != Some(node) && !groups.is_empty() && stuck.insert(node) {
-            warn!(logger, "rebalancing: a draining node cannot hand off its replicas: every other node hosts those groups or was removed from them"; 
+            warn!(logger, "rebalancing: a draining node cannot hand off its replicas: every other node hosts those groups (or was removed from them, and some member runs a release that cannot place it again)"; 
                 "node" => node, "groups" => ?groups);
         }
     }
@@ -564,7 +584,6 @@ async fn group_view(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::Placement;
 
     fn cluster(nodes: u64, groups: &[(u64, &[u64])]) -> Membership {
         let mut m = Membership::default();
@@ -586,23 +605,25 @@ mod tests {
     }
 
     fn next_move(m: &Membership) -> Option<Move> {
-        match next_step(m)? {
+        match next_step(m, false)? {
             Step::Move(mv) => Some(mv),
             Step::Remove(node) => panic!("removes node {node}"),
         }
     }
 
     /// Applies steps until none is left; returns the moves.
-    fn settle(m: &mut Membership) -> Vec<Move> {
+    fn settle(m: &mut Membership, rehost: bool) -> Vec<Move> {
         let mut moves = Vec::new();
-        while let Some(step) = next_step(m) {
+        while let Some(step) = next_step(m, rehost) {
             match step {
                 Step::Move(mv) => {
                     let p = m.groups.get_mut(&mv.group).unwrap();
+                    let replica = p.replica_of(mv.from);
                     assert!(
                         p.members.remove(&mv.from) && p.members.insert(mv.to),
                         "{mv:?}"
                     );
+                    p.removed.insert(replica);
                     moves.push(mv);
                 }
                 Step::Remove(node) => {
@@ -678,7 +699,7 @@ mod tests {
         let mut m = cluster(3, &refs);
         assert_eq!(next_move(&m), None, "balanced: 4 replicas each");
         m.peer_urls.insert(4, "http://127.0.0.1:4".into());
-        let moves = settle(&mut m);
+        let moves = settle(&mut m, false);
         assert_eq!(moves.len(), 3, "{moves:?}");
         assert!(moves.iter().all(|mv| mv.to == 4));
         for p in m.groups.values() {
@@ -690,7 +711,7 @@ mod tests {
     fn a_draining_node_is_emptied_then_removed_and_never_chosen() {
         let mut m = cluster(4, &[(2, &[1, 2]), (3, &[3, 4]), (4, &[1, 3])]);
         m.draining.insert(1);
-        let moves = settle(&mut m);
+        let moves = settle(&mut m, false);
         assert_eq!(moves.len(), 2, "{moves:?}");
         assert!(
             moves.iter().all(|mv| mv.from == 1 && mv.to != 1),
@@ -702,14 +723,14 @@ mod tests {
         let mut m = cluster(2, &[(2, &[1, 2])]);
         m.groups.get_mut(&2).unwrap().initial = [1, 2].into();
         m.draining.insert(1);
-        assert_eq!(next_step(&m), None);
+        assert_eq!(next_step(&m, true), None);
         // Unless the group has a replica to spare (a move that failed half-way added one):
         // then the draining node's replica just goes.
         let mut m = cluster(3, &[(2, &[1, 2, 3])]);
         m.groups.get_mut(&2).unwrap().initial = [1, 2].into();
         m.draining.insert(1);
         assert_eq!(
-            next_step(&m),
+            next_step(&m, false),
             Some(Step::Move(Move {
                 group: 2,
                 from: 1,
@@ -735,6 +756,39 @@ mod tests {
         assert_eq!(next_move(&m), None, "node 3 may host neither group");
         let m = cluster(3, &[(2, &[1, 2]), (3, &[3])]);
         assert_eq!(next_move(&m), None, "2, 1, 1 is within one");
+    }
+
+    /// Node 4 joins 3 nodes whose groups have 3 replicas, takes its share, and is then
+    /// removed: each of its replicas can only go back to a node it came from.
+    #[test]
+    fn a_node_that_joined_and_leaves_hands_its_replicas_back() {
+        let full: Vec<(u64, &[u64])> = (2..=7).map(|g| (g, &[1u64, 2, 3][..])).collect();
+        let mut m = cluster(3, &full);
+        for p in m.groups.values_mut() {
+            p.initial = p.members.clone();
+        }
+        m.peer_urls.insert(4, "http://127.0.0.1:4".into());
+        let joined = settle(&mut m, false);
+        assert!(!joined.is_empty() && joined.iter().all(|mv| mv.to == 4));
+        m.draining.insert(4);
+        let mut stuck = m.clone();
+        settle(&mut stuck, false);
+        assert!(
+            stuck.peer_urls.contains_key(&4),
+            "without placing a node again, the drain stalls"
+        );
+        let left = settle(&mut m, true);
+        assert_eq!(left.len(), joined.len(), "{left:?}");
+        assert!(!m.peer_urls.contains_key(&4), "the drained node is removed");
+        for p in m.groups.values() {
+            assert_eq!(p.members, [1, 2, 3].into(), "each group has its 3 replicas");
+        }
+        let placed_again = m.groups.values().filter(|p| p.removed.len() > 1).count();
+        assert_eq!(
+            placed_again,
+            joined.len(),
+            "each went back under a new raft id"
+        );
     }
 
     #[test]

@@ -34,8 +34,13 @@ const KEY_TRUNCATED: &[u8] = b"truncated";
 /// Metadata of the newest durable snapshot (raft SnapshotMetadata).
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 /// Present (alone) once this node's replica of the group was removed and its log
-/// deleted: the replica is never created again.
+/// deleted: that replica, and any earlier one, is never created again. Its value is the
+/// destroyed replica's incarnation (`replica_id.rs`), 8 bytes; `[1]`, as releases before
+/// incarnations wrote it, stands for the first.
 const KEY_TOMBSTONE: &[u8] = b"tombstone";
+/// The raft id of this node's replica of the group, 8 bytes; absent for a replica made
+/// before incarnations, whose raft id is the node id.
+const KEY_REPLICA_ID: &[u8] = b"replica_id";
 
 /// Tells raft-engine how to read the index of a raft-rs entry.
 #[derive(Clone)]
@@ -81,19 +86,52 @@ pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StoreError> {
     Ok(Arc::new(Engine::open(config)?))
 }
 
-/// Deletes group `group_id`'s whole log and state from `engine` and leaves a tombstone in
-/// their place, in one synced batch. Its replica must be stopped.
-pub fn destroy_group(engine: &Engine, group_id: u64) -> Result<(), StoreError> {
+/// Deletes group `group_id`'s whole log and state from `engine` and leaves a tombstone
+/// naming the replica's `incarnation` in their place, in one synced batch. Its replica
+/// must be stopped.
+pub fn destroy_group(engine: &Engine, group_id: u64, incarnation: u64) -> Result<(), StoreError> {
     let mut batch = LogBatch::default();
     batch.add_command(group_id, Command::Clean);
-    batch.put(group_id, KEY_TOMBSTONE.to_vec(), vec![1])?;
+    batch.put(
+        group_id,
+        KEY_TOMBSTONE.to_vec(),
+        incarnation.to_le_bytes().to_vec(),
+    )?;
     engine.write(&mut batch, true)?;
     Ok(())
 }
 
-/// Whether this node's replica of group `group_id` was destroyed.
-pub fn is_destroyed(engine: &Engine, group_id: u64) -> bool {
-    engine.get(group_id, KEY_TOMBSTONE).is_some()
+/// The incarnation of this node's newest destroyed replica of group `group_id`, if one
+/// was.
+pub fn destroyed_incarnation(engine: &Engine, group_id: u64) -> Option<u64> {
+    let tombstone = engine.get(group_id, KEY_TOMBSTONE)?;
+    Some(match <[u8; 8]>::try_from(tombstone.as_slice()) {
+        Ok(bytes) => u64::from_le_bytes(bytes),
+        Err(_) => 0, // `[1]`: the first replica, from a release before incarnations
+    })
+}
+
+/// The raft id this node's replica of group `group_id` was made with, if it was recorded
+/// (see [`record_replica_id`]).
+pub fn recorded_replica_id(engine: &Engine, group_id: u64) -> Option<u64> {
+    let bytes = engine.get(group_id, KEY_REPLICA_ID)?;
+    <[u8; 8]>::try_from(bytes.as_slice())
+        .ok()
+        .map(u64::from_le_bytes)
+}
+
+/// Records, synced, the raft id of the replica of group `group_id` about to start here:
+/// after a restart the replica keeps it, whatever the table of groups says while the
+/// cluster group replays its log.
+pub fn record_replica_id(engine: &Engine, group_id: u64, replica: u64) -> Result<(), StoreError> {
+    let mut batch = LogBatch::default();
+    batch.put(
+        group_id,
+        KEY_REPLICA_ID.to_vec(),
+        replica.to_le_bytes().to_vec(),
+    )?;
+    engine.write(&mut batch, true)?;
+    Ok(())
 }
 
 impl LogStore {
@@ -476,17 +514,34 @@ mod tests {
         other.stage(&mut batch, &[entry(1)], Some(&hs)).unwrap();
         engine.write(&mut batch, true).unwrap();
         store.staged_written(Some(&hs));
-        assert!(!store.is_empty() && !is_destroyed(&engine, 5));
+        let replica = crate::replica_id::replica_id(3, 1);
+        record_replica_id(&engine, 5, replica).unwrap();
+        assert!(!store.is_empty() && destroyed_incarnation(&engine, 5).is_none());
+        assert_eq!(recorded_replica_id(&engine, 5), Some(replica));
         drop(store);
-        destroy_group(&engine, 5).unwrap();
+        destroy_group(&engine, 5, 1).unwrap();
         drop(other);
         drop(engine);
 
         let engine = open_engine(&dir).unwrap();
-        assert!(is_destroyed(&engine, 5));
+        assert_eq!(destroyed_incarnation(&engine, 5), Some(1));
+        assert_eq!(
+            recorded_replica_id(&engine, 5),
+            None,
+            "deleted with the log"
+        );
         assert!(LogStore::load(engine.clone(), 5).unwrap().is_empty());
-        assert!(!is_destroyed(&engine, 6), "another group is untouched");
+        assert_eq!(
+            destroyed_incarnation(&engine, 6),
+            None,
+            "another group is untouched"
+        );
         assert_eq!(engine.last_index(6), Some(1));
+        // A tombstone as releases before incarnations wrote it: the first replica.
+        let mut batch = LogBatch::default();
+        batch.put(7, KEY_TOMBSTONE.to_vec(), vec![1]).unwrap();
+        engine.write(&mut batch, true).unwrap();
+        assert_eq!(destroyed_incarnation(&engine, 7), Some(0));
         drop(engine);
         std::fs::remove_dir_all(&dir).unwrap();
     }

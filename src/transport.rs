@@ -24,8 +24,10 @@
 //! removed.
 //! A message from a removed member is answered 410 Gone, which tells that member it was
 //! removed. Every message carries its raft group id, and one stream carries every
-//! group's messages between two processes; a message for a group not in the cluster's
-//! table is dropped (raft sends again). The peer port also takes client requests that
+//! group's messages between two processes, addressed by the node part of their raft ids
+//! (`replica_id.rs`); a message for a group not in the cluster's table is dropped (raft
+//! sends again), and one from a replica the table does not place in its group is
+//! refused (a snapshot upload with 403, before a byte is written). The peer port also takes client requests that
 //! another node forwards to a group hosted here (`/client/v1/groups/...`, see
 //! `api/forward.rs`). Nothing here interprets raft messages beyond their addressing.
 
@@ -52,6 +54,7 @@ use crate::membership::{self, Membership, SharedMembership};
 use crate::metrics::Metrics;
 use crate::peer_frame::{encode_frame, take_frames};
 use crate::peer_stream::{PeerStream, StreamTarget, CONNECT_TIMEOUT};
+use crate::replica_id::{incarnation_of, node_of};
 use crate::router::{Router, CLUSTER_GROUP};
 use crate::snapshot;
 use crate::tls::{self, Tls};
@@ -81,6 +84,8 @@ pub struct Transport {
     /// The entry formats this node and its peers read.
     formats: Arc<EntryFormats>,
     peers: Mutex<HashMap<u64, Peer>>,
+    /// Told when a peer is added, so that its entry format is asked at once.
+    peer_added: tokio::sync::Notify,
     /// The cluster as this node applied it: who may tell it that it was removed.
     membership: SharedMembership,
     client: reqwest::Client,
@@ -142,6 +147,7 @@ impl Transport {
             own_id,
             formats,
             peers: Mutex::new(HashMap::new()),
+            peer_added: tokio::sync::Notify::new(),
             membership,
             client,
             runtime,
@@ -213,6 +219,7 @@ impl Transport {
                 stream,
             },
         );
+        self.peer_added.notify_one();
     }
 
     /// Sends to every member of `membership` but `own_id`, and to none of the removed.
@@ -234,8 +241,9 @@ impl Transport {
 
     /// Asks every peer that has not said it reads this build's newest entry format which
     /// one it reads (`GET /raft/cluster`), every `FORMAT_POLL` until all have, then
-    /// every `FORMAT_RECHECK`: a follower hears no stream from the other followers, so
-    /// it learns their formats this way. Ends when the servers stop.
+    /// every `FORMAT_RECHECK` or as soon as a peer is added: a follower hears no stream
+    /// from the other followers, so it learns their formats this way. Ends when the
+    /// servers stop.
     pub async fn learn_entry_formats(
         self: Arc<Self>,
         mut stopping: tokio::sync::watch::Receiver<bool>,
@@ -262,6 +270,7 @@ impl Transport {
             };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
+                _ = self.peer_added.notified() => {}
                 _ = stopping.changed() => return,
             }
         }
@@ -290,7 +299,7 @@ impl Transport {
         let peers = self.peers.lock().unwrap();
         let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
         for (group_id, msg) in messages {
-            let to = msg.to;
+            let to = node_of(msg.to);
             if self.partition.is_blocked(to) {
                 continue;
             }
@@ -333,7 +342,9 @@ impl Transport {
             .get()
             .map(cluster_id::format)
             .unwrap_or_default();
-        let logger = self.logger.new(slog::o!("peer" => to, "index" => index));
+        let logger = self
+            .logger
+            .new(slog::o!("peer" => node_of(to), "raft_id" => to, "index" => index));
         info!(logger, "sending a snapshot");
         self.runtime.spawn(async move {
             let started = Instant::now();
@@ -513,6 +524,8 @@ pub struct PeerService {
     pub transport: Arc<Transport>,
     /// Senders that are no peer of this node, each logged once.
     pub unknown_senders: LoggedOnce,
+    /// Senders refused by a group they are not placed in, each logged once.
+    pub outsiders: LoggedOnce,
     pub metrics: Arc<Metrics>,
     /// Peers with a snapshot upload in progress (one each at a time).
     pub uploads: Mutex<std::collections::HashSet<u64>>,
@@ -521,6 +534,15 @@ pub struct PeerService {
     /// Largest raft message frame taken (`--max-peer-frame-bytes`).
     pub max_frame_bytes: usize,
     pub logger: Logger,
+}
+
+/// What a raft group makes of a message from a peer (`PeerService::admission`).
+enum Admission {
+    Admitted,
+    /// The group is not in this node's table of groups (yet): dropped silently.
+    Unknown,
+    /// The sender is not the replica the table places in the group: refused, and why.
+    Outsider(String),
 }
 
 /// Answers a request on the peer port: `POST /raft` with a batch of raft messages,
@@ -667,11 +689,12 @@ impl PeerService {
         None
     }
 
-    /// Whether `msg` comes from a peer of this node, addressed to it. Anything else is
-    /// dropped, counted and logged once per sender: a member this node has not applied
-    /// yet is heard from once it has (raft sends again).
+    /// Whether `msg` comes from a peer of this node, addressed to it (to a replica on
+    /// this node: a raft id's node part, `replica_id.rs`). Anything else is dropped,
+    /// counted and logged once per sender: a member this node has not applied yet is
+    /// heard from once it has (raft sends again).
     fn sent_by_a_peer(&self, msg: &Message) -> bool {
-        if msg.to == self.own_id && self.transport.knows_peer(msg.from) {
+        if node_of(msg.to) == self.own_id && self.transport.knows_peer(node_of(msg.from)) {
             return true;
         }
         Metrics::inc(&self.metrics.peer_messages_refused);
@@ -682,17 +705,47 @@ impl PeerService {
         false
     }
 
-    /// Whether `group_id` is the cluster group or in the cluster's table of groups as this
-    /// node applied it so far. A message for any other group is dropped: a group this
-    /// node has not learnt of yet will be sent to again.
-    fn knows_group(&self, group_id: u64) -> bool {
-        group_id == CLUSTER_GROUP
-            || self
-                .membership
-                .read()
-                .unwrap()
-                .groups
-                .contains_key(&group_id)
+    /// Whether group `group_id` takes a message from the replica with raft id `from`, as
+    /// the table of groups this node applied so far says. The cluster group takes every
+    /// member's (checked before) under its node id. A data group takes only the replica
+    /// the table places in it: a node is placed before the group adds its replica and
+    /// taken out only after the group removed it, so every replica the group's
+    /// configuration names passes; a cluster member that hosts no replica of the group,
+    /// or speaks for one the group removed (an earlier incarnation), does not. A group
+    /// not in the table is [`Admission::Unknown`]: one this node has not learnt of yet
+    /// will be sent to again.
+    fn admission(&self, group_id: u64, from: u64) -> Admission {
+        if group_id == CLUSTER_GROUP {
+            return match incarnation_of(from) {
+                0 => Admission::Admitted,
+                _ => Admission::Outsider(format!("raft id {from} is no member's in group 1")),
+            };
+        }
+        let membership = self.membership.read().unwrap();
+        let Some(placement) = membership.groups.get(&group_id) else {
+            return Admission::Unknown;
+        };
+        let node = node_of(from);
+        if !placement.members.contains(&node) {
+            return Admission::Outsider(format!(
+                "node {node} hosts no replica of group {group_id}"
+            ));
+        }
+        match placement.replica_of(node) {
+            current if current == from => Admission::Admitted,
+            current => Admission::Outsider(format!(
+                "raft id {from} is not node {node}'s replica of group {group_id} (that is {current})"
+            )),
+        }
+    }
+
+    /// Counts a message refused as [`Admission::Outsider`], and logs it once per sender.
+    fn refuse_outsider(&self, from: u64, why: &str) {
+        Metrics::inc(&self.metrics.peer_messages_refused);
+        if self.outsiders.first(from) {
+            warn!(self.logger, "refused raft messages from a replica the table of groups does not place in their group";
+                "from" => from, "reason" => why);
+        }
     }
 
     /// Reads a message stream: frames may arrive split across chunks; each complete one is
@@ -719,18 +772,24 @@ impl PeerService {
                 }
             };
             for (group_id, msg) in messages {
-                if let Some(refusal) = self.refuse(msg.from) {
+                let peer = node_of(msg.from);
+                if let Some(refusal) = self.refuse(peer) {
                     return refusal;
                 }
                 if !self.sent_by_a_peer(&msg) {
                     continue;
                 }
-                if format_heard_from != Some(msg.from) {
-                    self.transport.formats().heard(msg.from, format);
-                    format_heard_from = Some(msg.from);
+                if format_heard_from != Some(peer) {
+                    self.transport.formats().heard(peer, format);
+                    format_heard_from = Some(peer);
                 }
-                if self.knows_group(group_id) && !self.partition.is_blocked(msg.from) {
-                    self.node.step(group_id, msg);
+                if self.partition.is_blocked(peer) {
+                    continue;
+                }
+                match self.admission(group_id, msg.from) {
+                    Admission::Admitted => self.node.step(group_id, msg),
+                    Admission::Unknown => {}
+                    Admission::Outsider(why) => self.refuse_outsider(msg.from, &why),
                 }
             }
         }
@@ -765,34 +824,39 @@ impl PeerService {
         };
         let declared =
             header(hyper::header::CONTENT_LENGTH.as_str()).and_then(|n| n.parse::<u64>().ok());
-        if let Some(refusal) = self.refuse(msg.from) {
+        let peer = node_of(msg.from);
+        if let Some(refusal) = self.refuse(peer) {
             return Ok(refusal);
         }
         if !self.sent_by_a_peer(&msg) {
             return Ok(reply(
                 StatusCode::FORBIDDEN,
-                &format!("node {} is not a member this node knows of", msg.from),
+                &format!("node {peer} is not a member this node knows of"),
             ));
         }
-        if !self.knows_group(group_id) {
-            return Ok(reply(
-                StatusCode::NOT_FOUND,
-                &format!("raft group {group_id} is unknown here"),
-            ));
+        match self.admission(group_id, msg.from) {
+            Admission::Admitted => {}
+            Admission::Unknown => {
+                return Ok(reply(
+                    StatusCode::NOT_FOUND,
+                    &format!("raft group {group_id} is unknown here"),
+                ));
+            }
+            Admission::Outsider(why) => {
+                self.refuse_outsider(msg.from, &why);
+                return Ok(reply(StatusCode::FORBIDDEN, &why));
+            }
         }
-        if self.partition.is_blocked(msg.from) {
+        if self.partition.is_blocked(peer) {
             return Ok(reply(StatusCode::NO_CONTENT, ""));
         }
         if declared.is_some_and(|bytes| bytes > self.max_snapshot_bytes) {
-            return Ok(self.too_large(msg.from, declared.unwrap_or_default()));
+            return Ok(self.too_large(peer, declared.unwrap_or_default()));
         }
-        let Some(_upload) = UploadSlot::take(&self.uploads, msg.from) else {
+        let Some(_upload) = UploadSlot::take(&self.uploads, peer) else {
             return Ok(reply(
                 StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "a snapshot upload from node {} is already in progress",
-                    msg.from
-                ),
+                &format!("a snapshot upload from node {peer} is already in progress"),
             ));
         };
         let meta = msg.get_snapshot().get_metadata().clone();

@@ -17,8 +17,10 @@
 //! plus the increments whose outcome is unknown, and no number may be acknowledged twice.
 //!
 //! The test runs twice: on one raft group, and on a cluster formed with `--shards 8`
-//! (keys in eight data groups). There the membership fault is a fourth node joining once,
-//! with replicas moving onto it under the clients (no node is removed: see `round`).
+//! (keys in eight data groups). There the first membership fault is a fourth node
+//! joining, with replicas moving onto it under the clients; each later one (in a soak)
+//! removes a node, which drains it first (its replicas go back to nodes that were moved
+//! off those groups, as new replicas), and adds a fresh one.
 //!
 //! `RAFTKVD_SOAK_SECS=600 cargo test --release --test linearizability -- --nocapture`
 //! repeats the nemesis schedule for that long.
@@ -219,14 +221,14 @@ impl Nemesis {
         self.isolate(false);
         self.isolate(true);
         self.kill_and_restart_all();
-        if !self.sharded {
-            self.replace_a_node();
-        } else if self.next_id == 4 {
-            // A fourth node joins: replicas move onto it under the clients. (Removing a
-            // node from a sharded cluster drains it, which can stall once every spare
-            // node was moved off a group before, since a node never hosts a group again;
-            // so the soak does not replace nodes here.)
+        if self.sharded && self.next_id == 4 {
+            // A fourth node joins: replicas move onto it under the clients.
             self.add_a_node_and_rebalance();
+        } else {
+            // In a sharded cluster the removed node is drained first: its replicas go
+            // back to nodes that were moved off those groups before, each as a new
+            // replica under a new raft id.
+            self.replace_a_node();
         }
     }
 

@@ -233,12 +233,15 @@ fn idle_groups_sleep_and_wake_for_work_even_when_their_leader_died() {
     }
 }
 
+/// Node 4 joins 3 nodes whose 4 groups have 3 replicas each, takes its share, and is
+/// then removed: each of its replicas can only go back to a node it was moved off, which
+/// hosts a new replica of that group under a new raft id.
 #[test]
-fn a_joining_node_takes_its_share_of_replicas_and_no_write_is_lost() {
+fn a_joining_node_takes_its_share_of_replicas_and_can_leave_again_losing_no_write() {
     let mut cluster = Cluster::start(
         "sharding-rebalance",
         3,
-        &["--shards", "6", "--replicas", "2"],
+        &["--shards", "4", "--replicas", "3"],
     );
     for i in 0..120 {
         put_v1(&cluster, 1 + i % 3, &format!("r{i}"), &format!("v{i}"));
@@ -262,7 +265,7 @@ fn a_joining_node_takes_its_share_of_replicas_and_no_write_is_lost() {
     };
     cluster.wait_until("every node to host 3 of the 12 replicas", || {
         let (load, smallest) = load(&cluster);
-        assert!(smallest >= 2, "a group ran short of replicas: {load:?}");
+        assert!(smallest >= 3, "a group ran short of replicas: {load:?}");
         load.values().all(|&n| n == 3)
     });
     // Writes through the new node and reads of every earlier write from it.
@@ -286,6 +289,33 @@ fn a_joining_node_takes_its_share_of_replicas_and_no_write_is_lost() {
     assert!(
         logs.contains("node: 4, change: AddLearnerNode"),
         "moves add node 4 as a learner first"
+    );
+
+    // Node 4 leaves: drained first (202), its 3 replicas go back to nodes 1-3, then it
+    // is removed and exits 0.
+    cluster.wait_leader();
+    let (code, text) = http("DELETE", &cluster.nodes[0].url("4"), None);
+    assert_eq!(code, 202, "{text}");
+    let status = cluster.node(4).wait_exit(common::DEADLINE);
+    assert!(status.success(), "node 4 exits 0 once drained: {status}");
+    let (load, smallest) = load(&cluster);
+    assert_eq!(smallest, 3, "every group kept its 3 replicas: {load:?}");
+    assert_eq!(load.values().sum::<usize>(), 12, "{load:?}");
+    assert_eq!(load[&4], 0, "{load:?}");
+    for i in (0..120).step_by(7) {
+        let key = format!("r{i}");
+        let path = format!("v1/kv/{key}?consistency=serializable");
+        for node in &cluster.nodes[..3] {
+            cluster.wait_until(&format!("node {} to hold {key} itself", node.id), || {
+                http_json("GET", &node.url(&path), None).1["value"] == json!(format!("v{i}"))
+            });
+        }
+    }
+    put_v1(&cluster, 2, "after-drain", "y");
+    let logs: String = cluster.nodes.iter().map(|n| n.log_text()).collect();
+    assert!(
+        logs.contains("node placed again, under a new raft id"),
+        "the replicas went back as new replicas"
     );
 }
 

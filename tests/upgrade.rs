@@ -99,10 +99,11 @@ fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {
     });
 }
 
-/// A rolling upgrade that brings a new entry format: while one member reads only the
-/// old format (node 3 plays a member of an older release), the others write only that
-/// format, so it applies every write and stays up; once it reads the new one too, the
-/// others start writing it.
+/// A rolling upgrade that brings new entry formats: while one member reads only the
+/// oldest format (node 3 plays a member of an older release), the others write only that
+/// format, so it applies every write and stays up, and a node removed from a group is
+/// not placed in it again (format 3); once it reads the newest too, the others start
+/// writing batches and may place the node again.
 #[test]
 fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let mut cluster = common::Cluster::new("entry-format", 3, &["--enable-fault-injection"]);
@@ -115,9 +116,28 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     for thread in 0..16 {
         cluster.wait_value(3, &format!("old-{thread}-24"), "v");
     }
-    let writes_batches = "entry format written changed: every member reads it, format: 2";
+    let writes_batches = "entry format written changed: every member reads it, format: 3";
     assert!(!cluster.nodes[0].log_text().contains(writes_batches));
     assert_eq!(http("GET", &cluster.nodes[2].url("health"), None).0, 200);
+    let groups = cluster.nodes[0].url("v1/groups");
+    let (code, text) = http(
+        "POST",
+        &groups,
+        Some(br#"{"id": 2, "members": [1, 2]}"#.to_vec()),
+    );
+    assert_eq!(code, 201, "{text}");
+    let (code, text) = http("DELETE", &format!("{groups}/2/members/2"), None);
+    assert_eq!(code, 200, "{text}");
+    let place_2_again = || {
+        http(
+            "POST",
+            &format!("{groups}/2/members"),
+            Some(br#"{"id": 2}"#.to_vec()),
+        )
+    };
+    let (code, text) = place_2_again();
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("entry format 3"), "{text}");
 
     // Node 3 is upgraded: the others hear it reads batches, and write them.
     let node3 = cluster.node(3);
@@ -141,4 +161,6 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     for thread in 0..16 {
         cluster.wait_value(3, &format!("new-{thread}-24"), "v");
     }
+    let (code, text) = place_2_again();
+    assert_eq!(code, 201, "every member reads format 3 now: {text}");
 }

@@ -4,6 +4,8 @@
 
 #[path = "../../src/membership.rs"]
 mod membership;
+#[path = "../../src/replica_id.rs"]
+mod replica_id;
 
 #[path = "../../src/api/request.rs"]
 mod request;

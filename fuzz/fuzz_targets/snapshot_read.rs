@@ -10,6 +10,8 @@ mod durable;
 mod kv;
 #[path = "../../src/membership.rs"]
 mod membership;
+#[path = "../../src/replica_id.rs"]
+mod replica_id;
 #[path = "../../src/record.rs"]
 mod record;
 #[path = "../../src/snapshot.rs"]

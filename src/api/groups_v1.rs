@@ -24,6 +24,7 @@ use hyper::{Method, Request, StatusCode};
 use super::request::parse_group_id;
 use super::{json_response, parse_json, read_body, Api, Failure, Reply};
 use crate::command::Op;
+use crate::entry_formats;
 use crate::membership::{parse_node_id, Placement};
 use crate::router::{GroupMsg, MemberChange, NodeStatus, CLUSTER_GROUP};
 
@@ -268,7 +269,9 @@ impl Api {
     /// table of groups lists it first (so that n starts an empty replica and accepts the
     /// group's messages), then the group adds it as a voter (or a learner, with
     /// `"learner": true`; a voter request for a learner promotes it) and its leader sends
-    /// it the log or a snapshot. A retry after a failure finishes what the first try began.
+    /// it the log or a snapshot. A node the group removed before hosts a new replica,
+    /// under its next raft id (`replica_id.rs`), once every member reads entry format 3.
+    /// A retry after a failure finishes what the first try began.
     async fn add_group_member(
         &self,
         group: u64,
@@ -283,10 +286,16 @@ impl Api {
                 "node {id} is not a member of the cluster"
             )));
         }
-        if placement.removed.contains(&id) {
+        let again = placement.was_removed(id) && !placement.members.contains(&id);
+        if again && !self.every_member_reads(entry_formats::REHOST) {
             return Err(Failure::new(
                 StatusCode::CONFLICT,
-                format!("node {id} was removed from group {group} and cannot host it again"),
+                format!(
+                    "node {id} was removed from group {group} before; it can host it again \
+                     (as a new replica) only once every member runs a release that reads \
+                     entry format {} (retry after a rolling upgrade)",
+                    entry_formats::REHOST
+                ),
             ));
         }
         let promotion = !learner && status.learners.contains(&id);
@@ -297,7 +306,10 @@ impl Api {
             ));
         }
         if !placement.members.contains(&id) {
-            let place = Op::AddGroupMember { group, node: id };
+            let place = match again {
+                true => Op::ReAddGroupMember { group, node: id },
+                false => Op::AddGroupMember { group, node: id },
+            };
             self.router
                 .propose_op(CLUSTER_GROUP, place, self.request_timeout)
                 .await?;
@@ -320,7 +332,7 @@ impl Api {
 
     /// `DELETE /v1/groups/<g>/members/<n>`: the group removes node n, then the table of
     /// groups takes it out, and n deletes its replica's data. n keeps serving its other
-    /// groups; it never hosts group g again.
+    /// groups; that replica's raft id is never used again.
     async fn remove_group_member(&self, group: u64, status: NodeStatus, node: &str) -> Reply {
         let id = parse_node_id(node).map_err(Failure::bad_request)?;
         let placement = self.placement_of(group)?;
@@ -437,6 +449,17 @@ impl Api {
                 ));
             }
         }
+    }
+
+    /// Whether this node and every other member of the cluster read entry `format`.
+    fn every_member_reads(&self, format: u8) -> bool {
+        let membership = self.membership.read().unwrap();
+        let others = membership
+            .peer_urls
+            .keys()
+            .copied()
+            .filter(|&n| n != self.id);
+        self.entry_formats.all_read(others, format)
     }
 
     /// Group `group`'s entry in the table of groups; the cluster group's members are

@@ -60,6 +60,9 @@ pub struct Api {
     pub membership: SharedMembership,
     /// The HTTP client that forwards requests to other nodes' peer ports.
     pub peers: reqwest::Client,
+    /// The entry formats this node and its peers read (a change some members could not
+    /// apply is refused).
+    pub entry_formats: Arc<crate::entry_formats::EntryFormats>,
     pub cluster_id: Arc<ClusterId>,
     /// Set once this node's list of shards is known to be current (`settle_shards`).
     pub shards_settled: std::sync::atomic::AtomicBool,

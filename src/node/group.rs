@@ -34,6 +34,7 @@ use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
 use crate::random::random_u64;
 use crate::read_index::ReadQueue;
+use crate::replica_id::node_of;
 use crate::snapshot::{self, SnapshotMeta};
 use crate::storage::LogStore;
 use crate::transport::Transport;
@@ -158,10 +159,11 @@ pub struct Group {
 }
 
 impl Group {
-    /// Starts group `id`'s raft on `store`, with `kv` rebuilt from the store's snapshot
-    /// (or empty).
+    /// Starts group `id`'s raft on `store` as the replica with raft id `replica`
+    /// (`replica_id.rs`), with `kv` rebuilt from the store's snapshot (or empty).
     pub fn new(
         id: u64,
+        replica: u64,
         config: &NodeConfig,
         store: LogStore,
         kv: SharedKv,
@@ -179,7 +181,7 @@ impl Group {
         let snap = store.snapshot_meta();
         let snap_revision = kv.read().unwrap().revision();
         let raft_config = raft::Config {
-            id: config.id,
+            id: replica,
             election_tick: config.election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
             applied: snap.index,
@@ -235,6 +237,21 @@ impl Group {
         self.id
     }
 
+    /// This replica's raft id.
+    pub fn replica_id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    /// The raft id of node `node`'s replica in this group's configuration, if it has one.
+    fn replica_of_node(&self, node: u64) -> Option<u64> {
+        let conf = self.raw.raft.prs().conf();
+        conf.voters()
+            .ids()
+            .iter()
+            .chain(conf.learners().iter().copied())
+            .find(|&replica| node_of(replica) == node)
+    }
+
     fn is_cluster_group(&self) -> bool {
         self.id == CLUSTER_GROUP
     }
@@ -286,8 +303,11 @@ impl Group {
         self.start_read_batch();
     }
 
+    /// Node `peer` could not be reached: tells raft about its replica here, if any.
     pub fn report_unreachable(&mut self, peer: u64) {
-        self.raw.report_unreachable(peer);
+        if let Some(replica) = self.replica_of_node(peer) {
+            self.raw.report_unreachable(replica);
+        }
     }
 
     pub fn handle(&mut self, msg: GroupMsg) {
@@ -305,10 +325,7 @@ impl Group {
                 self.reads.push(reply)
             }
             GroupMsg::Step(mut msg) => {
-                let refusal = self
-                    .refuses_sender(msg.from)
-                    .map_or_else(|| inbound::check(&self.raw.raft, &msg), Err);
-                if let Err(why) = refusal {
+                if let Err(why) = inbound::check(&self.raw.raft, &msg) {
                     self.refused(&msg, &why);
                     return;
                 }
@@ -343,10 +360,14 @@ impl Group {
                     error!(self.logger, "could not record a snapshot"; "error" => &e);
                 }
             }
-            GroupMsg::TransferLeader(to) => {
+            GroupMsg::TransferLeader(node) => {
                 // On a follower raft-rs forwards the request to the leader.
                 self.wake();
-                info!(self.logger, "asking for a leadership transfer"; "to" => to, "term" => self.raw.raft.term);
+                let Some(to) = self.replica_of_node(node) else {
+                    warn!(self.logger, "not transferring leadership to a node outside the group"; "to" => node);
+                    return;
+                };
+                info!(self.logger, "asking for a leadership transfer"; "to" => node, "raft_id" => to, "term" => self.raw.raft.term);
                 self.raw.transfer_leader(to);
             }
             GroupMsg::Status(reply) => {
@@ -410,6 +431,7 @@ impl Group {
         true
     }
 
+    /// The group as this replica sees it, in node ids (not raft ids).
     pub fn status(&self) -> NodeStatus {
         let raft = &self.raw.raft;
         let conf = raft.prs().conf().to_conf_state();
@@ -418,19 +440,22 @@ impl Group {
             .voters
             .iter()
             .chain(&conf.learners)
-            .map(|&id| Member {
-                id,
-                peer_url: urls.get(&id).cloned().unwrap_or_default(),
+            .map(|&replica| {
+                let id = node_of(replica);
+                Member {
+                    id,
+                    peer_url: urls.get(&id).cloned().unwrap_or_default(),
+                }
             })
             .collect();
         members.sort_unstable_by_key(|m| m.id);
-        let mut learners = conf.learners;
+        let mut learners: Vec<u64> = conf.learners.iter().map(|&r| node_of(r)).collect();
         learners.sort_unstable();
         NodeStatus {
-            id: raft.id,
+            id: node_of(raft.id),
             term: raft.term,
             role: format!("{:?}", raft.state),
-            leader: raft.leader_id,
+            leader: node_of(raft.leader_id),
             commit: raft.raft_log.committed,
             applied: raft.raft_log.applied,
             revision: self.kv.read().unwrap().revision(),

@@ -31,6 +31,7 @@ use slog::{error, info, o, warn, Logger};
 use crate::kv::SharedKv;
 use crate::membership::{Placement, SharedMembership};
 use crate::metrics::Metrics;
+use crate::replica_id::incarnation_of;
 use crate::router::{GroupMsg, NodeExit, NodeMsg, ProposeError, Router, CLUSTER_GROUP};
 use crate::snapshot::{self, SnapshotData};
 use crate::storage::{self, LogStore};
@@ -137,7 +138,8 @@ impl Node {
             stopping: None,
             logger,
         };
-        node.start_group(CLUSTER_GROUP, store, kv)?;
+        let own = node.config.id;
+        node.start_group(CLUSTER_GROUP, own, store, kv)?;
         let groups: Vec<u64> = node
             .shared
             .membership
@@ -153,7 +155,14 @@ impl Node {
         Ok(node)
     }
 
-    fn start_group(&mut self, id: u64, store: LogStore, kv: SharedKv) -> Result<(), String> {
+    /// Starts group `id`'s raft, as the replica with raft id `replica`.
+    fn start_group(
+        &mut self,
+        id: u64,
+        replica: u64,
+        store: LogStore,
+        kv: SharedKv,
+    ) -> Result<(), String> {
         let logger = self.logger.new(o!("component" => "raft", "group" => id));
         let shared = GroupShared {
             membership: self.shared.membership.clone(),
@@ -161,14 +170,17 @@ impl Node {
             inbox: self.shared.router.clone(),
             metrics: self.shared.metrics.clone(),
         };
-        let mut group = Group::new(id, &self.config, store, kv.clone(), shared, logger)?;
+        let mut group = Group::new(id, replica, &self.config, store, kv.clone(), shared, logger)?;
         group.report_configuration_to(self.shared.router.register(id, kv));
         self.groups.insert(id, group);
         Ok(())
     }
 
     /// Starts or drops this node's replica of `group` to match the cluster's table of
-    /// groups (see `group/placement.rs`).
+    /// groups (see `group/placement.rs`). A replica is dropped only once the table names
+    /// its raft id among the removed ones: while the cluster group replays its log after
+    /// a restart the table may be older than the replica (placed again since), and such a
+    /// replica is kept.
     fn reconcile(&mut self, group: u64) -> Result<(), String> {
         let placement = self
             .shared
@@ -182,26 +194,43 @@ impl Node {
             return Ok(());
         };
         let placed_here = placement.members.contains(&self.config.id);
-        match (placed_here, self.groups.contains_key(&group)) {
-            (true, false) => self.start_replica(group, &placement),
-            (false, true) => self.drop_replica(group),
-            _ => Ok(()),
+        let running = self.groups.get(&group).map(Group::replica_id);
+        if let Some(replica) = running.filter(|r| placement.removed.contains(r)) {
+            self.drop_replica(group, replica)?;
+            if placed_here {
+                return self.start_replica(group, &placement);
+            }
+        } else if placed_here && running.is_none() {
+            return self.start_replica(group, &placement);
         }
+        Ok(())
     }
 
     /// Starts this node's replica of `group`: from its log and snapshot if it has them;
     /// else, on a node the group was created on, from the first log every such node
     /// writes alike; else empty, to be sent the log by the group's leader. A replica
-    /// this node dropped is never started again.
+    /// this node dropped is never started again: a new one has a new raft id
+    /// (`replica_id.rs`), which is recorded before it starts.
     fn start_replica(&mut self, group: u64, placement: &Placement) -> Result<(), String> {
         let logger = self.logger.new(o!("group" => group));
-        if storage::is_destroyed(&self.engine, group) {
-            warn!(logger, "not starting a replica this node dropped before");
-            return Ok(());
-        }
+        let own = self.config.id;
         let (mut store, recovered) =
             open_group(&self.engine, &self.config.data_dir, group, &logger)?;
-        if store.is_empty() && placement.initial.contains(&self.config.id) {
+        let destroyed = storage::destroyed_incarnation(&self.engine, group);
+        let replica = match storage::recorded_replica_id(&self.engine, group) {
+            Some(id) if destroyed.is_none_or(|d| incarnation_of(id) > d) => id,
+            _ if !store.is_empty() => own, // made before incarnations were recorded
+            _ => placement.replica_of(own),
+        };
+        if destroyed.is_some_and(|d| d >= incarnation_of(replica)) {
+            warn!(logger, "not starting a replica this node dropped before"; "raft_id" => replica);
+            return Ok(());
+        }
+        if store.is_empty() {
+            storage::record_replica_id(&self.engine, group, replica)
+                .map_err(|e| format!("cannot record the raft id of a new replica: {e}"))?;
+        }
+        if store.is_empty() && incarnation_of(replica) == 0 && placement.initial.contains(&own) {
             let members: Vec<(u64, String)> = placement
                 .initial
                 .iter()
@@ -210,24 +239,22 @@ impl Node {
             bootstrap(&mut store, &members, members.len(), Vec::new())?;
             info!(logger, "started a replica of a new group"; "members" => ?placement.initial);
         } else if store.is_empty() {
-            info!(
-                logger,
-                "started an empty replica; the group's leader sends it the log"
-            );
+            info!(logger, "started an empty replica; the group's leader sends it the log";
+                "raft_id" => replica, "incarnation" => incarnation_of(replica));
         }
         let kv = SharedKv::default();
         if let Some(data) = recovered {
             kv.write().unwrap().replace(data.kv);
         }
-        self.start_group(group, store, kv)
+        self.start_group(group, replica, store, kv)
     }
 
-    /// Stops this node's replica of `group` and deletes its log and snapshots, leaving a
-    /// tombstone. The process goes on serving its other groups.
-    fn drop_replica(&mut self, group: u64) -> Result<(), String> {
+    /// Stops this node's replica of `group` (raft id `replica`) and deletes its log and
+    /// snapshots, leaving a tombstone. The process goes on serving its other groups.
+    fn drop_replica(&mut self, group: u64, replica: u64) -> Result<(), String> {
         self.groups.remove(&group);
         self.shared.router.unregister(group);
-        storage::destroy_group(&self.engine, group)
+        storage::destroy_group(&self.engine, group, incarnation_of(replica))
             .map_err(|e| format!("cannot delete the log of group {group}: {e}"))?;
         let dir = snapshot::dir_of(&self.config.data_dir, group);
         if let Some(group_dir) = dir.parent().filter(|_| group != CLUSTER_GROUP) {
@@ -237,7 +264,7 @@ impl Node {
                 }
             }
         }
-        info!(self.logger, "dropped this node's replica of a group; its data is deleted"; "group" => group);
+        info!(self.logger, "dropped this node's replica of a group; its data is deleted"; "group" => group, "raft_id" => replica);
         Ok(())
     }
 
@@ -370,7 +397,10 @@ impl Node {
                 }
                 GroupEvent::Removed { index } => {
                     info!(self.logger, "this node was removed from a group"; "group" => group_id, "index" => index);
-                    self.drop_replica(group_id)
+                    match self.groups.get(&group_id).map(Group::replica_id) {
+                        Some(replica) => self.drop_replica(group_id, replica),
+                        None => Ok(()),
+                    }
                 }
             };
             if let Err(e) = done {

@@ -14,6 +14,7 @@ use slog::{info, warn};
 use super::{Group, GroupEvent};
 use crate::command::MemberContext;
 use crate::membership::CLUSTER_GROUP_VOTERS;
+use crate::replica_id::node_of;
 use crate::router::{MemberChange, ProposeError, Reply, Written};
 
 /// The start of the message that refuses a change while another is unapplied; a client
@@ -21,7 +22,10 @@ use crate::router::{MemberChange, ProposeError, Reply, Written};
 pub const CHANGE_IN_PROGRESS: &str = "another membership change is still in progress";
 
 impl Group {
+    /// Proposes a change of the group's members, named by node ids (the API's), which
+    /// it turns into raft ids first (`replica_id.rs`).
     pub(super) fn propose_member_change(&mut self, change: MemberChange, reply: Reply) {
+        let change = self.in_raft_ids(change);
         if let Err(why) = self.check_member_change(&change) {
             let _ = reply.send(Err(ProposeError::Conflict(why)));
             return;
@@ -64,8 +68,34 @@ impl Group {
         self.await_proposal(id, proposed, reply, None);
     }
 
-    /// Refuses a change that cannot succeed, instead of letting raft-rs silently turn it
-    /// into an empty entry.
+    /// `change` with its node id replaced by the raft id of that node's replica: the one in
+    /// the configuration, or else the one the table of groups places (a node added again
+    /// after its removal is a new replica). The cluster group's raft ids are node ids.
+    fn in_raft_ids(&self, change: MemberChange) -> MemberChange {
+        if self.is_cluster_group() {
+            return change;
+        }
+        let replica = |node: u64| {
+            self.replica_of_node(node).unwrap_or_else(|| {
+                let membership = self.membership.read().unwrap();
+                membership
+                    .groups
+                    .get(&self.id)
+                    .map_or(node, |placement| placement.replica_of(node))
+            })
+        };
+        match change {
+            MemberChange::Add { id, peer_url } => MemberChange::Add {
+                id: replica(id),
+                peer_url,
+            },
+            MemberChange::AddLearner { id } => MemberChange::AddLearner { id: replica(id) },
+            MemberChange::Remove { id } => MemberChange::Remove { id: replica(id) },
+        }
+    }
+
+    /// Refuses a change (in raft ids) that cannot succeed, instead of letting raft-rs
+    /// silently turn it into an empty entry.
     fn check_member_change(&self, change: &MemberChange) -> Result<(), String> {
         let conf = self.raw.raft.prs().conf().to_conf_state();
         let members: BTreeSet<u64> = conf.voters.iter().chain(&conf.learners).copied().collect();
@@ -73,7 +103,7 @@ impl Group {
         let learner = |id: &u64| conf.learners.contains(id);
         match change {
             MemberChange::AddLearner { id } if members.contains(id) => {
-                return Err(format!("node {id} is already a member"));
+                return Err(format!("node {} is already a member", node_of(*id)));
             }
             MemberChange::AddLearner { .. } => {}
             // Promoting a learner (in the cluster group, only to fill a voter's place).
@@ -95,11 +125,12 @@ impl Group {
             }
             MemberChange::Add { id, peer_url } => {
                 if members.contains(id) {
-                    return Err(format!("node {id} is already a member"));
+                    return Err(format!("node {} is already a member", node_of(*id)));
                 }
-                if membership.removed.contains(id) {
+                if membership.removed.contains(&node_of(*id)) {
                     return Err(format!(
-                        "node id {id} was removed from this cluster and cannot be reused; add the node under a new id"
+                        "node id {} was removed from this cluster and cannot be reused; add the node under a new id",
+                        node_of(*id)
                     ));
                 }
                 if let Some((other, _)) = membership
@@ -114,7 +145,7 @@ impl Group {
             }
             MemberChange::Remove { id } => {
                 if !members.contains(id) {
-                    return Err(format!("node {id} is not a member"));
+                    return Err(format!("node {} is not a member", node_of(*id)));
                 }
                 if members.len() == 1 && self.is_cluster_group() {
                     return Err("cannot remove the last member of the cluster".into());
@@ -280,7 +311,7 @@ impl Group {
             self.events.push(GroupEvent::Removed { index: entry.index });
         }
         info!(self.logger, "membership changed"; "group" => self.id,
-            "change" => ?cc.get_change_type(), "node" => node, "index" => entry.index,
+            "change" => ?cc.get_change_type(), "node" => node_of(node), "raft_id" => node, "index" => entry.index,
             "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
         self.answer(
             context.id,

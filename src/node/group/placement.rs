@@ -1,10 +1,9 @@
 //! The cluster group's table of groups (`membership.rs`: `groups`, `shards`, `draining`):
 //! applying a group's creation, a node's placement in or out of a group, the list of
 //! shards of a new cluster and a node's draining, as committed in the cluster group's
-//! log; and who the table lets speak in a data group. Each change is checked here, at
-//! apply time, so that of two racing requests the same one wins on every node; the node
-//! loop then starts or drops this node's replica (`GroupEvent::Placed`). Only the
-//! cluster group applies these.
+//! log. Each change is checked here, at apply time, so that of two racing requests the
+//! same one wins on every node; the node loop then starts or drops this node's replica
+//! (`GroupEvent::Placed`). Only the cluster group applies these.
 
 use slog::{error, info};
 
@@ -14,24 +13,6 @@ use crate::membership::Placement;
 use crate::router::{ProposeError, CLUSTER_GROUP};
 
 impl Group {
-    /// Why a raft message from node `from` must not reach this group, if it must not:
-    /// only a node the table of groups places in a data group may speak in it. A node is
-    /// placed before the group adds it and taken out only after the group removed it, so
-    /// every member the group's configuration names passes; a cluster member that hosts
-    /// no replica of the group (or no longer does) does not. For the cluster group every
-    /// member may, which the transport checked.
-    pub(super) fn refuses_sender(&self, from: u64) -> Option<String> {
-        if self.is_cluster_group() {
-            return None;
-        }
-        let membership = self.membership.read().unwrap();
-        match membership.groups.get(&self.id) {
-            Some(placement) if placement.members.contains(&from) => None,
-            Some(_) => Some(format!("node {from} hosts no replica of group {}", self.id)),
-            None => Some(format!("group {} is not in the table of groups", self.id)),
-        }
-    }
-
     /// Applies a change of the table of groups (any `Op` but `Kv`) committed at `index`.
     pub(super) fn apply_placement(&mut self, index: u64, op: Op) -> Result<(), ProposeError> {
         if !self.is_cluster_group() {
@@ -60,20 +41,40 @@ impl Group {
                 let Some(placement) = membership.groups.get_mut(&group) else {
                     return Err(ProposeError::Conflict(format!("no group {group}")));
                 };
-                if placement.removed.contains(&node) {
+                if placement.was_removed(node) {
+                    // Placed again only by ReAddGroupMember, which a release that forbids
+                    // it cannot read: it stops rather than apply this differently.
                     return Err(ProposeError::Conflict(format!(
-                        "node {node} was removed from group {group} and cannot host it again"
+                        "node {node} was removed from group {group}; it can host it again \
+                         only once every member runs a release that allows it"
                     )));
                 }
                 placement.members.insert(node);
                 (group, "node placed")
             }
+            Op::ReAddGroupMember { group, node } => {
+                let Some(placement) = membership.groups.get_mut(&group) else {
+                    return Err(ProposeError::Conflict(format!("no group {group}")));
+                };
+                if placement.members.contains(&node) || !placement.was_removed(node) {
+                    return Err(ProposeError::Conflict(format!(
+                        "node {node} is not a removed member of group {group}"
+                    )));
+                }
+                placement.members.insert(node);
+                (group, "node placed again, under a new raft id")
+            }
             Op::RemoveGroupMember { group, node } => {
                 let Some(placement) = membership.groups.get_mut(&group) else {
                     return Err(ProposeError::Conflict(format!("no group {group}")));
                 };
-                placement.members.remove(&node);
-                placement.removed.insert(node);
+                // The replica it hosts; for a node that hosts none, its first (as every
+                // release before replicas had incarnations did).
+                let replica = match placement.members.remove(&node) {
+                    true => placement.replica_of(node),
+                    false => node,
+                };
+                placement.removed.insert(replica);
                 (group, "node taken out")
             }
             Op::DrainNode { node } => {
@@ -100,7 +101,7 @@ impl Group {
         };
         let placement = &membership.groups[&group];
         info!(self.logger, "group placement changed"; "placed_group" => group, "change" => outcome,
-            "members" => ?placement.members, "index" => index);
+            "members" => ?placement.members, "removed_replicas" => ?placement.removed, "index" => index);
         self.events.push(GroupEvent::Placed { group });
         Ok(())
     }
