@@ -113,6 +113,12 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
 
+    /// Changes (puts and deletes) each raft group keeps for watches: a watch may start
+    /// this far back, and a restarted node has those since its last snapshot. 0 keeps
+    /// none (watches then start at the current revision only).
+    #[arg(long, env = "RAFTKVD_WATCH_HISTORY", default_value_t = crate::history::DEFAULT_CAPACITY)]
+    pub watch_history: usize,
+
     /// Writes kept in the log behind a snapshot, so that a follower that lags a little
     /// catches up from the log instead of a whole snapshot. (Entries carry several writes:
     /// the entries kept are scaled by the writes per entry since the previous snapshot.)

@@ -49,7 +49,7 @@ pub struct Limits {
 /// Serves `handler` on `listener` (over TLS if `tls` is given) until `shutdown` turns
 /// true, then drains.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve<H, F>(
+pub async fn serve<H, F, B>(
     name: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
@@ -59,7 +59,8 @@ pub async fn serve<H, F>(
     logger: Logger,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -167,7 +168,7 @@ async fn handshake(
 }
 
 /// Serves one connection's requests with `handler` until it closes or the server stops.
-async fn serve_connection<I, H, F>(
+async fn serve_connection<I, H, F, B>(
     io: I,
     certificate: Option<ClientCertificate>,
     limits: Limits,
@@ -176,7 +177,8 @@ async fn serve_connection<I, H, F>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
 {
     let service = service_fn(move |mut req: Request<Incoming>| {
         if let Some(certificate) = &certificate {

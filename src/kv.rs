@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::command::{Command, Write};
+use crate::history::{Event, History};
 use crate::record::Record;
 
 /// The map, shared between the node (the only writer) and the HTTP API (readers).
@@ -154,9 +155,22 @@ fn shard_of(key: &[u8]) -> usize {
     (h.finish() % SHARDS as u64) as usize
 }
 
-#[derive(Default)]
 pub struct KvStore {
     map: FrozenKv,
+    /// The recent changes, for watches.
+    history: History,
+    /// Told the revision after every applied entry, while someone listens.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for KvStore {
+    fn default() -> KvStore {
+        KvStore {
+            map: FrozenKv::default(),
+            history: History::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl KvStore {
@@ -169,9 +183,34 @@ impl KvStore {
         self.map.clone()
     }
 
-    /// Replaces the whole map with a snapshot's.
+    /// Replaces the whole map with a snapshot's; the history starts again after it.
     pub fn replace(&mut self, map: FrozenKv) {
         self.map = map;
+        self.history.reset(self.map.revision);
+        self.publish();
+    }
+
+    /// The recent changes (see `watch.rs`).
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Keeps up to `capacity` events in the history (`--watch-history`).
+    pub fn set_history_capacity(&mut self, capacity: usize) {
+        self.history.set_capacity(capacity);
+    }
+
+    /// A receiver told of every revision applied from now on. Subscribe and read the
+    /// history under one lock, so that no change falls between the two.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Tells the watchers, if any, that the map moved to its current revision.
+    fn publish(&self) {
+        if self.changes.receiver_count() > 0 {
+            self.changes.send_replace(self.map.revision);
+        }
     }
 
     fn revision_of(&self, key: &[u8]) -> u64 {
@@ -194,6 +233,7 @@ impl KvStore {
     /// revision it took.
     pub fn skip_revision(&mut self) -> u64 {
         self.map.revision += 1;
+        self.publish();
         self.map.revision
     }
 
@@ -202,7 +242,9 @@ impl KvStore {
     pub fn apply(&mut self, command: Command) -> (u64, Applied) {
         self.map.revision += 1;
         let revision = self.map.revision;
-        (revision, self.apply_at(command, revision))
+        let applied = self.apply_at(command, revision);
+        self.publish();
+        (revision, applied)
     }
 
     fn apply_at(&mut self, command: Command, revision: u64) -> Applied {
@@ -221,14 +263,24 @@ impl KvStore {
                 Write::Put { key, value } => {
                     // A record of its own: slices of the entry would pin the whole buffer
                     // it was read into (raft-engine reads whole, possibly compressed,
-                    // blocks).
+                    // blocks). The history's copy too.
                     let shard = &mut self.map.shards[shard_of(&key)];
                     Arc::make_mut(shard).replace(Record::new(&key, &value, revision));
+                    self.history.record(Event {
+                        revision,
+                        key: Bytes::copy_from_slice(&key),
+                        value: Some(Bytes::copy_from_slice(&value)),
+                    });
                 }
                 Write::Delete { key } => {
                     let shard = &mut self.map.shards[shard_of(&key)];
                     if shard.contains(&key[..]) && Arc::make_mut(shard).remove(&key[..]) {
                         deleted += 1;
+                        self.history.record(Event {
+                            revision,
+                            key: Bytes::copy_from_slice(&key),
+                            value: None,
+                        });
                     }
                 }
             }

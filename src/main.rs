@@ -20,6 +20,7 @@ mod entry_formats;
 mod faults;
 #[cfg(test)]
 mod fuzz_corpus;
+mod history;
 mod http_server;
 mod join;
 mod kv;
@@ -34,6 +35,7 @@ mod read_index;
 mod rebalance;
 mod record;
 mod replica_id;
+mod response_body;
 mod router;
 mod sharding;
 mod snapshot;
@@ -304,6 +306,7 @@ async fn serve(
             heartbeat_ticks: config.heartbeat_ticks,
             data_dir: config.data_dir(),
             snapshot_count: config.snapshot_count,
+            watch_history: config.watch_history,
             catchup_entries: config.snapshot_catchup_entries,
         },
         engine,
@@ -317,6 +320,7 @@ async fn serve(
         },
         logger.clone(),
     )?;
+    let (stop_servers, servers_stopping) = watch::channel(false);
     let api = Arc::new(Api {
         id: config.id,
         router: router.clone(),
@@ -331,10 +335,10 @@ async fn serve(
         peer_tls: tls.peer.is_some(),
         admin_cns: config.admin_cn.clone(),
         data_dir: config.data_dir(),
+        stopping: servers_stopping.clone(),
         metrics: metrics.clone(),
         logger: logger.new(o!("component" => "api")),
     });
-    let (stop_servers, servers_stopping) = watch::channel(false);
     if cluster_id.get().is_none() {
         // Joining with --join: learn the cluster id from a member that lists this node.
         tokio::spawn(cluster_id::learn(
@@ -410,7 +414,7 @@ async fn serve(
         api_listener,
         tls.client.clone(),
         config.client_limits(),
-        move |req| api.clone().handle(req),
+        move |req| api.clone().handle_client(req),
         servers_stopping,
         logger.clone(),
     ));

@@ -16,5 +16,7 @@ mod replica_id;
 mod record;
 #[path = "../../src/snapshot.rs"]
 mod snapshot;
+#[path = "../../src/history.rs"]
+mod history;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| snapshot::check_reading(data));

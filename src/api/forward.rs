@@ -50,6 +50,24 @@ pub(super) struct Forwarded {
     pub body: Bytes,
 }
 
+/// How long a host may take to answer a request forwarded under `path`: a long poll
+/// (`?wait=true`, `api/watch_v1.rs`) as long as it asks to wait, anything else the
+/// request timeout; and a second more, so that the host's own timeout answers first.
+fn answer_timeout(path: &str, request_timeout: Duration) -> Duration {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let long_poll = query.split('&').any(|p| p == "wait=true");
+    let wait = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("timeout_ms="))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(super::watch_v1::WAIT_DEFAULT, Duration::from_millis)
+        .min(super::watch_v1::WAIT_LONGEST);
+    match long_poll {
+        true => wait.max(request_timeout) + Duration::from_secs(1),
+        false => request_timeout + Duration::from_secs(1),
+    }
+}
+
 impl Api {
     /// Sends `req`, for group `group`, to a node that hosts it, under `path` (default:
     /// the request's own path and query), and relays the answer.
@@ -128,7 +146,7 @@ impl Api {
                     format!("{url}{FORWARD_PREFIX}{}", request.path),
                 )
                 .header(FORWARDED_HEADER, self.id.to_string())
-                .timeout(self.request_timeout + Duration::from_secs(1))
+                .timeout(answer_timeout(&request.path, self.request_timeout))
                 .body(request.body.clone());
             if let Some(id) = self.cluster_id.get() {
                 attempt = attempt.header(cluster_id::HEADER, cluster_id::format(id));

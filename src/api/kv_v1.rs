@@ -196,6 +196,9 @@ impl Api {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Reply {
+        if query.is_some_and(|q| q.split('&').any(|p| p.starts_with("wait="))) {
+            return self.wait_for_change(group, key, query).await;
+        }
         let params = parse_query(query, &["consistency"])?;
         self.wait_until_readable(group, Consistency::from_params(&params)?)
             .await?;

@@ -44,6 +44,7 @@ mod kv_v1;
 mod members_v1;
 mod raftexample;
 mod request;
+mod watch_v1;
 
 use forward::FORWARDED_HEADER;
 use request::{decode_path_segment, number_param, parse_json, parse_query, v1_rest, Failure};
@@ -77,6 +78,8 @@ pub struct Api {
     pub admin_cns: Vec<String>,
     /// Measured for `GET /status`.
     pub data_dir: PathBuf,
+    /// Turns true when the servers stop: watches and long polls end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     pub logger: Logger,
 }

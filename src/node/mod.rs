@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Applied writes (revisions) between two snapshots of a group.
     pub snapshot_count: u64,
+    /// Changes each group's map keeps for watches.
+    pub watch_history: usize,
     /// Writes kept in a group's log behind a snapshot, for followers that lag a little.
     pub catchup_entries: u64,
 }
@@ -170,6 +172,9 @@ impl Node {
             inbox: self.shared.router.clone(),
             metrics: self.shared.metrics.clone(),
         };
+        kv.write()
+            .unwrap()
+            .set_history_capacity(self.config.watch_history);
         let mut group = Group::new(id, replica, &self.config, store, kv.clone(), shared, logger)?;
         group.report_configuration_to(self.shared.router.register(id, kv));
         self.groups.insert(id, group);

@@ -1,0 +1,340 @@
+//! Watches (`GET /v1/watch`) and long polls (`?wait=true`): real processes, real HTTP.
+//! A watcher's events are checked against the writes the cluster acknowledged: every
+//! one exactly once, in revision order, across a leader kill and a reconnect.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{http, http_json, Cluster, DEADLINE};
+use serde_json::{json, Value};
+
+/// A watch stream read line by line on a thread of its own.
+struct Watcher {
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Watcher {
+    /// Opens `url` and asserts the stream started (200).
+    fn open(url: &str) -> Watcher {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap();
+        let response = client.get(url).send().expect("the watch request");
+        assert_eq!(response.status().as_u16(), 200, "{url}");
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert_eq!(content_type, "application/x-ndjson");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(response).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line).expect("every line is JSON");
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Watcher { lines }
+    }
+
+    /// The next line, or None once the stream ended.
+    fn next_line(&self) -> Option<Value> {
+        match self.lines.recv_timeout(DEADLINE) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no line within {DEADLINE:?}"),
+        }
+    }
+
+    /// Events (puts and deletes) until `done` says enough, or the stream ends.
+    fn events_until(&self, mut done: impl FnMut(&[Value]) -> bool) -> (Vec<Value>, bool) {
+        let mut events = Vec::new();
+        while !done(&events) {
+            match self.next_line() {
+                Some(line) if line["type"] == "put" || line["type"] == "delete" => {
+                    events.push(line)
+                }
+                Some(line) if line["type"] == "progress" => {}
+                Some(line) => panic!("unexpected line {line}"),
+                None => return (events, false),
+            }
+        }
+        (events, true)
+    }
+}
+
+/// One acknowledged write: key, value (None for a delete) and revision.
+type Write = (String, Option<String>, u64);
+
+/// PUT (or DELETE with `None`) through node `via`; Some(revision) once acknowledged,
+/// None if the outcome is unknown (it may still have applied).
+fn write(cluster: &Cluster, via: u64, key: &str, value: Option<&str>) -> Option<u64> {
+    let url = cluster.nodes[via as usize - 1].url(&format!("v1/kv/{key}"));
+    let (code, answer) = match value {
+        Some(value) => http_json("PUT", &url, Some(json!({ "value": value }))),
+        None => http_json("DELETE", &url, None),
+    };
+    (code == 200).then(|| answer["revision"].as_u64().unwrap())
+}
+
+fn as_write(event: &Value) -> Write {
+    (
+        event["key"].as_str().unwrap().to_string(),
+        event["value"].as_str().map(str::to_string),
+        event["revision"].as_u64().unwrap(),
+    )
+}
+
+/// A watcher on the leader sees every write under its prefix, in order, and no other;
+/// the leader is killed; the watcher reconnects to another node from the revision after
+/// the last it saw, while writes go on: across both streams it sees every acknowledged
+/// write exactly once, in revision order. Also: progress lines, bad requests.
+#[test]
+fn a_watcher_sees_every_write_once_across_a_leader_kill_and_a_reconnect() {
+    let mut cluster = Cluster::start("watch", 3, &[]);
+    let leader = cluster.wait_leader();
+    let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    let node_url =
+        |cluster: &Cluster, id: u64, path: &str| cluster.nodes[id as usize - 1].url(path);
+    for bad in [
+        "v1/watch",
+        "v1/watch?key=",
+        "v1/watch?prefix=a&key=b",
+        "v1/watch?prefix=&start_revision=0",
+    ] {
+        let (code, answer) = http_json("GET", &node_url(&cluster, leader, bad), None);
+        assert_eq!(code, 400, "{bad}: {answer}");
+    }
+    let (code, _) = http(
+        "POST",
+        &node_url(&cluster, leader, "v1/watch?prefix="),
+        None,
+    );
+    assert_eq!(code, 405);
+
+    let first = Watcher::open(&node_url(
+        &cluster,
+        leader,
+        "v1/watch?prefix=w/&progress_ms=200",
+    ));
+    let mut acked: Vec<Write> = Vec::new();
+    for i in 0..20 {
+        let value = format!("v{i}");
+        let revision = write(
+            &cluster,
+            others[i % 2],
+            &format!("w/{}", i % 7),
+            Some(&value),
+        )
+        .unwrap();
+        acked.push((format!("w/{}", i % 7), Some(value), revision));
+        write(&cluster, leader, &format!("other/{i}"), Some("x")).unwrap();
+    }
+    for key in ["w/1", "w/2", "w/nothing"] {
+        if let Some(revision) = write(&cluster, leader, key, None) {
+            if key != "w/nothing" {
+                acked.push((key.to_string(), None, revision));
+            }
+        }
+    }
+    let (events, open) = first.events_until(|seen| seen.len() >= acked.len());
+    assert!(open);
+    let seen: Vec<Write> = events.iter().map(as_write).collect();
+    assert_eq!(
+        seen, acked,
+        "every write under w/, in order, and nothing else"
+    );
+    let progress = loop {
+        let line = first.next_line().unwrap();
+        if line["type"] == "progress" {
+            break line;
+        }
+    };
+    let progressed = progress["revisions"]["1"].as_u64().unwrap();
+    assert!(progressed >= acked.last().unwrap().2, "{progress}");
+
+    // Writes go on while the leader dies; the first stream ends with it.
+    let writer = {
+        let urls: Vec<String> = others.iter().map(|&n| node_url(&cluster, n, "")).collect();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for i in 0..60 {
+                let key = format!("w/after-{}", i % 5);
+                let value = format!("a{i}");
+                let url = format!("{}v1/kv/{key}", urls[i % 2]);
+                let (code, answer) = http_json("PUT", &url, Some(json!({ "value": value })));
+                if code == 200 {
+                    acked.push((key, Some(value), answer["revision"].as_u64().unwrap()));
+                }
+            }
+            acked
+        })
+    };
+    cluster.node(leader).kill();
+    let (mut events, open) = first.events_until(|_| false);
+    assert!(!open, "the stream ends when its node dies");
+    let last_seen = events
+        .last()
+        .map_or(acked.last().unwrap().2, |e| e["revision"].as_u64().unwrap());
+    let later = writer.join().unwrap();
+    assert!(later.len() >= 30, "writes went on: {}", later.len());
+    let resumed = Watcher::open(&node_url(
+        &cluster,
+        others[0],
+        &format!("v1/watch?prefix=w/after-&start_revision={}", last_seen + 1),
+    ));
+    let newest = later.last().unwrap().2;
+    let (more, open) = resumed.events_until(|seen| {
+        seen.last()
+            .is_some_and(|e| e["revision"].as_u64().unwrap() >= newest)
+    });
+    assert!(open);
+    events.extend(more);
+    let events: Vec<Write> = events.iter().map(as_write).collect();
+    let mut revisions: Vec<u64> = events.iter().map(|e| e.2).collect();
+    let count = revisions.len();
+    revisions.dedup();
+    assert_eq!(revisions.len(), count, "no event twice");
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "in revision order"
+    );
+    // Every acknowledged write is there; a write whose answer was lost with the leader
+    // may be there too (it applied), but nothing else.
+    let by_revision: BTreeMap<u64, &Write> = events.iter().map(|e| (e.2, e)).collect();
+    for write in &later {
+        assert_eq!(
+            by_revision.get(&write.2),
+            Some(&write),
+            "acknowledged {write:?} missing"
+        );
+    }
+    assert!(events
+        .iter()
+        .all(|(key, value, _)| key.starts_with("w/after-")
+            && value.as_deref().is_some_and(|v| v.starts_with('a'))));
+}
+
+/// With keys in 4 groups: a prefix watch names each event's group, starts per group,
+/// and a start older than a group's history is 410 with the oldest still kept. A long
+/// poll answers a change at once if it happened, waits for one that has not, and 408s.
+#[test]
+fn sharded_watches_start_per_group_and_long_polls_wait_for_a_change() {
+    let cluster = Cluster::start(
+        "watch-sharded",
+        3,
+        &["--shards", "4", "--watch-history", "8"],
+    );
+    let url = |path: &str| cluster.nodes[0].url(path);
+    // Each group's writes: (revision, key).
+    let mut groups: BTreeMap<u64, Vec<(u64, String)>> = BTreeMap::new();
+    let deadline = Instant::now() + DEADLINE;
+    for i in 0..40 {
+        let answer = loop {
+            let (code, answer) = http_json(
+                "PUT",
+                &url(&format!("v1/kv/s/{i}")),
+                Some(json!({"value": "v"})),
+            );
+            if code == 200 {
+                break answer;
+            }
+            assert!(Instant::now() < deadline, "{code} {answer}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let group = answer["group"].as_u64().unwrap();
+        let revision = answer["revision"].as_u64().unwrap();
+        groups
+            .entry(group)
+            .or_default()
+            .push((revision, format!("s/{i}")));
+    }
+    assert_eq!(groups.len(), 4, "{groups:?}");
+    let (busiest, writes) = groups.iter().max_by_key(|(_, w)| w.len()).unwrap();
+    assert!(writes.len() > 8);
+    // Its oldest events went for room: 410, naming the oldest still kept; for a long
+    // poll too.
+    let (oldest, oldest_key) = &writes[0];
+    let (code, answer) = http_json(
+        "GET",
+        &url(&format!(
+            "v1/watch?prefix=s/&start_revision={busiest}:{oldest}"
+        )),
+        None,
+    );
+    assert_eq!(code, 410, "{answer}");
+    assert!(answer["revision"].as_u64().unwrap() > *oldest, "{answer}");
+    let (code, answer) = http_json(
+        "GET",
+        &url(&format!(
+            "v1/kv/{oldest_key}?wait=true&after_revision={}",
+            oldest - 1
+        )),
+        None,
+    );
+    assert_eq!(code, 410, "{answer}");
+    // Each group from its own last 2 writes on.
+    let start: Vec<String> = groups
+        .iter()
+        .map(|(g, w)| format!("{g}:{}", w[w.len() - 2].0))
+        .collect();
+    let watcher = Watcher::open(&url(&format!(
+        "v1/watch?prefix=s/&start_revision={}",
+        start.join(",")
+    )));
+    let (events, _) = watcher.events_until(|seen| seen.len() >= 8);
+    let mut per_group: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for event in &events {
+        per_group
+            .entry(event["group"].as_u64().unwrap())
+            .or_default()
+            .push(event["revision"].as_u64().unwrap());
+    }
+    for (group, writes) in &groups {
+        let last_two: Vec<u64> = writes[writes.len() - 2..].iter().map(|w| w.0).collect();
+        assert_eq!(per_group[group], last_two, "group {group}");
+    }
+    let (code, answer) = http_json("GET", &url("v1/watch?prefix=s/&start_revision=99:5"), None);
+    assert_eq!(code, 400, "no such group among the key's: {answer}");
+
+    // Long polls.
+    let (code, put) = http_json("PUT", &url("v1/kv/polled"), Some(json!({"value": "one"})));
+    assert_eq!(code, 200, "{put}");
+    let before = put["revision"].as_u64().unwrap() - 1;
+    let poll = |after: u64, timeout_ms: u64| {
+        http_json(
+            "GET",
+            &cluster.nodes[1].url(&format!(
+                "v1/kv/polled?wait=true&after_revision={after}&timeout_ms={timeout_ms}"
+            )),
+            None,
+        )
+    };
+    let (code, event) = poll(before, 5000);
+    assert_eq!(
+        (code, &event["type"], &event["value"]),
+        (200, &json!("put"), &json!("one")),
+        "{event}"
+    );
+    let (code, answer) = poll(put["revision"].as_u64().unwrap(), 300);
+    assert_eq!(code, 408, "no change yet: {answer}");
+    let waiting = {
+        let url = cluster.nodes[2].url(&format!(
+            "v1/kv/polled?wait=true&after_revision={}&timeout_ms=20000",
+            put["revision"]
+        ));
+        std::thread::spawn(move || http_json("GET", &url, None))
+    };
+    let (code, deleted) = http_json("DELETE", &url("v1/kv/polled"), None);
+    assert_eq!(code, 200, "{deleted}");
+    let (code, event) = waiting.join().unwrap();
+    assert_eq!(code, 200, "{event}");
+    assert_eq!(
+        (&event["type"], &event["revision"]),
+        (&json!("delete"), &deleted["revision"])
+    );
+}
