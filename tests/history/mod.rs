@@ -7,6 +7,8 @@
 //! (`linearizability.rs`) and containers with their own addresses (`containers.rs`).
 #![allow(dead_code)]
 
+mod watchers;
+
 use crate::checker::{self, Kind, Op};
 use crate::common::http_with_timeout;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +21,12 @@ pub const CLIENTS: usize = 6;
 pub const CAS_CLIENTS: usize = 2;
 pub const COUNTER: &str = "cas-counter";
 /// Each client sends at most this many requests, a bound on the run.
-const MAX_OPS_PER_CLIENT: usize = 20_000;
+const MAX_OPS_PER_CLIENT: usize = 100_000;
+/// (At 20,000 every client had used its budget five minutes into a soak on an idle
+/// machine, and the nemesis then waited in vain for progress.) The same for a
+/// compare-and-swap client, whose requests are not in the history the checker searches:
+/// one refused with 412 is retried at once, as a real client would, so they go fast.
+const MAX_CAS_OPS_PER_CLIENT: usize = 1_000_000;
 /// A client waits this long after a request that failed (no leader, no answer) before
 /// its next, as a real client backs off: without it, the fast 503s of an election spend
 /// a long soak's whole budget of requests (a 600 s soak ran out and stalled).
@@ -171,6 +178,8 @@ pub fn run_client(id: usize, bases: Bases, rec: Arc<Recorder>, stop: Arc<AtomicB
 pub struct CasTally {
     /// Counter values written by a CAS that was answered 200.
     pub acked: Vec<u64>,
+    /// The same, each with the revision it was written at.
+    pub acked_at: Vec<(u64, u64)>,
     /// CAS writes with no answer or a 503: they may or may not have landed.
     pub unknown: usize,
     /// CAS writes refused with 412 (another client got there first).
@@ -196,7 +205,7 @@ pub fn read_counter(base: &str) -> Option<(u64, u64)> {
 
 pub fn run_cas_client(id: usize, bases: Bases, tally: Arc<Mutex<CasTally>>, stop: Arc<AtomicBool>) {
     let mut rng = Rng::new(1000 + id as u64);
-    for _ in 0..MAX_OPS_PER_CLIENT {
+    for _ in 0..MAX_CAS_OPS_PER_CLIENT {
         if stop.load(Ordering::SeqCst) {
             return;
         }
@@ -215,7 +224,18 @@ pub fn run_cas_client(id: usize, bases: Bases, tally: Arc<Mutex<CasTally>>, stop
         );
         let mut tally = tally.lock().unwrap();
         match code {
-            200 => tally.acked.push(next),
+            200 => {
+                tally.acked.push(next);
+                let revision = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["revision"].as_u64());
+                match revision {
+                    Some(revision) => tally.acked_at.push((next, revision)),
+                    None => tally
+                        .unexpected
+                        .push(format!("PUT {url}: 200 without a revision: {body}")),
+                }
+            }
             412 => tally.refused += 1,
             0 | 503 => {
                 tally.unknown += 1;
@@ -234,11 +254,21 @@ pub struct Workload {
     pub tally: Arc<Mutex<CasTally>>,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
+    watchers: Vec<thread::JoinHandle<watchers::WatchLog>>,
+    /// The newest counter value each watcher received.
+    watched_counters: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    /// Stops the watchers (after the clients: they follow the last writes first).
+    stop_watchers: Arc<AtomicBool>,
 }
 
 impl Workload {
     /// Starts every client against `bases`.
     pub fn start(bases: Vec<String>) -> Workload {
+        Workload::start_with_watchers(bases, &[])
+    }
+
+    /// The same, plus a watcher of each of `watches` (`key=<k>` or `prefix=<p>`).
+    pub fn start_with_watchers(bases: Vec<String>, watches: &[&str]) -> Workload {
         let bases: Bases = Arc::new(RwLock::new(bases));
         let rec = Arc::new(Recorder {
             epoch: Instant::now(),
@@ -259,12 +289,27 @@ impl Workload {
             let (bases, tally, stop) = (bases.clone(), tally.clone(), stop.clone());
             threads.push(thread::spawn(move || run_cas_client(i, bases, tally, stop)));
         }
+        let stop_watchers = Arc::new(AtomicBool::new(false));
+        let watched_counters: Vec<_> = watches.iter().map(|_| Arc::default()).collect();
+        let watchers = watches
+            .iter()
+            .zip(&watched_counters)
+            .enumerate()
+            .map(|(i, (what, counter))| {
+                let (what, bases) = (what.to_string(), bases.clone());
+                let (counter, stop) = (Arc::clone(counter), stop_watchers.clone());
+                thread::spawn(move || watchers::run_watcher(i, what, bases, counter, stop))
+            })
+            .collect();
         Workload {
             bases,
             rec,
             tally,
             stop,
             threads,
+            watchers,
+            watched_counters,
+            stop_watchers,
         }
     }
 
@@ -284,12 +329,13 @@ impl Workload {
     /// After [`Workload::finish`]: no unexpected answer, the counter (`counter`, read
     /// linearizably after healing) against what the CAS clients were told, and every key's
     /// history linearizable. Prints what was checked.
-    pub fn verify(&self, counter: u64, faults: &[String]) -> Result<(), String> {
+    pub fn verify(&mut self, counter: u64, faults: &[String]) -> Result<(), String> {
         let unexpected = self.rec.unexpected.lock().unwrap().clone();
         if !unexpected.is_empty() {
             return Err(format!("unexpected answers: {unexpected:#?}"));
         }
         check_counter(&self.tally.lock().unwrap(), counter)?;
+        self.check_watchers(counter)?;
         let history = self.rec.ops.lock().unwrap().clone();
         let writes = history
             .iter()
@@ -313,6 +359,37 @@ impl Workload {
             .unwrap()
             .join()
             .unwrap()
+    }
+}
+
+impl Workload {
+    /// Lets every watcher receive the counter's final value `counter` (within a
+    /// deadline), stops them, and checks what each saw.
+    fn check_watchers(&mut self, counter: u64) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let behind = |w: &Vec<Arc<std::sync::atomic::AtomicU64>>| {
+            w.iter().any(|c| c.load(Ordering::SeqCst) != counter)
+        };
+        while behind(&self.watched_counters) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.stop_watchers.store(true, Ordering::SeqCst);
+        let logs: Vec<_> = self.watchers.drain(..).map(|w| w.join().unwrap()).collect();
+        let acked_at = self.tally.lock().unwrap().acked_at.clone();
+        for (i, log) in logs.iter().enumerate() {
+            let last = self.watched_counters[i].load(Ordering::SeqCst);
+            // After a break (410) the watcher starts at the next write, which may never
+            // come: only an unbroken watcher must reach the final value.
+            if last != counter && log.segments.len() == 1 {
+                return Err(format!(
+                    "watcher {i}: its last counter value is {last}, the counter is {counter}"
+                ));
+            }
+            let summary =
+                watchers::check(log, &acked_at).map_err(|e| format!("watcher {i}: {e}"))?;
+            eprintln!("watcher {i}: gap-free, duplicate-free, up to the final counter: {summary}");
+        }
+        Ok(())
     }
 }
 
