@@ -453,12 +453,16 @@ fn forwarded_requests_to(api: Arc<Api>) -> transport::ClientApi {
     Arc::new(move |req| {
         let (api, runtime) = (api.clone(), runtime.clone());
         Box::pin(async move {
-            runtime.spawn(api.handle(req)).await.unwrap_or_else(|e| {
-                http_server::text_response(
-                    hyper::StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("the forwarded request failed: {e}"),
-                )
-            })
+            runtime
+                .spawn(api.handle_client(req))
+                .await
+                .unwrap_or_else(|e| {
+                    http_server::text_response(
+                        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("the forwarded request failed: {e}"),
+                    )
+                    .map(Into::into)
+                })
         })
     })
 }

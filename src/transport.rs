@@ -55,6 +55,7 @@ use crate::metrics::Metrics;
 use crate::peer_frame::{encode_frame, take_frames};
 use crate::peer_stream::{PeerStream, StreamTarget, CONNECT_TIMEOUT};
 use crate::replica_id::{incarnation_of, node_of};
+use crate::response_body::ResponseBody;
 use crate::router::{Router, CLUSTER_GROUP};
 use crate::snapshot;
 use crate::tls::{self, Tls};
@@ -492,7 +493,7 @@ pub type ClientApi = Arc<
     dyn Fn(
             Request<Incoming>,
         )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<ResponseBody>> + Send>>
         + Send
         + Sync,
 >;
@@ -551,16 +552,24 @@ enum Admission {
 pub async fn handle_peer_request(
     req: Request<Incoming>,
     service: Arc<PeerService>,
+) -> Response<ResponseBody> {
+    let forwarded = forwardable(req.uri().path()) && service.check_cluster(&req).is_none();
+    if forwarded {
+        // Streamed when it is a watch (`api/watch_v1.rs`).
+        return (service.forwarded)(without_forward_prefix(req)).await;
+    }
+    answer_peer_request(req, service).await.map(Into::into)
+}
+
+async fn answer_peer_request(
+    req: Request<Incoming>,
+    service: Arc<PeerService>,
 ) -> Response<Full<Bytes>> {
     if req.method() == Method::GET && req.uri().path() == cluster_id::CLUSTER_VIEW_PATH {
         return service.cluster_view(&req).await;
     }
     if let Some(refusal) = service.check_cluster(&req) {
         return refusal;
-    }
-    let path = req.uri().path();
-    if forwardable(path) {
-        return (service.forwarded)(without_forward_prefix(req)).await;
     }
     if req.method() != Method::POST {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");

@@ -16,7 +16,7 @@
 //! healing, the counter must be at least the acknowledged increments and at most those
 //! plus the increments whose outcome is unknown, and no number may be acknowledged twice.
 //!
-//! Watchers follow the counter (and, on one group, every key) with `/v1/watch` from a
+//! Watchers follow the counter and every key with `/v1/watch` from a
 //! random member, and reconnect elsewhere from the revision after the last they were
 //! told of whenever a fault breaks their stream (`history/watchers.rs`): each must have
 //! seen, per group, strictly increasing revisions, the counter's values one by one
@@ -284,14 +284,11 @@ fn sharded_history_under_faults_is_linearizable() {
 
 fn run_history(name: &str, flags: &[&str], sharded: bool) {
     let cluster = Cluster::start(name, 3, flags);
-    // Watchers of the counter and, on one group, of every key (a prefix watch needs a
-    // node that hosts every group, which a 4th node in a sharded cluster ends).
-    let watches: &[&str] = match sharded {
-        true => &["key=cas-counter"],
-        false => &["key=cas-counter", "prefix="],
-    };
+    // Watchers of the counter and of every key (in a sharded cluster, a node follows
+    // the groups it does not host through their hosts).
+    let watches = ["key=cas-counter", "prefix="];
     let mut workload =
-        Workload::start_with_watchers(cluster.nodes.iter().map(base_url).collect(), watches);
+        Workload::start_with_watchers(cluster.nodes.iter().map(base_url).collect(), &watches);
     let mut nemesis = Nemesis {
         cluster,
         bases: workload.bases.clone(),

@@ -50,10 +50,16 @@ impl Watcher {
         }
     }
 
-    /// Events (puts and deletes) until `done` says enough, or the stream ends.
+    /// Events (puts and deletes) until `done` says enough, or the stream ends; fails the
+    /// test if that takes longer than `DEADLINE` (progress lines keep coming meanwhile).
     fn events_until(&self, mut done: impl FnMut(&[Value]) -> bool) -> (Vec<Value>, bool) {
         let mut events = Vec::new();
+        let deadline = Instant::now() + DEADLINE;
         while !done(&events) {
+            assert!(
+                Instant::now() < deadline,
+                "events still missing after {DEADLINE:?}; got {events:?}"
+            );
             match self.next_line() {
                 Some(line) if line["type"] == "put" || line["type"] == "delete" => {
                     events.push(line)
@@ -337,4 +343,88 @@ fn sharded_watches_start_per_group_and_long_polls_wait_for_a_change() {
         (&event["type"], &event["revision"]),
         (&json!("delete"), &deleted["revision"])
     );
+}
+
+/// Node 1 hosts only some of the 4 groups (2 replicas each on 3 nodes): its watch of
+/// every key follows the other groups through nodes that host them, and when one of
+/// those dies, through the other host, from where it got: every write exactly once, in
+/// each group's order.
+#[test]
+fn a_watch_follows_the_groups_its_node_does_not_host_through_their_hosts() {
+    let mut cluster = Cluster::start("watch-remote", 3, &["--shards", "4", "--replicas", "2"]);
+    let put = |cluster: &Cluster, via: usize, key: &str| -> (u64, u64) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let url = cluster.nodes[via].url(&format!("v1/kv/{key}"));
+            let (code, answer) = http_json("PUT", &url, Some(json!({"value": key})));
+            if code == 200 {
+                return (
+                    answer["group"].as_u64().unwrap(),
+                    answer["revision"].as_u64().unwrap(),
+                );
+            }
+            assert!(Instant::now() < deadline, "{code} {answer}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut written: Vec<(u64, u64, String)> = Vec::new();
+    for i in 0..40 {
+        let key = format!("r/{i}");
+        let (group, revision) = put(&cluster, 1 + i % 2, &key);
+        written.push((group, revision, key));
+    }
+    let (_, status) = http_json("GET", &cluster.nodes[0].url("status"), None);
+    let hosted = status["groups"].as_array().unwrap().len() - 1;
+    assert!(
+        hosted < 4,
+        "node 1 hosts {hosted} of the 4 data groups: {status}"
+    );
+    let firsts: BTreeMap<u64, u64> = written.iter().fold(BTreeMap::new(), |mut m, (g, r, _)| {
+        m.entry(*g).or_insert(*r);
+        m
+    });
+    let start: Vec<String> = firsts.iter().map(|(g, r)| format!("{g}:{r}")).collect();
+    let watcher = Watcher::open(&cluster.nodes[0].url(&format!(
+        "v1/watch?prefix=r/&progress_ms=200&start_revision={}",
+        start.join(",")
+    )));
+    let (mut events, _) = watcher.events_until(|seen| seen.len() >= 40);
+    // A host of a group node 1 does not host dies; the watch moves to the other one.
+    let remote_host = (2..=3u64)
+        .find(|&n| {
+            let (_, s) = http_json("GET", &cluster.nodes[n as usize - 1].url("status"), None);
+            s["groups"].as_array().unwrap().len() > 1
+        })
+        .unwrap();
+    cluster.node(remote_host).kill();
+    cluster.node(remote_host).start();
+    for i in 40..60 {
+        let key = format!("r/{i}");
+        let (group, revision) = put(&cluster, 0, &key);
+        written.push((group, revision, key));
+    }
+    let (more, open) = watcher.events_until(|seen| events.len() + seen.len() >= 60);
+    assert!(open);
+    events.extend(more);
+    let mut seen: Vec<(u64, u64, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["group"].as_u64().unwrap(),
+                e["revision"].as_u64().unwrap(),
+                e["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for (group, revision, _) in &seen {
+        assert!(
+            last.insert(*group, *revision)
+                .is_none_or(|before| before < *revision),
+            "{seen:?}"
+        );
+    }
+    seen.sort();
+    written.sort();
+    assert_eq!(seen, written, "every write exactly once");
 }

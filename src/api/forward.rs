@@ -226,7 +226,7 @@ impl Api {
 
     /// The nodes (and their peer URLs) the cluster's table lists for `group`, this node
     /// left out.
-    fn hosts_of(&self, group: u64) -> Vec<(u64, String)> {
+    pub(super) fn hosts_of(&self, group: u64) -> Vec<(u64, String)> {
         let membership = self.membership.read().unwrap();
         let Some(placement) = membership.groups.get(&group) else {
             return Vec::new();

@@ -25,12 +25,15 @@ use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, watch, Mutex};
 
+use super::forward::FORWARDED_HEADER;
 use super::request::{number_param, parse_query, Failure};
 use super::{json_response, Api, Reply};
+use crate::cluster_id;
 use crate::history::Event;
 use crate::kv::SharedKv;
 use crate::response_body::ResponseBody;
 use crate::router::CLUSTER_GROUP;
+use crate::transport::FORWARD_PREFIX;
 
 /// The path of the stream.
 pub const WATCH_PATH: &str = "/v1/watch";
@@ -61,18 +64,19 @@ impl Keys {
 }
 
 impl Api {
-    /// Answers one request on the client port: a watch streams, anything else is
-    /// answered whole (`handle`).
+    /// Answers one request on the client port (and one another node forwarded): a
+    /// watch streams, anything else is answered whole (`handle`).
     pub async fn handle_client(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        if req.uri().path() != WATCH_PATH {
+        let path = req.uri().path().to_string();
+        let Some(only) = watched_group(&path) else {
             return self.handle(req).await.map(ResponseBody::from);
-        }
+        };
         let method = req.method().clone();
         let started = std::time::Instant::now();
-        let response = match self.watch(req).await {
+        let response = match self.watch(req, only).await {
             Ok(stream) => stream,
             Err(failure) => self
-                .failure_response(&method, WATCH_PATH, failure)
+                .failure_response(&method, &path, failure)
                 .map(ResponseBody::from),
         };
         self.metrics
@@ -80,10 +84,14 @@ impl Api {
         response
     }
 
-    /// `GET /v1/watch`: checks the request and every start position, then streams.
+    /// `GET /v1/watch` (every group that holds the keys), or `GET /v1/groups/<g>/watch`
+    /// (`only` that group, as a node that does not host it asks one that does): checks
+    /// the request and every start position, then streams. A group with no replica here
+    /// is followed through a node that hosts it.
     async fn watch(
         self: &Arc<Self>,
         req: Request<Incoming>,
+        only: Option<u64>,
     ) -> Result<Response<ResponseBody>, Failure> {
         if req.method() != Method::GET {
             return Err(Failure::method_not_allowed(req.method(), "GET"));
@@ -107,64 +115,99 @@ impl Api {
             Some(_) => return Err(Failure::bad_request("progress_ms must be 100..=600000")),
         };
         let starts = parse_starts(params.get("start_revision").map(String::as_str))?;
-        self.settle_shards(None).await?;
-        let groups = self.groups_of(&keys);
+        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+        if !forwarded {
+            self.settle_shards(None).await?;
+        }
+        let groups = match only {
+            Some(group) => {
+                let known = group == CLUSTER_GROUP
+                    || self.membership.read().unwrap().groups.contains_key(&group);
+                if !known && !forwarded {
+                    return Err(Failure::new(
+                        StatusCode::NOT_FOUND,
+                        format!("no raft group {group}"),
+                    ));
+                }
+                vec![group]
+            }
+            None => self.groups_of(&keys),
+        };
         if let Some(unknown) = starts.per_group.keys().find(|g| !groups.contains(g)) {
             return Err(Failure::bad_request(format!(
                 "start_revision names group {unknown}, which holds none of these keys (groups: {groups:?})"
             )));
         }
-        let mut followed = Vec::new();
-        for group in groups {
-            let Some(kv) = self.router.serving(group) else {
-                return Err(Failure::new(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    format!(
-                        "group {group} holds some of these keys and has no replica on this node; \
-                         watch on a node that hosts it (GET /v1/groups/{group} lists them)"
-                    ),
-                ));
-            };
-            let from = {
-                let kv = kv.read().unwrap();
-                let from = starts.of(group).unwrap_or(kv.revision() + 1);
-                if from < kv.history().first() {
-                    return Err(Failure {
-                        revision: Some(kv.history().first()),
-                        ..Failure::new(
-                            StatusCode::GONE,
-                            format!(
-                                "group {group}'s events from revision {from} on are no longer \
-                                 kept here; the oldest still kept is {} (in \"revision\")",
-                                kv.history().first()
-                            ),
-                        )
-                    });
-                }
-                from
-            };
-            followed.push((group, kv, from));
-        }
         let (out, body) = mpsc::channel(STREAM_BUFFER);
-        let sent: Sent = Arc::new(Mutex::new(
-            followed.iter().map(|(g, _, from)| (*g, from - 1)).collect(),
-        ));
         let (end, ended) = watch::channel(false);
-        let end = Arc::new(end);
-        for (group, kv, from) in followed {
-            let follower = GroupFollower {
-                group,
-                kv,
-                keys: keys.clone(),
-                out: out.clone(),
-                sent: sent.clone(),
-                end: end.clone(),
-                ended: ended.clone(),
-                stopping: self.stopping.clone(),
-            };
-            tokio::spawn(follower.run(from));
+        let stream = Stream {
+            out,
+            sent: Arc::default(),
+            end: Arc::new(end),
+            ended,
+            stopping: self.stopping.clone(),
+        };
+        let mut parts: Vec<Part> = Vec::new();
+        for group in groups {
+            match self.router.serving(group) {
+                Some(kv) => {
+                    let from = {
+                        let kv = kv.read().unwrap();
+                        let from = starts.of(group).unwrap_or(kv.revision() + 1);
+                        if from < kv.history().first() {
+                            return Err(gone(group, from, kv.history().first()));
+                        }
+                        from
+                    };
+                    parts.push(Part::Local(group, kv, from));
+                }
+                None if forwarded => return Err(Failure::not_hosted_here(group)),
+                None => {
+                    let remote = RemoteFollower {
+                        group,
+                        api: self.clone(),
+                        keys: keys.clone(),
+                        progress_every,
+                        next: starts.of(group),
+                        last: None,
+                    };
+                    let (response, from) = remote.open().await?;
+                    parts.push(Part::Remote(Box::new((remote, response)), from));
+                }
+            }
         }
-        tokio::spawn(report_progress(out, sent, progress_every, ended));
+        {
+            let mut sent = stream.sent.try_lock().expect("nobody else has it yet");
+            for part in &parts {
+                match part {
+                    Part::Local(group, _, from) => {
+                        sent.insert(*group, from - 1);
+                    }
+                    Part::Remote(remote, Some(from)) => {
+                        sent.insert(remote.0.group, from - 1);
+                    }
+                    Part::Remote(..) => {}
+                }
+            }
+        }
+        for part in parts {
+            match part {
+                Part::Local(group, kv, from) => {
+                    let follower = GroupFollower {
+                        group,
+                        kv,
+                        keys: keys.clone(),
+                        stream: stream.clone(),
+                    };
+                    tokio::spawn(follower.run(from));
+                }
+                Part::Remote(remote, _) => {
+                    let (remote, response) = *remote;
+                    tokio::spawn(remote.run(response, stream.clone()));
+                }
+            }
+        }
+        tokio::spawn(report_progress(stream, progress_every));
         let mut response = Response::new(ResponseBody::Streamed(body));
         response.headers_mut().insert(
             CONTENT_TYPE,
@@ -341,12 +384,10 @@ fn parse_starts(text: Option<&str>) -> Result<Starts, Failure> {
 /// comes after events without counting them.
 type Sent = Arc<Mutex<BTreeMap<u64, u64>>>;
 
-/// One group's part of a watch: sends its matching events from `from` on, in revision
-/// order, as they are applied here.
-struct GroupFollower {
-    group: u64,
-    kv: SharedKv,
-    keys: Keys,
+/// What the parts of one watch share: the stream to the client and how far each group
+/// got in it.
+#[derive(Clone)]
+struct Stream {
     out: mpsc::Sender<Bytes>,
     sent: Sent,
     /// Ends every part of the watch (one part could not go on).
@@ -355,8 +396,44 @@ struct GroupFollower {
     stopping: watch::Receiver<bool>,
 }
 
+impl Stream {
+    /// Ends the whole watch with an error line about `group`.
+    async fn fail(&self, group: u64, status: StatusCode, why: String) {
+        let line = serde_json::json!({
+            "type": "error", "group": group, "status": status.as_u16(), "error": why,
+        });
+        let _ = self.out.send(json_line(&line)).await;
+        self.end.send_replace(true);
+    }
+}
+
+/// One group of a watch, as it is checked before the stream starts.
+enum Part {
+    /// Hosted here: its map, and the revision to start from.
+    Local(u64, SharedKv, u64),
+    /// Followed through another node: the open stream, and the revision it starts from
+    /// if the request named one.
+    Remote(Box<(RemoteFollower, reqwest::Response)>, Option<u64>),
+}
+
+/// One group's part of a watch, on a node that hosts it: sends its matching events from
+/// `from` on, in revision order, as they are applied here.
+struct GroupFollower {
+    group: u64,
+    kv: SharedKv,
+    keys: Keys,
+    stream: Stream,
+}
+
 impl GroupFollower {
-    async fn run(mut self, mut from: u64) {
+    async fn run(self, mut from: u64) {
+        let Stream {
+            out,
+            sent,
+            mut ended,
+            mut stopping,
+            ..
+        } = self.stream.clone();
         loop {
             let (mut changes, found, revision) = {
                 let kv = self.kv.read().unwrap();
@@ -377,18 +454,16 @@ impl GroupFollower {
                          watch again from there, or read the keys and watch from the revision after",
                         self.group
                     );
-                    return self.fail(StatusCode::GONE, why).await;
+                    return self.stream.fail(self.group, StatusCode::GONE, why).await;
                 }
             };
-            let mut sent = self.sent.lock().await;
+            let mut sent = sent.lock().await;
             if !found.events.is_empty() {
                 let mut chunk = Vec::new();
                 for event in &found.events {
-                    serde_json::to_writer(&mut chunk, &event_json(self.group, event))
-                        .expect("an event always encodes");
-                    chunk.push(b'\n');
+                    chunk.extend_from_slice(&json_line(&event_json(self.group, event)));
                 }
-                if self.out.send(Bytes::from(chunk)).await.is_err() {
+                if out.send(Bytes::from(chunk)).await.is_err() {
                     return; // the client went away
                 }
             }
@@ -398,46 +473,243 @@ impl GroupFollower {
             if from <= revision {
                 continue; // more than one read's worth was waiting
             }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        let why = format!(
-                            "this node's replica of group {} left it; watch again elsewhere from \
-                             revision {from}", self.group);
-                        return self.fail(StatusCode::SERVICE_UNAVAILABLE, why).await;
-                    }
+            let why = tokio::select! {
+                changed = changes.changed() => match changed {
+                    Ok(()) => continue,
+                    Err(_) => format!("this node's replica of group {} left it", self.group),
+                },
+                _ = out.closed() => return,
+                _ = ended.changed() => return,
+                _ = stopping.changed() => "the node is shutting down".to_string(),
+            };
+            let why = format!(
+                "{why}; watch again elsewhere from revision {from} of group {}",
+                self.group
+            );
+            return self
+                .stream
+                .fail(self.group, StatusCode::SERVICE_UNAVAILABLE, why)
+                .await;
+        }
+    }
+}
+
+/// One group's part of a watch, on a node that does not host it: relays the events of
+/// a stream from a node that does (`/v1/groups/<g>/watch` over its peer port), and when
+/// that stream breaks, opens one on another host from where it got (a revision already
+/// partly relayed is asked again, and what was relayed of it is skipped).
+struct RemoteFollower {
+    group: u64,
+    api: Arc<Api>,
+    keys: Keys,
+    progress_every: Duration,
+    /// The revision to ask from next; None until the first stream said where it starts.
+    next: Option<u64>,
+    /// The newest revision relayed, and the keys relayed at it.
+    last: Option<(u64, Vec<String>)>,
+}
+
+impl RemoteFollower {
+    /// Opens a stream of the group's events on one of its hosts: the answer and the
+    /// revision it starts from (if known). A 410 is the client's; no host answering is
+    /// a 503.
+    async fn open(&self) -> Result<(reqwest::Response, Option<u64>), Failure> {
+        let (name, value) = match &self.keys {
+            Keys::One(key) => ("key", key),
+            Keys::Prefix(prefix) => ("prefix", prefix),
+        };
+        let mut query = format!(
+            "{name}={}&progress_ms={}",
+            percent_encoding::percent_encode(value, percent_encoding::NON_ALPHANUMERIC),
+            self.progress_every.as_millis()
+        );
+        if let Some(next) = self.next {
+            query.push_str(&format!("&start_revision={next}"));
+        }
+        let mut passed = Vec::new();
+        for (node, url) in self.api.hosts_of(self.group) {
+            let mut request = self
+                .api
+                .peers
+                .get(format!(
+                    "{url}{FORWARD_PREFIX}/v1/groups/{}/watch?{query}",
+                    self.group
+                ))
+                .header(FORWARDED_HEADER, self.api.id.to_string())
+                .timeout(Duration::from_secs(24 * 3600));
+            if let Some(id) = self.api.cluster_id.get() {
+                request = request.header(cluster_id::HEADER, cluster_id::format(id));
+            }
+            let answer = match tokio::time::timeout(self.api.request_timeout, request.send()).await
+            {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => {
+                    passed.push(format!("node {node}: {e}"));
+                    continue;
                 }
-                _ = self.out.closed() => return,
-                _ = self.ended.changed() => return,
-                _ = self.stopping.changed() => {
-                    let why = format!("the node is shutting down; watch again elsewhere from revision {from} of group {}", self.group);
-                    return self.fail(StatusCode::SERVICE_UNAVAILABLE, why).await;
+                Err(_) => {
+                    passed.push(format!("node {node}: no answer in time"));
+                    continue;
+                }
+            };
+            match answer.status() {
+                StatusCode::OK => return Ok((answer, self.next)),
+                StatusCode::GONE => {
+                    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+                    let first = body["revision"].as_u64().unwrap_or(0);
+                    return Err(gone(self.group, self.next.unwrap_or(0), first));
+                }
+                status => {
+                    let text = answer.text().await.unwrap_or_default();
+                    passed.push(format!("node {node}: {status} {}", text.trim()));
                 }
             }
         }
+        Err(Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no node that hosts group {} could stream its events: {}",
+                self.group,
+                passed.join("; ")
+            ),
+        ))
     }
 
-    /// Ends the whole watch with an error line.
-    async fn fail(self, status: StatusCode, why: String) {
-        let line = serde_json::json!({
-            "type": "error", "group": self.group, "status": status.as_u16(), "error": why,
-        });
-        let mut chunk = serde_json::to_vec(&line).expect("an error always encodes");
-        chunk.push(b'\n');
-        let _ = self.out.send(Bytes::from(chunk)).await;
-        self.end.send_replace(true);
+    async fn run(mut self, first: reqwest::Response, stream: Stream) {
+        let (mut ended, mut stopping) = (stream.ended.clone(), stream.stopping.clone());
+        let mut answer = Some(first);
+        loop {
+            let mut current = match answer.take() {
+                Some(current) => current,
+                None if self.next.is_none() => {
+                    let why =
+                        format!(
+                        "the stream of group {}'s events broke before it said where it started; \
+                         watch again", self.group);
+                    return stream
+                        .fail(self.group, StatusCode::SERVICE_UNAVAILABLE, why)
+                        .await;
+                }
+                None => match self.open().await {
+                    Ok((current, _)) => current,
+                    Err(failure) => {
+                        let why =
+                            format!("{} (resume from revision {:?})", failure.message, self.next);
+                        return stream.fail(self.group, failure.status, why).await;
+                    }
+                },
+            };
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                let chunk = tokio::select! {
+                    chunk = current.chunk() => chunk,
+                    _ = stream.out.closed() => return,
+                    _ = ended.changed() => return,
+                    _ = stopping.changed() => {
+                        let why = format!("the node is shutting down; watch again elsewhere from revision {:?} of group {}", self.next, self.group);
+                        return stream.fail(self.group, StatusCode::SERVICE_UNAVAILABLE, why).await;
+                    }
+                };
+                let Ok(Some(chunk)) = chunk else {
+                    break; // the host went away: another one takes over
+                };
+                pending.extend_from_slice(&chunk);
+                let Some(end) = pending.iter().rposition(|&b| b == b'\n') else {
+                    continue;
+                };
+                let lines: Vec<u8> = pending.drain(..=end).collect();
+                match self.relay(&lines, &stream).await {
+                    Relayed::Going => {}
+                    Relayed::ClientGone => return,
+                    Relayed::Broke => break,
+                    Relayed::Gone(why) => {
+                        return stream.fail(self.group, StatusCode::GONE, why).await
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+
+    /// Relays complete `lines` from a host, skipping what was relayed already.
+    async fn relay(&mut self, lines: &[u8], stream: &Stream) -> Relayed {
+        let mut sent = stream.sent.lock().await;
+        let mut chunk = Vec::new();
+        let mut outcome = Relayed::Going;
+        for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
+                outcome = Relayed::Broke;
+                break;
+            };
+            match value["type"].as_str() {
+                Some("put") | Some("delete") => {
+                    let revision = value["revision"].as_u64().unwrap_or(0);
+                    let key = value["key"].as_str().unwrap_or_default().to_string();
+                    match &mut self.last {
+                        Some((last, _)) if revision < *last => continue,
+                        Some((last, keys)) if revision == *last => {
+                            if keys.contains(&key) {
+                                continue;
+                            }
+                            keys.push(key);
+                        }
+                        _ => self.last = Some((revision, vec![key])),
+                    }
+                    chunk.extend_from_slice(line);
+                    chunk.push(b'\n');
+                    // Revision `revision` may not be whole yet: ask again from it.
+                    self.next = Some(revision);
+                    let done = sent.entry(self.group).or_insert(0);
+                    *done = (*done).max(revision - 1);
+                }
+                Some("progress") => {
+                    let group = self.group.to_string();
+                    if let Some(revision) = value["revisions"][&group].as_u64() {
+                        self.next = Some(self.next.unwrap_or(0).max(revision + 1));
+                        let done = sent.entry(self.group).or_insert(0);
+                        *done = (*done).max(revision);
+                    }
+                }
+                _ if value["status"] == 410 => {
+                    outcome =
+                        Relayed::Gone(value["error"].as_str().unwrap_or_default().to_string());
+                    break;
+                }
+                _ => {
+                    outcome = Relayed::Broke;
+                    break;
+                }
+            }
+        }
+        if !chunk.is_empty() && stream.out.send(Bytes::from(chunk)).await.is_err() {
+            return Relayed::ClientGone;
+        }
+        outcome
+    }
+}
+
+/// What relaying a host's lines came to.
+enum Relayed {
+    Going,
+    ClientGone,
+    /// The host's stream ended or said it cannot go on: open one elsewhere.
+    Broke,
+    /// The events to come are no longer kept anywhere (the host's 410).
+    Gone(String),
 }
 
 /// Every `every`, a line saying the last revision of each group whose events were sent:
 /// a client resumes from the next ones (`start_revision=<group>:<revision + 1>,...`).
-async fn report_progress(
-    out: mpsc::Sender<Bytes>,
-    sent: Sent,
-    every: Duration,
-    mut ended: watch::Receiver<bool>,
-) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+/// The first comes at once, so that a client (or another node relaying this stream)
+/// learns where the stream starts.
+async fn report_progress(stream: Stream, every: Duration) {
+    let Stream {
+        out,
+        sent,
+        mut ended,
+        ..
+    } = stream;
+    let mut ticks = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -450,13 +722,42 @@ async fn report_progress(
             .map(|(group, revision)| (group.to_string(), *revision))
             .collect();
         let line = serde_json::json!({ "type": "progress", "revisions": revisions });
-        let mut chunk = serde_json::to_vec(&line).expect("progress always encodes");
-        chunk.push(b'\n');
-        if out.send(Bytes::from(chunk)).await.is_err() {
+        if out.send(json_line(&line)).await.is_err() {
             return;
         }
         drop(sent);
     }
+}
+
+/// `value` as one line of a stream.
+fn json_line(value: &serde_json::Value) -> Bytes {
+    let mut line = serde_json::to_vec(value).expect("JSON values always encode");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// 410 for a watch of `group` from revision `from`, older than the oldest kept, `first`.
+fn gone(group: u64, from: u64, first: u64) -> Failure {
+    Failure {
+        revision: Some(first),
+        ..Failure::new(
+            StatusCode::GONE,
+            format!(
+                "group {group}'s events from revision {from} on are no longer kept; the \
+                 oldest still kept is {first} (in \"revision\")"
+            ),
+        )
+    }
+}
+
+/// Which watch a path asks for: `Some(None)` every group's (`/v1/watch`),
+/// `Some(Some(g))` group g's (`/v1/groups/<g>/watch`); None for any other route.
+fn watched_group(path: &str) -> Option<Option<u64>> {
+    if path == WATCH_PATH {
+        return Some(None);
+    }
+    let group = path.strip_prefix("/v1/groups/")?.strip_suffix("/watch")?;
+    group.parse::<u64>().ok().filter(|&g| g > 0).map(Some)
 }
 
 /// An event as a watch sends it: `value` for a put (`value_hex` if it is not UTF-8).
