@@ -272,7 +272,11 @@ pub async fn run(
         };
         info!(logger, "rebalancing: moving a replica"; "group" => mv.group, "from" => mv.from, "to" => mv.to);
         let started = Instant::now();
-        match carry_out(&api, mv).await {
+        let voters_to_keep = table
+            .groups
+            .get(&mv.group)
+            .map_or(1, |p| p.initial.len().max(1));
+        match carry_out(&api, mv, voters_to_keep).await {
             Ok(()) => info!(logger, "rebalancing: replica moved"; "group" => mv.group,
                 "from" => mv.from, "to" => mv.to, "ms" => started.elapsed().as_millis()),
             Err(e) => {
@@ -465,10 +469,43 @@ fn report_stuck_drains(
     }
 }
 
-/// Add `to`, wait for its replica to catch up, remove `from`.
-async fn carry_out(api: &OwnApi, mv: Move) -> Result<(), String> {
+/// Add `to`, wait for its replica to catch up, remove `from`. Before `from` goes, the
+/// group must keep `voters_to_keep` voters without it: the table counts a learner left
+/// by a move that stopped half-way (a crash between its steps) as a replica, and a
+/// drain that "moves" a replica to a node that hosts one already would otherwise leave
+/// the group a voter short (two voters of three, and no quorum once one is down); such
+/// a learner is made a voter first.
+async fn carry_out(api: &OwnApi, mv: Move, voters_to_keep: usize) -> Result<(), String> {
     let Move { group, from, to } = mv;
     join_as_voter(api, group, to).await?;
+    let view = group_view(api, group, None).await?;
+    if view["reachable"] == false {
+        return Err(format!("no member of group {group} answered"));
+    }
+    let ids = |field: &str| -> Vec<u64> {
+        view[field]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let (members, learners) = (ids("members"), ids("learners"));
+    let mut voters_left = members
+        .iter()
+        .filter(|m| **m != from && !learners.contains(m))
+        .count();
+    for learner in learners.iter().filter(|l| **l != from) {
+        if voters_left >= voters_to_keep {
+            break;
+        }
+        join_as_voter(api, group, *learner).await?;
+        voters_left += 1;
+    }
+    if voters_left < voters_to_keep {
+        return Err(format!(
+            "removing node {from} would leave group {group} {voters_left} voters, fewer than \
+             its {voters_to_keep}"
+        ));
+    }
     let removed = api
         .request(
             reqwest::Method::DELETE,

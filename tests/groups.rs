@@ -631,3 +631,37 @@ fn the_cluster_group_votes_on_five_nodes_and_the_others_learn() {
     });
     cluster.wait_value(learners[0], "after-the-promotion", "b");
 }
+
+/// Group 2 has three voters and a learner (as a move that stopped half-way leaves it, or
+/// an operator adds one). Node 1 is drained: every other node hosts group 2 already, so
+/// its replica there is simply dropped; the learner is made a voter first, so the group
+/// keeps three voters (it used to keep two, and lost its quorum with one more down).
+#[test]
+fn a_drain_that_drops_a_replica_keeps_the_groups_voters() {
+    let mut cluster = Cluster::start("groups-drain-learner", 3, &[]);
+    cluster.add_member(4, 1, &[]);
+    let url = |cluster: &Cluster, path: &str| cluster.nodes[1].url(path);
+    let (code, answer) = http_json(
+        "POST",
+        &url(&cluster, "v1/groups"),
+        Some(json!({"id": 2, "members": [1, 2, 3]})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    put_in_group(&cluster, 2, 2, "k", "v");
+    let (code, answer) = http_json(
+        "POST",
+        &url(&cluster, "v1/groups/2/members"),
+        Some(json!({"id": 4, "learner": true})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    assert_eq!(answer["learners"], json!([4]), "{answer}");
+    let (code, text) = http("DELETE", &url(&cluster, "1"), None);
+    assert_eq!(code, 202, "{text}");
+    let status = cluster.node(1).wait_exit(common::DEADLINE);
+    assert!(status.success(), "node 1 exits once drained: {status}");
+    let (code, group) = http_json("GET", &url(&cluster, "v1/groups/2"), None);
+    assert_eq!(code, 200, "{group}");
+    assert_eq!(group["members"], json!([2, 3, 4]), "{group}");
+    assert_eq!(group["learners"], json!([]), "three voters: {group}");
+    assert_eq!(get_in_group(&cluster, 4, 2, "k").1["value"], "v");
+}
