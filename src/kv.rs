@@ -19,13 +19,14 @@
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 
 use crate::command::{Command, Write};
 use crate::history::{Event, History};
 use crate::record::Record;
+use crate::watch_hub::WatchHub;
 
 /// The map, shared between the node (the only writer) and the HTTP API (readers).
 pub type SharedKv = Arc<RwLock<KvStore>>;
@@ -155,22 +156,14 @@ fn shard_of(key: &[u8]) -> usize {
     (h.finish() % SHARDS as u64) as usize
 }
 
+#[derive(Default)]
 pub struct KvStore {
     map: FrozenKv,
     /// The recent changes, for watches.
     history: History,
-    /// Told the revision after every applied entry, while someone listens.
-    changes: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for KvStore {
-    fn default() -> KvStore {
-        KvStore {
-            map: FrozenKv::default(),
-            history: History::default(),
-            changes: tokio::sync::watch::channel(0).0,
-        }
-    }
+    /// The live watchers, handed each change as it is applied (locked on its own, so
+    /// that a watcher registers under the map's read lock).
+    hub: Mutex<WatchHub>,
 }
 
 impl KvStore {
@@ -187,7 +180,8 @@ impl KvStore {
     pub fn replace(&mut self, map: FrozenKv) {
         self.map = map;
         self.history.reset(self.map.revision);
-        self.publish();
+        // The watchers catch up from the (new) history, or learn it cannot serve them.
+        self.hub.lock().unwrap().clear();
     }
 
     /// The recent changes (see `watch.rs`).
@@ -200,17 +194,16 @@ impl KvStore {
         self.history.set_capacity(capacity);
     }
 
-    /// A receiver told of every revision applied from now on. Subscribe and read the
-    /// history under one lock, so that no change falls between the two.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// The live watchers. Read the history and register under one read lock, so that no
+    /// change falls between the two.
+    pub fn hub(&self) -> &Mutex<WatchHub> {
+        &self.hub
     }
 
-    /// Tells the watchers, if any, that the map moved to its current revision.
-    fn publish(&self) {
-        if self.changes.receiver_count() > 0 {
-            self.changes.send_replace(self.map.revision);
-        }
+    /// Records a change in the history and hands it to its watchers.
+    fn changed(&mut self, event: Event) {
+        self.hub.get_mut().unwrap().dispatch(&event);
+        self.history.record(event);
     }
 
     fn revision_of(&self, key: &[u8]) -> u64 {
@@ -233,7 +226,6 @@ impl KvStore {
     /// revision it took.
     pub fn skip_revision(&mut self) -> u64 {
         self.map.revision += 1;
-        self.publish();
         self.map.revision
     }
 
@@ -243,7 +235,6 @@ impl KvStore {
         self.map.revision += 1;
         let revision = self.map.revision;
         let applied = self.apply_at(command, revision);
-        self.publish();
         (revision, applied)
     }
 
@@ -266,7 +257,7 @@ impl KvStore {
                     // blocks). The history's copy too.
                     let shard = &mut self.map.shards[shard_of(&key)];
                     Arc::make_mut(shard).replace(Record::new(&key, &value, revision));
-                    self.history.record(Event {
+                    self.changed(Event {
                         revision,
                         key: Bytes::copy_from_slice(&key),
                         value: Some(Bytes::copy_from_slice(&value)),
@@ -276,7 +267,7 @@ impl KvStore {
                     let shard = &mut self.map.shards[shard_of(&key)];
                     if shard.contains(&key[..]) && Arc::make_mut(shard).remove(&key[..]) {
                         deleted += 1;
-                        self.history.record(Event {
+                        self.changed(Event {
                             revision,
                             key: Bytes::copy_from_slice(&key),
                             value: None,

@@ -42,6 +42,7 @@ mod snapshot;
 mod storage;
 mod tls;
 mod transport;
+mod watch_hub;
 
 use std::path::Path;
 use std::sync::Arc;

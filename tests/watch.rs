@@ -428,3 +428,52 @@ fn a_watch_follows_the_groups_its_node_does_not_host_through_their_hosts() {
     written.sort();
     assert_eq!(seen, written, "every write exactly once");
 }
+
+/// A watcher that reads nothing while 4,000 changes of 4 KiB are applied (far more than
+/// the socket, the stream's buffer and its live channel hold): the group's hub drops it,
+/// and once it reads again it catches up from the history: every change exactly once,
+/// in order.
+#[test]
+fn a_slow_watcher_catches_up_from_the_history_and_misses_nothing() {
+    let cluster = Cluster::start("watch-slow", 3, &[]);
+    let leader = cluster.wait_leader();
+    let node = &cluster.nodes[leader as usize - 1];
+    let client = reqwest::blocking::Client::builder()
+        .timeout(None)
+        .build()
+        .unwrap();
+    let response = client
+        .get(node.url("v1/watch?prefix=slow/&progress_ms=100000"))
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let value = "x".repeat(4096);
+    for batch in 0..40 {
+        let body: serde_json::Map<String, Value> = (0..100)
+            .map(|i| (format!("slow/{batch:02}-{i:03}"), json!(value)))
+            .collect();
+        let (code, answer) = http_json("POST", &node.url("v1/kv"), Some(Value::Object(body)));
+        assert_eq!(code, 200, "{answer}");
+    }
+    let mut seen = Vec::new();
+    for line in BufReader::new(response).lines() {
+        let line: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if line["type"] == "put" {
+            seen.push((
+                line["revision"].as_u64().unwrap(),
+                line["key"].as_str().unwrap().to_string(),
+            ));
+            if seen.len() == 4000 {
+                break;
+            }
+        } else {
+            assert_eq!(line["type"], "progress", "{line}");
+        }
+    }
+    let mut want = seen.clone();
+    want.sort();
+    want.dedup();
+    assert_eq!(seen, want, "in order, none twice");
+    let keys: std::collections::BTreeSet<&String> = seen.iter().map(|(_, k)| k).collect();
+    assert_eq!(keys.len(), 4000, "every change");
+}

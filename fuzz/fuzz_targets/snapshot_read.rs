@@ -18,5 +18,7 @@ mod record;
 mod snapshot;
 #[path = "../../src/history.rs"]
 mod history;
+#[path = "../../src/watch_hub.rs"]
+mod watch_hub;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| snapshot::check_reading(data));

@@ -32,36 +32,28 @@ use crate::cluster_id;
 use crate::history::Event;
 use crate::kv::SharedKv;
 use crate::response_body::ResponseBody;
+use crate::router::Router;
 use crate::router::CLUSTER_GROUP;
 use crate::transport::FORWARD_PREFIX;
+use crate::watch_hub::Keys;
 
 /// The path of the stream.
 pub const WATCH_PATH: &str = "/v1/watch";
 /// How often a stream says how far it got, unless the request asks otherwise.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// Events looked up under the map's lock at a time.
+/// Events looked up under the map's lock, or taken from the live channel, at a time.
 const EVENTS_PER_READ: usize = 256;
-/// Chunks a stream may have waiting for a slow client before its groups wait too.
-const STREAM_BUFFER: usize = 64;
+/// Live changes a watcher may have waiting before the hub drops it (it then catches up
+/// from the history).
+const LIVE_EVENTS: usize = 1024;
+/// Chunks a stream may have waiting for a slow client before its groups wait too, and
+/// about the most bytes a chunk carries: a slow client costs at most some 512 KiB here
+/// (and its live channel, `LIVE_EVENTS`).
+const STREAM_BUFFER: usize = 8;
+const CHUNK_BYTES: usize = 64 * 1024;
 /// A long poll's default and longest wait.
 pub(super) const WAIT_DEFAULT: Duration = Duration::from_secs(60);
 pub(super) const WAIT_LONGEST: Duration = Duration::from_secs(600);
-
-/// Which keys a watch follows.
-#[derive(Clone)]
-enum Keys {
-    One(Bytes),
-    Prefix(Bytes),
-}
-
-impl Keys {
-    fn matches(&self, key: &[u8]) -> bool {
-        match self {
-            Keys::One(one) => key == &one[..],
-            Keys::Prefix(prefix) => key.starts_with(prefix),
-        }
-    }
-}
 
 impl Api {
     /// Answers one request on the client port (and one another node forwarded): a
@@ -198,6 +190,8 @@ impl Api {
                         kv,
                         keys: keys.clone(),
                         stream: stream.clone(),
+                        router: self.router.clone(),
+                        progress_every,
                     };
                     tokio::spawn(follower.run(from));
                 }
@@ -266,31 +260,27 @@ impl Api {
                 )))
             }
         };
-        let kv = self.map_of(group)?;
+        let shared = self.map_of(group)?;
         let keys = Keys::One(key.clone());
         let deadline = tokio::time::Instant::now() + wait;
         let mut from = after + 1;
         loop {
-            let (mut changes, found) = {
-                let kv = kv.read().unwrap();
+            let (found, live) = {
+                let kv = shared.read().unwrap();
                 let found = kv
                     .history()
                     .since(from, kv.revision(), |k| keys.matches(k), 1);
-                (kv.subscribe(), found)
+                let (tx, rx) = mpsc::channel(1);
+                let id = kv.hub().lock().unwrap().register(keys.clone(), tx);
+                let registration = Registration {
+                    kv: shared.clone(),
+                    id,
+                };
+                (found, (registration, rx))
             };
+            let (_registration, mut rx) = live;
             match found {
-                Err(first) => {
-                    return Err(Failure {
-                        revision: Some(first),
-                        ..Failure::new(
-                            StatusCode::GONE,
-                            format!(
-                                "changes after revision {after} are no longer kept here; the \
-                                 oldest still kept is {first} (in \"revision\")"
-                            ),
-                        )
-                    })
-                }
+                Err(first) => return Err(gone(group, after + 1, first)),
                 Ok(found) => {
                     if let Some(event) = found.events.first() {
                         return Ok(json_response(StatusCode::OK, &event_json(group, event)));
@@ -300,13 +290,11 @@ impl Api {
             }
             let mut stopping = self.stopping.clone();
             tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Err(Failure::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("group {group}'s replica left this node; retry"),
-                        ));
+                event = rx.recv() => {
+                    if let Some(event) = event {
+                        return Ok(json_response(StatusCode::OK, &event_json(group, &event)));
                     }
+                    // Dropped by the hub (a snapshot replaced the history): look again.
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Failure {
@@ -416,17 +404,64 @@ enum Part {
     Remote(Box<(RemoteFollower, reqwest::Response)>, Option<u64>),
 }
 
-/// One group's part of a watch, on a node that hosts it: sends its matching events from
-/// `from` on, in revision order, as they are applied here.
+/// One group's part of a watch, on a node that hosts it. It catches up from the group's
+/// history, then registers with the group's hub (`watch_hub.rs`), which hands it each
+/// matching change as it is applied; if the hub drops it (its client reads too slowly
+/// for the changes), it catches up from the history again. On each progress tick, and
+/// after each batch, it claims every revision up to the map's as sent, when no change
+/// is waiting in its channel.
 struct GroupFollower {
     group: u64,
     kv: SharedKv,
     keys: Keys,
     stream: Stream,
+    /// To notice that the group's replica left this node.
+    router: Router,
+    progress_every: Duration,
+}
+
+/// A registration with a group's hub, undone when the watch part ends.
+struct Registration {
+    kv: SharedKv,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(kv) = self.kv.read() {
+            kv.hub().lock().unwrap().unregister(self.id);
+        }
+    }
+}
+
+/// Where a part of a watch got: `from` is the next revision whose events are all still
+/// to send; `partial` the revision after it of which some events were sent (live events
+/// come one by one), with their keys, so that catching up resends none of them.
+struct Position {
+    from: u64,
+    partial: Option<(u64, Vec<Bytes>)>,
+}
+
+impl Position {
+    /// Whether `event` was sent already.
+    fn sent(&self, event: &Event) -> bool {
+        event.revision < self.from
+            || self.partial.as_ref().is_some_and(|(r, keys)| {
+                event.revision < *r || (event.revision == *r && keys.contains(&event.key))
+            })
+    }
+
+    /// `event` was sent.
+    fn note(&mut self, event: &Event) {
+        match &mut self.partial {
+            Some((r, keys)) if *r == event.revision => keys.push(event.key.clone()),
+            _ => self.partial = Some((event.revision, vec![event.key.clone()])),
+        }
+    }
 }
 
 impl GroupFollower {
-    async fn run(self, mut from: u64) {
+    async fn run(self, from: u64) {
         let Stream {
             out,
             sent,
@@ -434,63 +469,165 @@ impl GroupFollower {
             mut stopping,
             ..
         } = self.stream.clone();
+        let mut at = Position {
+            from,
+            partial: None,
+        };
+        let mut ticks = tokio::time::interval(self.progress_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (mut changes, found, revision) = {
+            // Catch up from the history, and once at the map's revision, register.
+            let (found, live) = {
                 let kv = self.kv.read().unwrap();
-                let found = kv.history().since(
-                    from,
+                let start = at.partial.as_ref().map_or(at.from, |(r, _)| *r);
+                match kv.history().since(
+                    start,
                     kv.revision(),
                     |k| self.keys.matches(k),
                     EVENTS_PER_READ,
-                );
-                (kv.subscribe(), found, kv.revision())
+                ) {
+                    Err(first) => (Err(first), None),
+                    Ok(found) => {
+                        let live = (found.next > kv.revision()).then(|| {
+                            let (tx, rx) = mpsc::channel(LIVE_EVENTS);
+                            let id = kv.hub().lock().unwrap().register(self.keys.clone(), tx);
+                            (
+                                Registration {
+                                    kv: self.kv.clone(),
+                                    id,
+                                },
+                                rx,
+                            )
+                        });
+                        (Ok(found), live)
+                    }
+                }
             };
             let found = match found {
                 Ok(found) => found,
                 Err(first) => {
                     let why = format!(
                         "this node's replica of group {} no longer has the events from revision \
-                         {from} on (it was replaced by a snapshot); the oldest it has is {first}: \
+                         {} on (it was replaced by a snapshot); the oldest it has is {first}: \
                          watch again from there, or read the keys and watch from the revision after",
-                        self.group
+                        self.group, at.from
                     );
                     return self.stream.fail(self.group, StatusCode::GONE, why).await;
                 }
             };
-            let mut sent = sent.lock().await;
-            if !found.events.is_empty() {
-                let mut chunk = Vec::new();
-                for event in &found.events {
-                    chunk.extend_from_slice(&json_line(&event_json(self.group, event)));
-                }
-                if out.send(Bytes::from(chunk)).await.is_err() {
-                    return; // the client went away
-                }
+            let fresh: Vec<&Event> = found.events.iter().filter(|e| !at.sent(e)).collect();
+            if !self
+                .send(&fresh, &out, &sent, &mut at, Some(found.next))
+                .await
+            {
+                return;
             }
-            from = found.next;
-            sent.insert(self.group, from - 1);
-            drop(sent);
-            if from <= revision {
+            let Some((_registration, mut rx)) = live else {
                 continue; // more than one read's worth was waiting
-            }
-            let why = tokio::select! {
-                changed = changes.changed() => match changed {
-                    Ok(()) => continue,
-                    Err(_) => format!("this node's replica of group {} left it", self.group),
-                },
-                _ = out.closed() => return,
-                _ = ended.changed() => return,
-                _ = stopping.changed() => "the node is shutting down".to_string(),
             };
-            let why = format!(
-                "{why}; watch again elsewhere from revision {from} of group {}",
-                self.group
-            );
-            return self
-                .stream
-                .fail(self.group, StatusCode::SERVICE_UNAVAILABLE, why)
-                .await;
+            // Live: the hub hands over each change as it is applied.
+            loop {
+                let why = tokio::select! {
+                    event = rx.recv() => {
+                        let Some(event) = event else {
+                            break; // dropped by the hub: catch up from the history
+                        };
+                        let mut batch = vec![event];
+                        while batch.len() < EVENTS_PER_READ {
+                            match rx.try_recv() {
+                                Ok(event) => batch.push(event),
+                                Err(_) => break,
+                            }
+                        }
+                        let fresh: Vec<&Event> = batch.iter().filter(|e| !at.sent(e)).collect();
+                        if !self.send(&fresh, &out, &sent, &mut at, None).await {
+                            return;
+                        }
+                        self.claim(&rx, &sent, &mut at).await;
+                        continue;
+                    }
+                    _ = ticks.tick() => {
+                        let served = self.router.serving(self.group);
+                        if served.is_some_and(|kv| Arc::ptr_eq(&kv, &self.kv)) {
+                            self.claim(&rx, &sent, &mut at).await;
+                            continue;
+                        }
+                        format!("this node's replica of group {} left it", self.group)
+                    }
+                    _ = out.closed() => return,
+                    _ = ended.changed() => return,
+                    _ = stopping.changed() => "the node is shutting down".to_string(),
+                };
+                let why = format!(
+                    "{why}; watch again elsewhere from revision {} of group {}",
+                    at.partial.as_ref().map_or(at.from, |(r, _)| *r),
+                    self.group
+                );
+                return self
+                    .stream
+                    .fail(self.group, StatusCode::SERVICE_UNAVAILABLE, why)
+                    .await;
+            }
         }
+    }
+
+    /// Sends `events` to the client and notes them; with `complete`, every revision
+    /// before it has been sent whole. False if the client went away.
+    async fn send(
+        &self,
+        events: &[&Event],
+        out: &mpsc::Sender<Bytes>,
+        sent: &Sent,
+        at: &mut Position,
+        complete: Option<u64>,
+    ) -> bool {
+        let mut sent = sent.lock().await;
+        let mut chunk = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            chunk.extend_from_slice(&json_line(&event_json(self.group, event)));
+            at.note(event);
+            let last = i + 1 == events.len();
+            if (chunk.len() >= CHUNK_BYTES || last)
+                && out
+                    .send(Bytes::from(std::mem::take(&mut chunk)))
+                    .await
+                    .is_err()
+            {
+                return false;
+            }
+        }
+        if let Some(next) = complete {
+            at.from = next;
+            at.partial = None;
+        }
+        let done = match &at.partial {
+            Some((r, _)) => r - 1,
+            None => at.from - 1,
+        };
+        let entry = sent.entry(self.group).or_insert(0);
+        *entry = (*entry).max(done);
+        true
+    }
+
+    /// With no change waiting in `rx` (and the hub still holding its other end), every
+    /// revision up to the map's has been sent (the map's read lock keeps a change from
+    /// being applied meanwhile).
+    async fn claim(&self, rx: &mpsc::Receiver<Event>, sent: &Sent, at: &mut Position) {
+        let revision = {
+            let kv = self.kv.read().unwrap();
+            // Closed: the hub dropped this watcher, and changes since went elsewhere.
+            if !rx.is_empty() || rx.is_closed() {
+                return;
+            }
+            kv.revision()
+        };
+        let mut sent = sent.lock().await;
+        if revision + 1 > at.from {
+            at.from = revision + 1;
+            at.partial = None;
+        }
+        let entry = sent.entry(self.group).or_insert(0);
+        *entry = (*entry).max(revision);
     }
 }
 
