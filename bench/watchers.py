@@ -1,0 +1,88 @@
+"""Watchers for bench/watch.sh: opens N watch streams on one node, each on its own key
+(w/<i>), then probes: PUTs random watched keys at a steady rate while wrk loads the
+cluster, and measures, for every probe, the time from its acknowledgement (the write is
+committed and applied on the node that answered) to its arrival at its watcher. Prints
+one JSON line: watchers, probes sent, delivered, p50/p99/max delay in ms.
+
+Usage: watchers.py HOST PORT WATCHERS PROBE_SECONDS PROBES_PER_SECOND READY_FILE
+It writes READY_FILE once every stream is open, then waits for a line on stdin before
+probing (the driver measures memory, starts the load, then says go).
+"""
+import asyncio, json, random, sys, time
+
+
+async def open_watch(host, port, i, arrivals, opened):
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET /v1/watch?key=w/{i}&progress_ms=600000 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise SystemExit(f"watch {i}: {status!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    opened.append(i)
+    while True:
+        size = await reader.readline()
+        if not size:
+            return
+        n = int(size.strip() or b"0", 16)
+        chunk = await reader.readexactly(n + 2)
+        now = time.monotonic()
+        for line in chunk[:-2].split(b"\n"):
+            if b'"type":"put"' in line:
+                arrivals[json.loads(line)["value"]] = now
+
+
+async def probe(host, port, watchers, seconds, rate, acked):
+    reader, writer = await asyncio.open_connection(host, port)
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        started = time.monotonic()
+        token = f"p{n}"
+        body = token.encode()
+        writer.write(f"PUT /v1/kv/w/{random.randrange(watchers)} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        status = await reader.readline()
+        length = 0
+        while True:
+            header = await reader.readline()
+            if header in (b"\r\n", b""):
+                break
+            if header.lower().startswith(b"content-length:"):
+                length = int(header.split(b":")[1])
+        await reader.readexactly(length)
+        if b" 200 " in status:
+            acked[token] = time.monotonic()
+        n += 1
+        await asyncio.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+
+
+async def main():
+    host, port, watchers, seconds, rate, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+    arrivals, acked, opened = {}, {}, []
+    tasks = []
+    for i in range(watchers):
+        tasks.append(asyncio.create_task(open_watch(host, port, i, arrivals, opened)))
+        if i % 200 == 199:
+            await asyncio.sleep(0.05)
+    while len(opened) < watchers:
+        await asyncio.sleep(0.1)
+    open(ready, "w").write("ready\n")
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await probe(host, port, watchers, seconds, rate, acked)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(t in arrivals for t in acked):
+        await asyncio.sleep(0.05)
+    # An event may reach its watcher before the PUT's answer reaches the prober (both
+    # leave the node once the write is applied): counted as 0.
+    delays = sorted(max(0.0, arrivals[t] - acked[t]) * 1000 for t in acked if t in arrivals)
+    pick = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 2) if delays else None
+    print(json.dumps({"watchers": watchers, "probes_acked": len(acked), "delivered": len(delays),
+                      "delay_ms_p50": pick(0.5), "delay_ms_p99": pick(0.99),
+                      "delay_ms_max": round(delays[-1], 2) if delays else None}), flush=True)
+    for t in tasks:
+        t.cancel()
+
+
+asyncio.run(main())
