@@ -69,32 +69,14 @@ impl WatchHub {
 
     /// Forgets registration `id` (if the hub has not dropped it already).
     pub fn unregister(&mut self, id: u64) {
-        let Some(keys) = self.registered.remove(&id) else {
-            return;
-        };
-        let (list, emptied) = match &keys {
-            Keys::One(key) => {
-                let list = self.by_key.get_mut(key);
-                let emptied = list.map(|l| {
-                    l.retain(|s| s.id != id);
-                    l.is_empty()
-                });
-                (key, emptied)
+        match self.registered.remove(&id) {
+            Some(Keys::One(key)) if without(self.by_key.get_mut(&key), id) => {
+                self.by_key.remove(&key);
             }
-            Keys::Prefix(prefix) => {
-                let list = self.by_prefix.get_mut(prefix);
-                let emptied = list.map(|l| {
-                    l.retain(|s| s.id != id);
-                    l.is_empty()
-                });
-                (prefix, emptied)
+            Some(Keys::Prefix(prefix)) if without(self.by_prefix.get_mut(&prefix), id) => {
+                self.by_prefix.remove(&prefix);
             }
-        };
-        if emptied == Some(true) {
-            match keys {
-                Keys::One(_) => self.by_key.remove(list),
-                Keys::Prefix(_) => self.by_prefix.remove(list),
-            };
+            _ => {}
         }
     }
 
@@ -132,6 +114,14 @@ impl WatchHub {
     pub fn len(&self) -> usize {
         self.registered.len()
     }
+}
+
+/// Takes registration `id` out of `list`; whether the list is empty now.
+fn without(list: Option<&mut Vec<Subscriber>>, id: u64) -> bool {
+    list.is_some_and(|list| {
+        list.retain(|s| s.id != id);
+        list.is_empty()
+    })
 }
 
 fn offer(list: &[Subscriber], event: &Event, dropped: &mut Vec<u64>) {

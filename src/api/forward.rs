@@ -60,8 +60,8 @@ fn answer_timeout(path: &str, request_timeout: Duration) -> Duration {
         .split('&')
         .find_map(|p| p.strip_prefix("timeout_ms="))
         .and_then(|ms| ms.parse::<u64>().ok())
-        .map_or(super::watch_v1::WAIT_DEFAULT, Duration::from_millis)
-        .min(super::watch_v1::WAIT_LONGEST);
+        .map_or(super::request::WAIT_DEFAULT, Duration::from_millis)
+        .min(super::request::WAIT_LONGEST);
     match long_poll {
         true => wait.max(request_timeout) + Duration::from_secs(1),
         false => request_timeout + Duration::from_secs(1),

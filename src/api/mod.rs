@@ -44,6 +44,7 @@ mod kv_v1;
 mod members_v1;
 mod raftexample;
 mod request;
+mod watch_stream;
 mod watch_v1;
 
 use forward::FORWARDED_HEADER;

@@ -61,6 +61,10 @@ impl Failure {
     }
 }
 
+/// A long poll's (`?wait=true`, `watch_v1.rs`) default and longest wait.
+pub const WAIT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const WAIT_LONGEST: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The query string's parameters, percent-decoded. Any name not in `known` is refused, so
 /// that a misspelt condition is never silently ignored.
 pub fn parse_query(
