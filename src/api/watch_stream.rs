@@ -37,6 +37,9 @@ const LIVE_EVENTS: usize = 1024;
 /// (and its live channel, `LIVE_EVENTS`).
 pub(super) const STREAM_BUFFER: usize = 8;
 const CHUNK_BYTES: usize = 64 * 1024;
+/// The longest line a relayed stream may send (an event carries a key and a value, each
+/// bounded by `--max-value-bytes`).
+const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 /// The last revision of each group whose events have been sent. Whoever sends holds it,
 /// so that a progress line never claims events the stream has not carried yet, nor
 /// comes after events without counting them.
@@ -399,8 +402,11 @@ impl RemoteFollower {
             };
             let mut pending: Vec<u8> = Vec::new();
             loop {
+                // A host sends a progress line every `progress_every`: one that says nothing
+                // for twice that (it is paused, or cut off) is given up.
+                let silence = self.progress_every * 2 + self.api.request_timeout;
                 let chunk = tokio::select! {
-                    chunk = current.chunk() => chunk,
+                    chunk = tokio::time::timeout(silence, current.chunk()) => chunk.unwrap_or(Ok(None)),
                     _ = stream.out.closed() => return,
                     _ = ended.changed() => return,
                     _ = stopping.changed() => {
@@ -413,6 +419,9 @@ impl RemoteFollower {
                 };
                 pending.extend_from_slice(&chunk);
                 let Some(end) = pending.iter().rposition(|&b| b == b'\n') else {
+                    if pending.len() > MAX_LINE_BYTES {
+                        break; // not a stream of events
+                    }
                     continue;
                 };
                 let lines: Vec<u8> = pending.drain(..=end).collect();
