@@ -272,11 +272,10 @@ pub async fn run(
         };
         info!(logger, "rebalancing: moving a replica"; "group" => mv.group, "from" => mv.from, "to" => mv.to);
         let started = Instant::now();
-        let voters_to_keep = table
-            .groups
-            .get(&mv.group)
-            .map_or(1, |p| p.initial.len().max(1));
-        match carry_out(&api, mv, voters_to_keep).await {
+        let Some(placement) = table.groups.get(&mv.group) else {
+            continue;
+        };
+        match carry_out(&api, mv, placement).await {
             Ok(()) => info!(logger, "rebalancing: replica moved"; "group" => mv.group,
                 "from" => mv.from, "to" => mv.to, "ms" => started.elapsed().as_millis()),
             Err(e) => {
@@ -470,13 +469,15 @@ fn report_stuck_drains(
 }
 
 /// Add `to`, wait for its replica to catch up, remove `from`. Before `from` goes, the
-/// group must keep `voters_to_keep` voters without it: the table counts a learner left
-/// by a move that stopped half-way (a crash between its steps) as a replica, and a
-/// drain that "moves" a replica to a node that hosts one already would otherwise leave
-/// the group a voter short (two voters of three, and no quorum once one is down); such
-/// a learner is made a voter first.
-async fn carry_out(api: &OwnApi, mv: Move, voters_to_keep: usize) -> Result<(), String> {
+/// group must keep as many voters without it as it was created with: the table (the
+/// `placement`) counts as replicas a learner left by a move that stopped half-way (a
+/// crash between its steps), and a node placed whose group never added it; a drain that
+/// "moves" a replica to a node that hosts one already would otherwise leave the group a
+/// voter short (two voters of three, and no quorum once one is down). Such nodes are
+/// made voters first, as a move makes its new node one.
+async fn carry_out(api: &OwnApi, mv: Move, placement: &Placement) -> Result<(), String> {
     let Move { group, from, to } = mv;
+    let voters_to_keep = placement.initial.len().max(1);
     join_as_voter(api, group, to).await?;
     let view = group_view(api, group, None).await?;
     if view["reachable"] == false {
@@ -489,15 +490,20 @@ async fn carry_out(api: &OwnApi, mv: Move, voters_to_keep: usize) -> Result<(), 
             .unwrap_or_default()
     };
     let (members, learners) = (ids("members"), ids("learners"));
-    let mut voters_left = members
+    let voters: Vec<u64> = members
+        .into_iter()
+        .filter(|m| *m != from && !learners.contains(m))
+        .collect();
+    let mut voters_left = voters.len();
+    let candidates = placement
+        .members
         .iter()
-        .filter(|m| **m != from && !learners.contains(m))
-        .count();
-    for learner in learners.iter().filter(|l| **l != from) {
+        .filter(|n| **n != from && !voters.contains(n));
+    for candidate in candidates {
         if voters_left >= voters_to_keep {
             break;
         }
-        join_as_voter(api, group, *learner).await?;
+        join_as_voter(api, group, *candidate).await?;
         voters_left += 1;
     }
     if voters_left < voters_to_keep {
