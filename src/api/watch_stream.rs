@@ -450,7 +450,10 @@ impl RemoteFollower {
             };
             match value["type"].as_str() {
                 Some("put") | Some("delete") => {
-                    let revision = value["revision"].as_u64().unwrap_or(0);
+                    let Some(revision) = value["revision"].as_u64().filter(|&r| r > 0) else {
+                        outcome = Relayed::Broke; // not an event of a group's history
+                        break;
+                    };
                     let key = value["key"].as_str().unwrap_or_default().to_string();
                     match &mut self.last {
                         Some((last, _)) if revision < *last => continue,
