@@ -61,6 +61,9 @@ pub struct Metrics {
     /// route -> latency.
     request_latency: Mutex<BTreeMap<&'static str, Arc<Histogram>>>,
     pub requests_in_flight: AtomicI64,
+    /// Watch streams open (`api/watch_v1.rs`), and the events they sent.
+    pub watches_open: AtomicI64,
+    pub watch_events_sent: AtomicU64,
     pub proposals: AtomicU64,
     pub committed_entries: AtomicU64,
     pub applied_entries: AtomicU64,
@@ -97,6 +100,11 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -124,7 +132,16 @@ impl Metrics {
         header(&mut out, name, "gauge", "Client requests being served.");
         let in_flight = self.requests_in_flight.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name} {in_flight}");
+        let name = "raftkvd_watches_open";
+        header(&mut out, name, "gauge", "Watch streams open on this node.");
+        let open = self.watches_open.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name} {open}");
         let counters = [
+            (
+                "raftkvd_watch_events_sent_total",
+                "Events (puts and deletes) sent to watch streams.",
+                &self.watch_events_sent,
+            ),
             (
                 "raftkvd_proposals_total",
                 "Entries proposed by this node.",

@@ -162,6 +162,17 @@ fn a_watcher_sees_every_write_once_across_a_leader_kill_and_a_reconnect() {
     };
     let progressed = progress["revisions"]["1"].as_u64().unwrap();
     assert!(progressed >= acked.last().unwrap().2, "{progress}");
+    let (code, metrics) = http("GET", &node_url(&cluster, leader, "metrics"), None);
+    assert_eq!(code, 200);
+    let value = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("raftkvd_watches_open"), 1, "{metrics}");
+    assert!(value("raftkvd_watch_events_sent_total") >= acked.len() as u64);
 
     // Writes go on while the leader dies; the first stream ends with it.
     let writer = {

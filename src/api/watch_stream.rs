@@ -23,6 +23,7 @@ use super::Api;
 use crate::cluster_id;
 use crate::history::Event;
 use crate::kv::SharedKv;
+use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::transport::FORWARD_PREFIX;
 use crate::watch_hub::Keys;
@@ -50,6 +51,8 @@ pub(super) type Sent = Arc<Mutex<BTreeMap<u64, u64>>>;
 #[derive(Clone)]
 pub(super) struct Stream {
     pub(super) out: mpsc::Sender<Bytes>,
+    /// Counts the stream while it is open, and the events it sends.
+    pub(super) metrics: Arc<Metrics>,
     pub(super) sent: Sent,
     /// Ends every part of the watch (one part could not go on).
     pub(super) end: Arc<watch::Sender<bool>>,
@@ -246,6 +249,7 @@ impl GroupFollower {
         complete: Option<u64>,
     ) -> bool {
         let mut sent = sent.lock().await;
+        Metrics::add(&self.stream.metrics.watch_events_sent, events.len() as u64);
         let mut chunk = Vec::new();
         for (i, event) in events.iter().enumerate() {
             chunk.extend_from_slice(&json_line(&event_json(self.group, event)));
@@ -467,6 +471,7 @@ impl RemoteFollower {
                     }
                     chunk.extend_from_slice(line);
                     chunk.push(b'\n');
+                    Metrics::inc(&stream.metrics.watch_events_sent);
                     // Revision `revision` may not be whole yet: ask again from it.
                     self.next = Some(revision);
                     let done = sent.entry(self.group).or_insert(0);
@@ -517,8 +522,22 @@ pub(super) async fn report_progress(stream: Stream, every: Duration) {
         out,
         sent,
         mut ended,
+        metrics,
         ..
     } = stream;
+    // This task lives as long as the stream: it counts it as open meanwhile.
+    struct Open(Arc<Metrics>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0
+                .watches_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    metrics
+        .watches_open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _open = Open(metrics);
     let mut ticks = tokio::time::interval(every);
     loop {
         tokio::select! {

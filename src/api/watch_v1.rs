@@ -120,6 +120,7 @@ impl Api {
         let (end, ended) = watch::channel(false);
         let stream = Stream {
             out,
+            metrics: self.metrics.clone(),
             sent: Arc::default(),
             end: Arc::new(end),
             ended,
