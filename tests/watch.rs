@@ -488,3 +488,55 @@ fn a_slow_watcher_catches_up_from_the_history_and_misses_nothing() {
     let keys: std::collections::BTreeSet<&String> = seen.iter().map(|(_, k)| k).collect();
     assert_eq!(keys.len(), 4000, "every change");
 }
+
+/// Node 4 does not host group 5 (on nodes 1-3): its watch of the group relays node 1's
+/// stream. Node 1 is paused (SIGSTOP): the relay hears nothing, gives node 1 up after
+/// twice the progress interval (and the request timeout), and follows node 2 from where
+/// it got; a write made meanwhile arrives once.
+#[test]
+fn a_relayed_watch_leaves_a_paused_host_for_another() {
+    let cluster = Cluster::start("watch-paused", 4, &["--request-timeout-ms", "1500"]);
+    let (code, answer) = http_json(
+        "POST",
+        &cluster.nodes[0].url("v1/groups"),
+        Some(json!({"id": 5, "members": [1, 2, 3]})),
+    );
+    assert_eq!(code, 201, "{answer}");
+    let put = |via: usize, key: &str| {
+        let url = cluster.nodes[via].url(&format!("v1/groups/5/kv/{key}"));
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (code, answer) = http_json("PUT", &url, Some(json!({ "value": key })));
+            if code == 200 {
+                return answer["revision"].as_u64().unwrap();
+            }
+            assert!(Instant::now() < deadline, "{code} {answer}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let first = put(1, "before");
+    let watcher = Watcher::open(&cluster.nodes[3].url(&format!(
+        "v1/groups/5/watch?prefix=&progress_ms=200&start_revision={first}"
+    )));
+    let (events, _) = watcher.events_until(|seen| !seen.is_empty());
+    assert_eq!(events[0]["key"], "before");
+    cluster.nodes[0].signal("STOP");
+    let during = put(1, "during");
+    let (events, open) = watcher.events_until(|seen| !seen.is_empty());
+    cluster.nodes[0].signal("CONT");
+    assert!(open);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (&events[0]["key"], events[0]["revision"].as_u64()),
+        (&json!("during"), Some(during))
+    );
+    let after = put(2, "after");
+    let (events, _) = watcher.events_until(|seen| !seen.is_empty());
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (&events[0]["key"], events[0]["revision"].as_u64()),
+        (&json!("after"), Some(after))
+    );
+    let logs = cluster.nodes[3].log_text();
+    assert!(!logs.contains("panicked"), "{logs}");
+}
