@@ -41,6 +41,7 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// The longest line a relayed stream may send (an event carries a key and a value, each
 /// bounded by `--max-value-bytes`).
 const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The last revision of each group whose events have been sent. Whoever sends holds it,
 /// so that a progress line never claims events the stream has not carried yet, nor
 /// comes after events without counting them.

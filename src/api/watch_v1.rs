@@ -41,6 +41,7 @@ use crate::watch_hub::Keys;
 pub const WATCH_PATH: &str = "/v1/watch";
 /// How often a stream says how far it got, unless the request asks otherwise.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 impl Api {
     /// Answers one request on the client port (and one another node forwarded): a
     /// watch streams, anything else is answered whole (`handle`).
