@@ -4,16 +4,27 @@ cluster, and measures, for every probe, the time from its acknowledgement (the w
 committed and applied on the node that answered) to its arrival at its watcher. Prints
 one JSON line: watchers, probes sent, delivered, p50/p99/max delay in ms.
 
-Usage: watchers.py HOST PORT WATCHERS PROBE_SECONDS PROBES_PER_SECOND READY_FILE
+Usage: watchers.py HOST PORT WATCHERS PROBE_SECONDS PROBES_PER_SECOND READY_FILE [load]
 It writes READY_FILE once every stream is open, then waits for a line on stdin before
-probing (the driver measures memory, starts the load, then says go).
+probing (the driver measures memory, starts the load, then says go). With `load`,
+watcher i watches the prefix k<i as 4 digits> instead, which takes in ten of the
+100,000 keys wrk's kv.lua writes (so every put of the load reaches one watcher), and
+the probes write k<i>-probe; it also counts every event received.
 """
 import asyncio, json, random, sys, time
 
 
-async def open_watch(host, port, i, arrivals, opened):
+def watched(i, load):
+    return f"prefix=k{i:04d}" if load else f"key=w/{i}"
+
+
+def probe_key(i, load):
+    return f"k{i:04d}-probe" if load else f"w/{i}"
+
+
+async def open_watch(host, port, i, arrivals, opened, load, counts):
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET /v1/watch?key=w/{i}&progress_ms=600000 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    writer.write(f"GET /v1/watch?{watched(i, load)}&progress_ms=600000 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     await writer.drain()
     status = await reader.readline()
     if b" 200 " not in status:
@@ -30,10 +41,12 @@ async def open_watch(host, port, i, arrivals, opened):
         now = time.monotonic()
         for line in chunk[:-2].split(b"\n"):
             if b'"type":"put"' in line:
-                arrivals[json.loads(line)["value"]] = now
+                counts[0] += 1
+                if b'"value":"p' in line:
+                    arrivals[json.loads(line)["value"]] = now
 
 
-async def probe(host, port, watchers, seconds, rate, acked):
+async def probe(host, port, watchers, seconds, rate, acked, load):
     reader, writer = await asyncio.open_connection(host, port)
     end = time.monotonic() + seconds
     n = 0
@@ -41,7 +54,7 @@ async def probe(host, port, watchers, seconds, rate, acked):
         started = time.monotonic()
         token = f"p{n}"
         body = token.encode()
-        writer.write(f"PUT /v1/kv/w/{random.randrange(watchers)} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        writer.write(f"PUT /v1/kv/{probe_key(random.randrange(watchers), load)} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         await writer.drain()
         status = await reader.readline()
         length = 0
@@ -60,17 +73,18 @@ async def probe(host, port, watchers, seconds, rate, acked):
 
 async def main():
     host, port, watchers, seconds, rate, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
-    arrivals, acked, opened = {}, {}, []
+    load = len(sys.argv) > 7 and sys.argv[7] == "load"
+    arrivals, acked, opened, counts = {}, {}, [], [0]
     tasks = []
     for i in range(watchers):
-        tasks.append(asyncio.create_task(open_watch(host, port, i, arrivals, opened)))
+        tasks.append(asyncio.create_task(open_watch(host, port, i, arrivals, opened, load, counts)))
         if i % 200 == 199:
             await asyncio.sleep(0.05)
     while len(opened) < watchers:
         await asyncio.sleep(0.1)
     open(ready, "w").write("ready\n")
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    await probe(host, port, watchers, seconds, rate, acked)
+    await probe(host, port, watchers, seconds, rate, acked, load)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not all(t in arrivals for t in acked):
         await asyncio.sleep(0.05)
@@ -80,7 +94,8 @@ async def main():
     pick = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 2) if delays else None
     print(json.dumps({"watchers": watchers, "probes_acked": len(acked), "delivered": len(delays),
                       "delay_ms_p50": pick(0.5), "delay_ms_p99": pick(0.99),
-                      "delay_ms_max": round(delays[-1], 2) if delays else None}), flush=True)
+                      "delay_ms_max": round(delays[-1], 2) if delays else None,
+                      "events_received": counts[0]}), flush=True)
     for t in tasks:
         t.cancel()
 

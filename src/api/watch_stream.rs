@@ -560,7 +560,7 @@ pub(super) async fn report_progress(stream: Stream, every: Duration) {
 }
 
 /// `value` as one line of a stream.
-pub(super) fn json_line(value: &serde_json::Value) -> Bytes {
+pub(super) fn json_line(value: &impl serde::Serialize) -> Bytes {
     let mut line = serde_json::to_vec(value).expect("JSON values always encode");
     line.push(b'\n');
     Bytes::from(line)
@@ -581,24 +581,34 @@ pub(super) fn gone(group: u64, from: u64, first: u64) -> Failure {
 }
 
 /// An event as a watch sends it: `value` for a put (`value_hex` if it is not UTF-8).
-pub(super) fn event_json(group: u64, event: &Event) -> serde_json::Value {
-    let mut json = serde_json::json!({
-        "type": if event.value.is_some() { "put" } else { "delete" },
-        "key": String::from_utf8_lossy(&event.key),
-        "revision": event.revision,
-        "group": group,
-    });
-    if let Some(value) = &event.value {
-        match std::str::from_utf8(value) {
-            Ok(text) => json["value"] = text.into(),
-            Err(_) => {
-                json["value_hex"] = value
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-                    .into()
-            }
-        }
+#[derive(serde::Serialize)]
+pub(super) struct EventLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    key: std::borrow::Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+    revision: u64,
+    group: u64,
+}
+
+pub(super) fn event_json(group: u64, event: &Event) -> EventLine<'_> {
+    let text = event.value.as_deref().map(std::str::from_utf8);
+    EventLine {
+        kind: if event.value.is_some() {
+            "put"
+        } else {
+            "delete"
+        },
+        key: String::from_utf8_lossy(&event.key),
+        value: text.and_then(Result::ok),
+        value_hex: match (text, &event.value) {
+            (Some(Err(_)), Some(value)) => Some(value.iter().map(|b| format!("{b:02x}")).collect()),
+            _ => None,
+        },
+        revision: event.revision,
+        group,
     }
-    json
 }
