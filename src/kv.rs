@@ -184,7 +184,7 @@ impl KvStore {
         self.hub.lock().unwrap().clear();
     }
 
-    /// The recent changes (see `watch.rs`).
+    /// The recent changes (see `history.rs`).
     pub fn history(&self) -> &History {
         &self.history
     }
@@ -234,8 +234,7 @@ impl KvStore {
     pub fn apply(&mut self, command: Command) -> (u64, Applied) {
         self.map.revision += 1;
         let revision = self.map.revision;
-        let applied = self.apply_at(command, revision);
-        (revision, applied)
+        (revision, self.apply_at(command, revision))
     }
 
     fn apply_at(&mut self, command: Command, revision: u64) -> Applied {

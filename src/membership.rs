@@ -35,6 +35,13 @@ pub struct Membership {
     pub draining: BTreeSet<u64>,
 }
 
+impl Membership {
+    /// Every member but `own`.
+    pub fn others(&self, own: u64) -> impl Iterator<Item = u64> + '_ {
+        self.peer_urls.keys().copied().filter(move |&id| id != own)
+    }
+}
+
 /// Where one raft group lives.
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
 pub struct Placement {

@@ -213,8 +213,7 @@ pub async fn run(
             continue;
         }
         let table = membership.read().unwrap().clone();
-        let others = table.peer_urls.keys().copied().filter(|&n| n != own_id);
-        let rehost = formats.all_read(others, entry_formats::REHOST);
+        let rehost = formats.all_read(table.others(own_id), entry_formats::REHOST);
         let plan = next_step(&table, rehost);
         report_stuck_drains(&table, plan, &mut stuck, &logger);
         let mv = match plan {

@@ -105,19 +105,19 @@ pub fn destroy_group(engine: &Engine, group_id: u64, incarnation: u64) -> Result
 /// was.
 pub fn destroyed_incarnation(engine: &Engine, group_id: u64) -> Option<u64> {
     let tombstone = engine.get(group_id, KEY_TOMBSTONE)?;
-    Some(match <[u8; 8]>::try_from(tombstone.as_slice()) {
-        Ok(bytes) => u64::from_le_bytes(bytes),
-        Err(_) => 0, // `[1]`: the first replica, from a release before incarnations
-    })
+    // `[1]`: the first replica, from a release before incarnations.
+    Some(u64_of(&tombstone).unwrap_or(0))
 }
 
 /// The raft id this node's replica of group `group_id` was made with, if it was recorded
 /// (see [`record_replica_id`]).
 pub fn recorded_replica_id(engine: &Engine, group_id: u64) -> Option<u64> {
-    let bytes = engine.get(group_id, KEY_REPLICA_ID)?;
-    <[u8; 8]>::try_from(bytes.as_slice())
-        .ok()
-        .map(u64::from_le_bytes)
+    u64_of(&engine.get(group_id, KEY_REPLICA_ID)?)
+}
+
+/// A value stored as 8 little-endian bytes; None if it is not 8 bytes long.
+fn u64_of(bytes: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(bytes).ok().map(u64::from_le_bytes)
 }
 
 /// Records, synced, the raft id of the replica of group `group_id` about to start here:
@@ -145,7 +145,7 @@ impl LogStore {
             .unwrap_or_default();
         let conf_index = engine
             .get(group_id, KEY_CONF_INDEX)
-            .and_then(|b| b.try_into().ok().map(u64::from_le_bytes))
+            .and_then(|b| u64_of(&b))
             .unwrap_or(0);
         let truncated = engine
             .get(group_id, KEY_TRUNCATED)

@@ -454,12 +454,8 @@ impl Api {
     /// Whether this node and every other member of the cluster read entry `format`.
     fn every_member_reads(&self, format: u8) -> bool {
         let membership = self.membership.read().unwrap();
-        let others = membership
-            .peer_urls
-            .keys()
-            .copied()
-            .filter(|&n| n != self.id);
-        self.entry_formats.all_read(others, format)
+        self.entry_formats
+            .all_read(membership.others(self.id), format)
     }
 
     /// Group `group`'s entry in the table of groups; the cluster group's members are
