@@ -42,9 +42,20 @@ const OP_DRAIN_NODE: u8 = 7;
 /// node id. (A tag of its own: a release that forbids it stops at the entry, rather
 /// than apply it differently from the others; see `entry_formats::REHOST`.)
 const OP_READD_GROUP_MEMBER: u8 = 8;
+/// Operation tags of the leases (`leases.rs`): grant (lease id, TTL in seconds),
+/// keepalive (lease id), revoke (lease id, the renewal it expires or 0). A release that
+/// knows no leases stops at them (`entry_formats::LEASES`).
+const OP_GRANT_LEASE: u8 = 9;
+const OP_KEEP_LEASE_ALIVE: u8 = 10;
+const OP_REVOKE_LEASE: u8 = 11;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
+/// A put that attaches its key to a lease: key, value, lease id.
+const WRITE_PUT_LEASED: u8 = 3;
+
+/// The lease id of a key attached to none (etcd's word for it too).
+pub const NO_LEASE: u64 = 0;
 
 /// Identifies one client request across the cluster, so its waiter can be found when the
 /// entry is applied. `incarnation` is random per process start: a restarted node never
@@ -67,8 +78,15 @@ impl ProposalId {
 /// were decoded from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
+    /// Sets `key` to `value`, attached to lease `lease` ([`NO_LEASE`]: detached from any).
+    Put {
+        key: Bytes,
+        value: Bytes,
+        lease: u64,
+    },
+    Delete {
+        key: Bytes,
+    },
 }
 
 /// A condition on a key's revision (etcd's mod_revision: the revision of the command that
@@ -92,7 +110,11 @@ impl Command {
     pub fn put(key: Bytes, value: Bytes) -> Command {
         Command {
             checks: Vec::new(),
-            writes: vec![Write::Put { key, value }],
+            writes: vec![Write::Put {
+                key,
+                value,
+                lease: NO_LEASE,
+            }],
         }
     }
 }
@@ -117,6 +139,14 @@ pub enum Op {
     SetShards { groups: Vec<u64> },
     /// Member `node` is leaving the cluster: move its replicas, then remove it.
     DrainNode { node: u64 },
+    /// Creates lease `lease`, which expires `ttl_seconds` after its last renewal.
+    GrantLease { lease: u64, ttl_seconds: u64 },
+    /// Renews lease `lease`: its TTL starts again.
+    KeepLeaseAlive { lease: u64 },
+    /// Ends lease `lease` and deletes its keys. `renewed_at` is the revision of the
+    /// renewal an expiry saw (the revoke is void if the lease was renewed since), or 0
+    /// for a client's revoke, which holds whatever the renewals.
+    RevokeLease { lease: u64, renewed_at: u64 },
 }
 
 /// The payload of a normal raft entry.
@@ -153,7 +183,15 @@ impl Proposal {
         let mut buf = Vec::with_capacity(64 + writes.iter().map(write_len).sum::<usize>());
         buf.push(FORMAT_VERSION);
         put_id(&mut buf, self.id);
-        if let ([], [Write::Put { key, value }]) = (checks.as_slice(), writes.as_slice()) {
+        if let (
+            [],
+            [Write::Put {
+                key,
+                value,
+                lease: NO_LEASE,
+            }],
+        ) = (checks.as_slice(), writes.as_slice())
+        {
             buf.push(OP_PUT);
             put_bytes(&mut buf, key);
             buf.extend_from_slice(value);
@@ -168,10 +206,20 @@ impl Proposal {
         buf.extend_from_slice(&(writes.len() as u32).to_le_bytes());
         for write in writes {
             match write {
-                Write::Put { key, value } => {
+                Write::Put {
+                    key,
+                    value,
+                    lease: NO_LEASE,
+                } => {
                     buf.push(WRITE_PUT);
                     put_bytes(&mut buf, key);
                     put_bytes(&mut buf, value);
+                }
+                Write::Put { key, value, lease } => {
+                    buf.push(WRITE_PUT_LEASED);
+                    put_bytes(&mut buf, key);
+                    put_bytes(&mut buf, value);
+                    buf.extend_from_slice(&lease.to_le_bytes());
                 }
                 Write::Delete { key } => {
                     buf.push(WRITE_DELETE);
@@ -182,6 +230,7 @@ impl Proposal {
         buf
     }
 
+    /// Every op but a key-value command: the table of groups' and the leases'.
     fn encode_group_op(&self) -> Vec<u8> {
         let mut buf = vec![FORMAT_VERSION];
         put_id(&mut buf, self.id);
@@ -199,6 +248,20 @@ impl Proposal {
             Op::DrainNode { node } => {
                 buf.push(OP_DRAIN_NODE);
                 buf.extend_from_slice(&node.to_le_bytes());
+            }
+            Op::GrantLease { lease, ttl_seconds } => {
+                buf.push(OP_GRANT_LEASE);
+                buf.extend_from_slice(&lease.to_le_bytes());
+                buf.extend_from_slice(&ttl_seconds.to_le_bytes());
+            }
+            Op::KeepLeaseAlive { lease } => {
+                buf.push(OP_KEEP_LEASE_ALIVE);
+                buf.extend_from_slice(&lease.to_le_bytes());
+            }
+            Op::RevokeLease { lease, renewed_at } => {
+                buf.push(OP_REVOKE_LEASE);
+                buf.extend_from_slice(&lease.to_le_bytes());
+                buf.extend_from_slice(&renewed_at.to_le_bytes());
             }
             Op::AddGroupMember { group, node }
             | Op::RemoveGroupMember { group, node }
@@ -248,6 +311,21 @@ impl Proposal {
                 }
                 Op::SetShards { groups }
             }
+            OP_GRANT_LEASE => {
+                let (lease, ttl_seconds) = (r.u64()?, r.u64()?);
+                r.end()?;
+                Op::GrantLease { lease, ttl_seconds }
+            }
+            OP_KEEP_LEASE_ALIVE => {
+                let lease = r.u64()?;
+                r.end()?;
+                Op::KeepLeaseAlive { lease }
+            }
+            OP_REVOKE_LEASE => {
+                let (lease, renewed_at) = (r.u64()?, r.u64()?);
+                r.end()?;
+                Op::RevokeLease { lease, renewed_at }
+            }
             tag @ (OP_ADD_GROUP_MEMBER | OP_REMOVE_GROUP_MEMBER | OP_READD_GROUP_MEMBER) => {
                 let (group, node) = (r.u64()?, r.u64()?);
                 if r.at != bytes.len() {
@@ -271,7 +349,16 @@ impl Proposal {
                         WRITE_PUT => Write::Put {
                             key: r.bytes()?,
                             value: r.bytes()?,
+                            lease: NO_LEASE,
                         },
+                        WRITE_PUT_LEASED => {
+                            let (key, value, lease) = (r.bytes()?, r.bytes()?, r.u64()?);
+                            if lease == NO_LEASE {
+                                // Written as WRITE_PUT: one encoding per value.
+                                return Err(DecodeError("a leased put without a lease"));
+                            }
+                            Write::Put { key, value, lease }
+                        }
                         WRITE_DELETE => Write::Delete { key: r.bytes()? },
                         _ => return Err(DecodeError("unknown write")),
                     };
@@ -345,7 +432,7 @@ pub fn decode_entry(bytes: &Bytes) -> Result<Vec<Proposal>, DecodeError> {
 
 fn write_len(write: &Write) -> usize {
     match write {
-        Write::Put { key, value } => 9 + key.len() + value.len(),
+        Write::Put { key, value, .. } => 17 + key.len() + value.len(),
         Write::Delete { key } => 5 + key.len(),
     }
 }
@@ -428,6 +515,14 @@ impl<B: AsRef<[u8]> + ?Sized> Reader<'_, B> {
     /// A list written by `put_ids`.
     fn ids(&mut self) -> Result<Vec<u64>, DecodeError> {
         (0..self.count()?).map(|_| self.u64()).collect()
+    }
+
+    /// Every byte was read.
+    fn end(&self) -> Result<(), DecodeError> {
+        match self.at == self.all.as_ref().len() {
+            true => Ok(()),
+            false => Err(DecodeError("trailing bytes")),
+        }
     }
 
     fn version(&mut self) -> Result<(), DecodeError> {
@@ -518,9 +613,15 @@ mod tests {
                     Write::Put {
                         key: Bytes::from_static(b"a"),
                         value: Bytes::from_static(b"1"),
+                        lease: NO_LEASE,
                     },
                     Write::Delete {
                         key: Bytes::from_static(b"b"),
+                    },
+                    Write::Put {
+                        key: Bytes::from_static(b"c"),
+                        value: Bytes::from_static(b"2"),
+                        lease: 1 << 32 | 3,
                     },
                 ],
             }),
@@ -583,6 +684,15 @@ mod tests {
                 groups: vec![2, 3, 4],
             },
             Op::DrainNode { node: 3 },
+            Op::GrantLease {
+                lease: 5 << 32 | 9,
+                ttl_seconds: 10,
+            },
+            Op::KeepLeaseAlive { lease: 7 },
+            Op::RevokeLease {
+                lease: 7,
+                renewed_at: 12,
+            },
         ] {
             let p = Proposal {
                 id: ProposalId {

@@ -23,8 +23,11 @@ pub const BATCH: u8 = 2;
 /// The table of groups may place a node again in a group it was removed from
 /// (`command.rs`'s `ReAddGroupMember`, under the replica's next raft id).
 pub const REHOST: u8 = 3;
+/// Leases: their grant, keepalive and revoke, and puts that attach a key to one
+/// (`command.rs`, `leases.rs`).
+pub const LEASES: u8 = 4;
 /// The newest format this build reads and writes.
-pub const NEWEST: u8 = REHOST;
+pub const NEWEST: u8 = LEASES;
 
 pub struct EntryFormats {
     /// The newest format this node reads.

@@ -16,15 +16,20 @@
 //! O(shards): [`KvStore::freeze`] clones the shard pointers, and a later write to a shard
 //! the snapshot writer still holds copies that one shard first (copy-on-write). The cost
 //! of copying is spread over the writes that follow instead of pausing the raft loop.
+//!
+//! The group's leases (`leases.rs`) are part of the map: a put may attach its key to one,
+//! and revoking one deletes its keys here, at one revision.
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::command::{Command, Write};
+use crate::command::{Command, Write, NO_LEASE};
 use crate::history::{Event, History};
+use crate::leases::{LeaseRefusal, Leases};
 use crate::record::Record;
 use crate::watch_hub::WatchHub;
 
@@ -57,6 +62,8 @@ pub enum Applied {
     Written { deleted: u64 },
     /// A revision check failed, so nothing was written: `key` is at `revision` (0: absent).
     CheckFailed { key: Bytes, revision: u64 },
+    /// A lease operation, or a put naming a lease, was refused; nothing was written.
+    Lease(LeaseRefusal),
 }
 
 /// Enough shards that copying one is a small pause even with millions of keys.
@@ -68,9 +75,22 @@ pub struct FrozenKv {
     shards: Vec<Arc<KvMap>>,
     /// The revision of the last command applied.
     revision: u64,
+    leases: Arc<Leases>,
 }
 
 impl FrozenKv {
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// The same view with `leases` (read back from a snapshot file).
+    pub fn with_leases(self, leases: Leases) -> FrozenKv {
+        FrozenKv {
+            leases: Arc::new(leases),
+            ..self
+        }
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision
     }
@@ -140,6 +160,7 @@ impl FrozenKv {
         FrozenKv {
             shards: shards.into_iter().map(Arc::new).collect(),
             revision,
+            leases: Arc::default(),
         }
     }
 }
@@ -217,6 +238,52 @@ impl KvStore {
         self.map.revision
     }
 
+    /// The group's leases.
+    pub fn leases(&self) -> &Leases {
+        &self.map.leases
+    }
+
+    /// A leader was elected: every lease's clock starts again here (`leases.rs`).
+    pub fn restart_lease_clocks(&mut self, now: Instant) {
+        if !self.map.leases.is_empty() {
+            Arc::make_mut(&mut self.map.leases).restart_clocks(now);
+        }
+    }
+
+    /// Applies a lease grant at the next revision.
+    pub fn grant_lease(&mut self, lease: u64, ttl_seconds: u64, now: Instant) -> (u64, Applied) {
+        let revision = self.skip_revision();
+        let leases = Arc::make_mut(&mut self.map.leases);
+        (
+            revision,
+            written(leases.grant(lease, ttl_seconds, revision, now)),
+        )
+    }
+
+    /// Applies a keepalive at the next revision.
+    pub fn keep_lease_alive(&mut self, lease: u64, now: Instant) -> (u64, Applied) {
+        let revision = self.skip_revision();
+        let leases = Arc::make_mut(&mut self.map.leases);
+        (revision, written(leases.keep_alive(lease, revision, now)))
+    }
+
+    /// Applies a revoke at the next revision: the lease ends and its keys are deleted.
+    pub fn revoke_lease(&mut self, lease: u64, renewed_at: u64) -> (u64, Applied) {
+        let revision = self.skip_revision();
+        let keys = match self.map.leases.get(lease) {
+            Some(_) => Arc::make_mut(&mut self.map.leases).revoke(lease, renewed_at),
+            None => Err(LeaseRefusal::NotFound(lease)),
+        };
+        let Ok(keys) = keys else {
+            return (revision, written(keys));
+        };
+        let mut deleted = 0;
+        for key in keys {
+            deleted += u64::from(self.delete_at(key, revision));
+        }
+        (revision, Applied::Written { deleted })
+    }
+
     /// How many keys the map holds.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -247,35 +314,61 @@ impl KvStore {
                 };
             }
         }
+        for write in &command.writes {
+            if let Write::Put { lease, .. } = write {
+                if *lease != NO_LEASE && !self.map.leases.contains(*lease) {
+                    return Applied::Lease(LeaseRefusal::NotFound(*lease));
+                }
+            }
+        }
         let mut deleted = 0;
         for write in command.writes {
             match write {
-                Write::Put { key, value } => {
+                Write::Put { key, value, lease } => {
                     // A record of its own: slices of the entry would pin the whole buffer
                     // it was read into (raft-engine reads whole, possibly compressed,
                     // blocks). The history's copy too.
                     let shard = &mut self.map.shards[shard_of(&key)];
                     Arc::make_mut(shard).replace(Record::new(&key, &value, revision));
+                    let key = Bytes::copy_from_slice(&key);
+                    if lease != NO_LEASE || self.map.leases.lease_of(&key).is_some() {
+                        Arc::make_mut(&mut self.map.leases).attach(&key, lease);
+                    }
                     self.changed(Event {
                         revision,
-                        key: Bytes::copy_from_slice(&key),
+                        key,
                         value: Some(Bytes::copy_from_slice(&value)),
                     });
                 }
-                Write::Delete { key } => {
-                    let shard = &mut self.map.shards[shard_of(&key)];
-                    if shard.contains(&key[..]) && Arc::make_mut(shard).remove(&key[..]) {
-                        deleted += 1;
-                        self.changed(Event {
-                            revision,
-                            key: Bytes::copy_from_slice(&key),
-                            value: None,
-                        });
-                    }
-                }
+                Write::Delete { key } => deleted += u64::from(self.delete_at(key, revision)),
             }
         }
         Applied::Written { deleted }
+    }
+
+    /// Deletes `key` at `revision`; whether it was there.
+    fn delete_at(&mut self, key: Bytes, revision: u64) -> bool {
+        let shard = &mut self.map.shards[shard_of(&key)];
+        if !(shard.contains(&key[..]) && Arc::make_mut(shard).remove(&key[..])) {
+            return false;
+        }
+        if self.map.leases.lease_of(&key).is_some() {
+            Arc::make_mut(&mut self.map.leases).detach(&key);
+        }
+        self.changed(Event {
+            revision,
+            key: Bytes::copy_from_slice(&key),
+            value: None,
+        });
+        true
+    }
+}
+
+/// A lease operation's outcome as an [`Applied`].
+fn written<T>(outcome: Result<T, LeaseRefusal>) -> Applied {
+    match outcome {
+        Ok(_) => Applied::Written { deleted: 0 },
+        Err(refusal) => Applied::Lease(refusal),
     }
 }
 
@@ -320,6 +413,7 @@ mod tests {
             writes: vec![Write::Put {
                 key: b("k"),
                 value: b(value),
+                lease: NO_LEASE,
             }],
         };
         kv.skip_revision();
@@ -342,6 +436,68 @@ mod tests {
         assert_eq!(kv.apply(delete), (4, Applied::Written { deleted: 1 }));
         assert!(kv.get(b"k").is_none());
         assert_eq!(kv.freeze().revision(), 4);
+    }
+
+    #[test]
+    fn a_revoke_deletes_the_leases_keys_and_a_plain_put_detaches_one() {
+        let now = Instant::now();
+        let mut kv = KvStore::default();
+        let lease = crate::leases::id_in(1, 5);
+        let leased = |key: &str| Command {
+            checks: vec![],
+            writes: vec![Write::Put {
+                key: b(key),
+                value: b("v"),
+                lease,
+            }],
+        };
+        kv.set_history_capacity(100);
+        let missing = Applied::Lease(LeaseRefusal::NotFound(lease));
+        assert_eq!(kv.apply(leased("a")), (1, missing.clone()));
+        assert!(
+            kv.get(b"a").is_none(),
+            "nothing is written for a missing lease"
+        );
+        assert_eq!(
+            kv.grant_lease(lease, 10, now).1,
+            Applied::Written { deleted: 0 }
+        );
+        for key in ["a", "b", "c"] {
+            assert_eq!(kv.apply(leased(key)).1, Applied::Written { deleted: 0 });
+        }
+        put(&mut kv, "b", "plain");
+        kv.apply(Command {
+            checks: vec![],
+            writes: vec![Write::Delete { key: b("c") }],
+        });
+        let frozen = kv.freeze();
+        let keys: Vec<_> = frozen
+            .leases()
+            .get(lease)
+            .unwrap()
+            .keys
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(keys, vec![b("a")]);
+        let (revision, applied) = kv.revoke_lease(lease, 0);
+        assert_eq!(applied, Applied::Written { deleted: 1 });
+        assert!(kv.get(b"a").is_none());
+        assert_eq!(kv.get(b"b").unwrap().value, "plain");
+        let events = kv
+            .history()
+            .since(revision, revision, |_| true, 10)
+            .unwrap()
+            .events;
+        assert_eq!(
+            (events.len(), &events[0].key[..], &events[0].value),
+            (1, &b"a"[..], &None)
+        );
+        assert_eq!(kv.revoke_lease(lease, 0).1, missing);
+        assert!(
+            frozen.leases().contains(lease),
+            "a frozen view keeps its leases"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod history;
 mod http_server;
 mod join;
 mod kv;
+mod leases;
 mod membership;
 mod metrics;
 mod node;

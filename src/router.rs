@@ -25,13 +25,14 @@ use std::sync::{Arc, RwLock};
 
 use crate::command::{Command, Op};
 use crate::kv::SharedKv;
+use crate::leases::LeaseRefusal;
 use crate::snapshot::WrittenSnapshot;
 
 /// The group every member of the cluster belongs to: its log holds the cluster's
 /// membership, and a cluster formed before groups existed is this group alone.
 pub const CLUSTER_GROUP: u64 = 1;
 
-/// Why a proposal was not applied. Every variant but `Conflict` and `CheckFailed` means
+/// Why a proposal was not applied. Every variant but `Conflict`, `CheckFailed` and `Lease` means
 /// the outcome is unknown or the cluster cannot take writes now: the client must not
 /// assume success.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,9 @@ pub enum ProposeError {
     Misrouted,
     /// The raft thread has too many requests waiting; nothing was proposed.
     Overloaded,
+    /// A lease operation (or a put naming a lease) was committed but refused: nothing
+    /// was written.
+    Lease(LeaseRefusal),
 }
 
 /// A change of membership asked for by a client.

@@ -5,17 +5,22 @@
 //! snapshot, `snap-<index as 16 hex digits>.snap`, in the data dir's `snap/` folder:
 //!
 //! ```text
-//! "RKVSNAP4" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
+//! "RKVSNAP5" | index u64 | term u64 | map revision u64 | conf state (u32 len + protobuf)
 //! | members u32, each: id u64, url (u32 len + bytes) | removed u32, each: id u64
 //! | groups u32, each: id u64, then three lists (initial, members, removed nodes),
 //!   each u32 count + ids u64 | shards u32, each: group id u64
 //! | draining u32, each: node id u64
+//! | (RKVSNAP5 only) leases u32, each: id u64, TTL seconds u64, last renewal's revision
+//!   u64, keys u32, each key (u32 len + bytes)
 //! | pairs u64, each: key (u32 len + bytes), value (u32 len + bytes), revision u64
 //! | CRC-32 of everything before it (u32)
 //! ```
 //! (integers little-endian). Each raft group has its own folder of snapshots (the
 //! cluster group's is `snap/`, group g's `groups/<g>/snap/`); only the cluster group's
-//! carry members and groups. Older formats are still read: "RKVSNAP3" lacks the table of
+//! carry members and groups. A group with no lease writes "RKVSNAP4", the same without
+//! the leases, so that a cluster that never used them stays readable by the release
+//! before them (a lease exists only once every member reads them,
+//! `entry_formats::LEASES`). Older formats are still read: "RKVSNAP3" lacks the table of
 //! groups (there was one group); "RKVSNAP2" also lacks the map revision, which was then always the index; "RKVSNAP1" also lacks the keys' revisions,
 //! and gives every key the snapshot's index. A file is written to a temporary name,
 //! fsynced, renamed and the directory fsynced, so a crash leaves either the whole snapshot
@@ -28,15 +33,21 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use std::time::Instant;
+
+use bytes::Bytes;
 use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
 use crate::durable;
 use crate::kv::FrozenKv;
+use crate::leases::Leases;
 use crate::membership::{Membership, Placement};
 use crate::record::Record;
 
-const MAGIC: &[u8; 8] = b"RKVSNAP4";
+const MAGIC: &[u8; 8] = b"RKVSNAP5";
+/// The fourth format, without leases (still written when a group has none).
+const MAGIC_V4: &[u8; 8] = b"RKVSNAP4";
 /// The third format, without the table of groups.
 const MAGIC_V3: &[u8; 8] = b"RKVSNAP3";
 /// The second format, without the map's revision.
@@ -173,7 +184,8 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         inner: BufWriter::with_capacity(BUFFER_BYTES, SyncedAsWritten { file, unsynced: 0 }),
         crc: crc32fast::Hasher::new(),
     };
-    w.write_all(MAGIC)?;
+    let leases = data.kv.leases();
+    w.write_all(if leases.is_empty() { MAGIC_V4 } else { MAGIC })?;
     w.write_all(&data.meta.index.to_le_bytes())?;
     w.write_all(&data.meta.term.to_le_bytes())?;
     w.write_all(&data.kv.revision().to_le_bytes())?;
@@ -211,6 +223,18 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
     w.write_all(&(data.membership.draining.len() as u32).to_le_bytes())?;
     for node in &data.membership.draining {
         w.write_all(&node.to_le_bytes())?;
+    }
+    if !leases.is_empty() {
+        w.write_all(&(leases.iter().count() as u32).to_le_bytes())?;
+        for (id, lease) in leases.iter() {
+            w.write_all(&id.to_le_bytes())?;
+            w.write_all(&lease.ttl_seconds.to_le_bytes())?;
+            w.write_all(&lease.renewed_at.to_le_bytes())?;
+            w.write_all(&(lease.keys.len() as u32).to_le_bytes())?;
+            for key in &lease.keys {
+                put_bytes(&mut w, key)?;
+            }
+        }
     }
     w.write_all(&(data.kv.len() as u64).to_le_bytes())?;
     for record in data.kv.iter() {
@@ -315,6 +339,7 @@ fn verify_checksum(path: &Path) -> Result<(), String> {
 struct Header {
     meta: SnapshotMeta,
     map_revision: u64,
+    has_leases: bool,
     has_groups: bool,
     has_revisions: bool,
 }
@@ -322,11 +347,12 @@ struct Header {
 fn read_header<R: Read>(r: &mut Verified<R>, size: u64) -> Result<Header, String> {
     let mut magic = [0; 8];
     r.exact(&mut magic)?;
-    let (has_groups, has_map_revision, has_revisions) = match &magic {
-        MAGIC => (true, true, true),
-        MAGIC_V3 => (false, true, true),
-        MAGIC_V2 => (false, false, true),
-        MAGIC_V1 => (false, false, false),
+    let (has_leases, has_groups, has_map_revision, has_revisions) = match &magic {
+        MAGIC => (true, true, true, true),
+        MAGIC_V4 => (false, true, true, true),
+        MAGIC_V3 => (false, false, true, true),
+        MAGIC_V2 => (false, false, false, true),
+        MAGIC_V1 => (false, false, false, false),
         _ => return Err("not a raftkvd snapshot file".into()),
     };
     let index = r.u64()?;
@@ -341,6 +367,7 @@ fn read_header<R: Read>(r: &mut Verified<R>, size: u64) -> Result<Header, String
             conf_state,
         },
         map_revision,
+        has_leases,
         has_groups,
         has_revisions,
     })
@@ -370,6 +397,7 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
     let Header {
         meta,
         map_revision,
+        has_leases,
         has_groups,
         has_revisions,
     } = read_header(&mut r, size)?;
@@ -405,6 +433,16 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
         data.membership.shards = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
         data.membership.draining = (0..r.u32()?).map(|_| r.u64()).collect::<Result<_, _>>()?;
     }
+    let mut leases = Vec::new();
+    if has_leases {
+        for _ in 0..r.u32()? {
+            let (id, ttl_seconds, renewed_at) = (r.u64()?, r.u64()?, r.u64()?);
+            let keys = (0..r.u32()?)
+                .map(|_| r.bytes(size).map(Bytes::from))
+                .collect::<Result<_, _>>()?;
+            leases.push((id, ttl_seconds, renewed_at, keys));
+        }
+    }
     let count = r.u64()?;
     let mut records = Vec::with_capacity(count.min(size / 8) as usize);
     for _ in 0..count {
@@ -417,7 +455,8 @@ pub fn read(path: &Path) -> Result<SnapshotData, String> {
         };
         records.push(Record::new(&key, &value, revision));
     }
-    data.kv = FrozenKv::from_records(records, map_revision);
+    data.kv = FrozenKv::from_records(records, map_revision)
+        .with_leases(Leases::from_saved(leases, Instant::now()));
     let computed = r.crc.clone().finalize();
     let mut stored = [0; 4];
     r.inner
@@ -654,6 +693,45 @@ mod tests {
             (50, 55, 100)
         );
         assert_eq!(back.membership.removed, sample(50).membership.removed);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn leases_round_trip_and_a_group_without_any_writes_the_fourth_format() {
+        let dir = temp_dir("leases");
+        let (path, _) = write(&dir, &sample(60)).unwrap();
+        assert_eq!(&fs::read(&path).unwrap()[..8], MAGIC_V4);
+        let mut data = sample(70);
+        let now = Instant::now();
+        let saved = [
+            (
+                crate::leases::id_in(1, 3),
+                10,
+                41,
+                vec![Bytes::from("k1"), Bytes::from("k2")],
+            ),
+            (crate::leases::id_in(1, 4), 600, 44, vec![]),
+        ];
+        data.kv = data.kv.with_leases(Leases::from_saved(saved.clone(), now));
+        let (path, _) = write(&dir, &data).unwrap();
+        assert_eq!(&fs::read(&path).unwrap()[..8], MAGIC);
+        let back = read(&path).unwrap();
+        let leases: Vec<_> = back
+            .kv
+            .leases()
+            .iter()
+            .map(|(id, l)| {
+                (
+                    id,
+                    l.ttl_seconds,
+                    l.renewed_at,
+                    l.keys.iter().cloned().collect(),
+                )
+            })
+            .collect();
+        assert_eq!(leases, saved.to_vec());
+        assert_eq!(back.kv.leases().lease_of(b"k2"), Some(saved[0].0));
+        assert_eq!(back.kv.len(), 100);
         fs::remove_dir_all(&dir).unwrap();
     }
 

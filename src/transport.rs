@@ -500,12 +500,17 @@ pub type ClientApi = Arc<
 
 /// The peer-port path under which another node forwards client requests.
 pub const FORWARD_PREFIX: &str = "/client";
-/// The only client routes that may be forwarded: a group's keys, status and members
-/// (from another node's API), and the list of groups, the removal of a member and a
-/// group's leader (from this node's rebalancer).
+/// The only client routes that may be forwarded: a group's keys, status and members,
+/// and leases (from another node's API), and the list of groups, the removal of a member
+/// and a group's leader (from this node's rebalancer).
 fn forwardable(path: &str) -> bool {
-    const UNDER: [&str; 2] = ["/client/v1/groups/", "/client/v1/members/"];
-    path == "/client/v1/groups" || UNDER.iter().any(|p| path.starts_with(p))
+    const UNDER: [&str; 3] = [
+        "/client/v1/groups/",
+        "/client/v1/members/",
+        "/client/v1/leases/",
+    ];
+    ["/client/v1/groups", "/client/v1/leases"].contains(&path)
+        || UNDER.iter().any(|p| path.starts_with(p))
 }
 
 /// What the peer-facing server needs.

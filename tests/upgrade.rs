@@ -101,9 +101,10 @@ fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {
 
 /// A rolling upgrade that brings new entry formats: while one member reads only the
 /// oldest format (node 3 plays a member of an older release), the others write only that
-/// format, so it applies every write and stays up, and a node removed from a group is
-/// not placed in it again (format 3); once it reads the newest too, the others start
-/// writing batches and may place the node again.
+/// format, so it applies every write and stays up, a node removed from a group is not
+/// placed in it again (format 3), and no lease is granted nor key attached to one (format
+/// 4); once it reads the newest too, the others start writing batches, may place the
+/// node again and grant leases.
 #[test]
 fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let mut cluster = common::Cluster::new("entry-format", 3, &["--enable-fault-injection"]);
@@ -116,7 +117,7 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     for thread in 0..16 {
         cluster.wait_value(3, &format!("old-{thread}-24"), "v");
     }
-    let writes_batches = "entry format written changed: every member reads it, format: 3";
+    let writes_batches = "entry format written changed: every member reads it, format: 4";
     assert!(!cluster.nodes[0].log_text().contains(writes_batches));
     assert_eq!(http("GET", &cluster.nodes[2].url("health"), None).0, 200);
     let groups = cluster.nodes[0].url("v1/groups");
@@ -138,6 +139,17 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let (code, text) = place_2_again();
     assert_eq!(code, 409, "{text}");
     assert!(text.contains("entry format 3"), "{text}");
+    let leases = cluster.nodes[0].url("v1/leases");
+    let grant = || http("POST", &leases, Some(br#"{"ttl_seconds": 60}"#.to_vec()));
+    let (code, text) = grant();
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("entry format 4"), "{text}");
+    let leased_put = http(
+        "PUT",
+        &cluster.nodes[0].url(&format!("v1/kv/leased?lease={}", 1u64 << 32 | 1)),
+        Some(b"v".to_vec()),
+    );
+    assert_eq!(leased_put.0, 409, "{leased_put:?}");
 
     // Node 3 is upgraded: the others hear it reads batches, and write them.
     let node3 = cluster.node(3);
@@ -163,4 +175,6 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     }
     let (code, text) = place_2_again();
     assert_eq!(code, 201, "every member reads format 3 now: {text}");
+    let (code, text) = grant();
+    assert_eq!(code, 201, "every member reads format 4 now: {text}");
 }

@@ -452,7 +452,7 @@ impl Api {
     }
 
     /// Whether this node and every other member of the cluster read entry `format`.
-    fn every_member_reads(&self, format: u8) -> bool {
+    pub(super) fn every_member_reads(&self, format: u8) -> bool {
         let membership = self.membership.read().unwrap();
         self.entry_formats
             .all_read(membership.others(self.id), format)

@@ -4,7 +4,7 @@
 //! | request                                  | does |
 //! |------------------------------------------|------|
 //! | `GET /v1/kv/<key>`                       | 200 `{"key","value","revision","group"}`, 404 if absent. With `Accept: application/octet-stream`, the raw value and an `X-Raftkvd-Revision` header |
-//! | `PUT /v1/kv/<key>[?if_revision=N]`       | body: the raw value, or `{"value": "..."}` with `Content-Type: application/json`; 200 `{"key","revision","group"}` |
+//! | `PUT /v1/kv/<key>[?if_revision=N][&lease=ID]` | body: the raw value, or `{"value": "..."}` with `Content-Type: application/json`; 200 `{"key","revision","group"}`. With `lease`, the key is deleted when the lease ends (`leases_v1.rs`); without, it is detached from any |
 //! | `DELETE /v1/kv/<key>[?if_revision=N]`    | 200 `{"key","revision","deleted","group"}` (`deleted` 0 if the key was absent) |
 //! | `GET /v1/kv?prefix=<p>&limit=<n>[&after=<key>]` | 200 `{"items": [{"key","value","revision","group"}...], "more"}`, in key order across all groups; the next page starts `after` the last key |
 //! | `POST /v1/kv` body `{"k1":"v1",...}`     | sets every key at one revision, atomically, if they all belong to one group (409 otherwise); 200 `{"revision","keys","group"}` |
@@ -36,7 +36,7 @@ use super::{
     decode_path_segment, json_bytes, json_response, number_param, parse_json, parse_query,
     read_body, Api, Consistency, Failure, Reply,
 };
-use crate::command::{Command, RevisionCheck, Write};
+use crate::command::{Command, RevisionCheck, Write, NO_LEASE};
 use crate::kv::Versioned;
 use crate::router::{ProposeError, CLUSTER_GROUP};
 use crate::sharding;
@@ -234,8 +234,12 @@ impl Api {
         query: Option<&str>,
         req: Request<Incoming>,
     ) -> Reply {
-        let params = parse_query(query, &["if_revision"])?;
+        let params = parse_query(query, &["if_revision", "lease"])?;
         let check = number_param(&params, "if_revision")?;
+        let lease = number_param(&params, "lease")?.unwrap_or(NO_LEASE);
+        if lease != NO_LEASE {
+            self.check_lease_holds(lease, group, &key)?;
+        }
         let is_json = req
             .headers()
             .get(CONTENT_TYPE)
@@ -252,6 +256,7 @@ impl Api {
             writes: vec![Write::Put {
                 key: key.clone(),
                 value,
+                lease,
             }],
         };
         let written = self
@@ -416,6 +421,7 @@ impl Api {
                 .map(|(key, value)| Write::Put {
                     key: key.into(),
                     value: value.into(),
+                    lease: NO_LEASE,
                 })
                 .collect(),
         };

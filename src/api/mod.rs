@@ -6,6 +6,7 @@
 //! | `/v1/kv...`: keys with revisions, listing, multi-key set, compare-and-swap | `kv_v1.rs` |
 //! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
 //! | `/v1/groups...`: the raft groups, create one, the keys of one (forwarded to a node that hosts it, `forward.rs`) | `groups_v1.rs` |
+//! | `/v1/leases...`: grant, keep alive, show and revoke leases | `leases_v1.rs` |
 //! | `/status`, `/health`, `/readyz`, `/metrics`, `/debug/partition`, `/debug/panic` | `admin.rs` |
 //!
 //! `GET /v1/openapi.json` serves the OpenAPI document of the `/v1` routes (`openapi.json`
@@ -32,6 +33,7 @@ use crate::cluster_id::ClusterId;
 use crate::faults::Partition;
 use crate::http_server::{text_response, FromPeer};
 use crate::kv::SharedKv;
+use crate::leases::LeaseRefusal;
 use crate::membership::SharedMembership;
 use crate::metrics::Metrics;
 use crate::router::{ProposeError, Router};
@@ -41,6 +43,7 @@ mod admin;
 mod forward;
 mod groups_v1;
 mod kv_v1;
+mod leases_v1;
 mod members_v1;
 mod raftexample;
 mod request;
@@ -135,6 +138,17 @@ impl From<ProposeError> for Failure {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "this node has too many requests waiting for its raft loop; retry later",
             ),
+            ProposeError::Lease(LeaseRefusal::NotFound(lease)) => Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("lease {lease} not found (never granted, expired or revoked); nothing was written"),
+            ),
+            ProposeError::Lease(LeaseRefusal::Exists(lease)) => {
+                Failure::new(StatusCode::CONFLICT, format!("lease {lease} exists already"))
+            }
+            ProposeError::Lease(LeaseRefusal::Renewed(lease)) => Failure::new(
+                StatusCode::CONFLICT,
+                format!("lease {lease} was renewed since: it did not expire"),
+            ),
             ProposeError::NotHosted(group) => Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("raft group {group} is not (yet) hosted on this node; retry"),
@@ -203,6 +217,11 @@ impl Api {
         }
         if let Some(raw) = rest.strip_prefix("/kv/") {
             return self.route_key(req, method, raw).await;
+        }
+        if let Some(leases) = rest.strip_prefix("/leases") {
+            if leases.is_empty() || leases.starts_with('/') {
+                return self.route_leases(req, method, leases).await;
+            }
         }
         if rest == "/members" {
             return match *method {
@@ -399,6 +418,7 @@ fn route_of(method: &Method, path: &str) -> &'static str {
         },
         (_, t) if t == "v1/members" || t.starts_with("v1/members/") => "v1_members",
         (_, t) if t == "v1/groups" || t.starts_with("v1/groups/") => "v1_groups",
+        (_, t) if t == "v1/leases" || t.starts_with("v1/leases/") => "v1_leases",
         (_, t) if v1_rest(t).is_some() => "other",
         ("GET", _) => "get",
         ("PUT", _) => "put",

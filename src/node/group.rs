@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, SnapshotStatus, StateRole, INVALID_ID};
@@ -45,6 +46,7 @@ use raft_engine::LogBatch;
 
 mod hibernation;
 mod inbound;
+mod lease_expiry;
 mod members;
 mod placement;
 mod snapshots;
@@ -132,6 +134,9 @@ pub struct Group {
     sleep_after_ticks: u64,
     /// The next Ready's heartbeats are the leader's last before it sleeps.
     sleep_heartbeats_pending: bool,
+    /// Leases this leader proposed to revoke: the renewal each revoke names, and the tick
+    /// it was proposed at (`lease_expiry.rs`).
+    expiring: HashMap<u64, (u64, u64)>,
     leader: u64,
     snap_dir: PathBuf,
     snapshot_count: u64,
@@ -215,6 +220,7 @@ impl Group {
             quiet_ticks: 0,
             sleep_after_ticks: config.election_ticks as u64,
             sleep_heartbeats_pending: false,
+            expiring: HashMap::new(),
             leader: INVALID_ID,
             last_snapshot_bytes: snapshot::size_of(&snapshot::path_of(&snap_dir, snap.index)),
             snap_dir,
@@ -292,6 +298,7 @@ impl Group {
         self.waiters.retain(|_, waiter| !waiter.reply.is_closed());
         self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
         self.keep_cluster_group_voters();
+        self.expire_leases();
         self.count_quiet_tick();
     }
 
@@ -711,6 +718,9 @@ impl Group {
                 "commit" => self.raw.raft.raft_log.committed);
             self.leader = leader;
             Metrics::inc(&self.metrics.leader_changes);
+            if leader != INVALID_ID {
+                self.restart_lease_clocks();
+            }
         }
     }
 
@@ -840,18 +850,27 @@ impl Group {
         let mut outcomes = Vec::with_capacity(proposals.len());
         for Proposal { id, op } in proposals {
             let outcome = match op {
-                Op::Kv(_) if self.holds_no_keys() => {
+                Op::Kv(_)
+                | Op::GrantLease { .. }
+                | Op::KeepLeaseAlive { .. }
+                | Op::RevokeLease { .. }
+                    if self.holds_no_keys() =>
+                {
                     // Misrouted (the sender's table was behind): refused alike on every
                     // replica, since the table is this group's own state.
                     kv.skip_revision();
                     Err(ProposeError::Misrouted)
                 }
-                Op::Kv(command) => match kv.apply(command) {
-                    (revision, Applied::Written { deleted }) => Ok(Written { revision, deleted }),
-                    (_, Applied::CheckFailed { key, revision }) => {
-                        Err(ProposeError::CheckFailed { key, revision })
-                    }
-                },
+                Op::Kv(command) => outcome_of(kv.apply(command)),
+                Op::GrantLease { lease, ttl_seconds } => {
+                    outcome_of(kv.grant_lease(lease, ttl_seconds, Instant::now()))
+                }
+                Op::KeepLeaseAlive { lease } => {
+                    outcome_of(kv.keep_lease_alive(lease, Instant::now()))
+                }
+                Op::RevokeLease { lease, renewed_at } => {
+                    outcome_of(kv.revoke_lease(lease, renewed_at))
+                }
                 placement => {
                     // Takes a revision, as every entry without a key does.
                     let revision = kv.skip_revision();
@@ -870,6 +889,15 @@ impl Group {
             self.answer(id, outcome);
         }
         Ok(())
+    }
+}
+
+/// What a client hears of a command the map applied at a revision.
+fn outcome_of((revision, applied): (u64, Applied)) -> Result<Written, ProposeError> {
+    match applied {
+        Applied::Written { deleted } => Ok(Written { revision, deleted }),
+        Applied::CheckFailed { key, revision } => Err(ProposeError::CheckFailed { key, revision }),
+        Applied::Lease(refusal) => Err(ProposeError::Lease(refusal)),
     }
 }
 

@@ -3,6 +3,8 @@
 //! Each test binary includes this module; not every binary uses every helper.
 #![allow(dead_code)]
 
+pub mod watcher;
+
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -15,7 +15,8 @@
 //! still needs a quorum's heartbeat answers. It costs liveness only when a sleeping
 //! group's leader dies: the group elects a new one once a request wakes a follower, an
 //! election timeout or two later than an awake group would. The cluster group never
-//! sleeps: its heartbeats are how the cluster notices a dead node.
+//! sleeps: its heartbeats are how the cluster notices a dead node. Nor does a group that
+//! holds leases: its leader must tick to see them expire (`lease_expiry.rs`).
 
 use raft::eraftpb::{Message, MessageType};
 use raft::StateRole;
@@ -55,6 +56,7 @@ impl Group {
                 .prs()
                 .iter()
                 .all(|(_, progress)| progress.matched == last)
+            && self.kv.read().unwrap().leases().is_empty()
     }
 
     fn nothing_waits(&self) -> bool {

@@ -13,7 +13,8 @@ use crate::membership::Placement;
 use crate::router::{ProposeError, CLUSTER_GROUP};
 
 impl Group {
-    /// Applies a change of the table of groups (any `Op` but `Kv`) committed at `index`.
+    /// Applies a change of the table of groups (any `Op` but the map's: `Kv` and the
+    /// leases') committed at `index`.
     pub(super) fn apply_placement(&mut self, index: u64, op: Op) -> Result<(), ProposeError> {
         if !self.is_cluster_group() {
             error!(self.logger, "ignoring a change of the table of groups outside the cluster group"; "index" => index, "op" => ?op);
@@ -23,7 +24,10 @@ impl Group {
         }
         let mut membership = self.membership.write().unwrap();
         let (group, outcome) = match op {
-            Op::Kv(_) => unreachable!("a key-value command is not a placement"),
+            Op::Kv(_)
+            | Op::GrantLease { .. }
+            | Op::KeepLeaseAlive { .. }
+            | Op::RevokeLease { .. } => unreachable!("a command of the map is not a placement"),
             Op::CreateGroup { group, members } => {
                 if group == CLUSTER_GROUP || membership.groups.contains_key(&group) {
                     return Err(ProposeError::Conflict(format!("group {group} exists")));

@@ -1,0 +1,338 @@
+//! `/v1/leases`: keys that expire with their owner (`leases.rs` says how leases work).
+//!
+//! | request                                  | does |
+//! |------------------------------------------|------|
+//! | `POST /v1/leases` body `{"ttl_seconds": T[, "key": K \| "group": G]}` | grants a lease: 201 `{"id","ttl_seconds","group"}` |
+//! | `GET /v1/leases/<id>`                    | 200 `{"id","ttl_seconds","granted_ttl_seconds","keys","group"}`: `ttl_seconds` is what is left by this node's clock |
+//! | `POST /v1/leases/<id>/keepalive`         | renews it: 200 `{"id","ttl_seconds","group"}` |
+//! | `DELETE /v1/leases/<id>`                 | revokes it and deletes its keys: 200 `{"id","revision","deleted","group"}` |
+//! | `PUT /v1/kv/<key>?lease=<id>`            | attaches the key (`kv_v1.rs`) |
+//!
+//! A lease lives in one raft group and holds only that group's keys: the group of `key`
+//! when the grant names one, else group `G`, else the group of the first shard (group
+//! 1 when the cluster has one shard). Its id says which (`leases::group_of`), so any node
+//! serves any lease, forwarding to a node that hosts its group. A lease that ended, or
+//! never was, is 404; a put naming a lease of another group than the key's is 409.
+//! Every route here is linearizable: a keepalive or revoke is a raft proposal, and a GET
+//! waits for a read index. Leases exist only once every member reads them (409 before,
+//! `entry_formats::LEASES`).
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+
+use super::forward::{failure_of, Forwarded, FORWARDED_HEADER};
+use super::{json_bytes, json_response, parse_json, read_body, Api, Consistency, Failure, Reply};
+use crate::command::Op;
+use crate::entry_formats;
+use crate::leases::{self, LeaseRefusal, MAX_TTL_SECONDS};
+use crate::router::{ProposeError, CLUSTER_GROUP};
+
+/// The largest grant body read.
+const GRANT_BODY_BYTES: usize = 64 << 10;
+/// Grants tried with fresh ids before giving up (two random 32-bit ids colliding twice
+/// in a row in one group is all but impossible).
+const GRANT_ATTEMPTS: usize = 3;
+
+/// The body of a grant.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    ttl_seconds: u64,
+    /// The lease goes to this key's group.
+    key: Option<String>,
+    /// ... or to this group.
+    group: Option<u64>,
+}
+
+impl Api {
+    /// `rest` is the path after `/v1/leases`.
+    pub(super) async fn route_leases(
+        &self,
+        req: Request<Incoming>,
+        method: &Method,
+        rest: &str,
+    ) -> Reply {
+        if rest.is_empty() {
+            return match *method {
+                Method::POST => self.grant_lease(req).await,
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
+        }
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
+        let lease = parse_lease_id(id)?;
+        let group = leases::group_of(lease);
+        self.check_lease_group(group)
+            .map_err(|_| lease_not_found(lease))?;
+        let allowed = match action {
+            "" => "GET, DELETE",
+            "keepalive" => "POST",
+            _ => {
+                return Err(Failure::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no such route /v1/leases/{rest}; see GET /v1/openapi.json"),
+                ))
+            }
+        };
+        let known = matches!(
+            (method.as_str(), action),
+            ("GET" | "DELETE", "") | ("POST", "keepalive")
+        );
+        if !known {
+            return Err(Failure::method_not_allowed(method, allowed));
+        }
+        if self.router.serving(group).is_none() {
+            return self.forward(group, req, None).await;
+        }
+        match *method {
+            Method::GET => self.show_lease(group, lease).await,
+            Method::DELETE => self.revoke_lease(group, lease).await,
+            _ => self.keep_lease_alive(group, lease).await,
+        }
+    }
+
+    /// `POST /v1/leases`.
+    async fn grant_lease(&self, req: Request<Incoming>) -> Reply {
+        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+        let query = req.uri().query().map(str::to_string);
+        let body = read_body(req, GRANT_BODY_BYTES).await?;
+        let grant: GrantBody = parse_json(&body)?;
+        if grant.ttl_seconds == 0 || grant.ttl_seconds > MAX_TTL_SECONDS {
+            return Err(Failure::bad_request(format!(
+                "ttl_seconds={}: ask for 1 to {MAX_TTL_SECONDS} seconds",
+                grant.ttl_seconds
+            )));
+        }
+        let group = match (&grant.key, grant.group) {
+            (Some(_), Some(_)) => {
+                return Err(Failure::bad_request(
+                    "name a key or a group for the lease, not both",
+                ))
+            }
+            (Some(key), None) if key.is_empty() => {
+                return Err(Failure::bad_request("a key must not be empty"))
+            }
+            (Some(key), None) => {
+                self.settle_shards(query.as_deref()).await?;
+                self.owner_of(key.as_bytes())
+            }
+            (None, Some(group)) => group,
+            (None, None) => {
+                self.settle_shards(query.as_deref()).await?;
+                self.default_lease_group()
+            }
+        };
+        self.check_lease_group(group)?;
+        self.check_every_member_reads_leases()?;
+        if self.router.serving(group).is_none() {
+            if forwarded {
+                return Err(Failure::not_hosted_here(group));
+            }
+            // The host is told the group, so that it places the lease where this node
+            // routed it.
+            let body = serde_json::json!({"ttl_seconds": grant.ttl_seconds, "group": group});
+            return self
+                .send_json(group, Method::POST, "/v1/leases".into(), body)
+                .await;
+        }
+        let mut refusal = None;
+        for _ in 0..GRANT_ATTEMPTS {
+            let lease = leases::id_in(group, crate::random::random_u64() as u32);
+            let op = Op::GrantLease {
+                lease,
+                ttl_seconds: grant.ttl_seconds,
+            };
+            match self
+                .router
+                .propose_op(group, op, self.request_timeout)
+                .await
+            {
+                Ok(_) => {
+                    return Ok(json_response(
+                        StatusCode::CREATED,
+                        &serde_json::json!({
+                            "id": lease,
+                            "ttl_seconds": grant.ttl_seconds,
+                            "group": group,
+                        }),
+                    ))
+                }
+                Err(ProposeError::Lease(LeaseRefusal::Exists(_))) => {
+                    refusal = Some(ProposeError::Lease(LeaseRefusal::Exists(lease)))
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(refusal.expect("every attempt was refused").into())
+    }
+
+    /// `GET /v1/leases/<id>`, on a node that hosts its group.
+    async fn show_lease(&self, group: u64, lease: u64) -> Reply {
+        self.wait_until_readable(group, Consistency::Linearizable)
+            .await?;
+        let map = self.map_of(group)?;
+        let map = map.read().unwrap();
+        let found = map
+            .leases()
+            .get(lease)
+            .ok_or_else(|| lease_not_found(lease))?;
+        let left = found.remaining(std::time::Instant::now());
+        let keys: Vec<String> = found
+            .keys
+            .iter()
+            .map(|key| String::from_utf8_lossy(key).into_owned())
+            .collect();
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "id": lease,
+                // Whole seconds, rounded up: a lease with time left never shows 0.
+                "ttl_seconds": left.as_millis().div_ceil(1000) as u64,
+                "granted_ttl_seconds": found.ttl_seconds,
+                "keys": keys,
+                "group": group,
+            }),
+        ))
+    }
+
+    /// `POST /v1/leases/<id>/keepalive`, on a node that hosts its group.
+    async fn keep_lease_alive(&self, group: u64, lease: u64) -> Reply {
+        self.router
+            .propose_op(group, Op::KeepLeaseAlive { lease }, self.request_timeout)
+            .await?;
+        let ttl_seconds = self
+            .map_of(group)?
+            .read()
+            .unwrap()
+            .leases()
+            .get(lease)
+            .map(|found| found.ttl_seconds);
+        // Revoked between the keepalive's apply and this read: it did not live on.
+        let ttl_seconds = ttl_seconds.ok_or_else(|| lease_not_found(lease))?;
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "id": lease, "ttl_seconds": ttl_seconds, "group": group }),
+        ))
+    }
+
+    /// `DELETE /v1/leases/<id>`, on a node that hosts its group.
+    async fn revoke_lease(&self, group: u64, lease: u64) -> Reply {
+        let revoke = Op::RevokeLease {
+            lease,
+            renewed_at: 0,
+        };
+        let written = self
+            .router
+            .propose_op(group, revoke, self.request_timeout)
+            .await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "id": lease,
+                "revision": written.revision,
+                "deleted": written.deleted,
+                "group": group,
+            }),
+        ))
+    }
+
+    /// Where a grant that names no key or group puts its lease: the first shard's group
+    /// (the cluster group when there is one shard).
+    fn default_lease_group(&self) -> u64 {
+        let membership = self.membership.read().unwrap();
+        membership.shards.first().copied().unwrap_or(CLUSTER_GROUP)
+    }
+
+    /// Refuses a group that does not exist or holds no keys (the cluster group of a
+    /// sharded cluster).
+    fn check_lease_group(&self, group: u64) -> Result<(), Failure> {
+        let membership = self.membership.read().unwrap();
+        let holds_keys = match group {
+            CLUSTER_GROUP => membership.shards.is_empty(),
+            _ => membership.groups.contains_key(&group),
+        };
+        if holds_keys {
+            return Ok(());
+        }
+        Err(Failure::bad_request(format!(
+            "group {group} holds no keys, so no lease either (groups: GET /v1/groups)"
+        )))
+    }
+
+    /// Leases are written only once every member reads them.
+    pub(super) fn check_every_member_reads_leases(&self) -> Result<(), Failure> {
+        if self.every_member_reads(entry_formats::LEASES) {
+            return Ok(());
+        }
+        Err(Failure::new(
+            StatusCode::CONFLICT,
+            format!(
+                "leases need every member to run a release that reads entry format {} \
+                 (retry after a rolling upgrade)",
+                entry_formats::LEASES
+            ),
+        ))
+    }
+
+    /// Refuses a put of `key` (in `group`) that names `lease` of another group, or any
+    /// lease before every member reads them.
+    pub(super) fn check_lease_holds(
+        &self,
+        lease: u64,
+        group: u64,
+        key: &[u8],
+    ) -> Result<(), Failure> {
+        self.check_every_member_reads_leases()?;
+        let lease_group = leases::group_of(lease);
+        if lease_group == group {
+            return Ok(());
+        }
+        Err(Failure::new(
+            StatusCode::CONFLICT,
+            format!(
+                "lease {lease} lives in group {lease_group}, but key {:?} belongs to group \
+                 {group}: a lease holds keys of its own group only (grant one with \
+                 {{\"key\": ...}} naming the key)",
+                String::from_utf8_lossy(key)
+            ),
+        ))
+    }
+
+    /// Sends `body` as JSON to a node that hosts `group` and relays its answer.
+    async fn send_json(
+        &self,
+        group: u64,
+        method: Method,
+        path: String,
+        body: serde_json::Value,
+    ) -> Reply {
+        let request = Forwarded {
+            method,
+            path,
+            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body: Bytes::from(body.to_string()),
+        };
+        let (status, body) = self.send_and_read(group, request).await?;
+        match status.is_success() {
+            true => Ok(json_bytes(status, body.to_vec())),
+            false => Err(failure_of(status, &body)),
+        }
+    }
+}
+
+/// A lease id from the path: a number whose group part is not 0.
+fn parse_lease_id(text: &str) -> Result<u64, Failure> {
+    let lease = text.parse::<u64>().map_err(|_| {
+        Failure::bad_request(format!("lease id {text:?} is not a non-negative integer"))
+    })?;
+    if leases::group_of(lease) == 0 {
+        return Err(lease_not_found(lease));
+    }
+    Ok(lease)
+}
+
+fn lease_not_found(lease: u64) -> Failure {
+    ProposeError::Lease(LeaseRefusal::NotFound(lease)).into()
+}

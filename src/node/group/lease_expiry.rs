@@ -1,0 +1,60 @@
+//! The leader's half of leases (`leases.rs` holds the replicated table): it watches the
+//! deadlines and proposes a revoke for each lease whose deadline passed, naming the
+//! renewal it saw, so that a keepalive that commits first voids the revoke. A follower
+//! never revokes anything; every replica restarts every lease's clock when it learns of a
+//! new leader, so a new leader gives every lease its whole TTL before expiring it.
+//!
+//! A group that holds leases never sleeps (`hibernation.rs`): its leader must tick to
+//! see deadlines pass.
+
+use raft::StateRole;
+use slog::info;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+use super::Group;
+use crate::command::Op;
+
+impl Group {
+    /// On every tick: a leader proposes the revoke of each expired lease, once, and again
+    /// only if it has not applied an election timeout later (the proposal was lost).
+    pub(super) fn expire_leases(&mut self) {
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let expired = {
+            let kv = self.kv.read().unwrap();
+            if kv.leases().is_empty() {
+                self.expiring.clear();
+                return;
+            }
+            kv.leases().expired(Instant::now())
+        };
+        self.expiring
+            .retain(|lease, _| expired.iter().any(|(l, _)| l == lease));
+        for (lease, renewed_at) in expired {
+            let proposed = self.expiring.get(&lease);
+            let retry_after = self.sleep_after_ticks;
+            if proposed
+                .is_some_and(|&(seen, tick)| seen == renewed_at && self.ticks < tick + retry_after)
+            {
+                continue;
+            }
+            info!(self.logger, "lease expired: revoking it"; "lease" => lease, "renewed_at" => renewed_at);
+            self.expiring.insert(lease, (renewed_at, self.ticks));
+            // Nobody waits for the answer: the revoke is void if a renewal came first.
+            let (reply, _) = oneshot::channel();
+            self.propose(Op::RevokeLease { lease, renewed_at }, reply);
+        }
+    }
+
+    /// A new leader is known: every lease's clock starts again here, and a revoke this
+    /// node proposed as leader is the new leader's to decide.
+    pub(super) fn restart_lease_clocks(&mut self) {
+        self.expiring.clear();
+        self.kv
+            .write()
+            .unwrap()
+            .restart_lease_clocks(Instant::now());
+    }
+}

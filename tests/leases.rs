@@ -1,0 +1,330 @@
+//! Leases (`/v1/leases`, `PUT /v1/kv/<key>?lease=`): real processes, real HTTP. A lease
+//! holds keys until it is revoked or its owner stops renewing it; only the leader expires
+//! it, a new leader first gives it its whole TTL again, and leases survive restarts and
+//! snapshots. With shards, a lease lives in one group and any node serves it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::watcher::Watcher;
+use common::{http, http_json, Cluster, DEADLINE};
+use serde_json::{json, Value};
+
+/// Grants a lease of `ttl` seconds through `node_url` (a node's client URL base, as
+/// `Node::url("")`), with `extra` fields in the body; returns its id.
+fn grant(url: &str, ttl: u64, extra: Value) -> u64 {
+    let mut body = json!({ "ttl_seconds": ttl });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    let (code, answer) = http_json("POST", &format!("{url}v1/leases"), Some(body));
+    assert_eq!(code, 201, "grant: {answer}");
+    assert_eq!(answer["ttl_seconds"], ttl);
+    answer["id"].as_u64().unwrap()
+}
+
+/// PUTs `key` attached to `lease`; returns the answer's status and JSON.
+fn put_leased(url: &str, key: &str, lease: u64) -> (u16, Value) {
+    http_json(
+        "PUT",
+        &format!("{url}v1/kv/{key}?lease={lease}"),
+        Some(json!({ "value": "held" })),
+    )
+}
+
+fn get_status(url: &str, path: &str) -> u16 {
+    http("GET", &format!("{url}{path}"), None).0
+}
+
+/// Every route and its refusals on one group: grant, attach, show, detach by a plain
+/// put, renew, and revoke (which deletes the keys, and a watcher sees the deletes).
+#[test]
+fn a_lease_is_granted_holds_keys_is_renewed_and_revoked_with_its_keys() {
+    let cluster = Cluster::start("leases", 3, &[]);
+    cluster.wait_leader();
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url("")).collect();
+
+    for bad in [
+        json!({}),
+        json!({"ttl_seconds": 0}),
+        json!({"ttl_seconds": 10, "ttl": 3}),
+        json!({"ttl_seconds": 10, "key": "a", "group": 1}),
+        json!({"ttl_seconds": 10, "group": 9}),
+        json!({"ttl_seconds": 100_000_000}),
+    ] {
+        let (code, answer) = http_json("POST", &format!("{}v1/leases", urls[0]), Some(bad));
+        assert_eq!(code, 400, "{answer}");
+    }
+    assert_eq!(get_status(&urls[0], "v1/leases/12"), 404, "group 0");
+    assert_eq!(get_status(&urls[0], "v1/leases/x"), 400);
+    assert_eq!(
+        get_status(&urls[0], &format!("v1/leases/{}", 1u64 << 32 | 5)),
+        404
+    );
+    assert_eq!(http("GET", &format!("{}v1/leases", urls[0]), None).0, 405);
+
+    let lease = grant(&urls[1], 30, json!({}));
+    assert_eq!(lease >> 32, 1, "the one group's lease: {lease}");
+    let (code, _) = http("PUT", &format!("{}v1/leases/{lease}", urls[0]), None);
+    assert_eq!(code, 405);
+    for key in ["a", "b"] {
+        let (code, answer) = put_leased(&urls[0], key, lease);
+        assert_eq!(code, 200, "{answer}");
+    }
+    let (code, answer) = put_leased(&urls[0], "c", lease + 1);
+    assert_eq!(code, 404, "a lease that does not exist: {answer}");
+    assert_eq!(get_status(&urls[0], "v1/kv/c"), 404, "nothing was written");
+
+    let (code, shown) = http_json("GET", &format!("{}v1/leases/{lease}", urls[2]), None);
+    assert_eq!(code, 200, "{shown}");
+    assert_eq!(shown["keys"], json!(["a", "b"]));
+    assert_eq!(shown["granted_ttl_seconds"], 30);
+    let left = shown["ttl_seconds"].as_u64().unwrap();
+    assert!((1..=30).contains(&left), "{shown}");
+
+    // A put without the lease detaches the key; lease=0 too.
+    let (code, _) = http(
+        "PUT",
+        &format!("{}v1/kv/b", urls[2]),
+        Some(b"free".to_vec()),
+    );
+    assert_eq!(code, 200);
+    let (code, _) = http(
+        "PUT",
+        &format!("{}v1/kv/d?lease=0", urls[2]),
+        Some(b"x".to_vec()),
+    );
+    assert_eq!(code, 200);
+    let (_, shown) = http_json("GET", &format!("{}v1/leases/{lease}", urls[0]), None);
+    assert_eq!(shown["keys"], json!(["a"]));
+
+    let (code, renewed) = http_json(
+        "POST",
+        &format!("{}v1/leases/{lease}/keepalive", urls[2]),
+        None,
+    );
+    assert_eq!(
+        (code, &renewed["ttl_seconds"]),
+        (200, &json!(30)),
+        "{renewed}"
+    );
+
+    let watcher = Watcher::open(&format!("{}v1/watch?prefix=", urls[2]));
+    let (code, revoked) = http_json("DELETE", &format!("{}v1/leases/{lease}", urls[1]), None);
+    assert_eq!(code, 200, "{revoked}");
+    assert_eq!(revoked["deleted"], 1);
+    let (events, _) = watcher.events_until(|seen| !seen.is_empty());
+    assert_eq!(events[0]["type"], "delete");
+    assert_eq!(events[0]["key"], "a");
+    assert_eq!(events[0]["revision"], revoked["revision"]);
+    for url in &urls {
+        assert_eq!(get_status(url, "v1/kv/a"), 404);
+        assert_eq!(get_status(url, "v1/kv/b"), 200);
+        assert_eq!(get_status(url, &format!("v1/leases/{lease}")), 404);
+    }
+    let keepalive = format!("{}v1/leases/{lease}/keepalive", urls[0]);
+    assert_eq!(http("POST", &keepalive, None).0, 404);
+    assert_eq!(
+        http("DELETE", &format!("{}v1/leases/{lease}", urls[0]), None).0,
+        404
+    );
+    assert_eq!(put_leased(&urls[0], "a", lease).0, 404);
+}
+
+/// Waits until `key` is gone from node `url`; returns when that was seen.
+fn wait_gone(url: &str, key: &str, logs: impl Fn() -> String) -> Instant {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match get_status(url, &format!("v1/kv/{key}")) {
+            404 => return Instant::now(),
+            200 | 503 => {}
+            other => panic!("GET {key}: {other}"),
+        }
+        assert!(Instant::now() < deadline, "{key} never expired\n{}", logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks that `key` is there on `url` at every poll until `until`.
+fn assert_held_until(url: &str, key: &str, until: Instant, logs: impl Fn() -> String) {
+    while Instant::now() < until {
+        let code = get_status(url, &format!("v1/kv/{key}"));
+        assert!(
+            code == 200 || code == 503,
+            "{key} is gone early ({code})\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A lease kept alive outlives its TTL many times over; once its owner stops renewing
+/// it, its key disappears within the TTL and an election timeout (1 to 2 s here), never
+/// before the TTL, and watchers see the delete.
+#[test]
+fn a_lease_whose_owner_stops_renewing_expires_within_its_ttl_and_an_election_timeout() {
+    let cluster = Cluster::start("lease-expiry", 3, &[]);
+    let leader = cluster.wait_leader();
+    let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
+    let url = follower.url("");
+    let ttl = 2;
+    let lease = grant(&url, ttl, json!({"key": "owner"}));
+    assert_eq!(put_leased(&url, "owner", lease).0, 200);
+    let watcher = Watcher::open(&format!("{url}v1/watch?key=owner"));
+
+    let keepalive = format!("{url}v1/leases/{lease}/keepalive");
+    let mut last_renewal = Instant::now();
+    let renew_until = Instant::now() + Duration::from_secs(3 * ttl);
+    while Instant::now() < renew_until {
+        let (code, answer) = http("POST", &keepalive, None);
+        assert_eq!(code, 200, "{answer}\n{}", cluster.logs());
+        last_renewal = Instant::now();
+        assert_held_until(
+            &url,
+            "owner",
+            last_renewal + Duration::from_millis(500),
+            || cluster.logs(),
+        );
+    }
+    let gone = wait_gone(&url, "owner", || cluster.logs());
+    let after = gone - last_renewal;
+    let ttl = Duration::from_secs(ttl);
+    let bound = ttl + Duration::from_secs(2) + Duration::from_millis(700);
+    assert!(
+        after >= ttl - Duration::from_millis(300) && after <= bound,
+        "gone {after:?} after the last renewal (TTL {ttl:?}, at most {bound:?})"
+    );
+    let (events, _) = watcher.events_until(|seen| !seen.is_empty());
+    assert_eq!(events[0]["type"], "delete", "{events:?}");
+    assert_eq!(get_status(&url, &format!("v1/leases/{lease}")), 404);
+    assert!(cluster
+        .nodes
+        .iter()
+        .any(|n| n.log_text().contains("lease expired: revoking it")));
+}
+
+/// Leases are in snapshots and survive restarts; a leader killed shortly before a
+/// lease's deadline does not make it expire then: the new leader gives it its whole TTL.
+#[test]
+fn a_leader_change_never_expires_a_lease_early_and_leases_survive_restarts_and_snapshots() {
+    let mut cluster = Cluster::start("lease-restarts", 3, &["--snapshot-count", "20"]);
+    let leader = cluster.wait_leader();
+    let via = cluster.nodes.iter().find(|n| n.id != leader).unwrap().id;
+    let url = cluster.node(via).url("");
+    let long = grant(&url, 600, json!({}));
+    assert_eq!(put_leased(&url, "long", long).0, 200);
+    for i in 0..60 {
+        let (code, _) = http("PUT", &format!("{url}v1/kv/fill-{i}"), Some(b"v".to_vec()));
+        assert_eq!(code, 200);
+    }
+    cluster.wait_until("every node to snapshot past the lease", || {
+        cluster
+            .running()
+            .all(|n| n.status_u64("last_snapshot") > 20)
+    });
+
+    // Every node restarts from its snapshot: the lease and its key are still there.
+    for node in &mut cluster.nodes {
+        node.signal("TERM");
+        assert!(node.wait_exit(Duration::from_secs(15)).success());
+        node.start();
+    }
+    cluster.wait_leader();
+    cluster.wait_until("the lease to be served after the restart", || {
+        let (code, shown) = http_json("GET", &format!("{url}v1/leases/{long}"), None);
+        code == 200 && shown["keys"] == json!(["long"])
+    });
+
+    // A short lease, renewed once; its leader dies 3 s into its 6 s.
+    let ttl = Duration::from_secs(6);
+    let leader = cluster.wait_leader();
+    let url = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .unwrap()
+        .url("");
+    let short = grant(&url, ttl.as_secs(), json!({}));
+    assert_eq!(put_leased(&url, "short", short).0, 200);
+    let renewed = Instant::now();
+    let (code, _) = http("POST", &format!("{url}v1/leases/{short}/keepalive"), None);
+    assert_eq!(code, 200);
+    assert_held_until(&url, "short", renewed + Duration::from_secs(3), || {
+        cluster.logs()
+    });
+    let killed = Instant::now();
+    cluster.node(leader).kill();
+    // The old leader would have expired it by `renewed + ttl`; the new one counts a whole
+    // TTL from its election, which came after the kill.
+    assert_held_until(&url, "short", killed + ttl, || cluster.logs());
+    let gone = wait_gone(&url, "short", || cluster.logs());
+    assert!(gone - killed >= ttl);
+    let (code, shown) = http_json("GET", &format!("{url}v1/leases/{long}"), None);
+    assert_eq!((code, &shown["keys"]), (200, &json!(["long"])), "{shown}");
+    cluster.node(leader).start();
+    let back = cluster.node(leader).url("");
+    cluster.wait_until("the restarted leader to serve the lease", || {
+        http_json("GET", &format!("{back}v1/leases/{long}"), None).0 == 200
+    });
+}
+
+/// With shards, a lease lives in the group of the key it was granted for; any node
+/// grants, shows, renews and revokes it (forwarding to a host), and a key of another
+/// group cannot be attached to it.
+#[test]
+fn with_shards_a_lease_lives_in_its_keys_group_and_every_node_serves_it() {
+    let cluster = Cluster::start("lease-shards", 3, &["--shards", "4", "--replicas", "2"]);
+    cluster.wait_leader();
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url("")).collect();
+    // Written until the key's group has a leader.
+    let group_of = |key: &str| {
+        let mut group = None;
+        cluster.wait_until(&format!("a put of {key}"), || {
+            let (code, answer) = http_json(
+                "PUT",
+                &format!("{}v1/kv/{key}", urls[0]),
+                Some(json!({"value": "probe"})),
+            );
+            assert!(code == 200 || code == 503, "{answer}");
+            group = answer["group"].as_u64();
+            code == 200
+        });
+        group.unwrap()
+    };
+    let home = group_of("svc/a");
+    let other_key = (0..100)
+        .map(|i| format!("other-{i}"))
+        .find(|key| group_of(key) != home)
+        .expect("a key of another group");
+
+    let (code, answer) = http_json(
+        "POST",
+        &format!("{}v1/leases", urls[0]),
+        Some(json!({"ttl_seconds": 30, "group": 1})),
+    );
+    assert_eq!(code, 400, "the cluster group holds no keys: {answer}");
+    for (i, url) in urls.iter().enumerate() {
+        let lease = grant(url, 30, json!({"key": "svc/a"}));
+        assert_eq!(lease >> 32, home, "granted on node {}", i + 1);
+        for (j, via) in urls.iter().enumerate() {
+            let (code, answer) = put_leased(via, "svc/a", lease);
+            assert_eq!(code, 200, "node {} attaches: {answer}", j + 1);
+            assert_eq!(answer["group"], home);
+            let (code, shown) = http_json("GET", &format!("{via}v1/leases/{lease}"), None);
+            assert_eq!((code, &shown["keys"]), (200, &json!(["svc/a"])), "{shown}");
+            let keepalive = format!("{via}v1/leases/{lease}/keepalive");
+            assert_eq!(http("POST", &keepalive, None).0, 200);
+        }
+        let (code, answer) = put_leased(url, &other_key, lease);
+        assert_eq!(code, 409, "{answer}");
+        let revoker = &urls[(i + 1) % urls.len()];
+        let (code, revoked) = http_json("DELETE", &format!("{revoker}v1/leases/{lease}"), None);
+        assert_eq!((code, &revoked["deleted"]), (200, &json!(1)), "{revoked}");
+        for via in &urls {
+            assert_eq!(get_status(via, "v1/kv/svc/a"), 404);
+        }
+    }
+    let default = grant(&urls[2], 30, json!({}));
+    assert_ne!(default >> 32, 1, "a lease never lives in the cluster group");
+}
