@@ -83,6 +83,10 @@ impl Leases {
         self.by_id.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
     pub fn get(&self, lease: u64) -> Option<&Lease> {
         self.by_id.get(&lease)
     }

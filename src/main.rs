@@ -276,7 +276,10 @@ async fn serve(
     let membership = SharedMembership::default();
     let partition = Arc::new(faults::Partition::default());
     let metrics = Arc::new(metrics::Metrics::default());
-    let formats = Arc::new(entry_formats::EntryFormats::new(config.entry_format_read()));
+    let formats = Arc::new(entry_formats::EntryFormats::remembered_in(
+        config.entry_format_read(),
+        config.data_dir().join("entry-formats"),
+    ));
     let transport = Arc::new(Transport::new(
         config.id,
         formats.clone(),

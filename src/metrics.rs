@@ -212,6 +212,7 @@ pub struct GroupGauges {
     pub leader: bool,
     pub asleep: bool,
     pub keys: usize,
+    pub leases: usize,
 }
 
 /// A per-group gauge: its name, its help text, and how to read it.
@@ -219,7 +220,7 @@ type GroupGauge = (&'static str, &'static str, fn(&GroupGauges) -> u64);
 
 /// Gauges labelled by group, one series per group hosted on this node.
 pub fn render_groups(out: &mut String, groups: &[GroupGauges]) {
-    let gauges: [GroupGauge; 6] = [
+    let gauges: [GroupGauge; 7] = [
         ("raftkvd_group_term", "The group's raft term here.", |g| {
             g.term
         }),
@@ -245,6 +246,9 @@ pub fn render_groups(out: &mut String, groups: &[GroupGauges]) {
         ),
         ("raftkvd_group_keys", "Keys in the group's map.", |g| {
             g.keys as u64
+        }),
+        ("raftkvd_group_leases", "Leases the group holds.", |g| {
+            g.leases as u64
         }),
     ];
     for (name, help, value) in gauges {

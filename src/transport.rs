@@ -240,6 +240,14 @@ impl Transport {
         &self.formats
     }
 
+    /// Peer `peer` said it reads entry formats up to `newest`.
+    pub fn heard_format(&self, peer: u64, newest: u8) {
+        if let Err(e) = self.formats.heard(peer, newest) {
+            warn!(self.logger, "could not remember a peer's entry format in the data dir; it counts as reading the older of the two until it is written";
+                "peer" => peer, "format" => newest, "error" => %e);
+        }
+    }
+
     /// Asks every peer that has not said it reads this build's newest entry format which
     /// one it reads (`GET /raft/cluster`), every `FORMAT_POLL` until all have, then
     /// every `FORMAT_RECHECK` or as soon as a peer is added: a follower hears no stream
@@ -258,7 +266,7 @@ impl Transport {
             for (id, url) in peers {
                 match cluster_id::cluster_view(&self.client, &url).await {
                     Ok(view) if view.id == id => {
-                        self.formats.heard(id, view.entry_format);
+                        self.heard_format(id, view.entry_format);
                         all_newest &= view.entry_format >= entry_formats::NEWEST;
                     }
                     _ => all_newest = false,
@@ -794,7 +802,7 @@ impl PeerService {
                     continue;
                 }
                 if format_heard_from != Some(peer) {
-                    self.transport.formats().heard(peer, format);
+                    self.transport.heard_format(peer, format);
                     format_heard_from = Some(peer);
                 }
                 if self.partition.is_blocked(peer) {

@@ -76,6 +76,11 @@ fn a_lease_is_granted_holds_keys_is_renewed_and_revoked_with_its_keys() {
     assert_eq!(code, 404, "a lease that does not exist: {answer}");
     assert_eq!(get_status(&urls[0], "v1/kv/c"), 404, "nothing was written");
 
+    let (_, metrics) = http("GET", &format!("{}metrics", urls[2]), None);
+    assert!(
+        metrics.contains("raftkvd_group_leases{group=\"1\"} 1"),
+        "{metrics}"
+    );
     let (code, shown) = http_json("GET", &format!("{}v1/leases/{lease}", urls[2]), None);
     assert_eq!(code, 200, "{shown}");
     assert_eq!(shown["keys"], json!(["a", "b"]));
@@ -204,7 +209,8 @@ fn a_lease_whose_owner_stops_renewing_expires_within_its_ttl_and_an_election_tim
         .any(|n| n.log_text().contains("lease expired: revoking it")));
 }
 
-/// Leases are in snapshots and survive restarts; a leader killed shortly before a
+/// Leases are in snapshots and survive restarts (and are granted while a member that
+/// reads them is down: its format is remembered); a leader killed shortly before a
 /// lease's deadline does not make it expire then: the new leader gives it its whole TTL.
 #[test]
 fn a_leader_change_never_expires_a_lease_early_and_leases_survive_restarts_and_snapshots() {
@@ -225,9 +231,13 @@ fn a_leader_change_never_expires_a_lease_early_and_leases_survive_restarts_and_s
     });
 
     // Every node restarts from its snapshot: the lease and its key are still there.
+    // One stays down a while: the others remember that it reads leases, and grant them.
+    let down = cluster.nodes.iter().find(|n| n.id != via).unwrap().id;
     for node in &mut cluster.nodes {
         node.signal("TERM");
         assert!(node.wait_exit(Duration::from_secs(15)).success());
+    }
+    for node in cluster.nodes.iter_mut().filter(|n| n.id != down) {
         node.start();
     }
     cluster.wait_leader();
@@ -235,6 +245,10 @@ fn a_leader_change_never_expires_a_lease_early_and_leases_survive_restarts_and_s
         let (code, shown) = http_json("GET", &format!("{url}v1/leases/{long}"), None);
         code == 200 && shown["keys"] == json!(["long"])
     });
+    let while_down = grant(&url, 60, json!({}));
+    cluster.node(down).start();
+    let (code, _) = http("DELETE", &format!("{url}v1/leases/{while_down}"), None);
+    assert_eq!(code, 200);
 
     // A short lease, renewed once; its leader dies 3 s into its 6 s.
     let ttl = Duration::from_secs(6);

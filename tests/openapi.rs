@@ -365,36 +365,83 @@ fn the_openapi_document_matches_the_server() {
 
     let mut exercised = BTreeSet::new();
     for c in &calls {
-        let operation = &doc["paths"][c.template][c.method];
-        assert!(
-            operation.is_object(),
-            "{} {} is not documented",
-            c.method,
-            c.template
-        );
-        exercised.insert((c.template.to_string(), c.method.to_string()));
-        let (code, body) = send(&node.url(&c.path), c.method, c.body.as_ref());
-        assert_eq!(code, c.expect, "{} {}: {body}", c.method, c.path);
-        if (c.template, c.method, code) == ("/v1/groups", "post", 201) {
-            cluster.wait_until("the new group to elect a leader", || {
-                let (_, group) = http_json("GET", &node.url("v1/groups/2"), None);
-                group["leader"].as_u64().is_some_and(|leader| leader != 0)
-            });
-        }
-        let response = resolve(&doc, &operation["responses"][code.to_string()]);
-        assert!(
-            response.is_object(),
-            "{} {} answered {code}, which the document does not list",
-            c.method,
-            c.template
-        );
-        if let Some(schema) = response.pointer("/content/application~1json/schema") {
-            let body: Value = serde_json::from_str(&body)
-                .unwrap_or_else(|e| panic!("{} {}: not JSON ({e}): {body}", c.method, c.path));
-            if let Err(why) = validate(&doc, schema, &body) {
-                panic!("{} {} -> {code}: {why}\nbody: {body}", c.method, c.path);
-            }
-        }
+        check(&doc, &cluster, c, &mut exercised);
+    }
+
+    // Leases: their ids are the server's, so these calls follow a grant.
+    let grant = call(
+        "/v1/leases",
+        "post",
+        "/v1/leases",
+        Some(Body::Json(json!({"ttl_seconds": 60, "key": "doc/leased"}))),
+        201,
+    );
+    let granted: Value = serde_json::from_str(&check(&doc, &cluster, &grant, &mut exercised))
+        .expect("the grant's answer");
+    let lease = granted["id"].as_u64().unwrap();
+    let leases = "/v1/leases/{id}";
+    let keepalive = "/v1/leases/{id}/keepalive";
+    let missing = lease + 1;
+    let lease_calls = vec![
+        call(
+            "/v1/leases",
+            "post",
+            "/v1/leases",
+            Some(Body::Json(json!({"ttl_seconds": 0}))),
+            400,
+        ),
+        call(
+            kv,
+            "put",
+            &format!("/v1/kv/doc/leased?lease={lease}"),
+            Some(Body::Raw(b"held".to_vec())),
+            200,
+        ),
+        call(
+            kv,
+            "put",
+            &format!("/v1/kv/doc/leased?lease={missing}"),
+            Some(Body::Raw(b"held".to_vec())),
+            404,
+        ),
+        call(
+            kv,
+            "put",
+            &format!("/v1/kv/doc/leased?lease={}", 9u64 << 32 | 1),
+            Some(Body::Raw(b"held".to_vec())),
+            409,
+        ),
+        call(
+            group_kv,
+            "put",
+            &format!("/v1/groups/2/kv/doc/g?lease={}", 9u64 << 32 | 1),
+            Some(Body::Raw(b"held".to_vec())),
+            409,
+        ),
+        call(leases, "get", &format!("/v1/leases/{lease}"), None, 200),
+        call(leases, "get", &format!("/v1/leases/{missing}"), None, 404),
+        call(leases, "get", "/v1/leases/x", None, 400),
+        call(
+            keepalive,
+            "post",
+            &format!("/v1/leases/{lease}/keepalive"),
+            None,
+            200,
+        ),
+        call(
+            keepalive,
+            "post",
+            &format!("/v1/leases/{missing}/keepalive"),
+            None,
+            404,
+        ),
+        call(keepalive, "post", "/v1/leases/x/keepalive", None, 400),
+        call(leases, "delete", &format!("/v1/leases/{lease}"), None, 200),
+        call(leases, "delete", &format!("/v1/leases/{lease}"), None, 404),
+        call(leases, "delete", "/v1/leases/x", None, 400),
+    ];
+    for c in &lease_calls {
+        check(&doc, &cluster, c, &mut exercised);
     }
 
     let documented: BTreeSet<(String, String)> = doc["paths"]
@@ -413,6 +460,48 @@ fn the_openapi_document_matches_the_server() {
         documented, exercised,
         "every documented operation is exercised"
     );
+}
+
+/// Makes call `c` on node 1 and checks its status and answer against the document;
+/// records its operation in `exercised` and returns the answer's body.
+fn check(
+    doc: &Value,
+    cluster: &Cluster,
+    c: &Call,
+    exercised: &mut BTreeSet<(String, String)>,
+) -> String {
+    let node = &cluster.nodes[0];
+    let operation = &doc["paths"][c.template][c.method];
+    assert!(
+        operation.is_object(),
+        "{} {} is not documented",
+        c.method,
+        c.template
+    );
+    exercised.insert((c.template.to_string(), c.method.to_string()));
+    let (code, body) = send(&node.url(&c.path), c.method, c.body.as_ref());
+    assert_eq!(code, c.expect, "{} {}: {body}", c.method, c.path);
+    if (c.template, c.method, code) == ("/v1/groups", "post", 201) {
+        cluster.wait_until("the new group to elect a leader", || {
+            let (_, group) = http_json("GET", &node.url("v1/groups/2"), None);
+            group["leader"].as_u64().is_some_and(|leader| leader != 0)
+        });
+    }
+    let response = resolve(doc, &operation["responses"][code.to_string()]);
+    assert!(
+        response.is_object(),
+        "{} {} answered {code}, which the document does not list",
+        c.method,
+        c.template
+    );
+    if let Some(schema) = response.pointer("/content/application~1json/schema") {
+        let body: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{} {}: not JSON ({e}): {body}", c.method, c.path));
+        if let Err(why) = validate(doc, schema, &body) {
+            panic!("{} {} -> {code}: {why}\nbody: {body}", c.method, c.path);
+        }
+    }
+    body
 }
 
 fn send(url: &str, method: &str, body: Option<&Body>) -> (u16, String) {

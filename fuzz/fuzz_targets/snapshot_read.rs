@@ -8,6 +8,8 @@ mod command;
 mod durable;
 #[path = "../../src/kv.rs"]
 mod kv;
+#[path = "../../src/leases.rs"]
+mod leases;
 #[path = "../../src/membership.rs"]
 mod membership;
 #[path = "../../src/replica_id.rs"]

@@ -52,6 +52,7 @@ struct GroupState {
     applied: u64,
     asleep: bool,
     keys: usize,
+    leases: usize,
 }
 
 impl Api {
@@ -87,6 +88,7 @@ impl Api {
                 leader: g.leader == self.id,
                 asleep: g.asleep,
                 keys: g.keys,
+                leases: g.leases,
             })
             .collect();
         render_groups(&mut text, &gauges);
@@ -102,6 +104,7 @@ impl Api {
             else {
                 continue;
             };
+            let map = kv.read().unwrap();
             groups.push(GroupState {
                 id: group,
                 role: status.role,
@@ -110,7 +113,8 @@ impl Api {
                 commit: status.commit,
                 applied: status.applied,
                 asleep: status.asleep,
-                keys: kv.read().unwrap().len(),
+                keys: map.len(),
+                leases: map.leases().len(),
             });
         }
         groups
