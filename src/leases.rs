@@ -49,8 +49,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn ttl(&self) -> Duration {
-        Duration::from_secs(self.ttl_seconds)
+    /// When a lease renewed at `now` expires here. (A TTL too long for the clock, which
+    /// only a damaged entry could carry, never expires rather than overflow.)
+    fn deadline_from(&self, now: Instant) -> Instant {
+        let ttl = Duration::from_secs(self.ttl_seconds);
+        now.checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(MAX_TTL_SECONDS))
     }
 
     /// Time left before this replica counts it expired.
@@ -111,16 +115,14 @@ impl Leases {
         if self.by_id.contains_key(&lease) {
             return Err(LeaseRefusal::Exists(lease));
         }
-        let ttl = Duration::from_secs(ttl_seconds);
-        self.by_id.insert(
-            lease,
-            Lease {
-                ttl_seconds,
-                renewed_at: revision,
-                keys: BTreeSet::new(),
-                deadline: now + ttl,
-            },
-        );
+        let mut granted = Lease {
+            ttl_seconds,
+            renewed_at: revision,
+            keys: BTreeSet::new(),
+            deadline: now,
+        };
+        granted.deadline = granted.deadline_from(now);
+        self.by_id.insert(lease, granted);
         Ok(())
     }
 
@@ -136,7 +138,7 @@ impl Leases {
             .get_mut(&lease)
             .ok_or(LeaseRefusal::NotFound(lease))?;
         found.renewed_at = revision;
-        found.deadline = now + found.ttl();
+        found.deadline = found.deadline_from(now);
         Ok(found.ttl_seconds)
     }
 
@@ -187,7 +189,7 @@ impl Leases {
     /// gets its whole TTL from `now`.
     pub fn restart_clocks(&mut self, now: Instant) {
         for lease in self.by_id.values_mut() {
-            lease.deadline = now + lease.ttl();
+            lease.deadline = lease.deadline_from(now);
         }
     }
 
@@ -262,5 +264,8 @@ mod tests {
         assert_eq!(leases.revoke(lease, 12), Ok(vec![]));
         assert_eq!(group_of(lease), 2);
         assert_ne!(id_in(2, 0), id_in(2, 0) & !0xffff_ffff, "n is never 0");
+        let forever = id_in(2, 2);
+        leases.grant(forever, u64::MAX, 13, now).unwrap();
+        assert!(leases.expired(later).is_empty(), "no overflow, no expiry");
     }
 }

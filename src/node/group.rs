@@ -11,6 +11,8 @@
 //! 4. only then send the messages that promise durability (votes, append responses);
 //! 5. `advance`, and do the same for the light ready that follows (`finish_ready`).
 //!
+//! A leader also proposes the revoke of each lease that expired (`group/lease_expiry.rs`).
+//!
 //! A client is answered only after its entry is committed and applied here; a request
 //! whose fate is unknown is never answered as a success. A group never touches another
 //! group: what concerns the whole node (a group created in the cluster group's log, this
