@@ -342,3 +342,126 @@ fn with_shards_a_lease_lives_in_its_keys_group_and_every_node_serves_it() {
     let default = grant(&urls[2], 30, json!({}));
     assert_ne!(default >> 32, 1, "a lease never lives in the cluster group");
 }
+
+/// Keeps polling until `stop`, and records what one client did: (sent, answered,
+/// status) for each request.
+type Record = Vec<(Instant, Instant, u16)>;
+
+/// Sends `method` to `path` on each of `urls` in turn every `every`, with a one-second
+/// timeout (a paused node costs a second, not the test), until `stop` is set or a 404.
+fn poll_in_turn(
+    urls: Vec<String>,
+    method: &'static str,
+    path: String,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Record> {
+    std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let mut record = Record::new();
+        for url in urls.iter().cycle() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let sent = Instant::now();
+            let answer = client
+                .request(method.parse().unwrap(), format!("{url}{path}"))
+                .send();
+            let code = answer.map_or(0, |a| a.status().as_u16());
+            record.push((sent, Instant::now(), code));
+            if code == 404 {
+                break;
+            }
+            std::thread::sleep(every);
+        }
+        record
+    })
+}
+
+/// The safety of expiry under faults: an owner renews its 8 s lease every 300 ms through
+/// any node while leaders are killed and paused; the key must never be seen gone less
+/// than a TTL after a keepalive that was then acknowledged was sent (the leader counts
+/// from when it applied the keepalive, and a new leader from its election: both later).
+/// The lease outlives the faults, and expires once its owner stops.
+#[test]
+fn a_lease_renewed_through_leader_kills_and_pauses_never_expires_early() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut cluster = Cluster::start("lease-faults", 3, &[]);
+    cluster.wait_leader();
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url("")).collect();
+    let ttl = Duration::from_secs(8);
+    let lease = grant(&urls[0], ttl.as_secs(), json!({}));
+    assert_eq!(put_leased(&urls[0], "held", lease).0, 200);
+
+    let stop_renewing = Arc::new(AtomicBool::new(false));
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let renewer = poll_in_turn(
+        urls.clone(),
+        "POST",
+        format!("v1/leases/{lease}/keepalive"),
+        Duration::from_millis(300),
+        stop_renewing.clone(),
+    );
+    let reader = poll_in_turn(
+        urls.clone(),
+        "GET",
+        "v1/kv/held".into(),
+        Duration::from_millis(50),
+        stop_reading.clone(),
+    );
+    // Faults for 20 s at least: a leader killed (and restarted), or paused for an
+    // election (and resumed), in turn.
+    let faults_until = Instant::now() + Duration::from_secs(20);
+    for round in 0.. {
+        if round >= 4 && Instant::now() > faults_until {
+            break;
+        }
+        let leader = cluster.wait_leader();
+        if round % 2 == 0 {
+            cluster.node(leader).kill();
+            cluster.wait_leader();
+            cluster.node(leader).start();
+        } else {
+            cluster.node(leader).signal("STOP");
+            let others: Vec<&common::Node> =
+                cluster.nodes.iter().filter(|n| n.id != leader).collect();
+            cluster.wait_until("the others to elect a leader", || {
+                let seen: Vec<u64> = others
+                    .iter()
+                    .map(|n| n.status().map_or(0, |s| s["leader"].as_u64().unwrap()))
+                    .collect();
+                seen[0] != 0 && seen[0] != leader && seen.iter().all(|&l| l == seen[0])
+            });
+            cluster.node(leader).signal("CONT");
+        }
+    }
+    cluster.wait_leader();
+    let (code, shown) = http_json("GET", &format!("{}v1/leases/{lease}", urls[0]), None);
+    assert_eq!(
+        code,
+        200,
+        "the lease outlived the faults: {shown}\n{}",
+        cluster.logs()
+    );
+    stop_renewing.store(true, Ordering::Relaxed);
+    let renewals = renewer.join().unwrap();
+    let reads = reader.join().unwrap();
+    let (_, gone_at, last) = *reads.last().unwrap();
+    assert_eq!(last, 404, "the key expired after the owner stopped");
+    let acked: Vec<Instant> = renewals
+        .iter()
+        .filter(|(_, _, code)| *code == 200)
+        .map(|(sent, _, _)| *sent)
+        .collect();
+    let late = acked.iter().filter(|&&sent| sent + ttl > gone_at).count();
+    assert_eq!(
+        late, 0,
+        "the key was seen gone less than a TTL after {late} acknowledged keepalives were sent"
+    );
+    assert!(acked.len() >= 10, "{} keepalives acknowledged", acked.len());
+    stop_reading.store(true, Ordering::Relaxed);
+}
