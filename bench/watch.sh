@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Watchers at scale (issue 16): a 3-node release-build cluster on loopback, node 1 made
 # leader. First wrk's `put` workload of ../shared/bench/kv.lua (-t2 -c64) against node 1
-# alone; then WATCHERS watch streams are opened on node 1 (bench/watchers.py, one key
+# alone; then WATCHERS watchers are opened on node 1 (bench/watchers.py, one key
 # each: w/0, w/1, ...), node 1's RSS is read before and after, and the same wrk load runs
 # again while the prober PUTs PROBE_RATE random watched keys a second and times each from
 # its acknowledgement to its arrival at its watcher. Prints puts/s without and with the
 # watchers, memory per watcher, and how many probes arrived and how fast.
 # With LOAD=1 the watchers watch the load's own keys instead (watcher i the prefix
 # k<i as 4 digits: ten of kv.lua's 100,000 keys each, so every put reaches a watcher),
-# and the events they received are counted.
-# Needs wrk, curl, python3. Env: WATCHERS (10000), DURATION (20s), PROBE_RATE (200),
-# LOAD, WORKDIR.
+# and the events they received are counted. With STREAMS=n the watchers share n watch
+# streams (each stream naming its watchers' keys or prefixes; default one stream each).
+# Needs wrk, curl, python3. Env: WATCHERS (10000), STREAMS, DURATION (20s),
+# PROBE_RATE (200), LOAD, WORKDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WATCHERS=${WATCHERS:-10000} DURATION=${DURATION:-20s} PROBE_RATE=${PROBE_RATE:-200}
@@ -54,13 +55,13 @@ for _ in $(seq 1 1200); do [ -f "$WORKDIR/ready" ] && break; sleep 0.1; done
 [ -f "$WORKDIR/ready" ] || { echo "the watchers did not all open" >&2; exit 1; }
 after=$(rss)
 echo go >&3
-t2=$(cpu_ticks "${pids[0]}"); w0=$(cpu_ticks "${pids[3]}")
+t2=$(cpu_ticks "${pids[0]}")
 watched=$(put_rate put-watched)
-t3=$(cpu_ticks "${pids[0]}"); w1=$(cpu_ticks "${pids[3]}")
+t3=$(cpu_ticks "${pids[0]}")
 wait "${pids[3]}" || true
 hz=$(getconf CLK_TCK)
 python3 - "$alone" "$watched" "$before" "$after" "$WATCHERS" "$WORKDIR/probes.json" \
-  "$(( t1 - t0 ))" "$(( t3 - t2 ))" "$(( w1 - w0 ))" "$hz" <<'PY'
+  "$(( t1 - t0 ))" "$(( t3 - t2 ))" "$hz" <<'PY'
 import json, sys
 alone, watched = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 before, after, n = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -70,10 +71,10 @@ print(f"puts/s without watchers: {rate(alone)} (p99 {alone['p99_ms']} ms), with 
 print(f"node 1 RSS: {before // 1024} MiB before the watchers, {after // 1024} MiB with them: "
       f"{(after - before) * 1024 / n / 1024:.1f} KiB per watcher")
 print("probes:", json.dumps(probes))
-node_alone, node_watched, client, hz = (int(a) for a in sys.argv[7:11])
+node_alone, node_watched, hz = (int(a) for a in sys.argv[7:10])
 per_1k = lambda ticks, r: 1000 * ticks / hz * 1000 / (rate(r) * (r["duration_s"]))
 print(f"node 1 CPU per 1,000 puts: {per_1k(node_alone, alone):.1f} ms alone, "
       f"{per_1k(node_watched, watched):.1f} ms with the watchers; the watchers' client "
-      f"used {100 * client / hz / watched['duration_s']:.0f}% of a core meanwhile")
+      f"used {100 * probes['client_cpu_share']:.0f}% of a core meanwhile")
 PY
 echo "workdir: $WORKDIR"

@@ -18,19 +18,41 @@ use tokio::sync::mpsc;
 
 use crate::history::Event;
 
-/// Which keys a watcher wants.
-#[derive(Clone, Debug)]
-pub enum Keys {
-    One(Bytes),
-    Prefix(Bytes),
+/// Which keys a watcher wants: any of `keys`, and any key that starts with one of
+/// `prefixes` (one stream may watch several, as etcd multiplexes watches on a stream).
+#[derive(Clone, Debug, Default)]
+pub struct Keys {
+    pub keys: Vec<Bytes>,
+    pub prefixes: Vec<Bytes>,
 }
 
 impl Keys {
-    pub fn matches(&self, key: &[u8]) -> bool {
-        match self {
-            Keys::One(one) => key == &one[..],
-            Keys::Prefix(prefix) => key.starts_with(prefix),
+    /// One key.
+    pub fn one(key: Bytes) -> Keys {
+        Keys {
+            keys: vec![key],
+            prefixes: Vec::new(),
         }
+    }
+
+    /// Every key that starts with `prefix`.
+    #[cfg(test)]
+    pub fn prefix(prefix: Bytes) -> Keys {
+        Keys {
+            keys: Vec::new(),
+            prefixes: vec![prefix],
+        }
+    }
+
+    pub fn matches(&self, key: &[u8]) -> bool {
+        self.keys.iter().any(|one| key == &one[..])
+            || self.prefixes.iter().any(|prefix| key.starts_with(prefix))
+    }
+
+    /// How many keys and prefixes: a registration of more than one may be offered one
+    /// change several times (`WatchHub::dispatch` hands it over once).
+    fn len(&self) -> usize {
+        self.keys.len() + self.prefixes.len()
     }
 }
 
@@ -46,22 +68,30 @@ pub struct WatchHub {
     by_prefix: BTreeMap<Bytes, Vec<Subscriber>>,
     /// Each registered id and its keys, to unregister it.
     registered: HashMap<u64, Keys>,
+    /// Registrations of more than one key or prefix.
+    several: usize,
     next_id: u64,
 }
 
 impl WatchHub {
-    /// From now on, every change of `keys` goes to `tx`; returns the registration's id.
+    /// From now on, every change of `keys` goes to `tx`, once; returns the
+    /// registration's id.
     pub fn register(&mut self, keys: Keys, tx: mpsc::Sender<Event>) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
-        let subscriber = Subscriber { id, tx };
-        match &keys {
-            Keys::One(key) => self.by_key.entry(key.clone()).or_default().push(subscriber),
-            Keys::Prefix(prefix) => self
-                .by_prefix
+        for key in &keys.keys {
+            let subscriber = Subscriber { id, tx: tx.clone() };
+            self.by_key.entry(key.clone()).or_default().push(subscriber);
+        }
+        for prefix in &keys.prefixes {
+            let subscriber = Subscriber { id, tx: tx.clone() };
+            self.by_prefix
                 .entry(prefix.clone())
                 .or_default()
-                .push(subscriber),
+                .push(subscriber);
+        }
+        if keys.len() > 1 {
+            self.several += 1;
         }
         self.registered.insert(id, keys);
         id
@@ -69,14 +99,21 @@ impl WatchHub {
 
     /// Forgets registration `id` (if the hub has not dropped it already).
     pub fn unregister(&mut self, id: u64) {
-        match self.registered.remove(&id) {
-            Some(Keys::One(key)) if without(self.by_key.get_mut(&key), id) => {
-                self.by_key.remove(&key);
+        let Some(keys) = self.registered.remove(&id) else {
+            return;
+        };
+        if keys.len() > 1 {
+            self.several -= 1;
+        }
+        for key in &keys.keys {
+            if without(self.by_key.get_mut(key), id) {
+                self.by_key.remove(key);
             }
-            Some(Keys::Prefix(prefix)) if without(self.by_prefix.get_mut(&prefix), id) => {
-                self.by_prefix.remove(&prefix);
+        }
+        for prefix in &keys.prefixes {
+            if without(self.by_prefix.get_mut(prefix), id) {
+                self.by_prefix.remove(prefix);
             }
-            _ => {}
         }
     }
 
@@ -86,25 +123,32 @@ impl WatchHub {
         self.by_key.clear();
         self.by_prefix.clear();
         self.registered.clear();
+        self.several = 0;
     }
 
-    /// Hands `event` to every watcher of its key; drops those that cannot take it now.
+    /// Hands `event` to every watcher of its key, once each; drops those that cannot
+    /// take it now.
     pub fn dispatch(&mut self, event: &Event) {
         if self.registered.is_empty() {
             return;
         }
-        let mut dropped = Vec::new();
+        let mut offer = Offer {
+            event,
+            offered: Vec::new(),
+            dedup: self.several > 0,
+            dropped: Vec::new(),
+        };
         if let Some(list) = self.by_key.get(&event.key) {
-            offer(list, event, &mut dropped);
+            offer.to(list);
         }
         if !self.by_prefix.is_empty() {
             for end in 0..=event.key.len() {
                 if let Some(list) = self.by_prefix.get(&event.key[..end]) {
-                    offer(list, event, &mut dropped);
+                    offer.to(list);
                 }
             }
         }
-        for id in dropped {
+        for id in offer.dropped {
             self.unregister(id);
         }
     }
@@ -124,10 +168,28 @@ fn without(list: Option<&mut Vec<Subscriber>>, id: u64) -> bool {
     })
 }
 
-fn offer(list: &[Subscriber], event: &Event, dropped: &mut Vec<u64>) {
-    for subscriber in list {
-        if subscriber.tx.try_send(event.clone()).is_err() {
-            dropped.push(subscriber.id);
+/// One change being handed to its watchers.
+struct Offer<'a> {
+    event: &'a Event,
+    /// The registrations it went to, when one may be met twice (several keys).
+    offered: Vec<u64>,
+    dedup: bool,
+    /// Those whose channel was full.
+    dropped: Vec<u64>,
+}
+
+impl Offer<'_> {
+    fn to(&mut self, list: &[Subscriber]) {
+        for subscriber in list {
+            if self.dedup {
+                if self.offered.contains(&subscriber.id) {
+                    continue;
+                }
+                self.offered.push(subscriber.id);
+            }
+            if subscriber.tx.try_send(self.event.clone()).is_err() {
+                self.dropped.push(subscriber.id);
+            }
         }
     }
 }
@@ -154,9 +216,9 @@ mod tests {
         let (one_tx, mut one) = mpsc::channel(8);
         let (all_tx, mut all) = mpsc::channel(8);
         let (sub_tx, mut sub) = mpsc::channel(1);
-        hub.register(Keys::One(b("a/1")), one_tx);
-        hub.register(Keys::Prefix(b("")), all_tx);
-        let sub_id = hub.register(Keys::Prefix(b("a/")), sub_tx);
+        hub.register(Keys::one(b("a/1")), one_tx);
+        hub.register(Keys::prefix(b("")), all_tx);
+        let sub_id = hub.register(Keys::prefix(b("a/")), sub_tx);
         hub.dispatch(&event(1, "a/1"));
         hub.dispatch(&event(2, "b"));
         assert_eq!(one.try_recv().unwrap().revision, 1);
@@ -171,11 +233,37 @@ mod tests {
         assert!(sub.try_recv().is_err(), "dropped: its sender is gone");
         hub.unregister(sub_id);
         let (tx, _rx) = mpsc::channel(1);
-        let id = hub.register(Keys::One(b("x")), tx);
+        let id = hub.register(Keys::one(b("x")), tx);
         hub.unregister(id);
         assert_eq!(hub.len(), 2);
         assert!(!hub.by_key.contains_key(&b("x")[..]));
         hub.clear();
         assert_eq!(hub.len(), 0);
+    }
+
+    #[test]
+    fn a_watcher_of_several_keys_and_prefixes_gets_each_change_once() {
+        let mut hub = WatchHub::default();
+        let (tx, mut rx) = mpsc::channel(8);
+        let several = Keys {
+            keys: vec![b("a/1"), b("c")],
+            prefixes: vec![b("a/"), b("a"), b("b/")],
+        };
+        let id = hub.register(several, tx);
+        for (revision, key) in [
+            (1, "a/1"),
+            (2, "a/2"),
+            (3, "c"),
+            (4, "d"),
+            (5, "b/x"),
+            (6, "cc"),
+        ] {
+            hub.dispatch(&event(revision, key));
+        }
+        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok().map(|e| e.revision)).collect();
+        assert_eq!(got, vec![1, 2, 3, 5]);
+        hub.unregister(id);
+        assert!(hub.by_key.is_empty() && hub.by_prefix.is_empty());
+        assert_eq!((hub.len(), hub.several), (0, 0));
     }
 }

@@ -479,3 +479,55 @@ fn a_relayed_watch_leaves_a_paused_host_for_another() {
     let logs = cluster.nodes[3].log_text();
     assert!(!logs.contains("panicked"), "{logs}");
 }
+
+/// One stream may watch several keys and prefixes (as etcd multiplexes watches on one
+/// stream): on 4 shards of 2 replicas, a stream on node 1 of two overlapping prefixes,
+/// two keys and 990 more prefixes gets every matching change once (one that two of its
+/// prefixes match, once), from groups node 1 hosts and from those it follows through
+/// their hosts, and nothing else. Over 1,000 keys and prefixes is 400.
+#[test]
+fn one_stream_watches_several_keys_and_prefixes_and_gets_each_change_once() {
+    let cluster = Cluster::start("watch-several", 3, &["--shards", "4", "--replicas", "2"]);
+    let mut query: Vec<String> = ["prefix=a%2F", "prefix=a%2Fb%2F", "key=c", "key=d%2F1"]
+        .map(String::from)
+        .to_vec();
+    query.extend((0..990).map(|i| format!("prefix=zz{i}%2F")));
+    query.push("progress_ms=200".into());
+    let base = cluster.nodes[0].url("v1/watch");
+    let mut too_many = query.clone();
+    too_many.extend((0..10).map(|i| format!("key=more{i}")));
+    let (code, answer) = http_json("GET", &format!("{base}?{}", too_many.join("&")), None);
+    assert_eq!(code, 400, "{answer}");
+    let (code, _) = http_json("GET", &format!("{base}?prefix=a&key="), None);
+    assert_eq!(code, 400);
+
+    // Written until every group has a leader, before the watch starts.
+    let write = |key: &str| {
+        let url = cluster.nodes[1].url(&format!("v1/kv/{key}"));
+        cluster.wait_until(&format!("a put of {key}"), || {
+            http_json("PUT", &url, Some(json!({"value": key}))).0 == 200
+        });
+    };
+    for i in 0..8 {
+        write(&format!("warm-{i}"));
+    }
+    let watcher = Watcher::open(&format!("{base}?{}", query.join("&")));
+    let matching = ["a/1", "a/b/2", "c", "d/1", "zz5/x", "zz989/y"];
+    for key in [
+        "a/1", "a/b/2", "c", "d/1", "d/2", "e", "zz5/x", "zz990/no", "zz989/y",
+    ] {
+        write(key);
+    }
+    let (events, _) = watcher.events_until(|seen| seen.len() >= matching.len());
+    let mut seen: Vec<&str> = events.iter().map(|e| e["key"].as_str().unwrap()).collect();
+    seen.sort_unstable();
+    let mut want = matching.to_vec();
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    write("zz0/last");
+    let (events, _) = watcher.events_until(|seen| !seen.is_empty());
+    assert_eq!(
+        events[0]["key"], "zz0/last",
+        "and nothing else came between"
+    );
+}

@@ -86,6 +86,19 @@ pub fn parse_query(
     Ok(params)
 }
 
+/// Every value of parameter `name` in the query string, percent-decoded, in order (for
+/// the parameters a route takes more than once; `parse_query` keeps the last).
+pub fn repeated_param(query: Option<&str>, name: &str) -> Result<Vec<String>, Failure> {
+    let mut values = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(key)? == name {
+            values.push(percent_decode(value)?);
+        }
+    }
+    Ok(values)
+}
+
 /// Reads an unsigned integer query parameter.
 pub fn number_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Failure> {
     params

@@ -320,15 +320,17 @@ impl RemoteFollower {
     /// revision it starts from (if known). A 410 is the client's; no host answering is
     /// a 503.
     pub(super) async fn open(&self) -> Result<(reqwest::Response, Option<u64>), Failure> {
-        let (name, value) = match &self.keys {
-            Keys::One(key) => ("key", key),
-            Keys::Prefix(prefix) => ("prefix", prefix),
+        let encode = |bytes: &Bytes| {
+            percent_encoding::percent_encode(bytes, percent_encoding::NON_ALPHANUMERIC).to_string()
         };
-        let mut query = format!(
-            "{name}={}&progress_ms={}",
-            percent_encoding::percent_encode(value, percent_encoding::NON_ALPHANUMERIC),
-            self.progress_every.as_millis()
-        );
+        let keys = self
+            .keys
+            .keys
+            .iter()
+            .map(|key| format!("key={}&", encode(key)));
+        let prefixes = (self.keys.prefixes.iter()).map(|p| format!("prefix={}&", encode(p)));
+        let mut query: String = keys.chain(prefixes).collect();
+        query.push_str(&format!("progress_ms={}", self.progress_every.as_millis()));
         if let Some(next) = self.next {
             query.push_str(&format!("&start_revision={next}"));
         }

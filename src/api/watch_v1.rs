@@ -26,7 +26,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::forward::FORWARDED_HEADER;
-use super::request::{number_param, parse_query, Failure, WAIT_DEFAULT, WAIT_LONGEST};
+use super::request::{
+    number_param, parse_query, repeated_param, Failure, WAIT_DEFAULT, WAIT_LONGEST,
+};
 use super::watch_stream::{
     event_json, gone, report_progress, GroupFollower, Registration, RemoteFollower, Stream,
     STREAM_BUFFER,
@@ -79,15 +81,7 @@ impl Api {
             req.uri().query(),
             &["key", "prefix", "start_revision", "progress_ms"],
         )?;
-        let keys = match (params.get("key"), params.get("prefix")) {
-            (Some(key), None) if !key.is_empty() => Keys::One(Bytes::from(key.clone())),
-            (None, Some(prefix)) => Keys::Prefix(Bytes::from(prefix.clone())),
-            _ => {
-                return Err(Failure::bad_request(
-                    "name the keys to watch: key=<key> or prefix=<prefix> (prefix= for all)",
-                ))
-            }
-        };
+        let keys = watched_keys(req.uri().query())?;
         let progress_every = match number_param(&params, "progress_ms")? {
             None => PROGRESS_EVERY,
             Some(ms) if (100..=600_000).contains(&ms) => Duration::from_millis(ms),
@@ -200,21 +194,19 @@ impl Api {
         Ok(response)
     }
 
-    /// The groups that hold `keys`: the key's, or for a prefix every group that owns keys.
+    /// The groups that hold `keys`: the keys' own, or with a prefix every group that
+    /// owns keys.
     fn groups_of(&self, keys: &Keys) -> Vec<u64> {
-        match keys {
-            Keys::One(key) => vec![self.owner_of(key)],
-            Keys::Prefix(_) => {
-                let shards = self.membership.read().unwrap().shards.clone();
-                if shards.is_empty() {
-                    return vec![CLUSTER_GROUP];
-                }
-                let mut groups = shards;
-                groups.sort_unstable();
-                groups.dedup();
-                groups
-            }
+        let mut groups: Vec<u64> = match keys.prefixes.is_empty() {
+            true => keys.keys.iter().map(|key| self.owner_of(key)).collect(),
+            false => self.membership.read().unwrap().shards.clone(),
+        };
+        if groups.is_empty() {
+            return vec![CLUSTER_GROUP];
         }
+        groups.sort_unstable();
+        groups.dedup();
+        groups
     }
 
     /// `GET .../kv/<key>?wait=true&after_revision=<n>[&timeout_ms=<t>]` on a group this
@@ -249,7 +241,7 @@ impl Api {
             }
         };
         let shared = self.map_of(group)?;
-        let keys = Keys::One(key.clone());
+        let keys = Keys::one(key.clone());
         let deadline = tokio::time::Instant::now() + wait;
         let mut from = after + 1;
         loop {
@@ -318,6 +310,31 @@ impl Starts {
     fn of(&self, group: u64) -> Option<u64> {
         self.per_group.get(&group).copied().or(self.all)
     }
+}
+
+/// The most keys and prefixes one stream may watch.
+pub const MAX_WATCHED: usize = 1000;
+
+/// The keys a watch names: every `key=<k>` (not empty) and `prefix=<p>` (`prefix=` for
+/// all), at least one, at most [`MAX_WATCHED`].
+fn watched_keys(query: Option<&str>) -> Result<Keys, Failure> {
+    let keys = repeated_param(query, "key")?;
+    let prefixes = repeated_param(query, "prefix")?;
+    if keys.iter().any(String::is_empty) || keys.len() + prefixes.len() == 0 {
+        return Err(Failure::bad_request(
+            "name the keys to watch: key=<key> or prefix=<prefix> (prefix= for all), \
+             as many of either as you like",
+        ));
+    }
+    if keys.len() + prefixes.len() > MAX_WATCHED {
+        return Err(Failure::bad_request(format!(
+            "a stream watches at most {MAX_WATCHED} keys and prefixes; open another"
+        )));
+    }
+    Ok(Keys {
+        keys: keys.into_iter().map(Bytes::from).collect(),
+        prefixes: prefixes.into_iter().map(Bytes::from).collect(),
+    })
 }
 
 fn parse_starts(text: Option<&str>) -> Result<Starts, Failure> {
