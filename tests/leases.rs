@@ -347,8 +347,8 @@ fn with_shards_a_lease_lives_in_its_keys_group_and_every_node_serves_it() {
 /// status) for each request.
 type Record = Vec<(Instant, Instant, u16)>;
 
-/// Sends `method` to `path` on each of `urls` in turn every `every`, with a one-second
-/// timeout (a paused node costs a second, not the test), until `stop` is set or a 404.
+/// Sends `method` to `path` on each of `urls` in turn every `every`, with a two-second
+/// timeout (a paused node costs two seconds, not the test), until `stop` is set or a 404.
 fn poll_in_turn(
     urls: Vec<String>,
     method: &'static str,
@@ -358,7 +358,7 @@ fn poll_in_turn(
 ) -> std::thread::JoinHandle<Record> {
     std::thread::spawn(move || {
         let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
             .build()
             .unwrap();
         let mut record = Record::new();
@@ -462,6 +462,6 @@ fn a_lease_renewed_through_leader_kills_and_pauses_never_expires_early() {
         late, 0,
         "the key was seen gone less than a TTL after {late} acknowledged keepalives were sent"
     );
-    assert!(acked.len() >= 10, "{} keepalives acknowledged", acked.len());
+    assert!(acked.len() >= 5, "{} keepalives acknowledged", acked.len());
     stop_reading.store(true, Ordering::Relaxed);
 }
