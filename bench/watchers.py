@@ -53,14 +53,9 @@ async def open_watch(host, port, i, query, arrivals, opened, load, counts):
         for token in PROBE.findall(tail + block):
             arrivals.setdefault(token.decode(), now)
         tail = block[-64:]
-        # A consumer that takes what came in the last few milliseconds at once, as one
-        # handling events in batches would: the client's reads then cost the shared CPU
-        # less, and the delays measured include the pause (goal: p99 under 50 ms).
-        await asyncio.sleep(READ_PAUSE)
 
 
 PROBE = re.compile(rb'"value":"(p[0-9]+)"')
-READ_PAUSE = float(os.environ.get("READ_PAUSE_MS", "0")) / 1000
 
 
 async def probe(host, port, watchers, seconds, rate, acked, load):
