@@ -80,6 +80,9 @@ pub struct Leases {
     by_id: BTreeMap<u64, Lease>,
     /// The lease each attached key belongs to.
     of_key: HashMap<Bytes, u64>,
+    /// Every lease by its deadline here, so that the leader's check on every tick looks
+    /// only at the leases that expired, not at all of them.
+    by_deadline: BTreeSet<(Instant, u64)>,
 }
 
 impl Leases {
@@ -122,6 +125,7 @@ impl Leases {
             deadline: now,
         };
         granted.deadline = granted.deadline_from(now);
+        self.by_deadline.insert((granted.deadline, lease));
         self.by_id.insert(lease, granted);
         Ok(())
     }
@@ -138,7 +142,9 @@ impl Leases {
             .get_mut(&lease)
             .ok_or(LeaseRefusal::NotFound(lease))?;
         found.renewed_at = revision;
+        self.by_deadline.remove(&(found.deadline, lease));
         found.deadline = found.deadline_from(now);
+        self.by_deadline.insert((found.deadline, lease));
         Ok(found.ttl_seconds)
     }
 
@@ -153,6 +159,7 @@ impl Leases {
             return Err(LeaseRefusal::Renewed(lease));
         }
         let ended = self.by_id.remove(&lease).expect("found above");
+        self.by_deadline.remove(&(ended.deadline, lease));
         for key in &ended.keys {
             self.of_key.remove(key);
         }
@@ -188,17 +195,19 @@ impl Leases {
     /// A leader was elected (or this replica learned of one, or started): every lease
     /// gets its whole TTL from `now`.
     pub fn restart_clocks(&mut self, now: Instant) {
-        for lease in self.by_id.values_mut() {
+        self.by_deadline.clear();
+        for (id, lease) in self.by_id.iter_mut() {
             lease.deadline = lease.deadline_from(now);
+            self.by_deadline.insert((lease.deadline, *id));
         }
     }
 
     /// The leases whose deadline passed, with the renewal each was last seen at.
     pub fn expired(&self, now: Instant) -> Vec<(u64, u64)> {
-        self.by_id
+        self.by_deadline
             .iter()
-            .filter(|(_, lease)| lease.deadline <= now)
-            .map(|(id, lease)| (*id, lease.renewed_at))
+            .take_while(|(deadline, _)| *deadline <= now)
+            .map(|(_, id)| (*id, self.by_id[id].renewed_at))
             .collect()
     }
 
@@ -261,6 +270,15 @@ mod tests {
         assert_eq!(leases.revoke(lease, 10), Err(LeaseRefusal::Renewed(lease)));
         leases.restart_clocks(later);
         assert!(leases.expired(later).is_empty(), "a new leader's full TTL");
+        let other = id_in(2, 3);
+        leases.grant(other, 1, 14, now).unwrap();
+        assert_eq!(
+            leases.expired(later),
+            vec![(other, 14)],
+            "by deadline, not by id"
+        );
+        assert_eq!(leases.revoke(other, 0), Ok(vec![]));
+        assert!(leases.expired(later + Duration::from_secs(1)).len() == 1);
         assert_eq!(leases.revoke(lease, 12), Ok(vec![]));
         assert_eq!(group_of(lease), 2);
         assert_ne!(id_in(2, 0), id_in(2, 0) & !0xffff_ffff, "n is never 0");
