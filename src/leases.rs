@@ -26,13 +26,18 @@ use bytes::Bytes;
 /// The longest TTL a lease may ask for: a year.
 pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
+/// The highest group id a lease id can name.
+pub const MAX_GROUP: u64 = u32::MAX as u64;
+
 /// The raft group a lease id names.
 pub fn group_of(lease: u64) -> u64 {
     lease >> 32
 }
 
-/// A lease id in `group`, with `n` (not 0) telling it from the group's others.
+/// A lease id in `group` (at most [`MAX_GROUP`]), with `n` (not 0) telling it from the
+/// group's others.
 pub fn id_in(group: u64, n: u32) -> u64 {
+    debug_assert!(group <= MAX_GROUP, "group {group} has no lease ids");
     group << 32 | u64::from(n.max(1))
 }
 

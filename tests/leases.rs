@@ -51,6 +51,7 @@ fn a_lease_is_granted_holds_keys_is_renewed_and_revoked_with_its_keys() {
         json!({"ttl_seconds": 10, "ttl": 3}),
         json!({"ttl_seconds": 10, "key": "a", "group": 1}),
         json!({"ttl_seconds": 10, "group": 9}),
+        json!({"ttl_seconds": 10, "group": 1u64 << 32}),
         json!({"ttl_seconds": 100_000_000}),
     ] {
         let (code, answer) = http_json("POST", &format!("{}v1/leases", urls[0]), Some(bad));

@@ -248,6 +248,12 @@ impl Api {
     /// Refuses a group that does not exist or holds no keys (the cluster group of a
     /// sharded cluster).
     fn check_lease_group(&self, group: u64) -> Result<(), Failure> {
+        if group > leases::MAX_GROUP {
+            return Err(Failure::bad_request(format!(
+                "group {group}: leases live only in groups whose id fits in 32 bits (a \
+                 lease id is the group's id and 32 bits of its own)"
+            )));
+        }
         let membership = self.membership.read().unwrap();
         let holds_keys = match group {
             CLUSTER_GROUP => membership.shards.is_empty(),
