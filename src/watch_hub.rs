@@ -51,7 +51,7 @@ impl Keys {
 
     /// How many keys and prefixes: a registration of more than one may be offered one
     /// change several times (`WatchHub::dispatch` hands it over once).
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.keys.len() + self.prefixes.len()
     }
 }

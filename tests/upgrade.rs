@@ -103,8 +103,9 @@ fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {
 /// oldest format (node 3 plays a member of an older release), the others write only that
 /// format, so it applies every write and stays up, a node removed from a group is not
 /// placed in it again (format 3), and no lease is granted nor key attached to one (format
-/// 4); once it reads the newest too, the others start writing batches, may place the
-/// node again and grant leases.
+/// 4), and no watch of several keys is relayed from it (an older release would watch
+/// the last only); once it reads the newest too, the others start writing batches, may
+/// place the node again, grant leases and relay such watches.
 #[test]
 fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let mut cluster = common::Cluster::new("entry-format", 3, &["--enable-fault-injection"]);
@@ -150,6 +151,28 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
         Some(b"v".to_vec()),
     );
     assert_eq!(leased_put.0, 409, "{leased_put:?}");
+    // Group 3 lives on node 3 alone: node 1 relays its watches from there, but not one
+    // of several keys, which an older release would cut to the last.
+    let (code, text) = http(
+        "POST",
+        &groups,
+        Some(br#"{"id": 3, "members": [3]}"#.to_vec()),
+    );
+    assert_eq!(code, 201, "{text}");
+    let node1_watch = cluster.nodes[0].url("v1/groups/3/watch");
+    let group_3_watch = |query: &str| format!("{node1_watch}?{query}");
+    poll_until(
+        "group 3 to serve a watch of one key through node 3",
+        || {
+            let client = reqwest::blocking::Client::new();
+            let answer = client.get(group_3_watch("key=a")).send();
+            answer.is_ok_and(|a| a.status() == 200)
+        },
+        || cluster.logs(),
+    );
+    let (code, text) = http("GET", &group_3_watch("key=a&key=b"), None);
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("older release"), "{text}");
 
     // Node 3 is upgraded: the others hear it reads batches, and write them.
     let node3 = cluster.node(3);
@@ -177,4 +200,9 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     assert_eq!(code, 201, "every member reads format 3 now: {text}");
     let (code, text) = grant();
     assert_eq!(code, 201, "every member reads format 4 now: {text}");
+    let several = reqwest::blocking::Client::new()
+        .get(group_3_watch("key=a&key=b"))
+        .send()
+        .unwrap();
+    assert_eq!(several.status(), 200);
 }

@@ -21,6 +21,7 @@ use super::forward::FORWARDED_HEADER;
 use super::request::Failure;
 use super::Api;
 use crate::cluster_id;
+use crate::entry_formats;
 use crate::history::Event;
 use crate::kv::SharedKv;
 use crate::metrics::Metrics;
@@ -336,6 +337,13 @@ impl RemoteFollower {
         }
         let mut passed = Vec::new();
         for (node, url) in self.api.hosts_of(self.group) {
+            if self.keys.len() > 1 && !self.host_reads_several_keys(node) {
+                passed.push(format!(
+                    "node {node} runs an older release, which would watch only the last \
+                     key or prefix (watch one per stream until the upgrade is done)"
+                ));
+                continue;
+            }
             let mut request = self
                 .api
                 .peers
@@ -381,6 +389,13 @@ impl RemoteFollower {
                 passed.join("; ")
             ),
         ))
+    }
+
+    /// Whether `node` serves a watch of several keys and prefixes: releases before it
+    /// (those before entry format 4, `entry_formats::LEASES`) take only the last, and a
+    /// relay through one would miss the others' events without a word.
+    fn host_reads_several_keys(&self, node: u64) -> bool {
+        (self.api.entry_formats).all_read(std::iter::once(node), entry_formats::LEASES)
     }
 
     pub(super) async fn run(mut self, first: reqwest::Response, stream: Stream) {
