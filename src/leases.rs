@@ -211,11 +211,13 @@ impl Leases {
         }
     }
 
-    /// The leases whose deadline passed, with the renewal each was last seen at.
-    pub fn expired(&self, now: Instant) -> Vec<(u64, u64)> {
+    /// Up to `most` of the leases whose deadline passed, the earliest first, with the
+    /// renewal each was last seen at.
+    pub fn expired(&self, now: Instant, most: usize) -> Vec<(u64, u64)> {
         self.by_deadline
             .iter()
             .take_while(|(deadline, _)| *deadline <= now)
+            .take(most)
             .map(|(_, id)| (*id, self.by_id[id].renewed_at))
             .collect()
     }
@@ -272,27 +274,33 @@ mod tests {
         let mut leases = Leases::default();
         let lease = id_in(2, 1);
         leases.grant(lease, 1, 10, now).unwrap();
-        assert!(leases.expired(now).is_empty());
+        assert!(leases.expired(now, 10).is_empty());
         let later = now + Duration::from_secs(2);
-        assert_eq!(leases.expired(later), vec![(lease, 10)]);
+        assert_eq!(leases.expired(later, 10), vec![(lease, 10)]);
         assert_eq!(leases.keep_alive(lease, 12, now), Ok(1));
         assert_eq!(leases.revoke(lease, 10), Err(LeaseRefusal::Renewed(lease)));
         leases.restart_clocks(later);
-        assert!(leases.expired(later).is_empty(), "a new leader's full TTL");
+        assert!(
+            leases.expired(later, 10).is_empty(),
+            "a new leader's full TTL"
+        );
         let other = id_in(2, 3);
         leases.grant(other, 1, 14, now).unwrap();
         assert_eq!(
-            leases.expired(later),
+            leases.expired(later, 10),
             vec![(other, 14)],
             "by deadline, not by id"
         );
         assert_eq!(leases.revoke(other, 0), Ok(vec![]));
-        assert!(leases.expired(later + Duration::from_secs(1)).len() == 1);
+        assert!(leases.expired(later + Duration::from_secs(1), 10).len() == 1);
         assert_eq!(leases.revoke(lease, 12), Ok(vec![]));
         assert_eq!(group_of(lease), 2);
         assert_ne!(id_in(2, 0), id_in(2, 0) & !0xffff_ffff, "n is never 0");
         let forever = id_in(2, 2);
         leases.grant(forever, u64::MAX, 13, now).unwrap();
-        assert!(leases.expired(later).is_empty(), "no overflow, no expiry");
+        assert!(
+            leases.expired(later, 10).is_empty(),
+            "no overflow, no expiry"
+        );
     }
 }

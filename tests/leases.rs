@@ -167,7 +167,7 @@ fn assert_held_until(url: &str, key: &str, until: Instant, logs: impl Fn() -> St
 
 /// A lease kept alive outlives its TTL many times over; once its owner stops renewing
 /// it, its key disappears within the TTL and an election timeout (1 to 2 s here), never
-/// before the TTL, and watchers see the delete.
+/// before the TTL, and watchers see the delete. Then 250 leases expire together.
 #[test]
 fn a_lease_whose_owner_stops_renewing_expires_within_its_ttl_and_an_election_timeout() {
     let cluster = Cluster::start("lease-expiry", 3, &[]);
@@ -208,6 +208,19 @@ fn a_lease_whose_owner_stops_renewing_expires_within_its_ttl_and_an_election_tim
         .nodes
         .iter()
         .any(|n| n.log_text().contains("lease expired: revoking it")));
+
+    // 250 leases that expire together are revoked over a few ticks (100 a tick), all.
+    for i in 0..250 {
+        let lease = grant(&url, 1, json!({}));
+        assert_eq!(put_leased(&url, &format!("mass/{i}"), lease).0, 200);
+    }
+    cluster.wait_until("every lease of the 250 to expire", || {
+        let (code, listed) = http_json("GET", &format!("{url}v1/kv?prefix=mass/"), None);
+        code == 200
+            && listed["items"]
+                .as_array()
+                .is_some_and(|items| items.is_empty())
+    });
 }
 
 /// Leases are in snapshots and survive restarts (and are granted while a member that

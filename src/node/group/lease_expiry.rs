@@ -15,6 +15,10 @@ use tokio::sync::oneshot;
 use super::Group;
 use crate::command::Op;
 
+/// The most revokes proposed per tick (1,000 a second at the default tick, etcd's
+/// rate): leases that expire together go over a few ticks rather than in one huge entry.
+const REVOKES_PER_TICK: usize = 100;
+
 impl Group {
     /// On every tick: a leader proposes the revoke of each expired lease, once, and again
     /// only if it has not applied an election timeout later (the proposal was lost).
@@ -24,14 +28,14 @@ impl Group {
         }
         let expired = {
             let kv = self.kv.read().unwrap();
-            if kv.leases().is_empty() {
-                self.expiring.clear();
-                return;
-            }
-            kv.leases().expired(Instant::now())
+            let leases = kv.leases();
+            // Revokes that applied, or that a renewal voided, are done with.
+            self.expiring.retain(|lease, (seen, _)| {
+                leases.get(*lease).is_some_and(|l| l.renewed_at == *seen)
+            });
+            leases.expired(Instant::now(), REVOKES_PER_TICK + self.expiring.len())
         };
-        self.expiring
-            .retain(|lease, _| expired.iter().any(|(l, _)| l == lease));
+        let mut fresh = 0;
         for (lease, renewed_at) in expired {
             let proposed = self.expiring.get(&lease);
             let retry_after = self.sleep_after_ticks;
@@ -39,6 +43,12 @@ impl Group {
                 .is_some_and(|&(seen, tick)| seen == renewed_at && self.ticks < tick + retry_after)
             {
                 continue;
+            }
+            if proposed.is_none() {
+                if fresh == REVOKES_PER_TICK {
+                    break; // the rest wait for the next tick
+                }
+                fresh += 1;
             }
             info!(self.logger, "lease expired: revoking it"; "lease" => lease, "renewed_at" => renewed_at);
             self.expiring.insert(lease, (renewed_at, self.ticks));
