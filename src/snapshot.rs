@@ -225,7 +225,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> io::Result<(PathBuf, u64)> {
         w.write_all(&node.to_le_bytes())?;
     }
     if !leases.is_empty() {
-        w.write_all(&(leases.iter().count() as u32).to_le_bytes())?;
+        w.write_all(&(leases.len() as u32).to_le_bytes())?;
         for (id, lease) in leases.iter() {
             w.write_all(&id.to_le_bytes())?;
             w.write_all(&lease.ttl_seconds.to_le_bytes())?;

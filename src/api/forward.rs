@@ -194,6 +194,22 @@ impl Api {
         Ok((status, body))
     }
 
+    /// POSTs JSON `body` to client path `path` on a node that hosts `group` and relays
+    /// its answer: a success as it came, anything else as this node's failure.
+    pub(super) async fn post_json(&self, group: u64, path: String, body: Bytes) -> Reply {
+        let request = Forwarded {
+            method: Method::POST,
+            path,
+            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        };
+        let (status, body) = self.send_and_read(group, request).await?;
+        match status.is_success() {
+            true => Ok(super::json_bytes(status, body.to_vec())),
+            false => Err(failure_of(status, &body)),
+        }
+    }
+
     /// A GET of the JSON at client path `path` on a node that hosts `group`.
     pub(super) async fn fetch_json(
         &self,

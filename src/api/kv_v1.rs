@@ -27,14 +27,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use hyper::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::forward::{failure_of, Forwarded, REVISION_HEADER};
+use super::forward::REVISION_HEADER;
 use super::request::parse_pairs;
 use super::{
-    decode_path_segment, json_bytes, json_response, number_param, parse_json, parse_query,
-    read_body, Api, Consistency, Failure, Reply,
+    decode_path_segment, json_response, number_param, parse_json, parse_query, read_body, Api,
+    Consistency, Failure, Reply,
 };
 use crate::command::{Command, RevisionCheck, Write, NO_LEASE};
 use crate::kv::Versioned;
@@ -389,17 +389,8 @@ impl Api {
         if self.router.serving(group).is_some() {
             return self.write_pairs(group, pairs).await;
         }
-        let request = Forwarded {
-            method: Method::POST,
-            path: format!("/v1/groups/{group}/kv"),
-            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-            body,
-        };
-        let (status, body) = self.send_and_read(group, request).await?;
-        match status {
-            StatusCode::OK => Ok(json_bytes(status, body.to_vec())),
-            _ => Err(failure_of(status, &body)),
-        }
+        self.post_json(group, format!("/v1/groups/{group}/kv"), body)
+            .await
     }
 
     /// `POST /v1/groups/<g>/kv`: the same on one group, which this node hosts.

@@ -17,13 +17,11 @@
 //! waits for a read index. Leases exist only once every member reads them (409 before,
 //! `entry_formats::LEASES`).
 
-use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
 
-use super::forward::{failure_of, Forwarded, FORWARDED_HEADER};
-use super::{json_bytes, json_response, parse_json, read_body, Api, Consistency, Failure, Reply};
+use super::forward::FORWARDED_HEADER;
+use super::{json_response, parse_json, read_body, Api, Consistency, Failure, Reply};
 use crate::command::Op;
 use crate::entry_formats;
 use crate::leases::{self, LeaseRefusal, MAX_TTL_SECONDS};
@@ -134,7 +132,7 @@ impl Api {
             // routed it.
             let body = serde_json::json!({"ttl_seconds": grant.ttl_seconds, "group": group});
             return self
-                .send_json(group, Method::POST, "/v1/leases".into(), body)
+                .post_json(group, "/v1/leases".into(), body.to_string().into())
                 .await;
         }
         let mut refusal = None;
@@ -304,27 +302,6 @@ impl Api {
                 String::from_utf8_lossy(key)
             ),
         ))
-    }
-
-    /// Sends `body` as JSON to a node that hosts `group` and relays its answer.
-    async fn send_json(
-        &self,
-        group: u64,
-        method: Method,
-        path: String,
-        body: serde_json::Value,
-    ) -> Reply {
-        let request = Forwarded {
-            method,
-            path,
-            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-            body: Bytes::from(body.to_string()),
-        };
-        let (status, body) = self.send_and_read(group, request).await?;
-        match status.is_success() {
-            true => Ok(json_bytes(status, body.to_vec())),
-            false => Err(failure_of(status, &body)),
-        }
     }
 }
 
