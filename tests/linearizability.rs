@@ -345,6 +345,11 @@ fn run_history(name: &str, flags: &[&str], sharded: bool) {
         counter.is_some()
     });
     if let Err(e) = workload.verify(counter.unwrap().0, &nemesis.faults) {
-        panic!("{e}\n{}", cluster.logs());
+        let saved = cluster.dir.0.join("history.tsv");
+        let note = match workload.save_history(&saved) {
+            Ok(()) => format!("the whole history is in {}", saved.display()),
+            Err(why) => format!("could not save the history: {why}"),
+        };
+        panic!("{e}\n{note}\n{}", cluster.logs());
     }
 }

@@ -39,20 +39,70 @@ pub fn check(history: &[Op]) -> Result<(), String> {
     }
     for (key, ops) in by_key {
         if !KeySearch::new(&ops).run() {
-            let mut shown: Vec<String> = ops
+            let cut = earliest_failing_cut(&ops);
+            let mut shown: Vec<(u64, String)> = before(&ops, cut)
                 .iter()
-                .map(|o| format!("  [{:>12} .. {:>12?}] {:?}", o.call, o.ret, o.kind))
+                .map(|o| {
+                    let line = format!("  [{:>12} .. {:>12?}] {:?}", o.call, o.ret, o.kind);
+                    (o.call, line)
+                })
                 .collect();
             shown.sort();
             let tail = shown.len().saturating_sub(60);
+            let lines: Vec<&str> = shown[tail..].iter().map(|(_, l)| l.as_str()).collect();
             return Err(format!(
-                "history of key {key:?} ({} ops) is not linearizable; last ops:\n{}",
+                "history of key {key:?} ({} ops) is not linearizable; the shortest prefix that \
+                 is not ends at {cut} (operations still running then are shown as unknown); \
+                 its last ops:\n{}",
                 ops.len(),
-                shown[tail..].join("\n")
+                lines.join("\n")
             ));
         }
     }
     Ok(())
+}
+
+/// The history as it stood at time `cut`: the operations called by then,
+/// those that had not returned yet as unknown (a read that had not returned says nothing).
+fn before(ops: &[&Op], cut: u64) -> Vec<Op> {
+    ops.iter()
+        .filter(|o| o.call <= cut)
+        .filter(|o| matches!(o.kind, Kind::Write(_)) || o.ret.is_some_and(|r| r <= cut))
+        .map(|o| Op {
+            ret: o.ret.filter(|&r| r <= cut),
+            ..(*o).clone()
+        })
+        .collect()
+}
+
+/// The earliest time (a call or a return) at which the history so far is already not
+/// linearizable: a
+/// prefix that is not stays so as operations are added, so a binary search finds it.
+/// (Only called for a history that is not, whose whole is the last candidate.)
+fn earliest_failing_cut(ops: &[&Op]) -> u64 {
+    let mut times: Vec<u64> = ops
+        .iter()
+        .flat_map(|o| [Some(o.call), o.ret])
+        .flatten()
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    times.push(u64::MAX);
+    let fails = |cut: u64| {
+        let prefix = before(ops, cut);
+        let refs: Vec<&Op> = prefix.iter().collect();
+        !KeySearch::new(&refs).run()
+    };
+    let (mut lo, mut hi) = (0, times.len() - 1); // times[hi] fails
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if fails(times[mid]) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    times[hi]
 }
 
 /// The search over one key. Values are interned to small numbers; state 0 = absent.
@@ -217,6 +267,26 @@ mod tests {
         assert!(check(&h).is_ok());
         h.push(r(40, 50, None));
         assert!(check(&h).is_err(), "the lost write must still be caught");
+    }
+
+    #[test]
+    fn a_failure_is_reported_at_the_shortest_prefix_that_fails() {
+        let mut h = vec![
+            w(0, Some(10), "1"),
+            w(20, Some(30), "2"),
+            r(40, 50, Some("1")),
+        ];
+        for i in 0..200u64 {
+            h.push(w(100 + 20 * i, Some(110 + 20 * i), &format!("v{i}")));
+        }
+        let refs: Vec<&Op> = h.iter().collect();
+        assert_eq!(earliest_failing_cut(&refs), 50, "the stale read's return");
+        let report = check(&h).unwrap_err();
+        assert!(report.contains("ends at 50"), "{report}");
+        assert!(
+            !report.contains("v1\""),
+            "later writes are not shown: {report}"
+        );
     }
 
     #[test]

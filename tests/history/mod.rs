@@ -363,6 +363,26 @@ impl Workload {
 }
 
 impl Workload {
+    /// Writes every recorded operation to `path`, one a line: key, call, return (- if
+    /// unknown), and the write's value or the read's answer (- for absent), tab-separated;
+    /// for a history the checker refused, to look at after the run.
+    pub fn save_history(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let ops = self.rec.ops.lock().unwrap();
+        let mut text = String::new();
+        for op in ops.iter() {
+            let ret = op.ret.map_or("-".to_string(), |r| r.to_string());
+            let (kind, value) = match &op.kind {
+                Kind::Write(v) => ("write", v.as_str()),
+                Kind::Read(v) => ("read", v.as_deref().unwrap_or("-")),
+            };
+            text.push_str(&format!(
+                "{}\t{}\t{ret}\t{kind}\t{value}\n",
+                op.key, op.call
+            ));
+        }
+        std::fs::write(path, text)
+    }
+
     /// Lets every watcher receive the counter's final value `counter` (within a
     /// deadline), stops them, and checks what each saw.
     fn check_watchers(&mut self, counter: u64) -> Result<(), String> {
