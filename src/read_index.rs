@@ -76,7 +76,7 @@ impl ReadQueue {
                 return true;
             }
             for reply in replies.drain(..) {
-                let _ = reply.send(Ok(()));
+                let _ = reply.send(Ok(*index));
             }
             false
         });
@@ -108,7 +108,7 @@ mod tests {
     use crate::router::ProposeError;
     use tokio::sync::oneshot;
 
-    fn read(q: &mut ReadQueue) -> oneshot::Receiver<Result<(), ProposeError>> {
+    fn read(q: &mut ReadQueue) -> oneshot::Receiver<Result<u64, ProposeError>> {
         let (tx, rx) = oneshot::channel();
         q.push(tx);
         rx
@@ -123,8 +123,8 @@ mod tests {
         q.on_read_state(&ctx, 10, 9);
         assert!(a.try_recv().is_err() && b.try_recv().is_err());
         q.on_applied(10);
-        assert_eq!(a.try_recv().unwrap(), Ok(()));
-        assert_eq!(b.try_recv().unwrap(), Ok(()));
+        assert_eq!(a.try_recv().unwrap(), Ok(10));
+        assert_eq!(b.try_recv().unwrap(), Ok(10));
     }
 
     #[test]
@@ -140,6 +140,6 @@ mod tests {
         q.on_read_state(&first, 5, 5); // a late answer to the old context is ignored
         assert!(r.try_recv().is_err());
         q.on_read_state(&second, 5, 5);
-        assert_eq!(r.try_recv().unwrap(), Ok(()));
+        assert_eq!(r.try_recv().unwrap(), Ok(5));
     }
 }

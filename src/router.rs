@@ -94,8 +94,8 @@ pub struct Written {
 }
 
 pub type Reply = oneshot::Sender<Result<Written, ProposeError>>;
-/// Answered `Ok(())` when the local map may be read (see `read_index.rs`).
-pub type ReadReply = oneshot::Sender<Result<(), ProposeError>>;
+/// Answered with the read index once the local map may be read (see `read_index.rs`).
+pub type ReadReply = oneshot::Sender<Result<u64, ProposeError>>;
 
 /// What this node knows about itself and the cluster (`GET /status`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -377,7 +377,8 @@ impl Router {
 
     /// Waits until a linearizable read of group `group_id`'s local map is allowed: this
     /// node has applied everything committed when the read arrived.
-    pub async fn read_index(&self, group_id: u64, timeout: Duration) -> Result<(), ProposeError> {
+    /// Answers the read index: the leader's commit index when the read arrived.
+    pub async fn read_index(&self, group_id: u64, timeout: Duration) -> Result<u64, ProposeError> {
         self.ask(group_id, GroupMsg::ReadIndex, timeout).await
     }
 

@@ -86,7 +86,9 @@ impl Nemesis {
         ids[self.rng.below(ids.len())]
     }
 
+    /// Records a fault, with the time it began on the history's clock (seconds).
     fn note(&mut self, fault: String) {
+        let fault = format!("{:.3} s: {fault}", self.rec.now() as f64 / 1e9);
         eprintln!("nemesis: {fault}");
         self.faults.push(fault);
     }

@@ -33,11 +33,19 @@ pub const FORWARDED_HEADER: &str = "x-raftkvd-forwarded";
 /// the group, so another node may. A 421 without it is final (the key is not the
 /// group's).
 pub const NOT_HOSTED_HEADER: &str = "x-raftkvd-not-hosted";
+/// On a read of a key: the id of the node whose map answered it (a forwarded read names
+/// the host, not the forwarder), as etcd's response header names its member.
+pub const SERVED_BY_HEADER: &str = "x-raftkvd-served-by";
+/// On a linearizable read of a key: the read index it waited for (the leader's commit
+/// index when the read arrived); the map answered once it had applied that much.
+pub const READ_INDEX_HEADER: &str = "x-raftkvd-read-index";
 /// Headers of the client's request and of the answer that travel with them.
 const REQUEST_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, ACCEPT];
-const ANSWER_HEADERS: [HeaderName; 3] = [
+const ANSWER_HEADERS: [HeaderName; 5] = [
     CONTENT_TYPE,
     HeaderName::from_static(REVISION_HEADER),
+    HeaderName::from_static(SERVED_BY_HEADER),
+    HeaderName::from_static(READ_INDEX_HEADER),
     ALLOW,
 ];
 
@@ -192,6 +200,13 @@ impl Api {
         let status = answer.status();
         let body = answer.bytes().await.map_err(broken_off)?;
         Ok((status, body))
+    }
+
+    /// Sends `request` to a node that hosts `group` and relays its answer as it came
+    /// (with the headers that travel with answers).
+    pub(super) async fn send_and_relay(&self, group: u64, request: Forwarded) -> Reply {
+        let answer = self.send_to_host(group, request).await?;
+        relay(answer).await
     }
 
     /// POSTs JSON `body` to client path `path` on a node that hosts `group` and relays

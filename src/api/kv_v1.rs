@@ -30,7 +30,6 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::forward::REVISION_HEADER;
 use super::request::parse_pairs;
 use super::{
     decode_path_segment, json_response, number_param, parse_json, parse_query, read_body, Api,
@@ -200,7 +199,8 @@ impl Api {
             return self.wait_for_change(group, key, query).await;
         }
         let params = parse_query(query, &["consistency"])?;
-        self.wait_until_readable(group, Consistency::from_params(&params)?)
+        let read_index = self
+            .wait_until_readable(group, Consistency::from_params(&params)?)
             .await?;
         let found = self.map_of(group)?.read().unwrap().get(&key);
         let Some(versioned) = found else {
@@ -213,18 +213,13 @@ impl Api {
             .get(ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/octet-stream"));
-        if wants_raw {
-            let mut response = Response::new(Full::new(versioned.value));
-            response.headers_mut().insert(
-                REVISION_HEADER,
-                versioned.revision.to_string().parse().unwrap(),
-            );
-            return Ok(response);
-        }
-        Ok(json_response(
-            StatusCode::OK,
-            &as_json(key, versioned, group)?,
-        ))
+        let revision = versioned.revision;
+        let mut response = match wants_raw {
+            true => Response::new(Full::new(versioned.value)),
+            false => json_response(StatusCode::OK, &as_json(key, versioned, group)?),
+        };
+        self.mark_read(&mut response, revision, read_index);
+        Ok(response)
     }
 
     pub(super) async fn put_versioned(

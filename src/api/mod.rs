@@ -332,19 +332,36 @@ impl Api {
             .ok_or_else(|| ProposeError::NotHosted(group).into())
     }
 
-    /// Returns once a linearizable read of the local map is allowed (raft ReadIndex), or
-    /// at once for a serializable read.
+    /// Marks the answer to a read of a key: the key's revision, this node as the one
+    /// whose map answered, and the read index it waited for (none if serializable).
+    fn mark_read(
+        &self,
+        response: &mut Response<Full<Bytes>>,
+        revision: u64,
+        read_index: Option<u64>,
+    ) {
+        let headers = response.headers_mut();
+        headers.insert(forward::REVISION_HEADER, revision.into());
+        headers.insert(forward::SERVED_BY_HEADER, self.id.into());
+        if let Some(index) = read_index {
+            headers.insert(forward::READ_INDEX_HEADER, index.into());
+        }
+    }
+
+    /// Returns once a linearizable read of the local map is allowed (raft ReadIndex),
+    /// with the read index; at once, with None, for a serializable read.
     async fn wait_until_readable(
         &self,
         group: u64,
         consistency: Consistency,
-    ) -> Result<(), Failure> {
+    ) -> Result<Option<u64>, Failure> {
         if consistency == Consistency::Serializable {
-            return Ok(());
+            return Ok(None);
         }
         self.router
             .read_index(group, self.request_timeout)
             .await
+            .map(Some)
             .map_err(|e| match e {
                 ProposeError::Timeout => Failure::new(
                     StatusCode::SERVICE_UNAVAILABLE,

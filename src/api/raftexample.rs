@@ -12,7 +12,7 @@
 //! cluster a key is served by its group, here or on a node that hosts it (`forward.rs`).
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -48,9 +48,13 @@ impl Api {
             };
             return self.forwarded_raw(group, key, request).await;
         }
-        self.wait_until_readable(group, consistency).await?;
+        let read_index = self.wait_until_readable(group, consistency).await?;
         match self.map_of(group)?.read().unwrap().get(key.as_bytes()) {
-            Some(versioned) => Ok(Response::new(Full::new(versioned.value))),
+            Some(versioned) => {
+                let mut response = Response::new(Full::new(versioned.value));
+                self.mark_read(&mut response, versioned.revision, read_index);
+                Ok(response)
+            }
             None => Err(not_found(key)),
         }
     }
@@ -80,12 +84,16 @@ impl Api {
     /// routes do: the raw value, 204 for a write, plain-text errors.
     async fn forwarded_raw(&self, group: u64, key: &str, request: Forwarded) -> Reply {
         let is_get = request.method == Method::GET;
-        let (status, body) = self.send_and_read(group, request).await?;
+        let answer = self.send_and_relay(group, request).await?;
+        let status = answer.status();
         match status {
-            StatusCode::OK if is_get => Ok(Response::new(Full::new(body))),
+            StatusCode::OK if is_get => Ok(answer),
             StatusCode::OK => Ok(no_content()),
             StatusCode::NOT_FOUND => Err(not_found(key)),
-            _ => Err(failure_of(status, &body)),
+            _ => {
+                let body = answer.into_body().collect().await.unwrap().to_bytes();
+                Err(failure_of(status, &body))
+            }
         }
     }
 

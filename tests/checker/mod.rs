@@ -29,6 +29,9 @@ pub struct Op {
     /// When the client got the answer; None if the outcome is unknown (writes only).
     pub ret: Option<u64>,
     pub kind: Kind,
+    /// Where it went, for a person reading a failed history: the node the client asked
+    /// and, for a read, the node that answered and at which read index. Not checked.
+    pub via: String,
 }
 
 /// Checks every key's history; on failure says which key and shows its operations.
@@ -226,6 +229,7 @@ mod tests {
             call,
             ret,
             kind: Kind::Write(v.into()),
+            via: String::new(),
         }
     }
 
@@ -235,6 +239,7 @@ mod tests {
             call,
             ret: Some(ret),
             kind: Kind::Read(v.map(String::from)),
+            via: String::new(),
         }
     }
 

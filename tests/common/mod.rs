@@ -385,6 +385,18 @@ pub fn http_with_timeout(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> (u16, String) {
+    let (code, body, _) = http_with_headers(method, url, body, timeout, &[]);
+    (code, body)
+}
+
+/// The same, with the values of the answer's headers `names` ("" for one it lacks).
+pub fn http_with_headers(
+    method: &str,
+    url: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+    names: &[&str],
+) -> (u16, String, Vec<String>) {
     let client = reqwest::blocking::Client::builder()
         .timeout(timeout)
         .build()
@@ -396,9 +408,19 @@ pub fn http_with_timeout(
     match req.send() {
         Ok(resp) => {
             let code = resp.status().as_u16();
-            (code, resp.text().unwrap_or_default())
+            let values = names
+                .iter()
+                .map(|name| {
+                    resp.headers()
+                        .get(*name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            (code, resp.text().unwrap_or_default(), values)
         }
-        Err(e) => (0, e.to_string()),
+        Err(e) => (0, e.to_string(), Vec::new()),
     }
 }
 

@@ -10,7 +10,7 @@
 mod watchers;
 
 use crate::checker::{self, Kind, Op};
-use crate::common::http_with_timeout;
+use crate::common::{http_with_headers, http_with_timeout};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
@@ -93,7 +93,17 @@ impl Recorder {
     pub fn read(&self, base: &str, key: &str) -> bool {
         let call = self.now();
         let url = format!("{base}/{key}");
-        let (code, body) = http_with_timeout("GET", &url, None, CLIENT_TIMEOUT);
+        let (code, body, served) = http_with_headers(
+            "GET",
+            &url,
+            None,
+            CLIENT_TIMEOUT,
+            &[
+                "x-raftkvd-served-by",
+                "x-raftkvd-read-index",
+                "x-raftkvd-revision",
+            ],
+        );
         let ret = self.now();
         let value = match code {
             200 => Some(body),
@@ -115,6 +125,12 @@ impl Recorder {
             call,
             ret: Some(ret),
             kind: Kind::Read(value),
+            via: match served.as_slice() {
+                [node, index, revision] => {
+                    format!("{base} served-by={node} read-index={index} revision={revision}")
+                }
+                _ => base.to_string(),
+            },
         });
         true
     }
@@ -149,6 +165,7 @@ impl Recorder {
             call,
             ret,
             kind: Kind::Write(value),
+            via: base.to_string(),
         });
         ret.is_some()
     }
@@ -376,8 +393,8 @@ impl Workload {
                 Kind::Read(v) => ("read", v.as_deref().unwrap_or("-")),
             };
             text.push_str(&format!(
-                "{}\t{}\t{ret}\t{kind}\t{value}\n",
-                op.key, op.call
+                "{}\t{}\t{ret}\t{kind}\t{value}\t{}\n",
+                op.key, op.call, op.via
             ));
         }
         std::fs::write(path, text)
