@@ -178,6 +178,20 @@ impl LogStore {
         self.engine.last_index(self.group_id).is_none() && self.hard_state == HardState::default()
     }
 
+    /// The raft id of node `node`'s replica in the stored configuration, the newest if
+    /// it lists several.
+    pub fn replica_of_node(&self, node: u64) -> Option<u64> {
+        let cs = &self.conf_state;
+        cs.voters
+            .iter()
+            .chain(&cs.learners)
+            .chain(&cs.voters_outgoing)
+            .chain(&cs.learners_next)
+            .copied()
+            .filter(|&id| crate::replica_id::node_of(id) == node)
+            .max()
+    }
+
     /// The hard state last persisted.
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
@@ -338,6 +352,16 @@ impl LogStore {
         let snapshot = to_metadata(meta);
         let mut batch = LogBatch::default();
         batch.add_command(self.group_id, Command::Clean);
+        // Clean deletes every key of the group; who this replica is, and which replicas
+        // were destroyed here before it, are not part of the log and must outlive it. (A
+        // replica that forgot its raft id came back after a restart as the node's first
+        // replica, was dropped as that removed replica, and rejoined empty: a voter
+        // without its log or vote.)
+        for key in [KEY_REPLICA_ID, KEY_TOMBSTONE] {
+            if let Some(value) = self.engine.get(self.group_id, key) {
+                batch.put(self.group_id, key.to_vec(), value)?;
+            }
+        }
         batch.put_message(self.group_id, KEY_HARD_STATE.to_vec(), &hard_state)?;
         self.add_conf_state(&mut batch, &meta.conf_state, meta.index)?;
         self.add_truncated(&mut batch, meta.index, meta.term)?;
@@ -496,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn a_destroyed_group_keeps_only_its_tombstone_across_a_reopen() {
+    fn a_destroyed_group_keeps_only_its_tombstone_and_the_next_replica_its_id() {
         let dir = std::env::temp_dir().join(format!("raftkvd-storage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let engine = open_engine(&dir).unwrap();
@@ -537,6 +561,33 @@ mod tests {
             "another group is untouched"
         );
         assert_eq!(engine.last_index(6), Some(1));
+
+        // The next replica, placed here again, is sent the group's data by snapshot: it
+        // still knows its raft id, and the tombstone of the one before, after a restart.
+        let again = crate::replica_id::replica_id(3, 2);
+        record_replica_id(&engine, 5, again).unwrap();
+        let mut store = LogStore::load(engine.clone(), 5).unwrap();
+        let meta = SnapshotMeta {
+            index: 40,
+            term: 3,
+            conf_state: ConfState {
+                voters: vec![1, 2, again],
+                ..Default::default()
+            },
+        };
+        store.install_snapshot(&meta).unwrap();
+        drop(store);
+        drop(engine);
+        let engine = open_engine(&dir).unwrap();
+        assert_eq!(recorded_replica_id(&engine, 5), Some(again));
+        assert_eq!(destroyed_incarnation(&engine, 5), Some(1));
+        let store = LogStore::load(engine.clone(), 5).unwrap();
+        assert_eq!(store.snapshot_meta().index, 40);
+        // What a release that forgot the id is recovered from: the stored configuration.
+        assert_eq!(store.replica_of_node(3), Some(again));
+        assert_eq!(store.replica_of_node(4), None);
+        drop(store);
+
         // A tombstone as releases before incarnations wrote it: the first replica.
         let mut batch = LogBatch::default();
         batch.put(7, KEY_TOMBSTONE.to_vec(), vec![1]).unwrap();

@@ -361,7 +361,10 @@ fn a_group_gains_a_member_by_snapshot_and_a_removed_member_drops_its_data() {
         let path = format!("v1/groups/5/kv/{key}?consistency=serializable");
         http_json("GET", &cluster.nodes[0].url(&path), None).1["value"].clone()
     };
+    let count_logged =
+        |cluster: &Cluster, line: &str| cluster.nodes[0].log_text().matches(line).count();
     for again in ["again-1", "again-2"] {
+        let installed = count_logged(&cluster, "installed a snapshot from the leader");
         let (code, answer) = add(&cluster, 2, 1);
         assert_eq!(code, 201, "a removed node hosts the group again: {answer}");
         assert_eq!(answer["members"], json!([1, 2, 3]), "{answer}");
@@ -370,11 +373,32 @@ fn a_group_gains_a_member_by_snapshot_and_a_removed_member_drops_its_data() {
             own_replica_of_1(&cluster, again) == "yes"
         });
         assert_eq!(own_replica_of_1(&cluster, "k7"), "v7");
+        // (Until then a read on node 1 is forwarded to a host.)
+        cluster.wait_until(
+            "node 1's new replica to install the group's snapshot",
+            || count_logged(&cluster, "installed a snapshot from the leader") > installed,
+        );
+        let dropped =
+            |cluster: &Cluster| count_logged(cluster, "dropped this node's replica of a group");
+        let dropped_before = dropped(&cluster);
         cluster.node(1).kill();
         cluster.node(1).start();
         cluster.wait_until("node 1's replica to come back with its data", || {
             own_replica_of_1(&cluster, again) == "yes"
         });
+        // Its cluster group has replayed the table of groups (two writes through node 1
+        // applied there, the second after the round that handled the first's events),
+        // and the replica is the one it was: it did not take itself for the replica
+        // removed before (its raft id was kept through the snapshot it installed), drop
+        // its own log and come back empty, a voter without its log.
+        cluster.put_ok(1, &format!("{again}-settled"), "yes");
+        cluster.put_ok(1, &format!("{again}-settled"), "again");
+        assert_eq!(
+            dropped(&cluster),
+            dropped_before,
+            "restarted, node 1 dropped its replica of group 5:\n{}",
+            cluster.nodes[0].log_text()
+        );
         put_in_group(&cluster, 1, 5, &format!("{again}-after-restart"), "yes");
         if again == "again-1" {
             let (code, answer) =

@@ -222,16 +222,20 @@ impl Node {
         let (mut store, recovered) =
             open_group(&self.engine, &self.config.data_dir, group, &logger)?;
         let destroyed = storage::destroyed_incarnation(&self.engine, group);
-        let replica = match storage::recorded_replica_id(&self.engine, group) {
+        let recorded = storage::recorded_replica_id(&self.engine, group);
+        let replica = match recorded {
             Some(id) if destroyed.is_none_or(|d| incarnation_of(id) > d) => id,
-            _ if !store.is_empty() => own, // made before incarnations were recorded
+            // A log without a recorded id: made before incarnations were recorded (raft
+            // id = node id), or by a release whose snapshot install forgot the id. The
+            // configuration it stores names this node's replica either way.
+            _ if !store.is_empty() => store.replica_of_node(own).unwrap_or(own),
             _ => placement.replica_of(own),
         };
         if destroyed.is_some_and(|d| d >= incarnation_of(replica)) {
             warn!(logger, "not starting a replica this node dropped before"; "raft_id" => replica);
             return Ok(());
         }
-        if store.is_empty() {
+        if store.is_empty() || recorded.is_none() {
             storage::record_replica_id(&self.engine, group, replica)
                 .map_err(|e| format!("cannot record the raft id of a new replica: {e}"))?;
         }
@@ -257,6 +261,16 @@ impl Node {
     /// Stops this node's replica of `group` (raft id `replica`) and deletes its log and
     /// snapshots, leaving a tombstone. The process goes on serving its other groups.
     fn drop_replica(&mut self, group: u64, replica: u64) -> Result<(), String> {
+        // The log in store is the replica's own: deleting another replica's would turn
+        // a voter into an empty node (this happened once, to a replica that had
+        // forgotten its raft id). Refuse, and stop, rather than delete it.
+        if let Some(stored) = storage::recorded_replica_id(&self.engine, group) {
+            if stored != replica {
+                return Err(format!(
+                    "group {group}: asked to drop replica {replica}, but the log stored for                      the group is replica {stored}'s; refusing to delete it"
+                ));
+            }
+        }
         self.groups.remove(&group);
         self.shared.router.unregister(group);
         storage::destroy_group(&self.engine, group, incarnation_of(replica))
