@@ -12,13 +12,21 @@
 //! yet committed an entry in its term; so a batch in flight for too long is sent again. The
 //! client's own deadline (in the API) bounds the whole wait. This module never answers a
 //! read before its index is applied.
+//!
+//! A leader keeps pending reads, and counts heartbeat answers for them, by context alone,
+//! whoever asked. So a context is never used twice by anyone: it is this queue's random
+//! nonce followed by its batch number (a counter alone starts again at 1 on every replica
+//! and after every restart, and two replicas' batches, or an answer to a batch of an
+//! earlier process, could be taken for each other).
 
 use std::collections::HashMap;
 
+use crate::random::random_u64;
 use crate::router::ReadReply;
 
-#[derive(Default)]
 pub struct ReadQueue {
+    /// Random per queue: the first half of every context it sends.
+    nonce: u64,
     next_ctx: u64,
     unsent: Vec<ReadReply>,
     in_flight: HashMap<u64, InFlight>,
@@ -28,6 +36,18 @@ pub struct ReadQueue {
 struct InFlight {
     replies: Vec<ReadReply>,
     sent_at_tick: u64,
+}
+
+impl Default for ReadQueue {
+    fn default() -> Self {
+        ReadQueue {
+            nonce: random_u64(),
+            next_ctx: 0,
+            unsent: Vec::new(),
+            in_flight: HashMap::new(),
+            waiting_apply: Vec::new(),
+        }
+    }
 }
 
 impl ReadQueue {
@@ -55,12 +75,23 @@ impl ReadQueue {
                 sent_at_tick: now_tick,
             },
         );
-        Some(self.next_ctx.to_le_bytes().to_vec())
+        let mut ctx = self.nonce.to_le_bytes().to_vec();
+        ctx.extend_from_slice(&self.next_ctx.to_le_bytes());
+        Some(ctx)
+    }
+
+    /// The batch number in `ctx`, if this queue sent it.
+    fn batch_of(&self, ctx: &[u8]) -> Option<u64> {
+        let (nonce, batch) = ctx.split_at_checked(8)?;
+        if nonce != self.nonce.to_le_bytes() {
+            return None;
+        }
+        Some(u64::from_le_bytes(batch.try_into().ok()?))
     }
 
     /// Raft answered the batch `ctx` with read index `index`.
     pub fn on_read_state(&mut self, ctx: &[u8], index: u64, applied: u64) {
-        let Some(ctx) = ctx.try_into().ok().map(u64::from_le_bytes) else {
+        let Some(ctx) = self.batch_of(ctx) else {
             return;
         };
         if let Some(batch) = self.in_flight.remove(&ctx) {
@@ -141,5 +172,25 @@ mod tests {
         assert!(r.try_recv().is_err());
         q.on_read_state(&second, 5, 5);
         assert_eq!(r.try_recv().unwrap(), Ok(5));
+    }
+
+    #[test]
+    fn no_two_queues_send_the_same_context() {
+        // Two replicas, or one before and after a restart: each numbers its batches
+        // from 1, and neither takes the other's answer for its own.
+        let (mut a, mut b) = (ReadQueue::default(), ReadQueue::default());
+        let mut read_a = read(&mut a);
+        let _read_b = read(&mut b);
+        let (ctx_a, ctx_b) = (a.start_batch(0).unwrap(), b.start_batch(0).unwrap());
+        assert_ne!(ctx_a, ctx_b);
+        a.on_read_state(&ctx_b, 3, 10);
+        assert!(
+            read_a.try_recv().is_err(),
+            "answered by another queue's read state"
+        );
+        a.on_read_state(&ctx_a[..8], 3, 10);
+        assert!(read_a.try_recv().is_err());
+        a.on_read_state(&ctx_a, 3, 10);
+        assert_eq!(read_a.try_recv().unwrap(), Ok(3));
     }
 }

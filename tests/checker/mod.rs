@@ -294,6 +294,39 @@ mod tests {
         );
     }
 
+    /// The history a 600 s sharded soak refused (`tests/fixtures`, key "b" around the
+    /// point): a read of a value overwritten 1.7 s before, served by a replica that had
+    /// forgotten its raft id across a restart (fixed in 16bc608). The checker must still
+    /// find it, at the stale read.
+    #[test]
+    fn finds_the_stale_read_the_sharded_soak_found() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/soak-stale-read-key-b.tsv"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let history: Vec<Op> = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                let value = fields[4].to_string();
+                Op {
+                    key: fields[0].into(),
+                    call: fields[1].parse().unwrap(),
+                    ret: fields[2].parse().ok(),
+                    kind: match fields[3] {
+                        "write" => Kind::Write(value),
+                        _ => Kind::Read((value != "-").then_some(value)),
+                    },
+                    via: String::new(),
+                }
+            })
+            .collect();
+        let report = check(&history).unwrap_err();
+        assert!(report.contains("ends at 320856"), "{report}");
+    }
+
     #[test]
     fn rejects_a_stale_read() {
         let h = [
