@@ -63,7 +63,9 @@ fn a_lease_is_granted_holds_keys_is_renewed_and_revoked_with_its_keys() {
         get_status(&urls[0], &format!("v1/leases/{}", 1u64 << 32 | 5)),
         404
     );
-    assert_eq!(http("GET", &format!("{}v1/leases", urls[0]), None).0, 405);
+    assert_eq!(http("PUT", &format!("{}v1/leases", urls[0]), None).0, 405);
+    let (code, listed) = http_json("GET", &format!("{}v1/leases", urls[0]), None);
+    assert_eq!((code, &listed), (200, &json!({"leases": []})));
 
     let lease = grant(&urls[1], 30, json!({}));
     assert_eq!(lease >> 32, 1, "the one group's lease: {lease}");
@@ -76,6 +78,20 @@ fn a_lease_is_granted_holds_keys_is_renewed_and_revoked_with_its_keys() {
     let (code, answer) = put_leased(&urls[0], "c", lease + 1);
     assert_eq!(code, 404, "a lease that does not exist: {answer}");
     assert_eq!(get_status(&urls[0], "v1/kv/c"), 404, "nothing was written");
+    let (code, listed) = http_json("GET", &format!("{}v1/leases", urls[2]), None);
+    assert_eq!(code, 200);
+    let only = &listed["leases"][0];
+    assert_eq!(listed["leases"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(
+        (
+            &only["id"],
+            &only["key_count"],
+            &only["group"],
+            &only["granted_ttl_seconds"]
+        ),
+        (&json!(lease), &json!(2), &json!(1), &json!(30)),
+        "{listed}"
+    );
 
     let (_, metrics) = http("GET", &format!("{}metrics", urls[2]), None);
     assert!(
@@ -355,6 +371,79 @@ fn with_shards_a_lease_lives_in_its_keys_group_and_every_node_serves_it() {
     }
     let default = grant(&urls[2], 30, json!({}));
     assert_ne!(default >> 32, 1, "a lease never lives in the cluster group");
+
+    // Every node lists the leases of every group (each node hosts two groups of four,
+    // so some are read through their hosts), or of one group.
+    let here = grant(&urls[0], 30, json!({"key": "svc/a"}));
+    let there = grant(&urls[1], 30, json!({"key": other_key}));
+    assert_eq!(put_leased(&urls[2], "svc/a", here).0, 200);
+    let listed = |via: &str, query: &str| {
+        let (code, answer) = http_json("GET", &format!("{via}v1/leases{query}"), None);
+        assert_eq!(code, 200, "{answer}");
+        answer["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["id"].as_u64().unwrap(),
+                    l["group"].as_u64().unwrap(),
+                    l["key_count"].as_u64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut expected = vec![
+        (default, default >> 32, 0),
+        (here, home, 1),
+        (there, there >> 32, 0),
+    ];
+    expected.sort();
+    for via in &urls {
+        assert_eq!(listed(via, ""), expected, "listed by {via}");
+        let of_home: Vec<_> = expected.iter().copied().filter(|l| l.1 == home).collect();
+        assert_eq!(listed(via, &format!("?group={home}")), of_home);
+    }
+    let (code, answer) = http_json("GET", &format!("{}v1/leases?group=1", urls[0]), None);
+    assert_eq!(code, 400, "the cluster group holds no leases: {answer}");
+    // A multi-set attaches every key it writes (here through a node that may not host
+    // the group); a revoke deletes them all.
+    let same_group: Vec<String> = (0..200)
+        .map(|i| format!("other-{i}"))
+        .filter(|key| group_of(key) == there >> 32)
+        .take(2)
+        .collect();
+    let body: Value = same_group
+        .iter()
+        .map(|key| (key.clone(), json!("v")))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    for via in &urls {
+        let (code, answer) = http_json(
+            "POST",
+            &format!("{via}v1/kv?lease={there}"),
+            Some(body.clone()),
+        );
+        assert_eq!(code, 200, "{answer}");
+        let (code, answer) = http_json(
+            "POST",
+            &format!("{via}v1/kv?lease={here}"),
+            Some(body.clone()),
+        );
+        assert_eq!(code, 409, "a lease of another group: {answer}");
+    }
+    let (code, shown) = http_json("GET", &format!("{}v1/leases/{there}", urls[0]), None);
+    assert_eq!(code, 200);
+    let mut keys: Vec<String> = serde_json::from_value(shown["keys"].clone()).unwrap();
+    keys.sort();
+    assert_eq!(keys, same_group, "{shown}");
+    let (code, _) = http_json("DELETE", &format!("{}v1/leases/{there}", urls[2]), None);
+    assert_eq!(code, 200);
+    for key in &same_group {
+        assert_eq!(get_status(&urls[1], &format!("v1/kv/{key}")), 404);
+    }
+    expected.retain(|l| l.0 != there);
+    assert_eq!(listed(&urls[1], ""), expected);
 }
 
 /// Keeps polling until `stop`, and records what one client did: (sent, answered,

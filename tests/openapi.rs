@@ -398,6 +398,20 @@ fn the_openapi_document_matches_the_server() {
             200,
         ),
         call(
+            "/v1/kv",
+            "post",
+            &format!("/v1/kv?lease={lease}"),
+            Some(Body::Json(json!({"doc/leased": "held too"}))),
+            200,
+        ),
+        call(
+            "/v1/kv",
+            "post",
+            &format!("/v1/kv?lease={missing}"),
+            Some(Body::Json(json!({"doc/leased": "held too"}))),
+            404,
+        ),
+        call(
             kv,
             "put",
             &format!("/v1/kv/doc/leased?lease={missing}"),
@@ -419,6 +433,9 @@ fn the_openapi_document_matches_the_server() {
             409,
         ),
         call(leases, "get", &format!("/v1/leases/{lease}"), None, 200),
+        call("/v1/leases", "get", "/v1/leases", None, 200),
+        call("/v1/leases", "get", "/v1/leases?group=2", None, 200),
+        call("/v1/leases", "get", "/v1/leases?group=x", None, 400),
         call(leases, "get", &format!("/v1/leases/{missing}"), None, 404),
         call(leases, "get", "/v1/leases/x", None, 400),
         call(

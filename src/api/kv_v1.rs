@@ -367,6 +367,7 @@ impl Api {
     /// `POST /v1/kv`: atomic within the one group that owns every key; keys of several
     /// groups are refused (409) until cross-group transactions exist.
     pub(super) async fn set_many(&self, req: Request<Incoming>) -> Reply {
+        let lease = lease_param(req.uri().query())?;
         let body = read_body(req, self.max_value_bytes).await?;
         let pairs = parse_pairs(&body)?;
         self.settle_shards(None).await?;
@@ -382,23 +383,33 @@ impl Api {
         }
         let group = groups.into_iter().next().expect("one key at least");
         if self.router.serving(group).is_some() {
-            return self.write_pairs(group, pairs).await;
+            return self.write_pairs(group, pairs, lease).await;
         }
-        self.post_json(group, format!("/v1/groups/{group}/kv"), body)
+        let query = match lease {
+            NO_LEASE => String::new(),
+            lease => format!("?lease={lease}"),
+        };
+        self.post_json(group, format!("/v1/groups/{group}/kv{query}"), body)
             .await
     }
 
     /// `POST /v1/groups/<g>/kv`: the same on one group, which this node hosts.
     pub(super) async fn set_many_in(&self, group: u64, req: Request<Incoming>) -> Reply {
+        let lease = lease_param(req.uri().query())?;
         let body = read_body(req, self.max_value_bytes).await?;
         let pairs = parse_pairs(&body)?;
         for key in pairs.keys() {
             self.check_owner(group, key.as_bytes())?;
         }
-        self.write_pairs(group, pairs).await
+        self.write_pairs(group, pairs, lease).await
     }
 
-    async fn write_pairs(&self, group: u64, pairs: BTreeMap<String, String>) -> Reply {
+    /// Writes `pairs` to `group` at one revision, each key attached to `lease` (or to
+    /// none).
+    async fn write_pairs(&self, group: u64, pairs: BTreeMap<String, String>, lease: u64) -> Reply {
+        if let Some(key) = pairs.keys().next().filter(|_| lease != NO_LEASE) {
+            self.check_lease_holds(lease, group, key.as_bytes())?;
+        }
         let keys = pairs.len();
         let command = Command {
             checks: Vec::new(),
@@ -407,7 +418,7 @@ impl Api {
                 .map(|(key, value)| Write::Put {
                     key: key.into(),
                     value: value.into(),
-                    lease: NO_LEASE,
+                    lease,
                 })
                 .collect(),
         };
@@ -420,6 +431,12 @@ impl Api {
             &serde_json::json!({ "revision": written.revision, "keys": keys, "group": group }),
         ))
     }
+}
+
+/// The `lease` a multi-set attaches its keys to (`NO_LEASE` when absent).
+fn lease_param(query: Option<&str>) -> Result<u64, Failure> {
+    let params = parse_query(query, &["lease"])?;
+    Ok(number_param(&params, "lease")?.unwrap_or(NO_LEASE))
 }
 
 fn revision_check(key: &Bytes, revision: Option<u64>) -> Vec<RevisionCheck> {

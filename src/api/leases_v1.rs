@@ -3,6 +3,7 @@
 //! | request                                  | does |
 //! |------------------------------------------|------|
 //! | `POST /v1/leases` body `{"ttl_seconds": T[, "key": K \| "group": G]}` | grants a lease: 201 `{"id","ttl_seconds","group"}` |
+//! | `GET /v1/leases[?group=G]`               | every lease (of group G), by id: 200 `{"leases": [{"id","ttl_seconds","granted_ttl_seconds","key_count","group"}]}` |
 //! | `GET /v1/leases/<id>`                    | 200 `{"id","ttl_seconds","granted_ttl_seconds","keys","group"}`: `ttl_seconds` is what is left by this node's clock |
 //! | `POST /v1/leases/<id>/keepalive`         | renews it: 200 `{"id","ttl_seconds","group"}` |
 //! | `DELETE /v1/leases/<id>`                 | revokes it and deletes its keys: 200 `{"id","revision","deleted","group"}` |
@@ -21,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
 use super::forward::FORWARDED_HEADER;
+use super::request::{number_param, parse_query};
 use super::{json_response, parse_json, read_body, Api, Consistency, Failure, Reply};
 use crate::command::Op;
 use crate::entry_formats;
@@ -55,7 +57,8 @@ impl Api {
         if rest.is_empty() {
             return match *method {
                 Method::POST => self.grant_lease(req).await,
-                _ => Err(Failure::method_not_allowed(method, "POST")),
+                Method::GET => self.list_leases(req).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
             };
         }
         let rest = rest.strip_prefix('/').unwrap_or(rest);
@@ -164,6 +167,74 @@ impl Api {
             }
         }
         Err(refusal.expect("every attempt was refused").into())
+    }
+
+    /// `GET /v1/leases[?group=G]`: the leases of every group that holds keys (or of
+    /// group G), each group's read linearizably here or on a node that hosts it.
+    async fn list_leases(&self, req: Request<Incoming>) -> Reply {
+        let params = parse_query(req.uri().query(), &["group"])?;
+        let groups = match number_param(&params, "group")? {
+            Some(group) => {
+                self.check_lease_group(group)?;
+                vec![group]
+            }
+            None => {
+                self.settle_shards(None).await?;
+                self.groups_holding_keys()
+            }
+        };
+        let forwarded = req.headers().contains_key(FORWARDED_HEADER);
+        let mut listed = Vec::new();
+        for group in groups {
+            if self.router.serving(group).is_some() {
+                listed.extend(self.leases_here(group).await?);
+            } else if forwarded {
+                return Err(Failure::not_hosted_here(group));
+            } else {
+                let there = self
+                    .fetch_json(group, format!("/v1/leases?group={group}"))
+                    .await?;
+                listed.extend(there["leases"].as_array().cloned().unwrap_or_default());
+            }
+        }
+        listed.sort_by_key(|lease| lease["id"].as_u64());
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "leases": listed }),
+        ))
+    }
+
+    /// The leases of `group`, which this node hosts, after a read index.
+    async fn leases_here(&self, group: u64) -> Result<Vec<serde_json::Value>, Failure> {
+        self.wait_until_readable(group, Consistency::Linearizable)
+            .await?;
+        let map = self.map_of(group)?;
+        let map = map.read().unwrap();
+        let now = std::time::Instant::now();
+        Ok(map
+            .leases()
+            .iter()
+            .map(|(id, lease)| {
+                serde_json::json!({
+                    "id": id,
+                    "ttl_seconds": lease.remaining(now).as_millis().div_ceil(1000) as u64,
+                    "granted_ttl_seconds": lease.ttl_seconds,
+                    "key_count": lease.keys.len(),
+                    "group": group,
+                })
+            })
+            .collect())
+    }
+
+    /// Every group that holds keys, so leases: the data groups, and the cluster group
+    /// when the cluster has one shard.
+    fn groups_holding_keys(&self) -> Vec<u64> {
+        let membership = self.membership.read().unwrap();
+        let data = membership.groups.keys().copied();
+        match membership.shards.is_empty() {
+            true => std::iter::once(CLUSTER_GROUP).chain(data).collect(),
+            false => data.collect(),
+        }
     }
 
     /// `GET /v1/leases/<id>`, on a node that hosts its group.
