@@ -66,6 +66,10 @@ struct Subscriber {
 pub struct WatchHub {
     by_key: HashMap<Bytes, Vec<Subscriber>>,
     by_prefix: BTreeMap<Bytes, Vec<Subscriber>>,
+    /// How many of `by_prefix`'s prefixes have each length: a change looks up only its
+    /// key's prefixes of those lengths (ten thousand prefixes of one length cost one
+    /// lookup per change, not one per byte of the key).
+    prefix_lengths: BTreeMap<usize, usize>,
     /// Each registered id and its keys, to unregister it.
     registered: HashMap<u64, Keys>,
     /// Registrations of more than one key or prefix.
@@ -85,10 +89,11 @@ impl WatchHub {
         }
         for prefix in &keys.prefixes {
             let subscriber = Subscriber { id, tx: tx.clone() };
-            self.by_prefix
-                .entry(prefix.clone())
-                .or_default()
-                .push(subscriber);
+            let list = self.by_prefix.entry(prefix.clone()).or_insert_with(|| {
+                *self.prefix_lengths.entry(prefix.len()).or_default() += 1;
+                Vec::new()
+            });
+            list.push(subscriber);
         }
         if keys.len() > 1 {
             self.several += 1;
@@ -113,6 +118,12 @@ impl WatchHub {
         for prefix in &keys.prefixes {
             if without(self.by_prefix.get_mut(prefix), id) {
                 self.by_prefix.remove(prefix);
+                if let Some(count) = self.prefix_lengths.get_mut(&prefix.len()) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.prefix_lengths.remove(&prefix.len());
+                    }
+                }
             }
         }
     }
@@ -122,6 +133,7 @@ impl WatchHub {
     pub fn clear(&mut self) {
         self.by_key.clear();
         self.by_prefix.clear();
+        self.prefix_lengths.clear();
         self.registered.clear();
         self.several = 0;
     }
@@ -141,11 +153,13 @@ impl WatchHub {
         if let Some(list) = self.by_key.get(&event.key) {
             offer.to(list);
         }
-        if !self.by_prefix.is_empty() {
-            for end in 0..=event.key.len() {
-                if let Some(list) = self.by_prefix.get(&event.key[..end]) {
-                    offer.to(list);
-                }
+        for &end in self
+            .prefix_lengths
+            .range(..=event.key.len())
+            .map(|(len, _)| len)
+        {
+            if let Some(list) = self.by_prefix.get(&event.key[..end]) {
+                offer.to(list);
             }
         }
         for id in offer.dropped {
@@ -232,6 +246,8 @@ mod tests {
         assert_eq!(sub.try_recv().unwrap().revision, 3);
         assert!(sub.try_recv().is_err(), "dropped: its sender is gone");
         hub.unregister(sub_id);
+        let lengths: Vec<usize> = hub.prefix_lengths.keys().copied().collect();
+        assert_eq!(lengths, vec![0], "only the empty prefix is left");
         let (tx, _rx) = mpsc::channel(1);
         let id = hub.register(Keys::one(b("x")), tx);
         hub.unregister(id);
@@ -264,6 +280,7 @@ mod tests {
         assert_eq!(got, vec![1, 2, 3, 5]);
         hub.unregister(id);
         assert!(hub.by_key.is_empty() && hub.by_prefix.is_empty());
+        assert!(hub.prefix_lengths.is_empty());
         assert_eq!((hub.len(), hub.several), (0, 0));
     }
 }

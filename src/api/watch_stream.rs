@@ -31,6 +31,9 @@ use crate::watch_hub::Keys;
 
 /// Events looked up under the map's lock, or taken from the live channel, at a time.
 const EVENTS_PER_READ: usize = 256;
+/// Under load, the least time between two chunks of live events of one stream: a write
+/// (and a wake-up, here and in the client) per event would cost more than the events.
+const LIVE_COALESCE: Duration = Duration::from_millis(5);
 /// Live changes a watcher may have waiting before the hub drops it (it then catches up
 /// from the history).
 const LIVE_EVENTS: usize = 1024;
@@ -124,7 +127,13 @@ impl Position {
     fn note(&mut self, event: &Event) {
         match &mut self.partial {
             Some((r, keys)) if *r == event.revision => keys.push(event.key.clone()),
-            _ => self.partial = Some((event.revision, vec![event.key.clone()])),
+            // A new revision: its list reuses the last one's room.
+            Some((r, keys)) => {
+                *r = event.revision;
+                keys.clear();
+                keys.push(event.key.clone());
+            }
+            None => self.partial = Some((event.revision, vec![event.key.clone()])),
         }
     }
 }
@@ -195,6 +204,8 @@ impl GroupFollower {
                 continue; // more than one read's worth was waiting
             };
             // Live: the hub hands over each change as it is applied.
+            let now = tokio::time::Instant::now();
+            let mut last_chunk = now.checked_sub(LIVE_COALESCE).unwrap_or(now);
             loop {
                 let why = tokio::select! {
                     event = rx.recv() => {
@@ -202,6 +213,12 @@ impl GroupFollower {
                             break; // dropped by the hub: catch up from the history
                         };
                         let mut batch = vec![event];
+                        // Events that come fast share chunks: at most one per
+                        // LIVE_COALESCE, the first after a quiet spell at once.
+                        let due = last_chunk + LIVE_COALESCE;
+                        if rx.len() < EVENTS_PER_READ && due > tokio::time::Instant::now() {
+                            tokio::time::sleep_until(due).await;
+                        }
                         while batch.len() < EVENTS_PER_READ {
                             match rx.try_recv() {
                                 Ok(event) => batch.push(event),
@@ -212,13 +229,14 @@ impl GroupFollower {
                         if !self.send(&fresh, &out, &sent, &mut at, None).await {
                             return;
                         }
-                        self.claim(&rx, &sent, &mut at).await;
+                        last_chunk = tokio::time::Instant::now();
+                        self.claim(&rx, &sent, &mut at, Lock::IfFree).await;
                         continue;
                     }
                     _ = ticks.tick() => {
                         let served = self.router.serving(self.group);
                         if served.is_some_and(|kv| Arc::ptr_eq(&kv, &self.kv)) {
-                            self.claim(&rx, &sent, &mut at).await;
+                            self.claim(&rx, &sent, &mut at, Lock::Wait).await;
                             continue;
                         }
                         format!("this node's replica of group {} left it", self.group)
@@ -254,7 +272,9 @@ impl GroupFollower {
         Metrics::add(&self.stream.metrics.watch_events_sent, events.len() as u64);
         let mut chunk = Vec::new();
         for (i, event) in events.iter().enumerate() {
-            chunk.extend_from_slice(&json_line(&event_json(self.group, event)));
+            serde_json::to_writer(&mut chunk, &event_json(self.group, event))
+                .expect("JSON values always encode");
+            chunk.push(b'\n');
             at.note(event);
             let last = i + 1 == events.len();
             if (chunk.len() >= CHUNK_BYTES || last)
@@ -281,10 +301,21 @@ impl GroupFollower {
 
     /// With no change waiting in `rx` (and the hub still holding its other end), every
     /// revision up to the map's has been sent (the map's read lock keeps a change from
-    /// being applied meanwhile).
-    async fn claim(&self, rx: &mpsc::Receiver<Event>, sent: &Sent, at: &mut Position) {
+    /// being applied meanwhile). With [`Lock::IfFree`] it gives up rather than wait for
+    /// the lock (the raft thread holds it to apply changes).
+    async fn claim(&self, rx: &mpsc::Receiver<Event>, sent: &Sent, at: &mut Position, lock: Lock) {
+        if !rx.is_empty() || rx.is_closed() {
+            return;
+        }
         let revision = {
-            let kv = self.kv.read().unwrap();
+            let kv = match lock {
+                Lock::Wait => self.kv.read().unwrap(),
+                Lock::IfFree => match self.kv.try_read() {
+                    Ok(kv) => kv,
+                    Err(std::sync::TryLockError::WouldBlock) => return,
+                    Err(std::sync::TryLockError::Poisoned(e)) => panic!("{e}"),
+                },
+            };
             // Closed: the hub dropped this watcher, and changes since went elsewhere.
             if !rx.is_empty() || rx.is_closed() {
                 return;
@@ -299,6 +330,18 @@ impl GroupFollower {
         let entry = sent.entry(self.group).or_insert(0);
         *entry = (*entry).max(revision);
     }
+}
+
+/// How [`GroupFollower::claim`] takes the map's read lock.
+#[derive(Clone, Copy)]
+enum Lock {
+    /// Waits for it: on the progress tick, so that a quiet stream's position moves.
+    Wait,
+    /// Only if no one holds it: after each batch of live events, which come while the
+    /// raft thread applies more (it holds the lock then; waiting for it, each stream
+    /// would put the raft thread and itself through a context switch per batch). The
+    /// next batch, or tick, claims instead.
+    IfFree,
 }
 
 /// One group's part of a watch, on a node that does not host it: relays the events of
