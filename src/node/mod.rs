@@ -267,7 +267,8 @@ impl Node {
         if let Some(stored) = storage::recorded_replica_id(&self.engine, group) {
             if stored != replica {
                 return Err(format!(
-                    "group {group}: asked to drop replica {replica}, but the log stored for                      the group is replica {stored}'s; refusing to delete it"
+                    "group {group}: asked to drop replica {replica}, but the log stored for \
+                     the group is replica {stored}'s; refusing to delete it"
                 ));
             }
         }
