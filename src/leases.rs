@@ -62,9 +62,11 @@ impl Lease {
             .unwrap_or_else(|| now + Duration::from_secs(MAX_TTL_SECONDS))
     }
 
-    /// Time left before this replica counts it expired.
-    pub fn remaining(&self, now: Instant) -> Duration {
-        self.deadline.saturating_duration_since(now)
+    /// Time left before this replica counts it expired, in whole seconds rounded up: a
+    /// lease with time left never shows 0.
+    pub fn seconds_left(&self, now: Instant) -> u64 {
+        let left = self.deadline.saturating_duration_since(now);
+        left.as_millis().div_ceil(1000) as u64
     }
 }
 

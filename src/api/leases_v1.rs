@@ -27,6 +27,7 @@ use super::{json_response, parse_json, read_body, Api, Consistency, Failure, Rep
 use crate::command::Op;
 use crate::entry_formats;
 use crate::leases::{self, LeaseRefusal, MAX_TTL_SECONDS};
+use crate::membership::Membership;
 use crate::router::{ProposeError, CLUSTER_GROUP};
 
 /// The largest grant body read.
@@ -217,7 +218,7 @@ impl Api {
             .map(|(id, lease)| {
                 serde_json::json!({
                     "id": id,
-                    "ttl_seconds": lease.remaining(now).as_millis().div_ceil(1000) as u64,
+                    "ttl_seconds": lease.seconds_left(now),
                     "granted_ttl_seconds": lease.ttl_seconds,
                     "key_count": lease.keys.len(),
                     "group": group,
@@ -226,15 +227,13 @@ impl Api {
             .collect())
     }
 
-    /// Every group that holds keys, so leases: the data groups, and the cluster group
-    /// when the cluster has one shard.
+    /// Every group that holds keys, so leases (see [`holds_keys`]).
     fn groups_holding_keys(&self) -> Vec<u64> {
         let membership = self.membership.read().unwrap();
-        let data = membership.groups.keys().copied();
-        match membership.shards.is_empty() {
-            true => std::iter::once(CLUSTER_GROUP).chain(data).collect(),
-            false => data.collect(),
-        }
+        std::iter::once(CLUSTER_GROUP)
+            .chain(membership.groups.keys().copied())
+            .filter(|&group| holds_keys(&membership, group))
+            .collect()
     }
 
     /// `GET /v1/leases/<id>`, on a node that hosts its group.
@@ -247,7 +246,6 @@ impl Api {
             .leases()
             .get(lease)
             .ok_or_else(|| lease_not_found(lease))?;
-        let left = found.remaining(std::time::Instant::now());
         let keys: Vec<String> = found
             .keys
             .iter()
@@ -257,8 +255,7 @@ impl Api {
             StatusCode::OK,
             &serde_json::json!({
                 "id": lease,
-                // Whole seconds, rounded up: a lease with time left never shows 0.
-                "ttl_seconds": left.as_millis().div_ceil(1000) as u64,
+                "ttl_seconds": found.seconds_left(std::time::Instant::now()),
                 "granted_ttl_seconds": found.ttl_seconds,
                 "keys": keys,
                 "group": group,
@@ -323,12 +320,7 @@ impl Api {
                  lease id is the group's id and 32 bits of its own)"
             )));
         }
-        let membership = self.membership.read().unwrap();
-        let holds_keys = match group {
-            CLUSTER_GROUP => membership.shards.is_empty(),
-            _ => membership.groups.contains_key(&group),
-        };
-        if holds_keys {
+        if holds_keys(&self.membership.read().unwrap(), group) {
             return Ok(());
         }
         Err(Failure::bad_request(format!(
@@ -373,6 +365,15 @@ impl Api {
                 String::from_utf8_lossy(key)
             ),
         ))
+    }
+}
+
+/// Whether `group` holds keys, so leases: a data group, or the cluster group when the
+/// cluster has one shard.
+fn holds_keys(membership: &Membership, group: u64) -> bool {
+    match group {
+        CLUSTER_GROUP => membership.shards.is_empty(),
+        _ => membership.groups.contains_key(&group),
     }
 }
 

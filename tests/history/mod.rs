@@ -381,8 +381,9 @@ impl Workload {
 
 impl Workload {
     /// Writes every recorded operation to `path`, one a line: key, call, return (- if
-    /// unknown), and the write's value or the read's answer (- for absent), tab-separated;
-    /// for a history the checker refused, to look at after the run.
+    /// unknown), kind, the write's value or the read's answer (- for absent), and where
+    /// it went (`Op::via`), tab-separated; for a history the checker refused, to look at
+    /// after the run.
     pub fn save_history(&self, path: &std::path::Path) -> std::io::Result<()> {
         let ops = self.rec.ops.lock().unwrap();
         let mut text = String::new();
