@@ -16,6 +16,7 @@ mod cluster_id;
 mod command;
 mod config;
 mod durable;
+mod entry_cache;
 mod entry_formats;
 mod faults;
 #[cfg(test)]

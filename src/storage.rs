@@ -20,6 +20,7 @@ use std::sync::Arc;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft_engine::Command;
 
+use crate::entry_cache::EntryCache;
 use crate::snapshot::SnapshotMeta;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use raft_engine::{Config as EngineConfig, Engine, LogBatch, MessageExt};
@@ -66,9 +67,14 @@ pub struct LogStore {
     conf_index: u64,
     /// (index, term) just before the first entry in the log.
     truncated: (u64, u64),
+    /// The first index of the log (`truncated.0 + 1` when it is empty), which raft-rs asks
+    /// for on nearly every step: kept here rather than looked up in raft-engine each time.
+    first: u64,
     snapshot: SnapshotMetadata,
     /// Set when raft asked for a snapshot that the stored one cannot serve.
     snapshot_wanted: AtomicBool,
+    /// The log's newest entries, which raft-rs reads most.
+    recent: EntryCache,
 }
 
 /// Opens (or creates) the raft-engine in `dir`.
@@ -162,6 +168,7 @@ impl LogStore {
             .get_message::<SnapshotMetadata>(group_id, KEY_SNAPSHOT)?
             .unwrap_or_default();
         Ok(LogStore {
+            first: stored_first(&engine, group_id, truncated.0),
             engine,
             group_id,
             hard_state,
@@ -170,6 +177,7 @@ impl LogStore {
             truncated,
             snapshot,
             snapshot_wanted: AtomicBool::new(false),
+            recent: EntryCache::default(),
         })
     }
 
@@ -220,6 +228,7 @@ impl LogStore {
         self.hard_state = hard_state;
         self.conf_state = conf_state;
         self.conf_index = conf_index;
+        self.first = stored_first(&self.engine, self.group_id, self.truncated.0);
         Ok(())
     }
 
@@ -247,11 +256,22 @@ impl LogStore {
             }))
     }
 
-    /// The batch that [`Self::stage`] filled is written (and synced if it had to be).
-    pub fn staged_written(&mut self, hard_state: Option<&HardState>) {
+    /// The batch that [`Self::stage`] filled with `entries` and `hard_state` is written
+    /// (and synced if it had to be).
+    pub fn staged_written(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
+        self.recent.append(entries);
+        if entries.first().is_some_and(|e| e.index <= self.first) {
+            // The first entries of an empty log.
+            self.first = stored_first(&self.engine, self.group_id, self.truncated.0);
+        }
         if let Some(hs) = hard_state {
             self.hard_state = hs.clone();
         }
+    }
+
+    /// Entries up to `applied` are applied: the cache of recent entries lets them go.
+    pub fn applied_to(&mut self, applied: u64) {
+        self.recent.applied(applied);
     }
 
     /// Adds to `batch` a commit index that raft-rs reports after the entries are durable.
@@ -332,6 +352,8 @@ impl LogStore {
         batch.add_command(self.group_id, Command::Compact { index: first });
         self.engine.write(&mut batch, true)?;
         self.truncated = (first - 1, truncated_term);
+        self.first = first;
+        self.recent.forget_before(first);
         Ok(())
     }
 
@@ -371,7 +393,9 @@ impl LogStore {
         self.conf_state = meta.conf_state.clone();
         self.conf_index = meta.index;
         self.truncated = (meta.index, meta.term);
+        self.first = meta.index + 1;
         self.snapshot = snapshot;
+        self.recent.clear();
         Ok(())
     }
 
@@ -404,16 +428,26 @@ impl LogStore {
     }
 
     fn first(&self) -> u64 {
-        self.engine
-            .first_index(self.group_id)
-            .unwrap_or(self.truncated.0 + 1)
+        debug_assert_eq!(
+            self.first,
+            stored_first(&self.engine, self.group_id, self.truncated.0)
+        );
+        self.first
     }
 
     fn last(&self) -> u64 {
+        if let Some(last) = self.recent.last_index() {
+            return last;
+        }
         self.engine
             .last_index(self.group_id)
             .unwrap_or(self.truncated.0)
     }
+}
+
+/// The first index of group `group_id`'s stored log, `truncated + 1` if it holds none.
+fn stored_first(engine: &Engine, group_id: u64, truncated: u64) -> u64 {
+    engine.first_index(group_id).unwrap_or(truncated + 1)
 }
 
 fn to_metadata(meta: &SnapshotMeta) -> SnapshotMetadata {
@@ -445,6 +479,10 @@ impl Storage for LogStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        if let Some(entries) = self.recent.entries(low, high, max_size) {
+            return Ok(entries);
+        }
         if low < self.first() {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
@@ -452,7 +490,7 @@ impl Storage for LogStore {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let mut entries = Vec::with_capacity((high - low) as usize);
-        let max_size = max_size.into().map(|s| s as usize);
+        let max_size = max_size.map(|s| s as usize);
         self.engine
             .fetch_entries_to::<RaftEntries>(self.group_id, low, high, max_size, &mut entries)
             .map_err(store_error)?;
@@ -462,6 +500,9 @@ impl Storage for LogStore {
     fn term(&self, idx: u64) -> raft::Result<u64> {
         if idx == self.truncated.0 {
             return Ok(self.truncated.1);
+        }
+        if let Some(term) = self.recent.term(idx) {
+            return Ok(term);
         }
         if idx < self.first() {
             return Err(raft::Error::Store(StorageError::Compacted));
@@ -520,6 +561,69 @@ mod tests {
     }
 
     #[test]
+    fn recent_entries_are_served_from_memory_as_the_log_has_them() {
+        let dir =
+            std::env::temp_dir().join(format!("raftkvd-storage-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let engine = open_engine(&dir).unwrap();
+        let mut store = LogStore::load(engine.clone(), 5).unwrap();
+        let write = |store: &mut LogStore, entries: &[Entry]| {
+            let mut batch = LogBatch::default();
+            store.stage(&mut batch, entries, None).unwrap();
+            engine.write(&mut batch, true).unwrap();
+            store.staged_written(entries, None);
+        };
+        let with_term = |index: u64, term: u64| Entry {
+            term,
+            ..entry(index)
+        };
+        write(
+            &mut store,
+            &(1..=10).map(|i| with_term(i, 1)).collect::<Vec<_>>(),
+        );
+        write(&mut store, &[with_term(8, 2)]); // a new leader's entry replaces 8..=10
+        store.applied_to(5);
+        let reopened = LogStore::load(engine.clone(), 5).unwrap();
+        for store in [&store, &reopened] {
+            assert_eq!(store.last_index().unwrap(), 8);
+            assert_eq!(store.term(7).unwrap(), 1);
+            assert_eq!(store.term(8).unwrap(), 2);
+            assert!(store.term(9).is_err());
+            let got = store
+                .entries(3, 9, None, GetEntriesContext::empty(false))
+                .unwrap();
+            let terms: Vec<u64> = got.iter().map(|e| e.term).collect();
+            assert_eq!(terms, [1, 1, 1, 1, 1, 2]);
+        }
+        store.compact(6).unwrap();
+        assert!(matches!(
+            store.entries(5, 7, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(
+            store.term(5).unwrap(),
+            1,
+            "the truncation point keeps its term"
+        );
+        let meta = SnapshotMeta {
+            index: 40,
+            term: 3,
+            conf_state: ConfState {
+                voters: vec![1],
+                ..Default::default()
+            },
+        };
+        store.install_snapshot(&meta).unwrap();
+        assert_eq!(store.last_index().unwrap(), 40);
+        assert_eq!(store.first_index().unwrap(), 41);
+        assert!(store.term(8).is_err(), "the cache forgot the replaced log");
+        drop(store);
+        drop(reopened);
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_destroyed_group_keeps_only_its_tombstone_and_the_next_replica_its_id() {
         let dir = std::env::temp_dir().join(format!("raftkvd-storage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -537,7 +641,7 @@ mod tests {
         let other = LogStore::load(engine.clone(), 6).unwrap();
         other.stage(&mut batch, &[entry(1)], Some(&hs)).unwrap();
         engine.write(&mut batch, true).unwrap();
-        store.staged_written(Some(&hs));
+        store.staged_written(&[entry(1), entry(2)], Some(&hs));
         let replica = crate::replica_id::replica_id(3, 1);
         record_replica_id(&engine, 5, replica).unwrap();
         assert!(!store.is_empty() && destroyed_incarnation(&engine, 5).is_none());

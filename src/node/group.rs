@@ -684,7 +684,9 @@ impl Group {
             hard_state,
             ..
         } = staged;
-        self.raw.mut_store().staged_written(hard_state.as_ref());
+        self.raw
+            .mut_store()
+            .staged_written(ready.entries(), hard_state.as_ref());
         if !ready.persisted_messages().is_empty() {
             self.send(ready.take_persisted_messages());
         }
@@ -751,6 +753,7 @@ impl Group {
             .applied_entries
             .fetch_add(last - self.applied, std::sync::atomic::Ordering::Relaxed);
         self.applied = last;
+        self.raw.mut_store().applied_to(last);
         if last_term > self.applied_term {
             self.repropose_lost(last_term);
         }
