@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use raft::eraftpb::Entry;
 
 /// Most bytes of entry data one group keeps cached; the oldest go first.
-const MAX_CACHED_BYTES: usize = 4 << 20;
+const MAX_CACHED_BYTES: usize = 1 << 20;
 
 /// Entries kept once applied, so that the entry before the next ones (whose term raft-rs
 /// sends with them) is still here.

@@ -163,6 +163,45 @@ fn sigterm_with_writes_in_flight_answers_them_and_exits_0() {
     check_all_acked(&cluster, &acked);
 }
 
+/// A write sent while no leader is known (the leader and the other follower are frozen,
+/// so the one left campaigns in vain) waits for one instead of failing at once: once the
+/// other follower wakes up and the two elect a leader, the write is proposed and
+/// acknowledged, within its request timeout.
+#[test]
+fn a_write_sent_during_an_election_waits_for_the_new_leader() {
+    let mut cluster = Cluster::start("leaderless-write", 3, &["--request-timeout-ms", "15000"]);
+    let leader = cluster.wait_leader();
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let (asked, other) = (followers[0], followers[1]);
+    let (code, _) = http("GET", &cluster.node(asked).url("v1/kv/warm-up"), None);
+    assert_eq!(code, 404);
+    cluster.node(leader).signal("STOP");
+    cluster.node(other).signal("STOP");
+    cluster.wait_until("the follower left to know no leader", || {
+        cluster.nodes[asked as usize - 1]
+            .status()
+            .is_some_and(|s| s["leader"] == 0)
+    });
+    let url = cluster.node(asked).url("v1/kv/waited");
+    let writer =
+        thread::spawn(move || http_json("PUT", &url, Some(serde_json::json!({ "value": "v" }))));
+    cluster.wait_until("the write to wait for a leader", || {
+        cluster.nodes[asked as usize - 1]
+            .log_text()
+            .contains("writes wait for one to be elected")
+    });
+    cluster.node(other).signal("CONT");
+    let (code, answer) = writer.join().unwrap();
+    assert_eq!(code, 200, "{answer}\n{}", cluster.logs());
+    cluster.node(leader).signal("CONT");
+    for node in &cluster.nodes {
+        let url = node.url("v1/kv/waited?consistency=serializable");
+        cluster.wait_until(&format!("node {} to apply the write", node.id), || {
+            http_json("GET", &url, None).1["value"] == "v"
+        });
+    }
+}
+
 /// Writes sent through the followers just after the leader froze (SIGSTOP: the proposals
 /// they forward sit unread in its socket) are proposed again once a new leader is elected,
 /// within the default request timeout: 200, not 503. And each applies once: after the old

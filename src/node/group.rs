@@ -113,8 +113,9 @@ pub struct Group {
     waiters: HashMap<ProposalId, Waiter>,
     /// Client writes taken from the inbox this round, encoded, not yet proposed.
     batch: Vec<(Vec<u8>, ProposalId, Reply)>,
-    /// Writes held back while this leader hands its office over (raft-rs would drop
-    /// them); proposed once the transfer ends, to the new leader or to this one.
+    /// Writes held back while no leader is known (an election) or while this leader
+    /// hands its office over (raft-rs would drop them); proposed once a leader is known
+    /// and no transfer is under way. A write whose client gave up is forgotten.
     parked: Vec<(Vec<u8>, ProposalId, Reply)>,
     reads: ReadQueue,
     /// Index of the last entry applied to the map.
@@ -298,6 +299,7 @@ impl Group {
         self.raw.tick();
         self.ticks += 1;
         self.waiters.retain(|_, waiter| !waiter.reply.is_closed());
+        self.parked.retain(|(_, _, reply)| !reply.is_closed());
         self.reads.retry_stale(self.ticks, READ_RETRY_TICKS);
         self.keep_cluster_group_voters();
         self.expire_leases();
@@ -497,10 +499,6 @@ impl Group {
 
     /// Queues a client write for `propose_batch`, at the end of this round.
     fn propose(&mut self, op: Op, reply: Reply) {
-        if self.raw.raft.leader_id == INVALID_ID {
-            let _ = reply.send(Err(ProposeError::NoLeader));
-            return;
-        }
         let id = self.next_proposal_id();
         self.batch.push((Proposal { id, op }.encode(), id, reply));
     }
@@ -515,7 +513,11 @@ impl Group {
         if self.batch.is_empty() {
             return;
         }
-        if self.handing_over() {
+        if self.handing_over() || self.knows_no_leader() {
+            if self.parked.is_empty() && self.knows_no_leader() {
+                info!(self.logger, "no leader known: writes wait for one to be elected, each up to its request timeout";
+                    "writes" => self.batch.len(), "term" => self.raw.raft.term);
+            }
             self.parked.append(&mut self.batch);
             return;
         }
@@ -566,11 +568,17 @@ impl Group {
         self.raw.raft.state == StateRole::Leader && self.raw.raft.lead_transferee.is_some()
     }
 
-    /// Once a leadership transfer is over (done or abandoned), the writes held back during
-    /// it go first into the next proposal. They were never appended anywhere, so they
-    /// cannot apply twice.
+    /// No leader is known (an election is under way, or this replica is cut off): raft-rs
+    /// would drop a proposal.
+    fn knows_no_leader(&self) -> bool {
+        self.raw.raft.leader_id == INVALID_ID
+    }
+
+    /// Once a leader is known and no transfer is under way, the writes held back go first
+    /// into the next proposal. They were never appended anywhere, so they cannot apply
+    /// twice.
     fn release_parked(&mut self) {
-        if self.parked.is_empty() || self.handing_over() {
+        if self.parked.is_empty() || self.handing_over() || self.knows_no_leader() {
             return;
         }
         self.parked.retain(|(_, _, reply)| !reply.is_closed());
