@@ -78,6 +78,96 @@ fn a_data_dir_of_the_previous_release_starts_and_serves_its_data() {
     assert_eq!(http("GET", &node.url("key1"), None), (200, "value1".into()));
 }
 
+/// The fixture's README says how it was made: a release before 16bc608, whose snapshot
+/// install forgot the raft id of a replica placed on a node for the second time.
+const FORGOTTEN_ID_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/forgotten-replica-id-cc2fc3f"
+);
+
+/// The fixture's members stored these peer URLs in their logs; the test needs them free.
+const FORGOTTEN_ID_PEERS: [&str; 3] = [
+    "http://127.0.0.1:29101",
+    "http://127.0.0.1:29102",
+    "http://127.0.0.1:29103",
+];
+
+/// Node 3's replica of group 2 in the fixture is its second (incarnation 1), and its log
+/// lost the record of that raft id when it installed the group's snapshot. Started under
+/// this build, node 3 takes the id from the configuration its log stores and keeps its
+/// data and its vote: it is not dropped as its first, removed, replica (which deleted the
+/// log of a voter, so it rejoined empty), it serves every key from its own map, and it
+/// applies new writes.
+#[test]
+fn a_replica_whose_raft_id_an_earlier_release_forgot_keeps_its_log() {
+    let dir = TempDir::new("upgrade-forgotten-id");
+    let peers: Vec<String> = FORGOTTEN_ID_PEERS.iter().map(|p| p.to_string()).collect();
+    let mut nodes: Vec<common::Node> = (1..=3)
+        .map(|id| {
+            let node = node_spec(&dir.0, id, &peers, &[], false);
+            copy_dir(
+                &Path::new(FORGOTTEN_ID_FIXTURE).join(format!("n{id}")),
+                &node.data_dir,
+            );
+            node
+        })
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    let node3 = &nodes[2];
+    let logs = || {
+        nodes
+            .iter()
+            .map(|n| format!("--- node {}\n{}", n.id, n.log_text()))
+            .collect::<String>()
+    };
+    poll_until(
+        "node 3 to serve group 2 from its own replica",
+        || {
+            http(
+                "GET",
+                &node3.url("v1/groups/2/kv/h?consistency=serializable"),
+                None,
+            )
+            .0 == 200
+        },
+        logs,
+    );
+    node3.assert_logged(
+        "this replica's raft id was not recorded; taken from the configuration its log stores",
+        "node 3 recovers its replica's raft id",
+    );
+    assert!(
+        !node3.log_text().contains("dropped this node's replica"),
+        "node 3 dropped its replica of group 2:\n{}",
+        logs()
+    );
+    for (key, value) in [("a", "a-1"), ("e", "e-1"), ("f", "f-2"), ("h", "h-2")] {
+        let url = node3.url(&format!("v1/groups/2/kv/{key}?consistency=serializable"));
+        let (code, body) = common::http_json("GET", &url, None);
+        assert_eq!((code, body["value"].as_str()), (200, Some(value)), "{body}");
+    }
+    let (code, body) = common::http_json(
+        "PUT",
+        &nodes[0].url("v1/groups/2/kv/new"),
+        Some(serde_json::json!({ "value": "n" })),
+    );
+    assert_eq!(code, 200, "{body}\n{}", logs());
+    poll_until(
+        "node 3 to apply a new write",
+        || {
+            http(
+                "GET",
+                &node3.url("v1/groups/2/kv/new?consistency=serializable"),
+                None,
+            )
+            .0 == 200
+        },
+        logs,
+    );
+}
+
 /// Concurrent PUTs through node `via` (so that rounds carry several writes each), keys
 /// `<prefix>-<thread>-<i>`; returns once all are acknowledged.
 fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {

@@ -235,6 +235,10 @@ impl Node {
             warn!(logger, "not starting a replica this node dropped before"; "raft_id" => replica);
             return Ok(());
         }
+        if recorded.is_none() && !store.is_empty() {
+            info!(logger, "this replica's raft id was not recorded; taken from the configuration its log stores, and recorded";
+                "raft_id" => replica, "incarnation" => incarnation_of(replica));
+        }
         if store.is_empty() || recorded.is_none() {
             storage::record_replica_id(&self.engine, group, replica)
                 .map_err(|e| format!("cannot record the raft id of a new replica: {e}"))?;
