@@ -12,6 +12,10 @@
 //! and the point's own (index, term) is kept so that `term(first_index - 1)` still
 //! answers, as raft-rs requires. Installing a snapshot from the leader replaces the whole
 //! log with that point, in one batch.
+//!
+//! The newest entries are also kept in memory (`entry_cache.rs`), exactly as written, so
+//! that raft-rs's many reads near the end of the log cost no file read; anything the
+//! cache does not hold is read from raft-engine.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -437,6 +441,7 @@ impl LogStore {
 
     fn last(&self) -> u64 {
         if let Some(last) = self.recent.last_index() {
+            debug_assert_eq!(Some(last), self.engine.last_index(self.group_id));
             return last;
         }
         self.engine
