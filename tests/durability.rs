@@ -182,13 +182,16 @@ fn a_write_sent_during_an_election_waits_for_the_new_leader() {
             .status()
             .is_some_and(|s| s["leader"] == 0)
     });
+    let waits = |cluster: &Cluster| {
+        let log = cluster.nodes[asked as usize - 1].log_text();
+        log.matches("writes wait for one to be elected").count()
+    };
+    let waited_before = waits(&cluster);
     let url = cluster.node(asked).url("v1/kv/waited");
     let writer =
         thread::spawn(move || http_json("PUT", &url, Some(serde_json::json!({ "value": "v" }))));
     cluster.wait_until("the write to wait for a leader", || {
-        cluster.nodes[asked as usize - 1]
-            .log_text()
-            .contains("writes wait for one to be elected")
+        waits(&cluster) > waited_before
     });
     cluster.node(other).signal("CONT");
     let (code, answer) = writer.join().unwrap();
