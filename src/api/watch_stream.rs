@@ -272,9 +272,7 @@ impl GroupFollower {
         Metrics::add(&self.stream.metrics.watch_events_sent, events.len() as u64);
         let mut chunk = Vec::new();
         for (i, event) in events.iter().enumerate() {
-            serde_json::to_writer(&mut chunk, &event_json(self.group, event))
-                .expect("JSON values always encode");
-            chunk.push(b'\n');
+            push_json_line(&mut chunk, &event_json(self.group, event));
             at.note(event);
             let last = i + 1 == events.len();
             if (chunk.len() >= CHUNK_BYTES || last)
@@ -621,9 +619,15 @@ pub(super) async fn report_progress(stream: Stream, every: Duration) {
 
 /// `value` as one line of a stream.
 pub(super) fn json_line(value: &impl serde::Serialize) -> Bytes {
-    let mut line = serde_json::to_vec(value).expect("JSON values always encode");
-    line.push(b'\n');
+    let mut line = Vec::new();
+    push_json_line(&mut line, value);
     Bytes::from(line)
+}
+
+/// Appends `value` to `buf` as one line of a stream.
+fn push_json_line(buf: &mut Vec<u8>, value: &impl serde::Serialize) {
+    serde_json::to_writer(&mut *buf, value).expect("JSON values always encode");
+    buf.push(b'\n');
 }
 
 /// 410 for a watch of `group` from revision `from`, older than the oldest kept, `first`.
