@@ -30,7 +30,7 @@ use bytes::Bytes;
 use crate::command::{Command, Write, NO_LEASE};
 use crate::history::{Event, History};
 use crate::leases::{LeaseRefusal, Leases};
-use crate::record::Record;
+use crate::record::{Record, Slot};
 use crate::watch_hub::WatchHub;
 
 /// The map, shared between the node (the only writer) and the HTTP API (readers).
@@ -53,7 +53,7 @@ impl From<&Record> for Versioned {
 }
 
 /// One shard: records ordered by key.
-pub type KvMap = BTreeSet<Record>;
+pub type KvMap = BTreeSet<Slot>;
 
 /// What applying a command did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,7 +101,7 @@ impl FrozenKv {
 
     /// Every record, shard by shard (not in key order).
     pub fn iter(&self) -> impl Iterator<Item = &Record> {
-        self.shards.iter().flat_map(|s| s.iter())
+        self.shards.iter().flat_map(|s| s.iter().map(Slot::record))
     }
 
     /// Up to `limit` pairs whose key starts with `prefix` (and, for the next page, comes
@@ -118,16 +118,24 @@ impl FrozenKv {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         use std::ops::Bound::{Excluded, Included, Unbounded};
+        let probe;
         let start = match after {
-            Some(after) if after >= prefix => Excluded(after),
-            _ => Included(prefix),
+            Some(after) if after >= prefix => {
+                probe = Slot::probe(after);
+                Excluded(&probe)
+            }
+            _ => {
+                probe = Slot::probe(prefix);
+                Included(&probe)
+            }
         };
         let mut shards: Vec<_> = self
             .shards
             .iter()
             .map(|shard| {
                 shard
-                    .range::<[u8], _>((start, Unbounded))
+                    .range((start, Unbounded))
+                    .map(Slot::record)
                     .take_while(move |record| record.key().starts_with(prefix))
             })
             .collect();
@@ -155,7 +163,7 @@ impl FrozenKv {
     pub fn from_records(records: impl IntoIterator<Item = Record>, revision: u64) -> FrozenKv {
         let mut shards = vec![KvMap::new(); SHARDS];
         for record in records {
-            shards[shard_of(record.key())].replace(record);
+            shards[shard_of(record.key())].replace(Slot::new(record));
         }
         FrozenKv {
             shards: shards.into_iter().map(Arc::new).collect(),
@@ -189,7 +197,9 @@ pub struct KvStore {
 
 impl KvStore {
     pub fn get(&self, key: &[u8]) -> Option<Versioned> {
-        self.map.shards[shard_of(key)].get(key).map(Versioned::from)
+        self.map.shards[shard_of(key)]
+            .get(&Slot::probe(key))
+            .map(|slot| Versioned::from(slot.record()))
     }
 
     /// The whole map as it is now, in O(shards).
@@ -229,8 +239,8 @@ impl KvStore {
 
     fn revision_of(&self, key: &[u8]) -> u64 {
         self.map.shards[shard_of(key)]
-            .get(key)
-            .map_or(0, Record::revision)
+            .get(&Slot::probe(key))
+            .map_or(0, |slot| slot.record().revision())
     }
 
     /// The revision of the last command applied.
@@ -329,7 +339,7 @@ impl KvStore {
                     // it was read into (raft-engine reads whole, possibly compressed,
                     // blocks). The history's copy too.
                     let shard = &mut self.map.shards[shard_of(&key)];
-                    Arc::make_mut(shard).replace(Record::new(&key, &value, revision));
+                    Arc::make_mut(shard).replace(Slot::new(Record::new(&key, &value, revision)));
                     let key = Bytes::copy_from_slice(&key);
                     if lease != NO_LEASE || self.map.leases.lease_of(&key).is_some() {
                         Arc::make_mut(&mut self.map.leases).attach(&key, lease);
@@ -349,7 +359,8 @@ impl KvStore {
     /// Deletes `key` at `revision`; whether it was there.
     fn delete_at(&mut self, key: Bytes, revision: u64) -> bool {
         let shard = &mut self.map.shards[shard_of(&key)];
-        if !(shard.contains(&key[..]) && Arc::make_mut(shard).remove(&key[..])) {
+        let probe = Slot::probe(&key);
+        if !(shard.contains(&probe) && Arc::make_mut(shard).remove(&probe)) {
             return false;
         }
         if self.map.leases.lease_of(&key).is_some() {

@@ -2,13 +2,14 @@
 //! reached through one pointer.
 //!
 //! A key-value store's memory is mostly its keys and values, so their layout is the one
-//! that matters. A record is a thin reference-counted pointer (8 bytes in the map's tree
-//! nodes) to one heap block: `count | revision | length | key length (LEB128) | key |
-//! value`. (A fat `Arc<[u8]>` plus the revision was 24 bytes in the tree; the tree's
-//! nodes are also what a snapshot's copy-on-write duplicates, so they count twice.)
-//! Cloning a record only counts a reference. A record never changes once built.
+//! that matters. A record is a thin reference-counted pointer to one heap block:
+//! `count | revision | length | key length (LEB128) | key | value`. The map's tree holds
+//! it as a [`Slot`], 16 bytes: the pointer and the key's first eight bytes, which spare
+//! a search most trips to the block. (A fat `Arc<[u8]>` plus the revision was 24 bytes in
+//! the tree; the tree's nodes are also what a snapshot's copy-on-write duplicates, so
+//! they count twice.) Cloning a record only counts a reference. A record never changes
+//! once built.
 
-use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
 
@@ -97,12 +98,6 @@ impl AsRef<[u8]> for ValueOf {
 
 /// Records are ordered, compared and looked up by key alone, so a `BTreeSet<Record>` is
 /// a map from keys to records that can be searched with a `&[u8]`.
-impl Borrow<[u8]> for Record {
-    fn borrow(&self) -> &[u8] {
-        self.key()
-    }
-}
-
 impl PartialEq for Record {
     fn eq(&self, other: &Record) -> bool {
         self.key() == other.key()
@@ -123,9 +118,93 @@ impl Ord for Record {
     }
 }
 
+/// A record as the map's tree holds it: the first eight bytes of its key beside the
+/// pointer, so that a search decides most comparisons without following the pointer to
+/// the record. (In a large map each such pointer is a cache miss; following them was
+/// 12% of a one-shard cluster's CPU under puts.) Ordered as its record, by key: keys
+/// padded with zeros to eight bytes order as the keys themselves do, except where they
+/// tie, and then the whole keys decide.
+#[derive(Clone)]
+pub struct Slot {
+    head: u64,
+    record: Record,
+}
+
+impl Slot {
+    pub fn new(record: Record) -> Slot {
+        Slot {
+            head: head_of(record.key()),
+            record,
+        }
+    }
+
+    /// A slot to find `key`'s with (its record holds only the key).
+    pub fn probe(key: &[u8]) -> Slot {
+        Slot::new(Record::new(key, &[], 0))
+    }
+
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
+/// The first eight bytes of `key`, zero-padded, as a number that orders as they do.
+fn head_of(key: &[u8]) -> u64 {
+    let mut head = [0; 8];
+    let n = key.len().min(8);
+    head[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(head)
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Slot) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Slot {}
+
+impl PartialOrd for Slot {
+    fn partial_cmp(&self, other: &Slot) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Slot {
+    fn cmp(&self, other: &Slot) -> Ordering {
+        self.head
+            .cmp(&other.head)
+            .then_with(|| self.record.cmp(&other.record))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_order_as_their_keys() {
+        let keys: [&[u8]; 12] = [
+            b"",
+            b"\0",
+            b"a",
+            b"a\0",
+            b"a\0\0\0\0\0\0\0",
+            b"a\0\0\0\0\0\0\0\0",
+            b"a\0\0\0\0\0\0\x01",
+            b"abcdefgh",
+            b"abcdefgh\0",
+            b"abcdefghi",
+            b"abcdefgi",
+            b"\xff",
+        ];
+        for a in keys {
+            for b in keys {
+                let (sa, sb) = (Slot::probe(a), Slot::probe(b));
+                assert_eq!(sa.cmp(&sb), a.cmp(b), "{a:?} against {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn holds_key_value_and_revision_in_one_block() {
@@ -150,15 +229,15 @@ mod tests {
     }
 
     #[test]
-    fn a_set_of_records_is_a_map_by_key() {
+    fn a_set_of_slots_is_a_map_by_key() {
         let mut set = std::collections::BTreeSet::new();
-        set.insert(Record::new(b"b", b"1", 1));
-        set.insert(Record::new(b"a", b"2", 2));
-        set.replace(Record::new(b"b", b"3", 3));
-        let b: &[u8] = b"b";
-        assert_eq!(set.get(b).unwrap().value(), b"3");
+        set.insert(Slot::new(Record::new(b"b", b"1", 1)));
+        set.insert(Slot::new(Record::new(b"a", b"2", 2)));
+        set.replace(Slot::new(Record::new(b"b", b"3", 3)));
+        let found = set.get(&Slot::probe(b"b")).unwrap();
+        assert_eq!(found.record().value(), b"3");
         assert_eq!(
-            set.iter().map(Record::key).collect::<Vec<_>>(),
+            set.iter().map(|s| s.record().key()).collect::<Vec<_>>(),
             [b"a", b"b"]
         );
     }
