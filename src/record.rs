@@ -96,8 +96,8 @@ impl AsRef<[u8]> for ValueOf {
     }
 }
 
-/// Records are ordered, compared and looked up by key alone, so a `BTreeSet<Record>` is
-/// a map from keys to records that can be searched with a `&[u8]`.
+/// Records are ordered and compared by key alone (a listing merges the map's shards in
+/// this order; the tree itself orders [`Slot`]s, which agree).
 impl PartialEq for Record {
     fn eq(&self, other: &Record) -> bool {
         self.key() == other.key()
