@@ -61,6 +61,7 @@ ticks_per_s=$(getconf CLK_TCK)
 for ((run = 1; run <= RUNS; run++)); do
   for shards in $SHARDS; do
     dir=$WORKDIR/run$run-shards$shards
+    log=$dir/wrk.log
     RAFTKVD=$RAFTKVD RAFTKVD_SHARDS=$shards $CLUSTER raftkvd start "$dir" >/dev/null
     wait_spread "$shards"
     export BENCH_SYSTEM=raftkvd BENCH_WORKLOAD=put BENCH_MODE=put BENCH_THREADS=2 \
@@ -71,13 +72,13 @@ for ((run = 1; run <= RUNS; run++)); do
     entries0=$(metric raftkvd_committed_entries_total)
     cpu0=$(cpu_ticks)
     wrk -t2 -c64 -d"${DURATION}s" --timeout 5s --latency -s ../shared/bench/kv.lua \
-      http://127.0.0.1:13371 >"$dir/wrk.log" 2>&1
+      http://127.0.0.1:13371 >"$log" 2>&1
     cpu1=$(cpu_ticks)
     fsyncs1=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries1=$(metric raftkvd_committed_entries_total)
     RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null
     dir=""
-    line=$(grep '^BENCH ' "$WORKDIR/run$run-shards$shards/wrk.log" | sed 's/^BENCH //')
+    line=$(grep '^BENCH ' "$log" | sed 's/^BENCH //')
     python3 - "$line" "$shards" "$((cpu1 - cpu0))" "$ticks_per_s" "$((fsyncs1 - fsyncs0))" \
       "$((entries1 - entries0))" "$DURATION" <<'PY'
 import json, sys

@@ -197,9 +197,14 @@ pub struct KvStore {
 
 impl KvStore {
     pub fn get(&self, key: &[u8]) -> Option<Versioned> {
+        self.record_of(key).map(Versioned::from)
+    }
+
+    /// `key`'s record, if the map holds the key.
+    fn record_of(&self, key: &[u8]) -> Option<&Record> {
         self.map.shards[shard_of(key)]
             .get(&Slot::probe(key))
-            .map(|slot| Versioned::from(slot.record()))
+            .map(Slot::record)
     }
 
     /// The whole map as it is now, in O(shards).
@@ -238,9 +243,7 @@ impl KvStore {
     }
 
     fn revision_of(&self, key: &[u8]) -> u64 {
-        self.map.shards[shard_of(key)]
-            .get(&Slot::probe(key))
-            .map_or(0, |slot| slot.record().revision())
+        self.record_of(key).map_or(0, Record::revision)
     }
 
     /// The revision of the last command applied.
