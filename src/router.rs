@@ -152,6 +152,9 @@ pub enum NodeMsg {
     /// A peer process cannot be reached: every group's replica on it is unreachable.
     Unreachable(u64),
     RemovedByPeer(u64),
+    /// raft-engine cannot delete old log files while they hold these groups' entries:
+    /// they should compact their logs early (`node/log_purge.rs`).
+    CompactLogs(Vec<u64>),
     Shutdown,
 }
 
@@ -333,6 +336,11 @@ impl Router {
     /// it is a peer's message and the inbox holds too many).
     pub fn send(&self, group_id: u64, msg: GroupMsg) {
         self.enqueue(NodeMsg::Group(group_id, msg));
+    }
+
+    /// Asks the raft thread to have `groups` compact their logs early.
+    pub fn compact_logs(&self, groups: Vec<u64>) {
+        self.enqueue(NodeMsg::CompactLogs(groups));
     }
 
     /// Proposes `command` to group `group_id` and waits until it is applied here.

@@ -343,7 +343,8 @@ impl LogStore {
     }
 
     /// Removes the entries before `first`, which must all be applied and covered by a
-    /// durable snapshot. The files they lived in are deleted later by [`Self::purger`].
+    /// durable snapshot. The files they lived in are deleted later, by the node's purge
+    /// (`node/log_purge.rs`).
     pub fn compact(&mut self, first: u64) -> Result<(), StoreError> {
         if first <= self.first() || first > self.last() + 1 {
             return Ok(());
@@ -359,13 +360,6 @@ impl LogStore {
         self.first = first;
         self.recent.forget_before(first);
         Ok(())
-    }
-
-    /// A job that deletes log files compaction made obsolete (raft-engine may first move
-    /// what is still live out of them, so it is kept off the raft loop).
-    pub fn purger(&self) -> impl FnOnce() -> Result<(), StoreError> + Send + 'static {
-        let engine = self.engine.clone();
-        move || engine.purge_expired_files().map(|_| ())
     }
 
     /// Replaces the whole log with a snapshot received from the leader, in one synced

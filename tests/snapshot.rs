@@ -200,3 +200,70 @@ fn corrupt_newest_snapshot_refuses_to_start_when_the_log_does_not_cover() {
         .node(1)
         .assert_logged("no usable snapshot", "it must say why it refuses");
 }
+
+/// Bytes of the files in node `data_dir`'s raft log.
+fn raft_log_bytes(data_dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(data_dir.join("raft-log"))
+        .unwrap()
+        .map(|f| f.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// With many groups none reaches --snapshot-count, yet their live entries keep every
+/// raft-engine file alive: the node asks raft-engine which groups hold old files and has
+/// them compact early, so the shared log stays near its 32 MiB purge threshold instead
+/// of growing with every write. Nothing written is lost, and a restart reads it back.
+#[test]
+fn many_groups_keep_the_shared_raft_log_near_its_purge_threshold() {
+    const KEYS: usize = 2_500;
+    const VALUE_BYTES: usize = 40 << 10;
+    let mut cluster = Cluster::start("snap-purge", 3, &["--shards", "16"]);
+    // Values that raft-engine's compression cannot shrink: 100 MB of them in all.
+    let value_of = |i: usize| -> String {
+        let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut value = String::with_capacity(VALUE_BYTES);
+        while value.len() < VALUE_BYTES {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            value.push_str(&format!("{x:016x}"));
+        }
+        value
+    };
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.api_port).collect();
+    thread::scope(|s| {
+        for w in 0..4 {
+            let ports = &ports;
+            s.spawn(move || {
+                for i in (w..KEYS).step_by(4) {
+                    let url = format!("http://127.0.0.1:{}/big{i}", ports[i % ports.len()]);
+                    let (code, text) = http("PUT", &url, Some(value_of(i).into_bytes()));
+                    assert_eq!(code, 204, "PUT {url}: {text}");
+                }
+            });
+        }
+    });
+    // raft-engine's 32 MiB threshold, plus up to 48 MiB of purged files it keeps to
+    // write over again (faster to sync than new ones).
+    let limit = 64 << 20;
+    for id in 1..=3 {
+        let data_dir = cluster.node(id).data_dir.clone();
+        cluster.wait_until(
+            &format!("node {id}'s raft log shrinks below {limit} bytes"),
+            || raft_log_bytes(&data_dir) < limit,
+        );
+    }
+    cluster.node(1).assert_logged(
+        "snapshot written",
+        "groups compact at raft-engine's request",
+    );
+    cluster.node(2).kill();
+    cluster.node(2).start();
+    for i in (0..KEYS).step_by(7) {
+        let url = cluster.node(2).url(&format!("big{i}"));
+        cluster.wait_until(&format!("node 2 serves big{i}"), || {
+            let (code, text) = http("GET", &url, None);
+            code == 200 && text == value_of(i)
+        });
+    }
+}

@@ -82,6 +82,8 @@ pub enum GroupEvent {
     Placed { group: u64 },
     /// This node applied its own removal from the group, at `index`.
     Removed { index: u64 },
+    /// The group's log was compacted: raft-engine may delete files now.
+    LogCompacted,
 }
 
 /// A Ready whose entries and hard state are staged in the round's write batch.
@@ -153,6 +155,9 @@ pub struct Group {
     /// Payload bytes of the entries applied since the last snapshot began.
     applied_bytes_since_snapshot: u64,
     snapshot_in_progress: bool,
+    /// The next snapshot compacts the whole log before it, keeping no entries for
+    /// lagging followers: raft-engine asked for the space (`compact_log_soon`).
+    compact_fully: bool,
     /// Term of the entry at `applied`.
     applied_term: u64,
     /// The node's own inbox, for the snapshot writer's answer.
@@ -233,6 +238,7 @@ impl Group {
             last_snapshot_revision: snap_revision,
             applied_bytes_since_snapshot: 0,
             snapshot_in_progress: false,
+            compact_fully: false,
             applied_term: snap.term,
             inbox,
             refusals: (None, 0),

@@ -17,7 +17,7 @@
 //! This thread must never block on the network, and must never apply an entry that is
 //! not committed. (The thread is a single-threaded runtime that also reads the peers'
 //! streams, see `run`.) Beside it: `group.rs` (one group's raft), `bootstrap.rs` (the
-//! first log of a new group).
+//! first log of a new group), `log_purge.rs` (deleting the shared log's old files).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,10 +39,12 @@ use crate::transport::Transport;
 
 mod bootstrap;
 mod group;
+mod log_purge;
 
 pub use bootstrap::bootstrap;
 pub use group::CHANGE_IN_PROGRESS;
 use group::{Group, GroupEvent, GroupShared};
+use log_purge::LogPurge;
 
 /// Most messages taken from the channel before the node looks at its Readies again.
 const MAX_MSGS_PER_ROUND: usize = 4096;
@@ -78,6 +80,8 @@ pub struct Node {
     config: NodeConfig,
     groups: BTreeMap<u64, Group>,
     engine: Arc<Engine>,
+    /// Deletes the log files no group needs any more.
+    log_purge: LogPurge,
     shared: NodeShared,
     /// Set while groups this node leads hand off leadership before it stops: the
     /// deadline, and the groups handing off.
@@ -136,6 +140,7 @@ impl Node {
             config,
             groups: BTreeMap::new(),
             engine,
+            log_purge: LogPurge::new(),
             shared,
             stopping: None,
             logger,
@@ -280,6 +285,7 @@ impl Node {
         self.shared.router.unregister(group);
         storage::destroy_group(&self.engine, group, incarnation_of(replica))
             .map_err(|e| format!("cannot delete the log of group {group}: {e}"))?;
+        self.log_purge.on_compacted();
         let dir = snapshot::dir_of(&self.config.data_dir, group);
         if let Some(group_dir) = dir.parent().filter(|_| group != CLUSTER_GROUP) {
             if let Err(e) = std::fs::remove_dir_all(group_dir) {
@@ -352,6 +358,7 @@ impl Node {
                 info!(self.logger, "a peer reports this node removed from the cluster"; "peer" => peer);
                 return Some(NodeExit::Removed { index: 0 });
             }
+            NodeMsg::CompactLogs(groups) => self.log_purge.compaction_wanted(groups),
             NodeMsg::Shutdown => return self.begin_shutdown(),
         }
         None
@@ -416,6 +423,10 @@ impl Node {
         for (group_id, event) in events {
             let done = match event {
                 GroupEvent::Placed { group } => self.reconcile(group),
+                GroupEvent::LogCompacted => {
+                    self.log_purge.on_compacted();
+                    Ok(())
+                }
                 GroupEvent::Removed { index } if group_id == CLUSTER_GROUP => {
                     return Some(NodeExit::Removed { index });
                 }
@@ -432,6 +443,9 @@ impl Node {
                 return Some(NodeExit::Failed(e));
             }
         }
+        self.log_purge.tell_groups(&mut self.groups);
+        self.log_purge
+            .maybe_start(&self.engine, &self.shared.router, &self.logger);
         if let Some((deadline, handing_off)) = &self.stopping {
             let leading = handing_off
                 .iter()

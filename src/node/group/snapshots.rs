@@ -67,6 +67,41 @@ impl Group {
         }
     }
 
+    /// A snapshot of this group is being written.
+    pub fn snapshotting(&self) -> bool {
+        self.snapshot_in_progress
+    }
+
+    /// raft-engine cannot delete old log files while they hold this group's entries
+    /// (`node/log_purge.rs`). If a snapshot is cheap (see the module doc: the size rule
+    /// without the write count), takes one now and compacts the log up to it, keeping no
+    /// entries for lagging followers (they get the snapshot instead). A group idle since
+    /// its last snapshot drops the entries kept behind it. Otherwise it declines, and
+    /// raft-engine copies the old entries forward itself after a few requests.
+    pub fn compact_log_soon(&mut self) {
+        if self.snapshot_in_progress {
+            self.compact_fully = true; // the snapshot being written will do
+            return;
+        }
+        let cheap = self.last_snapshot_bytes < CHEAP_SNAPSHOT_BYTES
+            || self.applied_bytes_since_snapshot >= self.last_snapshot_bytes;
+        if cheap && self.applied > self.last_snapshot {
+            self.compact_fully = true;
+            self.start_snapshot();
+            return;
+        }
+        let idle = self.applied == self.last_snapshot;
+        if idle && self.raw.store().truncated_index() < self.last_snapshot {
+            if let Err(e) = self.raw.mut_store().compact(self.last_snapshot + 1) {
+                warn!(self.logger, "could not compact the raft log"; "error" => %e);
+                return;
+            }
+            info!(self.logger, "compacted the raft log early, so that old log files can go";
+                "log_starts_at" => self.last_snapshot + 1);
+            self.events.push(GroupEvent::LogCompacted);
+        }
+    }
+
     /// Copies the state machine and has a background thread write it, so the loop
     /// pauses only for the copy.
     fn start_snapshot(&mut self) {
@@ -131,19 +166,18 @@ impl Group {
         store
             .record_snapshot(&written.meta)
             .map_err(|e| e.to_string())?;
-        let keep = entries_to_keep(
-            self.catchup_entries,
-            index.saturating_sub(self.last_snapshot),
-            written.revision.saturating_sub(self.last_snapshot_revision),
-        );
+        let keep = if std::mem::take(&mut self.compact_fully) {
+            0
+        } else {
+            entries_to_keep(
+                self.catchup_entries,
+                index.saturating_sub(self.last_snapshot),
+                written.revision.saturating_sub(self.last_snapshot_revision),
+            )
+        };
         let first = index.saturating_sub(keep) + 1;
         store.compact(first).map_err(|e| e.to_string())?;
-        let (purge, logger) = (store.purger(), self.logger.clone());
-        let _ = background::spawn("log-purge", move || {
-            if let Err(e) = purge() {
-                warn!(logger, "could not delete obsolete raft log files"; "error" => %e);
-            }
-        });
+        self.events.push(GroupEvent::LogCompacted);
         self.last_snapshot = index;
         self.last_snapshot_revision = written.revision;
         self.last_snapshot_bytes = written.bytes;
