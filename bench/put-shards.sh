@@ -5,16 +5,21 @@
 # release-build cluster from ../shared/bench/cluster.sh (ports 13371-13373, node 1 gets
 # every request, as in ../shared/bench/run.sh), formed with RAFTKVD_SHARDS; once the
 # groups' leaders are spread over the nodes, wrk's `put` workload of
-# ../shared/bench/kv.lua (2 threads, 64 connections) for WARMUP then DURATION seconds.
+# ../shared/bench/kv.lua (2 threads, CONNS connections) for WARMUP then DURATION seconds.
+# SPREAD=1 spreads the clients instead, as etcd's client balances over its endpoints:
+# three wrk processes of one thread, one on each node, a third of CONNS each, each
+# writing its own keys (bench/kv-spread.lua); p99 is then the worst of the three.
 # Prints per measured run: puts/s, p99, the cluster's CPU per 1,000 puts (utime + stime
 # of the 3 processes), fsyncs per second (all nodes), puts per fsync on each node, and
 # raft entries committed per put (below 1 when a group's entry carries several writes).
 # Needs wrk, curl, python3, bc. Env: SHARDS, RUNS (default 1), DURATION (default 8),
-# WARMUP (default 2), RAFTKVD (default target/release/raftkvd, built if it is the default),
-# WORKDIR (default: a new /var/tmp dir).
+# WARMUP (default 2), CONNS (default 64), SPREAD (default 0), RAFTKVD (default
+# target/release/raftkvd, built if it is the default), WORKDIR (default: a new /var/tmp
+# dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SHARDS:-1 64} RUNS=${RUNS:-1} DURATION=${DURATION:-8} WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-64} SPREAD=${SPREAD:-0}
 if [[ -z ${RAFTKVD:-} ]]; then
   cargo build --release --quiet
   RAFTKVD=$PWD/target/release/raftkvd
@@ -57,36 +62,52 @@ PY
   echo "leaders not spread after 60 s; measuring anyway" >&2
 }
 
+# wrk's put workload for $1 seconds, writing keys of round $2; its output (one log per
+# wrk process) goes to $3.N.
+put_load() {
+  local secs=$1 round=$2 out=$3 n
+  export BENCH_SYSTEM=raftkvd BENCH_WORKLOAD=put BENCH_MODE=put BENCH_NKEYS=0 BENCH_PREFIX=$round
+  if ((SPREAD == 0)); then
+    BENCH_THREADS=2 BENCH_CONNS=$CONNS wrk -t2 -c"$CONNS" -d"${secs}s" --timeout 5s --latency \
+      -s ../shared/bench/kv.lua "http://127.0.0.1:${PORTS[0]}" >"$out.0" 2>&1
+    return
+  fi
+  for n in 0 1 2; do
+    local conns=$(((CONNS + 2 - n) / 3))
+    BENCH_THREADS=3 BENCH_CONNS=$conns BENCH_ID_OFFSET=$n wrk -t1 -c"$conns" -d"${secs}s" \
+      --timeout 5s --latency -s bench/kv-spread.lua "http://127.0.0.1:${PORTS[n]}" >"$out.$n" 2>&1 &
+  done
+  wait
+}
+
 ticks_per_s=$(getconf CLK_TCK)
 for ((run = 1; run <= RUNS; run++)); do
   for shards in $SHARDS; do
     dir=$WORKDIR/run$run-shards$shards
-    log=$dir/wrk.log
     RAFTKVD=$RAFTKVD RAFTKVD_SHARDS=$shards $CLUSTER raftkvd start "$dir" >/dev/null
     wait_spread "$shards"
-    export BENCH_SYSTEM=raftkvd BENCH_WORKLOAD=put BENCH_MODE=put BENCH_THREADS=2 \
-      BENCH_CONNS=64 BENCH_NKEYS=0 BENCH_PREFIX=w$run
-    wrk -t2 -c64 -d"${WARMUP}s" --timeout 5s -s ../shared/bench/kv.lua http://127.0.0.1:13371 >/dev/null
-    export BENCH_PREFIX=m$run
+    put_load "$WARMUP" "w$run" "$dir/warmup.log"
     fsyncs0=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries0=$(metric raftkvd_committed_entries_total)
     cpu0=$(cpu_ticks)
-    wrk -t2 -c64 -d"${DURATION}s" --timeout 5s --latency -s ../shared/bench/kv.lua \
-      http://127.0.0.1:13371 >"$log" 2>&1
+    put_load "$DURATION" "m$run" "$dir/wrk.log"
     cpu1=$(cpu_ticks)
     fsyncs1=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries1=$(metric raftkvd_committed_entries_total)
     RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null
+    lines=$(cat "$dir"/wrk.log.* | grep '^BENCH ' | sed 's/^BENCH //')
     dir=""
-    line=$(grep '^BENCH ' "$log" | sed 's/^BENCH //')
-    python3 - "$line" "$shards" "$((cpu1 - cpu0))" "$ticks_per_s" "$((fsyncs1 - fsyncs0))" \
+    python3 - "$lines" "$shards" "$((cpu1 - cpu0))" "$ticks_per_s" "$((fsyncs1 - fsyncs0))" \
       "$((entries1 - entries0))" "$DURATION" <<'PY'
 import json, sys
-r = json.loads(sys.argv[1])
+rs = [json.loads(line) for line in sys.argv[1].splitlines()]
 shards, ticks, hz, fsyncs, entries, secs = (int(x) for x in sys.argv[2:])
-n = max(r["requests"], 1)
-print(f"shards={shards:<3} puts/s={r['rps']:>9,.0f}  p99={r['p99_ms']:6.2f} ms  "
-      f"non2xx={r['non2xx']}  cpu/1k puts={ticks / hz * 1000 / n * 1000:6.1f} ms  "
+n = max(sum(r["requests"] for r in rs), 1)
+rps = sum(r["rps"] for r in rs)
+p99 = max(r["p99_ms"] for r in rs)
+non2xx = sum(r["non2xx"] for r in rs)
+print(f"shards={shards:<3} puts/s={rps:>9,.0f}  p99={p99:6.2f} ms  "
+      f"non2xx={non2xx}  cpu/1k puts={ticks / hz * 1000 / n * 1000:6.1f} ms  "
       f"fsyncs/s={fsyncs / secs:6.0f}  puts/fsync/node={3 * n / max(fsyncs, 1):5.1f}  "
       f"entries/put={entries / 3 / n:5.3f}")
 PY
