@@ -5,9 +5,11 @@
 //! many groups: each group compacts only after `--snapshot-count` writes of its own, so
 //! with 64 groups some group's live entries kept every file alive, and the log grew to
 //! six times the threshold. So the loop also asks every `PURGE_EVERY`, and raft-engine
-//! answers with the groups whose old entries keep files alive. Those are told, a few at a
-//! time (each may write a snapshot, and a burst of them slows every fsync), to compact
-//! their logs early (`Group::compact_log_soon`). A group whose snapshot would be costly
+//! answers with the groups whose old entries keep files alive. Those are told to compact
+//! their logs early (`Group::compact_log_soon`), one after the other, at most two
+//! writing a snapshot at once and their snapshots paced to `SNAPSHOT_BYTES_PER_SEC`: 64
+//! small groups told at once wrote 25 MB of snapshots in 0.35 s on every node, and the
+//! log's fsyncs behind them put p99 at 42 ms. A group whose snapshot would be costly
 //! declines; raft-engine copies its old entries forward after a few requests.
 //!
 //! One purge runs at a time, on a background thread. This must never run a purge on the
@@ -29,6 +31,8 @@ use crate::router::Router;
 const PURGE_EVERY: Duration = Duration::from_secs(5);
 /// Groups compacting at raft-engine's request at once.
 const COMPACTING_AT_ONCE: usize = 2;
+/// Pace of the snapshots written at raft-engine's request.
+const SNAPSHOT_BYTES_PER_SEC: u64 = 8 << 20;
 
 pub struct LogPurge {
     /// Set while a purge job runs.
@@ -40,6 +44,8 @@ pub struct LogPurge {
     waiting: VecDeque<u64>,
     /// Groups told, whose snapshot may still be being written.
     told: Vec<u64>,
+    /// When the next group may be told (the pace of their snapshots).
+    next_tell: Instant,
 }
 
 impl LogPurge {
@@ -50,6 +56,7 @@ impl LogPurge {
             next_due: Instant::now() + PURGE_EVERY,
             waiting: VecDeque::new(),
             told: Vec::new(),
+            next_tell: Instant::now(),
         }
     }
 
@@ -67,20 +74,22 @@ impl LogPurge {
         }
     }
 
-    /// Tells waiting groups to compact, while fewer than `COMPACTING_AT_ONCE` told ones
-    /// are still writing their snapshot.
+    /// Tells waiting groups to compact, at the pace of their snapshots and while fewer
+    /// than `COMPACTING_AT_ONCE` told ones are still writing theirs.
     pub fn tell_groups(&mut self, groups: &mut BTreeMap<u64, Group>) {
         if self.waiting.is_empty() && self.told.is_empty() {
             return;
         }
         self.told
             .retain(|id| groups.get(id).is_some_and(Group::snapshotting));
-        while self.told.len() < COMPACTING_AT_ONCE {
+        while self.told.len() < COMPACTING_AT_ONCE && Instant::now() >= self.next_tell {
             let Some(id) = self.waiting.pop_front() else {
                 break;
             };
             if let Some(group) = groups.get_mut(&id) {
-                group.compact_log_soon();
+                let bytes = group.compact_log_soon();
+                let pause = Duration::from_secs_f64(bytes as f64 / SNAPSHOT_BYTES_PER_SEC as f64);
+                self.next_tell = Instant::now() + pause;
                 if group.snapshotting() {
                     self.told.push(id);
                 }

@@ -9,7 +9,8 @@
 //! rewriting the whole map costs its size, and waiting until the log has grown as much
 //! bounds the extra writing at one byte of snapshot per byte of log. At the latest after
 //! `MAX_WRITES_FACTOR` times `--snapshot-count` writes, which bounds the log replayed at
-//! restart.
+//! restart. Also early, if cheap, when the shared log cannot delete old files because
+//! they hold this group's entries (`compact_log_soon`, asked by `node/log_purge.rs`).
 
 use std::time::Instant;
 
@@ -77,29 +78,33 @@ impl Group {
     /// without the write count), takes one now and compacts the log up to it, keeping no
     /// entries for lagging followers (they get the snapshot instead). A group idle since
     /// its last snapshot drops the entries kept behind it. Otherwise it declines, and
-    /// raft-engine copies the old entries forward itself after a few requests.
-    pub fn compact_log_soon(&mut self) {
+    /// raft-engine copies the old entries forward itself after a few requests. Returns
+    /// about how many bytes the snapshot it started will write (0 if none).
+    pub fn compact_log_soon(&mut self) -> u64 {
         if self.snapshot_in_progress {
             self.compact_fully = true; // the snapshot being written will do
-            return;
+            return 0;
         }
         let cheap = self.last_snapshot_bytes < CHEAP_SNAPSHOT_BYTES
             || self.applied_bytes_since_snapshot >= self.last_snapshot_bytes;
         if cheap && self.applied > self.last_snapshot {
+            // The map is at most the last snapshot plus what was applied since.
+            let bytes = self.last_snapshot_bytes + self.applied_bytes_since_snapshot;
             self.compact_fully = true;
             self.start_snapshot();
-            return;
+            return bytes;
         }
         let idle = self.applied == self.last_snapshot;
         if idle && self.raw.store().truncated_index() < self.last_snapshot {
             if let Err(e) = self.raw.mut_store().compact(self.last_snapshot + 1) {
                 warn!(self.logger, "could not compact the raft log"; "error" => %e);
-                return;
+                return 0;
             }
             info!(self.logger, "compacted the raft log early, so that old log files can go";
                 "log_starts_at" => self.last_snapshot + 1);
             self.events.push(GroupEvent::LogCompacted);
         }
+        0
     }
 
     /// Copies the state machine and has a background thread write it, so the loop
