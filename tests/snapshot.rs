@@ -243,8 +243,9 @@ fn many_groups_keep_the_shared_raft_log_near_its_purge_threshold() {
             });
         }
     });
-    // raft-engine's 32 MiB threshold, plus up to 48 MiB of purged files it keeps to
-    // write over again (faster to sync than new ones).
+    // Without early compaction all 100 MB would stay. With it: what is live (the active
+    // 8 MiB file and a little more) plus the purged files raft-engine keeps to write over
+    // again (faster to sync than new ones), six at most: 48 MiB.
     let limit = 64 << 20;
     for id in 1..=3 {
         // The groups' snapshots are paced (8 MiB/s): about 100 MB of maps to write here.
