@@ -33,9 +33,13 @@ const CHEAP_SNAPSHOT_BYTES: u64 = 4 << 20;
 /// applied since the last snapshot, whose file has `last_bytes`.
 fn snapshot_due(writes: u64, snapshot_count: u64, bytes: u64, last_bytes: u64) -> bool {
     writes >= snapshot_count
-        && (last_bytes < CHEAP_SNAPSHOT_BYTES
-            || bytes >= last_bytes
-            || writes >= snapshot_count * MAX_WRITES_FACTOR)
+        && (snapshot_cheap(bytes, last_bytes) || writes >= snapshot_count * MAX_WRITES_FACTOR)
+}
+
+/// Whether rewriting the map costs no more than the log it replaces: the last snapshot
+/// (`last_bytes`) was small, or the entries applied since hold `bytes`, at least as many.
+fn snapshot_cheap(bytes: u64, last_bytes: u64) -> bool {
+    last_bytes < CHEAP_SNAPSHOT_BYTES || bytes >= last_bytes
 }
 
 /// How many entries behind a snapshot hold about `catchup_writes` writes, `entries`
@@ -85,8 +89,7 @@ impl Group {
             self.compact_fully = true; // the snapshot being written will do
             return 0;
         }
-        let cheap = self.last_snapshot_bytes < CHEAP_SNAPSHOT_BYTES
-            || self.applied_bytes_since_snapshot >= self.last_snapshot_bytes;
+        let cheap = snapshot_cheap(self.applied_bytes_since_snapshot, self.last_snapshot_bytes);
         if cheap && self.applied > self.last_snapshot {
             // The map is at most the last snapshot plus what was applied since.
             let bytes = self.last_snapshot_bytes + self.applied_bytes_since_snapshot;
