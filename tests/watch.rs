@@ -440,6 +440,10 @@ fn a_relayed_watch_leaves_a_paused_host_for_another() {
         Some(json!({"id": 5, "members": [1, 2, 3]})),
     );
     assert_eq!(code, 201, "{answer}");
+    // Writes `key` once: after an answer that leaves the outcome unknown (a 503 when the
+    // request timed out while a new leader was elected), it first reads whether the
+    // write applied, and writes again only if not (a second write would be a second
+    // event).
     let put = |via: usize, key: &str| {
         let url = cluster.nodes[via].url(&format!("v1/groups/5/kv/{key}"));
         let deadline = Instant::now() + DEADLINE;
@@ -449,6 +453,17 @@ fn a_relayed_watch_leaves_a_paused_host_for_another() {
                 return answer["revision"].as_u64().unwrap();
             }
             assert!(Instant::now() < deadline, "{code} {answer}");
+            loop {
+                let (code, stored) = http_json("GET", &url, None);
+                match code {
+                    200 if stored["value"] == key => return stored["revision"].as_u64().unwrap(),
+                    200 | 404 => break,
+                    _ => {
+                        assert!(Instant::now() < deadline, "{code} {stored}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     };
