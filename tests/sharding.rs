@@ -218,19 +218,72 @@ fn idle_groups_sleep_and_wake_for_work_even_when_their_leader_died() {
     });
 
     // Its leader dies while it sleeps: the next request wakes a follower, which gets the
-    // group a new leader.
+    // group a new leader. The dead node led the cluster group too: a node serves keys
+    // while the cluster group elects (it knows the shards, which never change).
     let leader = groups(3).iter().find(|g| g["id"] == group).unwrap()["leader"]
         .as_u64()
         .unwrap();
+    let url = cluster.nodes[0].url("v1/groups/1/leader");
+    let (code, answer) = http_json("POST", &url, Some(json!({ "id": leader })));
+    assert_eq!((code, &answer["leader"]), (200, &json!(leader)), "{answer}");
     cluster.node(leader).kill();
     let via = (1..=3).find(|&id| id != leader).unwrap();
     put_v1(&cluster, via, "wake-up", "2");
-    for id in (1..=3).filter(|&id| id != leader) {
+    for id in (1..=3).filter(|&id| id != leader).rev() {
         assert_eq!(
             http("GET", &cluster.nodes[id as usize - 1].url("wake-up"), None),
             (200, "2".into())
         );
     }
+}
+
+/// The list of shards is set when the cluster forms and never changes, so a node that
+/// knows it routes keys without the cluster group: even a freshly restarted node serves
+/// a shard while the cluster group has lost its quorum.
+#[test]
+fn a_shard_with_its_quorum_serves_while_the_cluster_group_has_none() {
+    let mut cluster = Cluster::start(
+        "sharding-no-cluster-leader",
+        5,
+        &["--shards", "2", "--replicas", "3"],
+    );
+    let group = put_v1(&cluster, 1, "k", "before")["group"]
+        .as_u64()
+        .unwrap();
+    let (code, list) = http_json("GET", &cluster.nodes[0].url("v1/groups"), None);
+    assert_eq!(code, 200, "{list}");
+    let members: Vec<u64> = list["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == group)
+        .unwrap()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_u64().unwrap())
+        .collect();
+    assert_eq!(members.len(), 3, "{list}");
+    // Three of the five nodes die (two outside the shard, one inside): the cluster group
+    // keeps two of its five voters, the shard two of its three.
+    let (kept, restarted) = (members[1], members[2]);
+    for id in (1..=5).filter(|id| *id != kept && *id != restarted) {
+        cluster.node(id).kill();
+    }
+    cluster.node(restarted).kill();
+    cluster.node(restarted).start();
+    put_v1(&cluster, kept, "k", "during");
+    cluster.wait_value(restarted, "k", "during");
+    let (code, list) = http_json("GET", &cluster.node(restarted).url("v1/groups"), None);
+    assert_eq!(code, 200, "{list}");
+    let cluster_group = list["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == 1)
+        .cloned()
+        .unwrap();
+    assert_eq!(cluster_group["leader"].as_u64().unwrap_or(0), 0, "{list}");
 }
 
 /// Node 4 joins 3 nodes whose 4 groups have 3 replicas each, takes its share, and is

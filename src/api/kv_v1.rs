@@ -145,17 +145,20 @@ impl Api {
     /// Makes sure this node's copy of the list of shards is current before it routes a
     /// key by it, unless the read may be stale anyway (`serializable`). A node that just
     /// started or joined has not applied the cluster group's log yet: knowing no shards,
-    /// it would take the cluster group for every key's owner and answer "not found". Once
-    /// per process, a read index of the cluster group brings it up to date; the list is
-    /// set when the cluster is formed and never changes after.
+    /// it would take the cluster group for every key's owner and answer "not found". The
+    /// list is set once, when the cluster is formed, and never changes after; so a node
+    /// that knows a list knows the current one, and one that knows none asks a read index
+    /// of the cluster group, once per process. (Asking when the list is known would make
+    /// every shard unreachable from this node while the cluster group elects a leader.)
     pub(super) async fn settle_shards(&self, query: Option<&str>) -> Result<(), Failure> {
+        use std::sync::atomic::Ordering;
         let serializable =
             query.is_some_and(|q| q.split('&').any(|p| p == "consistency=serializable"));
-        if serializable
-            || self
-                .shards_settled
-                .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if serializable || self.shards_settled.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !self.membership.read().unwrap().shards.is_empty() {
+            self.shards_settled.store(true, Ordering::Release);
             return Ok(());
         }
         // Without a leader the read index would wait out the whole request timeout.
@@ -164,8 +167,7 @@ impl Api {
         }
         self.wait_until_readable(CLUSTER_GROUP, Consistency::Linearizable)
             .await?;
-        self.shards_settled
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.shards_settled.store(true, Ordering::Release);
         Ok(())
     }
 
