@@ -15,7 +15,7 @@
 //! One purge runs at a time, on a background thread. This must never run a purge on the
 //! raft loop (it may rewrite live entries), nor compact a log itself: only groups do.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,8 +67,9 @@ impl LogPurge {
 
     /// The last purge named these groups.
     pub fn compaction_wanted(&mut self, groups: Vec<u64>) {
+        let mut queued: BTreeSet<u64> = self.waiting.iter().chain(&self.told).copied().collect();
         for group in groups {
-            if !self.waiting.contains(&group) && !self.told.contains(&group) {
+            if queued.insert(group) {
                 self.waiting.push_back(group);
             }
         }
@@ -127,5 +128,19 @@ impl LogPurge {
             warn!(logger, "could not start the raft log purge"; "error" => %e);
             self.running.store(false, Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_named_again_is_queued_once_in_the_order_first_named() {
+        let mut purge = LogPurge::new();
+        purge.compaction_wanted(vec![3, 1, 3]);
+        purge.told.push(7);
+        purge.compaction_wanted(vec![1, 7, 2]);
+        assert_eq!(purge.waiting, [3, 1, 2]);
     }
 }
