@@ -412,15 +412,38 @@ impl Router {
 
     /// A consistent picture of group `group_id`'s raft state on this node.
     pub async fn status(&self, group_id: u64) -> Result<NodeStatus, ProposeError> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(NodeMsg::Group(group_id, GroupMsg::Status(reply)))
-            .map_err(|_| ProposeError::Stopped)?;
-        // An unanswered question: the node stopped, or it hosts no such group (any more).
-        answer.await.map_err(|_| match self.tx.is_closed() {
-            true => ProposeError::Stopped,
-            false => ProposeError::NotHosted(group_id),
-        })
+        let mut statuses = self.statuses(&[group_id]).await;
+        statuses.pop().expect("one answer per group asked")
+    }
+
+    /// [`status`](Self::status) of many groups, in their order. Every question is queued
+    /// before any answer is awaited, so the loop answers them a batch per round: asked
+    /// one after the other, each would cost a loop round over every hosted group.
+    pub async fn statuses(&self, group_ids: &[u64]) -> Vec<Result<NodeStatus, ProposeError>> {
+        let asked: Vec<_> = group_ids
+            .iter()
+            .map(|&group_id| {
+                let (reply, answer) = oneshot::channel();
+                let sent = self
+                    .tx
+                    .send(NodeMsg::Group(group_id, GroupMsg::Status(reply)));
+                (group_id, sent.is_ok(), answer)
+            })
+            .collect();
+        let mut statuses = Vec::with_capacity(asked.len());
+        for (group_id, sent, answer) in asked {
+            // An unanswered question: the node stopped, or it hosts no such group (any
+            // more).
+            let status = match sent {
+                true => answer.await.ok(),
+                false => None,
+            };
+            statuses.push(status.ok_or_else(|| match self.tx.is_closed() {
+                true => ProposeError::Stopped,
+                false => ProposeError::NotHosted(group_id),
+            }));
+        }
+        statuses
     }
 
     /// Hands a peer's MsgSnapshot, whose file is at `file`, to group `group_id`; answers

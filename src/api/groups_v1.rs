@@ -16,7 +16,7 @@
 //! Any node answers any of these routes: one that does not host group g sends the
 //! request on to one that does (`forward.rs`), and relays the answer.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
@@ -164,14 +164,23 @@ impl Api {
             );
             table
         };
+        let hosted: Vec<u64> = table
+            .iter()
+            .map(|(group, _)| *group)
+            .filter(|group| self.router.serving(*group).is_some())
+            .collect();
+        let mut statuses: BTreeMap<u64, NodeStatus> = hosted
+            .iter()
+            .zip(self.router.statuses(&hosted).await)
+            .filter_map(|(group, status)| Some((*group, status.ok()?)))
+            .collect();
         let mut groups = Vec::with_capacity(table.len());
         for (group, members) in table {
             // A replica dropped since the table was read (its node just left the group),
             // or one too new to know the group's members, is asked about elsewhere.
-            let local = match self.router.serving(group) {
-                Some(_) => self.group_info(group).await.ok(),
-                None => None,
-            };
+            let local = statuses
+                .remove(&group)
+                .and_then(|status| self.describe(group, status).ok());
             groups.push(match local {
                 Some(info) => info,
                 None => self.remote_group_info(group, &members).await,
@@ -187,6 +196,11 @@ impl Api {
     /// replica is new and has not learnt the group's configuration).
     async fn group_info(&self, group: u64) -> Result<serde_json::Value, Failure> {
         let status = self.router.status(group).await?;
+        self.describe(group, status)
+    }
+
+    /// A hosted group's entry in the listing, from its replica's `status`.
+    fn describe(&self, group: u64, status: NodeStatus) -> Result<serde_json::Value, Failure> {
         let keys = self.map_of(group)?.read().unwrap().len();
         let members: Vec<u64> = status.members.iter().map(|m| m.id).collect();
         Ok(serde_json::json!({
