@@ -98,10 +98,11 @@ impl Api {
     /// Every group hosted here, as its replica sees it (one that stops meanwhile is left
     /// out).
     async fn hosted_groups(&self) -> Vec<GroupState> {
+        let hosted = self.router.hosted();
+        let statuses = self.router.statuses(&hosted).await;
         let mut groups = Vec::new();
-        for group in self.router.hosted() {
-            let (Ok(status), Some(kv)) = (self.router.status(group).await, self.router.kv(group))
-            else {
+        for (group, status) in hosted.into_iter().zip(statuses) {
+            let (Ok(status), Some(kv)) = (status, self.router.kv(group)) else {
                 continue;
             };
             let map = kv.read().unwrap();
