@@ -75,6 +75,8 @@ pub struct Metrics {
     pub snapshot_duration: Histogram,
     /// One synced write of entries and hard state to the raft log.
     pub log_fsync: Histogram,
+    /// The raft log's files in use, as raft-engine counts them (set by the raft loop).
+    pub raft_log_in_use_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -136,6 +138,15 @@ impl Metrics {
         header(&mut out, name, "gauge", "Watch streams open on this node.");
         let open = self.watches_open.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name} {open}");
+        let name = "raftkvd_raft_log_in_use_bytes";
+        header(
+            &mut out,
+            name,
+            "gauge",
+            "Bytes of raft log files in use (whole files; purged files kept to be written over again are left out).",
+        );
+        let in_use = self.raft_log_in_use_bytes.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name} {in_use}");
         let counters = [
             (
                 "raftkvd_watch_events_sent_total",
@@ -202,7 +213,6 @@ impl Metrics {
     }
 }
 
-/// The `# HELP` and `# TYPE` lines that precede a metric's samples.
 /// One raft group's state on this node, for the per-group gauges.
 pub struct GroupGauges {
     pub group: u64,
@@ -259,6 +269,7 @@ pub fn render_groups(out: &mut String, groups: &[GroupGauges]) {
     }
 }
 
+/// The `# HELP` and `# TYPE` lines that precede a metric's samples.
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }

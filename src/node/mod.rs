@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -443,6 +444,11 @@ impl Node {
                 return Some(NodeExit::Failed(e));
             }
         }
+        let in_use = self.engine.get_used_size() as u64;
+        let metrics = &self.shared.metrics;
+        metrics
+            .raft_log_in_use_bytes
+            .store(in_use, Ordering::Relaxed);
         self.log_purge.tell_groups(&mut self.groups);
         self.log_purge
             .maybe_start(&self.engine, &self.shared.router, &self.logger);
