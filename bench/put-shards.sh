@@ -24,6 +24,9 @@ if [[ -z ${RAFTKVD:-} ]]; then
   cargo build --release --quiet
   RAFTKVD=$PWD/target/release/raftkvd
 fi
+# Written data not yet on disk (a build's output) makes the runs' fsyncs wait behind
+# its write-back: flush it first.
+sync
 WORKDIR=${WORKDIR:-$(mktemp -d /var/tmp/raftkvd-putshards.XXXXXX)}
 CLUSTER=../shared/bench/cluster.sh
 PORTS=(13371 13372 13373)
