@@ -445,10 +445,8 @@ impl Node {
             }
         }
         let in_use = self.engine.get_used_size() as u64;
-        let metrics = &self.shared.metrics;
-        metrics
-            .raft_log_in_use_bytes
-            .store(in_use, Ordering::Relaxed);
+        let gauge = &self.shared.metrics.raft_log_in_use_bytes;
+        gauge.store(in_use, Ordering::Relaxed);
         self.log_purge.tell_groups(&mut self.groups);
         self.log_purge
             .maybe_start(&self.engine, &self.shared.router, &self.logger);
