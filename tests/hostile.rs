@@ -146,11 +146,8 @@ fn forged_and_random_peer_frames_cannot_stop_a_node() {
         "refused a peer message raft could not safely take",
         "forged messages are logged",
     );
-    let (_, metrics) = http("GET", &follower.url("metrics"), None);
-    let refused: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("raftkvd_peer_messages_refused_total "))
-        .and_then(|v| v.parse().ok())
+    let refused = follower
+        .metric("raftkvd_peer_messages_refused_total")
         .unwrap_or(0);
     assert!(refused >= 6, "refusals counted: {refused}");
     follower.assert_logged(

@@ -201,16 +201,6 @@ fn corrupt_newest_snapshot_refuses_to_start_when_the_log_does_not_cover() {
         .assert_logged("no usable snapshot", "it must say why it refuses");
 }
 
-/// The node's `raftkvd_raft_log_in_use_bytes`, from its metrics at `url`.
-fn raft_log_in_use_bytes(url: &str) -> u64 {
-    let (code, text) = http("GET", url, None);
-    assert_eq!(code, 200, "GET {url}: {text}");
-    text.lines()
-        .find_map(|line| line.strip_prefix("raftkvd_raft_log_in_use_bytes "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no raftkvd_raft_log_in_use_bytes in {url}:\n{text}"))
-}
-
 /// With many groups none reaches --snapshot-count, yet their live entries keep every
 /// raft-engine file alive: the node asks raft-engine which groups hold old files and has
 /// them compact early, so the shared log stays near its 32 MiB purge threshold instead
@@ -252,10 +242,12 @@ fn many_groups_keep_the_shared_raft_log_near_its_purge_threshold() {
     let limit = 56 << 20;
     for id in 1..=3 {
         // The groups' snapshots are paced (8 MiB/s): about 100 MB of maps to write here.
-        let url = cluster.node(id).url("metrics");
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let in_use = raft_log_in_use_bytes(&url);
+            let in_use = cluster
+                .node(id)
+                .metric("raftkvd_raft_log_in_use_bytes")
+                .expect("every node reports raftkvd_raft_log_in_use_bytes");
             if in_use <= limit {
                 break;
             }

@@ -91,6 +91,19 @@ impl Node {
         )
     }
 
+    /// The value of the unlabelled series `name` in the node's `/metrics` (None if the
+    /// node does not answer 200 or has no such series).
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        let (code, text) = http("GET", &self.url("metrics"), None);
+        if code != 200 {
+            return None;
+        }
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|value| value.trim().parse().ok())
+    }
+
     /// Starts the process with its recorded arguments; its stderr is appended to its log.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "node {} already running", self.id);
