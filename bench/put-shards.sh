@@ -9,17 +9,23 @@
 # SPREAD=1 spreads the clients instead, as etcd's client balances over its endpoints:
 # three wrk processes of one thread, one on each node, a third of CONNS each, each
 # writing its own keys (bench/kv-spread.lua); p99 is then the worst of the three.
+# LEADERS=1 instead moves every group's leadership to node 1 (rebalancing off), so that
+# no write is forwarded: the rounds a put spans then drop to one shard's, and what is
+# left is the cost of many groups' entries in each of node 1's rounds.
 # Prints per measured run: puts/s, p99, the cluster's CPU per 1,000 puts (utime + stime
-# of the 3 processes), fsyncs per second (all nodes), puts per fsync on each node, and
-# raft entries committed per put (below 1 when a group's entry carries several writes).
+# of the 3 processes), fsyncs per second (all nodes), puts per fsync on each node, raft
+# entries committed per put (below 1 when a group's entry carries several writes), and
+# two figures of node 1's loop rounds (one fsync each): the raft threads' CPU per round
+# (all nodes), and rounds per put: CONNS x node 1's fsyncs / puts, how many of node 1's
+# rounds a put's latency spans (with SPREAD=0; each connection has one put in flight).
 # Needs wrk, curl, python3, bc. Env: SHARDS, RUNS (default 1), DURATION (default 8),
-# WARMUP (default 2), CONNS (default 64), SPREAD (default 0), RAFTKVD (default
-# target/release/raftkvd, built if it is the default), WORKDIR (default: a new /var/tmp
-# dir).
+# WARMUP (default 2), CONNS (default 64), SPREAD (default 0), LEADERS (default 0),
+# RAFTKVD (default target/release/raftkvd, built if it is the default), WORKDIR
+# (default: a new /var/tmp dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SHARDS:-1 64} RUNS=${RUNS:-1} DURATION=${DURATION:-8} WARMUP=${WARMUP:-2}
-CONNS=${CONNS:-64} SPREAD=${SPREAD:-0}
+CONNS=${CONNS:-64} SPREAD=${SPREAD:-0} LEADERS=${LEADERS:-0}
 if [[ -z ${RAFTKVD:-} ]]; then
   cargo build --release --quiet
   RAFTKVD=$PWD/target/release/raftkvd
@@ -47,6 +53,24 @@ cpu_ticks() {
   for pid in $(cat "$dir/pids"); do awk '{print $14 + $15}' "/proc/$pid/stat"; done | paste -sd+ | bc
 }
 
+# Clock ticks of CPU the three nodes' raft threads used so far.
+raft_ticks() {
+  local pid task
+  for pid in $(cat "$dir/pids"); do
+    for task in /proc/"$pid"/task/*; do
+      if [[ $(cat "$task/comm" 2>/dev/null) == raft-node ]]; then
+        awk '{print $14 + $15}' "$task/stat"
+      fi
+    done
+  done | paste -sd+ | bc
+}
+
+# Node 1's fsyncs so far: one a loop round that wrote entries.
+node1_fsyncs() {
+  curl -s "http://127.0.0.1:${PORTS[0]}/metrics" |
+    awk '$1 == "raftkvd_log_fsync_duration_seconds_count" {print $2}'
+}
+
 # Waits (up to 60 s) until each node leads about a third of the data groups.
 wait_spread() {
   local shards=$1 i
@@ -63,6 +87,30 @@ PY
     sleep 1
   done
   echo "leaders not spread after 60 s; measuring anyway" >&2
+}
+
+# Waits (up to 60 s) until all $1 data groups exist and node 1 leads every group,
+# asking for the transfers on the way (LEADERS=1).
+lead_on_node1() {
+  local i
+  for ((i = 0; i < 60; i++)); do
+    if python3 - "$1" "${PORTS[0]}" <<'PY'
+import json, sys, urllib.request
+shards, base = int(sys.argv[1]), f"http://127.0.0.1:{sys.argv[2]}/v1/groups"
+groups = json.load(urllib.request.urlopen(base, timeout=10))["groups"]
+elsewhere = [g["id"] for g in groups if g["leader"] != 1]
+for g in elsewhere:
+    req = urllib.request.Request(f"{base}/{g}/leader", data=b'{"id": 1}', method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=10)
+    except OSError:
+        pass  # asked again on the next pass
+sys.exit(0 if not elsewhere and len(groups) == shards + (shards > 1) else 1)
+PY
+    then return 0; fi
+    sleep 1
+  done
+  echo "leaders not all on node 1 after 60 s; measuring anyway" >&2
 }
 
 # wrk's put workload for $1 seconds, writing keys of round $2; its output (one log per
@@ -87,24 +135,31 @@ ticks_per_s=$(getconf CLK_TCK)
 for ((run = 1; run <= RUNS; run++)); do
   for shards in $SHARDS; do
     dir=$WORKDIR/run$run-shards$shards
-    RAFTKVD=$RAFTKVD RAFTKVD_SHARDS=$shards $CLUSTER raftkvd start "$dir" >/dev/null
-    wait_spread "$shards"
+    if ((LEADERS)); then
+      RAFTKVD=$RAFTKVD RAFTKVD_SHARDS=$shards RAFTKVD_DISABLE_REBALANCING=true \
+        $CLUSTER raftkvd start "$dir" >/dev/null
+      lead_on_node1 "$shards"
+    else
+      RAFTKVD=$RAFTKVD RAFTKVD_SHARDS=$shards $CLUSTER raftkvd start "$dir" >/dev/null
+      wait_spread "$shards"
+    fi
     put_load "$WARMUP" "w$run" "$dir/warmup.log"
     fsyncs0=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries0=$(metric raftkvd_committed_entries_total)
-    cpu0=$(cpu_ticks)
+    cpu0=$(cpu_ticks) raft0=$(raft_ticks) rounds0=$(node1_fsyncs)
     put_load "$DURATION" "m$run" "$dir/wrk.log"
-    cpu1=$(cpu_ticks)
+    cpu1=$(cpu_ticks) raft1=$(raft_ticks) rounds1=$(node1_fsyncs)
     fsyncs1=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries1=$(metric raftkvd_committed_entries_total)
     RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null
     lines=$(cat "$dir"/wrk.log.* | grep '^BENCH ' | sed 's/^BENCH //')
     dir=""
     python3 - "$lines" "$shards" "$((cpu1 - cpu0))" "$ticks_per_s" "$((fsyncs1 - fsyncs0))" \
-      "$((entries1 - entries0))" "$DURATION" <<'PY'
+      "$((entries1 - entries0))" "$DURATION" "$((raft1 - raft0))" "$((rounds1 - rounds0))" \
+      "$CONNS" <<'PY'
 import json, sys
 rs = [json.loads(line) for line in sys.argv[1].splitlines()]
-shards, ticks, hz, fsyncs, entries, secs = (int(x) for x in sys.argv[2:])
+shards, ticks, hz, fsyncs, entries, secs, raft_ticks, rounds, conns = (int(x) for x in sys.argv[2:])
 n = max(sum(r["requests"] for r in rs), 1)
 rps = sum(r["rps"] for r in rs)
 p99 = max(r["p99_ms"] for r in rs)
@@ -112,7 +167,9 @@ non2xx = sum(r["non2xx"] for r in rs)
 print(f"shards={shards:<3} puts/s={rps:>9,.0f}  p99={p99:6.2f} ms  "
       f"non2xx={non2xx}  cpu/1k puts={ticks / hz * 1000 / n * 1000:6.1f} ms  "
       f"fsyncs/s={fsyncs / secs:6.0f}  puts/fsync/node={3 * n / max(fsyncs, 1):5.1f}  "
-      f"entries/put={entries / 3 / n:5.3f}")
+      f"entries/put={entries / 3 / n:5.3f}  "
+      f"raft cpu/round={raft_ticks / hz * 1e6 / max(rounds, 1):5.0f} us  "
+      f"rounds/put={conns * rounds / n:4.1f}")
 PY
   done
 done
