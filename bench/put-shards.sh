@@ -39,11 +39,12 @@ PORTS=(13371 13372 13373)
 dir=""
 trap '[[ -n $dir ]] && RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null 2>&1 || true' EXIT
 
-# Sum of a metric over the three nodes.
+# Sum of metric $1 over the nodes on ports $2... (default: all three).
 metric() {
-  local p
-  for p in "${PORTS[@]}"; do
-    curl -s "http://127.0.0.1:$p/metrics" | awk -v m="$1" '$1 == m {s += $2} END {printf "%d\n", s}'
+  local name=$1 p
+  shift
+  for p in "${@:-${PORTS[@]}}"; do
+    curl -s "http://127.0.0.1:$p/metrics" | awk -v m="$name" '$1 == m {s += $2} END {printf "%d\n", s}'
   done | paste -sd+ | bc
 }
 
@@ -63,12 +64,6 @@ raft_ticks() {
       fi
     done
   done | paste -sd+ | bc
-}
-
-# Node 1's fsyncs so far: one a loop round that wrote entries.
-node1_fsyncs() {
-  curl -s "http://127.0.0.1:${PORTS[0]}/metrics" |
-    awk '$1 == "raftkvd_log_fsync_duration_seconds_count" {print $2}'
 }
 
 # Waits (up to 60 s) until each node leads about a third of the data groups.
@@ -146,9 +141,12 @@ for ((run = 1; run <= RUNS; run++)); do
     put_load "$WARMUP" "w$run" "$dir/warmup.log"
     fsyncs0=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries0=$(metric raftkvd_committed_entries_total)
-    cpu0=$(cpu_ticks) raft0=$(raft_ticks) rounds0=$(node1_fsyncs)
+    # Node 1's fsyncs: one a loop round that wrote entries.
+    cpu0=$(cpu_ticks) raft0=$(raft_ticks)
+    rounds0=$(metric raftkvd_log_fsync_duration_seconds_count "${PORTS[0]}")
     put_load "$DURATION" "m$run" "$dir/wrk.log"
-    cpu1=$(cpu_ticks) raft1=$(raft_ticks) rounds1=$(node1_fsyncs)
+    cpu1=$(cpu_ticks) raft1=$(raft_ticks)
+    rounds1=$(metric raftkvd_log_fsync_duration_seconds_count "${PORTS[0]}")
     fsyncs1=$(metric raftkvd_log_fsync_duration_seconds_count)
     entries1=$(metric raftkvd_committed_entries_total)
     RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null
