@@ -7,8 +7,8 @@
 //! `api/kv_v1.rs` (the request; `sharding.rs` names the key's group, and `api/forward.rs`
 //! sends the request on if this node does not host it) -> `router.rs` (to the raft
 //! thread) -> `node/mod.rs` (to the group) -> `node/group.rs` and `command.rs` (propose,
-//! Ready) -> `storage.rs` (fsync) and `transport.rs` + `peer_stream.rs` (to peers) ->
-//! `node/group.rs` (apply) -> `kv.rs` and `record.rs`.
+//! Ready) -> `storage.rs` (fsync) and `transport.rs` + `peer_stream.rs` (to peers, whose
+//! `peer_service.rs` steps them) -> `node/group.rs` (apply) -> `kv.rs` and `record.rs`.
 
 mod api;
 mod background;
@@ -30,6 +30,7 @@ mod membership;
 mod metrics;
 mod node;
 mod peer_frame;
+mod peer_service;
 mod peer_stream;
 mod probe;
 mod random;
@@ -360,7 +361,7 @@ async fn serve(
             logger.clone(),
         ));
     }
-    let peer_service = Arc::new(transport::PeerService {
+    let peer_service = Arc::new(peer_service::PeerService {
         own_id: config.id,
         node: router.clone(),
         membership: membership.clone(),
@@ -399,7 +400,7 @@ async fn serve(
             config.id,
             rebalance::OwnApi {
                 client: transport.client(),
-                base: format!("{}{}", config.own_peer_url(), transport::FORWARD_PREFIX),
+                base: format!("{}{}", config.own_peer_url(), peer_service::FORWARD_PREFIX),
                 cluster_id,
             },
             router.clone(),
@@ -454,7 +455,7 @@ fn raft_thread_vanished() -> NodeExit {
 
 /// How the peer server hands a client request that another node forwarded (under
 /// `/client`) to this node's API: on the main runtime, off the raft thread.
-fn forwarded_requests_to(api: Arc<Api>) -> transport::ClientApi {
+fn forwarded_requests_to(api: Arc<Api>) -> peer_service::ClientApi {
     let runtime = tokio::runtime::Handle::current();
     Arc::new(move |req| {
         let (api, runtime) = (api.clone(), runtime.clone());
@@ -536,7 +537,7 @@ struct PeerServer {
     listener: std::net::TcpListener,
     tls: Option<Arc<tls::Tls>>,
     limits: http_server::Limits,
-    service: Arc<transport::PeerService>,
+    service: Arc<peer_service::PeerService>,
     stopping: watch::Receiver<bool>,
     logger: Logger,
 }
@@ -563,7 +564,7 @@ fn run_raft_thread(node: Node, inbox: router::Inbox, peers: PeerServer) -> NodeE
             listener,
             peers.tls,
             peers.limits,
-            move |req| transport::handle_peer_request(req, service.clone()),
+            move |req| peer_service::handle_peer_request(req, service.clone()),
             peers.stopping,
             peers.logger,
         ));

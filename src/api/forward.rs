@@ -23,7 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::{read_body, Api, Failure, Reply};
 use crate::cluster_id;
-use crate::transport::FORWARD_PREFIX;
+use crate::peer_service::FORWARD_PREFIX;
 
 /// The header that carries a key's revision with a raw value (relayed as it is).
 pub const REVISION_HEADER: &str = "x-raftkvd-revision";

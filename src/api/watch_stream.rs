@@ -25,8 +25,8 @@ use crate::entry_formats;
 use crate::history::Event;
 use crate::kv::SharedKv;
 use crate::metrics::Metrics;
+use crate::peer_service::FORWARD_PREFIX;
 use crate::router::Router;
-use crate::transport::FORWARD_PREFIX;
 use crate::watch_hub::Keys;
 
 /// Events looked up under the map's lock, or taken from the live channel, at a time.
