@@ -120,14 +120,18 @@ impl EntryFormats {
                 .all(|id| peers.get(&id).copied().unwrap_or(SINGLE) >= format)
     }
 
-    /// The newest format every one of `members` (this node among them or not) reads,
-    /// and whether that changed since the last call.
-    pub fn writable(&self, members: impl Iterator<Item = u64>) -> (u8, bool) {
+    /// The newest format this node and every one of `members` read: what this node
+    /// writes to a group of them (`/status` shows it for the cluster's members).
+    pub fn newest_all_read(&self, members: impl Iterator<Item = u64>) -> u8 {
         let peers = self.peers.lock().unwrap();
-        let newest = members
+        members
             .map(|id| peers.get(&id).copied().unwrap_or(SINGLE))
-            .fold(self.own, u8::min);
-        drop(peers);
+            .fold(self.own, u8::min)
+    }
+
+    /// [`Self::newest_all_read`], and whether that changed since the last call.
+    pub fn writable(&self, members: impl Iterator<Item = u64>) -> (u8, bool) {
+        let newest = self.newest_all_read(members);
         let mut last = self.last_writable.lock().unwrap();
         let changed = *last != newest;
         *last = newest;

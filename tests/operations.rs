@@ -164,6 +164,14 @@ fn status_reports_raft_state_members_and_disk_use() {
         assert!(status[field].is_u64(), "{field} in {status}");
     }
     assert_eq!(status["id"], 1);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    let entry_format = status["entry_format"].as_u64().unwrap();
+    assert!(entry_format >= 4, "{status}");
+    // Every member runs this build: once node 1 has heard from both peers, the cluster
+    // writes the newest format it reads.
+    cluster.wait_until("node 1 to hear every member's entry format", || {
+        cluster.nodes[0].status_u64("cluster_entry_format") == entry_format
+    });
     assert!(["Leader", "Follower"].contains(&status["role"].as_str().unwrap()));
     let members = status["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);

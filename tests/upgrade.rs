@@ -210,6 +210,14 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     }
     let writes_batches = "entry format written changed: every member reads it, format: 4";
     assert!(!cluster.nodes[0].log_text().contains(writes_batches));
+    // `/status` tells an operator how far the upgrade is: what a node reads, and what
+    // every member reads (what the cluster writes).
+    assert_eq!(
+        entry_formats(&cluster.nodes[0]),
+        (4, 1),
+        "node 3 reads format 1 only"
+    );
+    assert_eq!(entry_formats(&cluster.nodes[2]).0, 1);
     assert_eq!(http("GET", &cluster.nodes[2].url("health"), None).0, 200);
     let groups = cluster.nodes[0].url("v1/groups");
     let (code, text) = http(
@@ -281,6 +289,12 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
         },
         || cluster.logs(),
     );
+    assert_eq!(
+        entry_formats(&cluster.nodes[0]),
+        (4, 4),
+        "every member reads format 4 now"
+    );
+    assert_eq!(entry_formats(&cluster.nodes[2]).0, 4);
     let leader = cluster.wait_leader();
     concurrent_puts(&cluster, leader, "new");
     for thread in 0..16 {
@@ -295,4 +309,13 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
         .send()
         .unwrap();
     assert_eq!(several.status(), 200);
+}
+
+/// A node's `entry_format` and `cluster_entry_format` from `/status`: the newest entry
+/// format it reads, and the newest every member reads (what the cluster writes).
+fn entry_formats(node: &common::Node) -> (u64, u64) {
+    (
+        node.status_u64("entry_format"),
+        node.status_u64("cluster_entry_format"),
+    )
 }

@@ -2,7 +2,7 @@
 //!
 //! | request                  | does                                        |
 //! |--------------------------|---------------------------------------------|
-//! | `GET /status`            | JSON: the cluster group's id, term, role, leader, commit, applied, last snapshot, members; data-dir size; every hosted group (`groups`) |
+//! | `GET /status`            | JSON: the cluster group's id, term, role, leader, commit, applied, last snapshot, members; data-dir size; release and entry formats; every hosted group (`groups`) |
 //! | `GET /health`            | 200 while the process serves                 |
 //! | `GET /readyz`            | 200 once a leader is known and all known commits are applied; else 503 |
 //! | `GET /metrics`           | Prometheus text format (`metrics.rs`), with gauges per hosted group |
@@ -35,6 +35,13 @@ pub(super) const PANIC_ROUTE: &str = "debug/panic";
 struct Status {
     #[serde(flatten)]
     node: NodeStatus,
+    /// This build's release.
+    version: &'static str,
+    /// The newest entry format this node reads (`entry_formats.rs`), and the newest that
+    /// every member of the cluster reads, which is what the cluster writes: below this
+    /// node's during a rolling upgrade, until every member runs the new release.
+    entry_format: u8,
+    cluster_entry_format: u8,
     /// Bytes under the data dir: raft log, snapshots, markers.
     data_dir_bytes: u64,
     /// Every group hosted here, the cluster group first.
@@ -63,10 +70,20 @@ impl Api {
             .await
             .unwrap_or(0);
         let groups = self.hosted_groups().await;
+        let cluster_entry_format = {
+            let membership = self.membership.read().unwrap();
+            let members = membership
+                .others(self.id)
+                .filter(|id| !membership.removed.contains(id));
+            self.entry_formats.newest_all_read(members)
+        };
         Ok(json_response(
             StatusCode::OK,
             &Status {
                 node,
+                version: env!("CARGO_PKG_VERSION"),
+                entry_format: self.entry_formats.own(),
+                cluster_entry_format,
                 data_dir_bytes,
                 groups,
             },
