@@ -12,6 +12,10 @@
 # LEADERS=1 instead moves every group's leadership to node 1 (rebalancing off), so that
 # no write is forwarded: the rounds a put spans then drop to one shard's, and what is
 # left is the cost of many groups' entries in each of node 1's rounds.
+# ROUTED=1 plays a client that knows the shard map: one wrk process of one thread per
+# node that leads a group, with connections in proportion to the groups it leads, each
+# writing only keys of those groups (bench/kv-routed.lua), so no write is forwarded and
+# the leaders stay spread: the most any forwarding could be made to cost nothing.
 # Prints per measured run: puts/s, p99, the cluster's CPU per 1,000 puts (utime + stime
 # of the 3 processes), fsyncs per second (all nodes), puts per fsync on each node, raft
 # entries committed per put (below 1 when a group's entry carries several writes), and
@@ -20,12 +24,13 @@
 # rounds a put's latency spans (with SPREAD=0; each connection has one put in flight).
 # Needs wrk, curl, python3, bc. Env: SHARDS, RUNS (default 1), DURATION (default 8),
 # WARMUP (default 2), CONNS (default 64), SPREAD (default 0), LEADERS (default 0),
+# ROUTED (default 0),
 # RAFTKVD (default target/release/raftkvd, built if it is the default), WORKDIR
 # (default: a new /var/tmp dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SHARDS:-1 64} RUNS=${RUNS:-1} DURATION=${DURATION:-8} WARMUP=${WARMUP:-2}
-CONNS=${CONNS:-64} SPREAD=${SPREAD:-0} LEADERS=${LEADERS:-0}
+CONNS=${CONNS:-64} SPREAD=${SPREAD:-0} LEADERS=${LEADERS:-0} ROUTED=${ROUTED:-0}
 if [[ -z ${RAFTKVD:-} ]]; then
   cargo build --release --quiet
   RAFTKVD=$PWD/target/release/raftkvd
@@ -113,6 +118,10 @@ PY
 put_load() {
   local secs=$1 round=$2 out=$3 n
   export BENCH_SYSTEM=raftkvd BENCH_WORKLOAD=put BENCH_MODE=put BENCH_NKEYS=0 BENCH_PREFIX=$round
+  if ((ROUTED)); then
+    routed_load "$secs" "$out"
+    return
+  fi
   if ((SPREAD == 0)); then
     BENCH_THREADS=2 BENCH_CONNS=$CONNS wrk -t2 -c"$CONNS" -d"${secs}s" --timeout 5s --latency \
       -s ../shared/bench/kv.lua "http://127.0.0.1:${PORTS[0]}" >"$out.0" 2>&1
@@ -122,6 +131,34 @@ put_load() {
     local conns=$(((CONNS + 2 - n) / 3))
     BENCH_THREADS=3 BENCH_CONNS=$conns BENCH_ID_OFFSET=$n wrk -t1 -c"$conns" -d"${secs}s" \
       --timeout 5s --latency -s bench/kv-spread.lua "http://127.0.0.1:${PORTS[n]}" >"$out.$n" 2>&1 &
+  done
+  wait
+}
+
+# ROUTED=1: wrk on each node that leads groups, writing only their keys, for $1 seconds;
+# output to $2.N. The leader of each slot of the shard list (groups 2, 3, ... in order;
+# group 1 with one shard) is read from /v1/groups first.
+routed_load() {
+  local secs=$1 out=$2 leaders n led conns given=0 started=0
+  leaders=$(python3 - "${PORTS[0]}" <<'PY'
+import json, sys, urllib.request
+groups = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/groups", timeout=10))["groups"]
+data = sorted((g["id"], g["leader"]) for g in groups if g["id"] != 1) or [(1, next(g["leader"] for g in groups if g["id"] == 1))]
+print(" ".join(str(leader) for _, leader in data))
+PY
+  )
+  local slots
+  slots=$(wc -w <<<"$leaders")
+  for n in 1 2 3; do
+    led=$(tr ' ' '\n' <<<"$leaders" | grep -cx "$n" || true)
+    ((led > 0)) || continue
+    started=$((started + led))
+    conns=$((CONNS * started / slots - given))
+    given=$((given + conns))
+    ((conns > 0)) || continue
+    BENCH_THREADS=1 BENCH_CONNS=$conns BENCH_NODE=$n BENCH_LEADERS=$leaders wrk -t1 -c"$conns" \
+      -d"${secs}s" --timeout 5s --latency -s bench/kv-routed.lua "http://127.0.0.1:${PORTS[n - 1]}" \
+      >"$out.$n" 2>&1 &
   done
   wait
 }
