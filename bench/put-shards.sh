@@ -21,7 +21,8 @@
 # entries committed per put (below 1 when a group's entry carries several writes), and
 # two figures of node 1's loop rounds (one fsync each): the raft threads' CPU per round
 # (all nodes), and rounds per put: CONNS x node 1's fsyncs / puts, how many of node 1's
-# rounds a put's latency spans (with SPREAD=0; each connection has one put in flight).
+# rounds a put's latency spans (each connection has one put in flight; with SPREAD=1 or
+# ROUTED=1, where every node takes requests, node 1's rounds stand for any node's).
 # Needs wrk, curl, python3, bc. Env: SHARDS, RUNS (default 1), DURATION (default 8),
 # WARMUP (default 2), CONNS (default 64), SPREAD (default 0), LEADERS (default 0),
 # ROUTED (default 0),
