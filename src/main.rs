@@ -7,8 +7,9 @@
 //! `api/kv_v1.rs` (the request; `sharding.rs` names the key's group, and `api/forward.rs`
 //! sends the request on if this node does not host it) -> `router.rs` (to the raft
 //! thread) -> `node/mod.rs` (to the group) -> `node/group/proposals.rs` and `command.rs`
-//! (propose) -> `node/group.rs` (Ready) -> `storage.rs` (fsync) and `transport.rs` + `peer_stream.rs` (to peers, whose
-//! `peer_service.rs` steps them) -> `node/group.rs` (apply) -> `kv.rs` and `record.rs`.
+//! (propose) -> `node/group.rs` (Ready) -> `storage.rs` (fsync) and `transport.rs` +
+//! `peer_stream.rs` (to peers, whose `peer_service.rs` steps them) -> `node/group.rs`
+//! (apply) -> `kv.rs` and `record.rs`.
 
 mod api;
 mod background;
