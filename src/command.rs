@@ -396,8 +396,8 @@ const CONTEXT_PROPOSED_TERM: u8 = 1;
 
 /// The context of a normal entry proposed in `term`: a leader appends the entry only in
 /// that term (`node/group/proposals.rs`), so a proposal cannot be appended by a later
-/// leader after its proposer has given it up and proposed it again. Releases that do not know the
-/// context ignore it (raft-rs carries it untouched).
+/// leader after its proposer has given it up and proposed it again. Releases that do not
+/// know the context ignore it (raft-rs carries it untouched).
 pub fn proposed_term_context(term: u64) -> Vec<u8> {
     let mut buf = Vec::with_capacity(9);
     buf.push(CONTEXT_PROPOSED_TERM);

@@ -529,8 +529,8 @@ impl Storage for LogStore {
 
     /// The newest durable snapshot. Its data is empty: the transport streams the file
     /// named by the metadata's index (see transport.rs and peer_service.rs). A snapshot
-    /// that predates the recipient's membership would be refused by it; then a new one is asked for and
-    /// raft-rs tries again later.
+    /// that predates the recipient's membership would be refused by it; then a new one is
+    /// asked for and raft-rs tries again later.
     fn snapshot(&self, _request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let conf = self.snapshot.get_conf_state();
         let knows_recipient = conf.voters.contains(&to) || conf.learners.contains(&to);
