@@ -113,9 +113,10 @@ pub struct Config {
     #[arg(long, env = "RAFTKVD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
 
-    /// Changes (puts and deletes) each raft group keeps for watches: a watch may start
-    /// this far back, and a restarted node has those since its last snapshot. 0 keeps
-    /// none (watches then start at the current revision only).
+    /// Changes (puts and deletes) this process keeps for watches, split evenly among the
+    /// groups it hosts that hold keys (at least one each): a watch may start this far
+    /// back, and a restarted node has those since its last snapshot. 0 keeps none
+    /// (watches then start at the current revision only).
     #[arg(long, env = "RAFTKVD_WATCH_HISTORY", default_value_t = crate::history::DEFAULT_CAPACITY)]
     pub watch_history: usize,
 

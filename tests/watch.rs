@@ -175,14 +175,16 @@ fn a_watcher_sees_every_write_once_across_a_leader_kill_and_a_reconnect() {
 }
 
 /// With keys in 4 groups: a prefix watch names each event's group, starts per group,
-/// and a start older than a group's history is 410 with the oldest still kept. A long
-/// poll answers a change at once if it happened, waits for one that has not, and 408s.
+/// and a start older than a group's history is 410 with the oldest still kept; the
+/// history of 16 changes is the process's, so each of its 4 groups keeps its last 4. A
+/// long poll answers a change at once if it happened, waits for one that has not, and
+/// 408s.
 #[test]
 fn sharded_watches_start_per_group_and_long_polls_wait_for_a_change() {
     let cluster = Cluster::start(
         "watch-sharded",
         3,
-        &["--shards", "4", "--watch-history", "8"],
+        &["--shards", "4", "--watch-history", "16"],
     );
     let url = |path: &str| cluster.nodes[0].url(path);
     // Each group's writes: (revision, key).
@@ -210,7 +212,7 @@ fn sharded_watches_start_per_group_and_long_polls_wait_for_a_change() {
     }
     assert_eq!(groups.len(), 4, "{groups:?}");
     let (busiest, writes) = groups.iter().max_by_key(|(_, w)| w.len()).unwrap();
-    assert!(writes.len() > 8);
+    assert!(writes.len() > 5);
     // Its oldest events went for room: 410, naming the oldest still kept; for a long
     // poll too.
     let (oldest, oldest_key) = &writes[0];
@@ -232,6 +234,33 @@ fn sharded_watches_start_per_group_and_long_polls_wait_for_a_change() {
         None,
     );
     assert_eq!(code, 410, "{answer}");
+    // Every node hosts the 4 groups, so each keeps 16 / 4 changes: the busiest group's
+    // 4th newest is still there, its 5th newest is not.
+    let poll_from = |(revision, key): &(u64, String)| {
+        http_json(
+            "GET",
+            &url(&format!(
+                "v1/kv/{key}?wait=true&after_revision={}&timeout_ms=100",
+                revision - 1
+            )),
+            None,
+        )
+    };
+    let (code, answer) = poll_from(&writes[writes.len() - 4]);
+    assert_eq!(code, 200, "the 4th newest change is kept: {answer}");
+    // (Once node 1 has applied the newest: it may follow the group's leader.)
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (code, answer) = poll_from(&writes[writes.len() - 5]);
+        if code == 410 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the 5th newest change is kept: {code} {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Each group from its own last 2 writes on.
     let start: Vec<String> = groups
         .iter()

@@ -260,8 +260,13 @@ impl Group {
     }
 
     /// The cluster group of a sharded cluster: every key belongs to a data group.
-    fn holds_no_keys(&self) -> bool {
+    pub fn holds_no_keys(&self) -> bool {
         self.is_cluster_group() && !self.membership.read().unwrap().shards.is_empty()
+    }
+
+    /// Keeps up to `changes` of this group's changes for watches (see `Node::share_watch_history`).
+    pub fn keep_watch_history(&self, changes: usize) {
+        self.kv.write().unwrap().set_history_capacity(changes);
     }
 
     pub fn is_leader(&self) -> bool {
