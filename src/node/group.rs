@@ -264,7 +264,8 @@ impl Group {
         self.is_cluster_group() && !self.membership.read().unwrap().shards.is_empty()
     }
 
-    /// Keeps up to `changes` of this group's changes for watches (see `Node::share_watch_history`).
+    /// Keeps up to `changes` of this group's changes for watches (the node shares
+    /// `--watch-history` among its groups: `Node::share_watch_history`).
     pub fn keep_watch_history(&self, changes: usize) {
         self.kv.write().unwrap().set_history_capacity(changes);
     }
