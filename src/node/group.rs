@@ -82,6 +82,9 @@ pub enum GroupEvent {
     Removed { index: u64 },
     /// The group's log was compacted: raft-engine may delete files now.
     LogCompacted,
+    /// The cluster group applied the list of shards: its keys are the data groups' now,
+    /// and so is its share of the watch history.
+    ShardsSet,
 }
 
 /// A Ready whose entries and hard state are staged in the round's write batch.

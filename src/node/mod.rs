@@ -443,6 +443,10 @@ impl Node {
         for (group_id, event) in events {
             let done = match event {
                 GroupEvent::Placed { group } => self.reconcile(group),
+                GroupEvent::ShardsSet => {
+                    self.share_watch_history();
+                    Ok(())
+                }
                 GroupEvent::LogCompacted => {
                     self.log_purge.on_compacted();
                     Ok(())

@@ -100,6 +100,7 @@ impl Group {
                 }
                 info!(self.logger, "keys sharded over groups"; "groups" => ?groups, "index" => index);
                 membership.shards = groups;
+                self.events.push(GroupEvent::ShardsSet);
                 return Ok(());
             }
         };
