@@ -160,6 +160,7 @@ impl Node {
         for group in groups {
             node.reconcile(group)?;
         }
+        node.share_watch_history();
         Ok(node)
     }
 
@@ -181,7 +182,6 @@ impl Node {
         let mut group = Group::new(id, replica, &self.config, store, kv.clone(), shared, logger)?;
         group.report_configuration_to(self.shared.router.register(id, kv));
         self.groups.insert(id, group);
-        self.share_watch_history();
         Ok(())
     }
 
@@ -190,6 +190,8 @@ impl Node {
     /// of groups: with keys hashed over the groups, each group's share spans about as
     /// many seconds of writes as one group's whole history would. (Each of 64 groups
     /// keeping the whole budget took 217 MiB per process under bench/put-shards.sh.)
+    /// Called whenever the groups hosted here, or which of them hold keys, may have
+    /// changed: at start-up, and after a round's placements.
     fn share_watch_history(&self) {
         let holding: Vec<&Group> = self
             .groups
@@ -302,7 +304,6 @@ impl Node {
         }
         self.groups.remove(&group);
         self.shared.router.unregister(group);
-        self.share_watch_history();
         storage::destroy_group(&self.engine, group, incarnation_of(replica))
             .map_err(|e| format!("cannot delete the log of group {group}: {e}"))?;
         self.log_purge.on_compacted();
@@ -440,13 +441,15 @@ impl Node {
         for group in self.groups.values_mut() {
             events.extend(group.take_events().into_iter().map(|e| (group.id(), e)));
         }
+        let mut share_history_again = false;
         for (group_id, event) in events {
+            share_history_again |= matches!(
+                event,
+                GroupEvent::Placed { .. } | GroupEvent::Removed { .. } | GroupEvent::ShardsSet
+            );
             let done = match event {
                 GroupEvent::Placed { group } => self.reconcile(group),
-                GroupEvent::ShardsSet => {
-                    self.share_watch_history();
-                    Ok(())
-                }
+                GroupEvent::ShardsSet => Ok(()),
                 GroupEvent::LogCompacted => {
                     self.log_purge.on_compacted();
                     Ok(())
@@ -466,6 +469,9 @@ impl Node {
                 error!(self.logger, "could not start or drop a replica; stopping"; "error" => &e);
                 return Some(NodeExit::Failed(e));
             }
+        }
+        if share_history_again {
+            self.share_watch_history();
         }
         let in_use = self.engine.get_used_size() as u64;
         let gauge = &self.shared.metrics.raft_log_in_use_bytes;
