@@ -17,7 +17,8 @@
 # writing only keys of those groups (bench/kv-routed.lua), so no write is forwarded and
 # the leaders stay spread: the most any forwarding could be made to cost nothing.
 # Prints per measured run: puts/s, p99, the cluster's CPU per 1,000 puts (utime + stime
-# of the 3 processes), fsyncs per second (all nodes), puts per fsync on each node, raft
+# of the 3 processes), fsyncs per second (all nodes), the mean synced log write (write
+# and fsync, as raftkvd_log_fsync_duration_seconds times it), puts per fsync on each node, raft
 # entries committed per put (below 1 when a group's entry carries several writes), and
 # two figures of node 1's loop rounds (one fsync each): the raft threads' CPU per round
 # (all nodes), and rounds per put: CONNS x node 1's fsyncs / puts, how many of node 1's
@@ -51,6 +52,14 @@ metric() {
   shift
   for p in "${@:-${PORTS[@]}}"; do
     curl -s "http://127.0.0.1:$p/metrics" | awk -v m="$name" '$1 == m {s += $2} END {printf "%d\n", s}'
+  done | paste -sd+ | bc
+}
+
+# Sum of metric $1 (seconds) over the three nodes, in microseconds.
+metric_us() {
+  local p
+  for p in "${PORTS[@]}"; do
+    curl -s "http://127.0.0.1:$p/metrics" | awk -v m="$1" '$1 == m {s += $2} END {printf "%d\n", s * 1e6}'
   done | paste -sd+ | bc
 }
 
@@ -178,6 +187,7 @@ for ((run = 1; run <= RUNS; run++)); do
     fi
     put_load "$WARMUP" "w$run" "$dir/warmup.log"
     fsyncs0=$(metric raftkvd_log_fsync_duration_seconds_count)
+    fsync_us0=$(metric_us raftkvd_log_fsync_duration_seconds_sum)
     entries0=$(metric raftkvd_committed_entries_total)
     # Node 1's fsyncs: one a loop round that wrote entries.
     cpu0=$(cpu_ticks) raft0=$(raft_ticks)
@@ -186,23 +196,24 @@ for ((run = 1; run <= RUNS; run++)); do
     cpu1=$(cpu_ticks) raft1=$(raft_ticks)
     rounds1=$(metric raftkvd_log_fsync_duration_seconds_count "${PORTS[0]}")
     fsyncs1=$(metric raftkvd_log_fsync_duration_seconds_count)
+    fsync_us1=$(metric_us raftkvd_log_fsync_duration_seconds_sum)
     entries1=$(metric raftkvd_committed_entries_total)
     RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null
     lines=$(cat "$dir"/wrk.log.* | grep '^BENCH ' | sed 's/^BENCH //')
     dir=""
     python3 - "$lines" "$shards" "$((cpu1 - cpu0))" "$ticks_per_s" "$((fsyncs1 - fsyncs0))" \
       "$((entries1 - entries0))" "$DURATION" "$((raft1 - raft0))" "$((rounds1 - rounds0))" \
-      "$CONNS" <<'PY'
+      "$CONNS" "$((fsync_us1 - fsync_us0))" <<'PY'
 import json, sys
 rs = [json.loads(line) for line in sys.argv[1].splitlines()]
-shards, ticks, hz, fsyncs, entries, secs, raft_ticks, rounds, conns = (int(x) for x in sys.argv[2:])
+shards, ticks, hz, fsyncs, entries, secs, raft_ticks, rounds, conns, fsync_us = (int(x) for x in sys.argv[2:])
 n = max(sum(r["requests"] for r in rs), 1)
 rps = sum(r["rps"] for r in rs)
 p99 = max(r["p99_ms"] for r in rs)
 non2xx = sum(r["non2xx"] for r in rs)
 print(f"shards={shards:<3} puts/s={rps:>9,.0f}  p99={p99:6.2f} ms  "
       f"non2xx={non2xx}  cpu/1k puts={ticks / hz * 1000 / n * 1000:6.1f} ms  "
-      f"fsyncs/s={fsyncs / secs:6.0f}  puts/fsync/node={3 * n / max(fsyncs, 1):5.1f}  "
+      f"fsyncs/s={fsyncs / secs:6.0f}  fsync={fsync_us / max(fsyncs, 1):4.0f} us  puts/fsync/node={3 * n / max(fsyncs, 1):5.1f}  "
       f"entries/put={entries / 3 / n:5.3f}  "
       f"raft cpu/round={raft_ticks / hz * 1e6 / max(rounds, 1):5.0f} us  "
       f"rounds/put={conns * rounds / n:4.1f}")
