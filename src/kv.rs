@@ -12,10 +12,12 @@
 //! lock briefly to clone a value out (a reference-count increment). It must never be
 //! written from anywhere but committed entries. Each key is one [`Record`].
 //!
-//! The map is split into shards, each behind an `Arc`, so that a snapshot is taken in
-//! O(shards): [`KvStore::freeze`] clones the shard pointers, and a later write to a shard
-//! the snapshot writer still holds copies that one shard first (copy-on-write). The cost
-//! of copying is spread over the writes that follow instead of pausing the raft loop.
+//! The map is split into pieces (by a hash of the key; not to be confused with the
+//! cluster's shards, which are raft groups), each behind an `Arc`, so that a snapshot is
+//! taken in O(pieces): [`KvStore::freeze`] clones the piece pointers, and a later write to
+//! a piece the snapshot writer still holds copies that one piece first (copy-on-write).
+//! The cost of copying is spread over the writes that follow instead of pausing the raft
+//! loop.
 //!
 //! The group's leases (`leases.rs`) are part of the map: a put may attach its key to one,
 //! and revoking one deletes its keys here, at one revision.
@@ -52,7 +54,7 @@ impl From<&Record> for Versioned {
     }
 }
 
-/// One shard: records ordered by key.
+/// One piece of the map: records ordered by key.
 pub type KvMap = BTreeSet<Slot>;
 
 /// What applying a command did.
@@ -66,13 +68,13 @@ pub enum Applied {
     Lease(LeaseRefusal),
 }
 
-/// Enough shards that copying one is a small pause even with millions of keys.
-const SHARDS: usize = 64;
+/// Enough pieces that copying one is a small pause even with millions of keys.
+const PIECES: usize = 64;
 
 /// An immutable view of the whole map at one applied index, for a snapshot.
 #[derive(Clone)]
 pub struct FrozenKv {
-    shards: Vec<Arc<KvMap>>,
+    pieces: Vec<Arc<KvMap>>,
     /// The revision of the last command applied.
     revision: u64,
     leases: Arc<Leases>,
@@ -96,18 +98,18 @@ impl FrozenKv {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.len()).sum()
+        self.pieces.iter().map(|p| p.len()).sum()
     }
 
-    /// Every record, shard by shard (not in key order).
+    /// Every record, piece by piece (not in key order).
     pub fn iter(&self) -> impl Iterator<Item = &Record> {
-        self.shards.iter().flat_map(|s| s.iter().map(Slot::record))
+        self.pieces.iter().flat_map(|p| p.iter().map(Slot::record))
     }
 
     /// Up to `limit` pairs whose key starts with `prefix` (and, for the next page, comes
-    /// after `after`), in key order, and whether more follow. Each shard is sorted, so
-    /// this merges the shards lazily, smallest key first, and copies out only the pairs
-    /// it returns (taking `limit + 1` from every shard first cost up to 64 times the
+    /// after `after`), in key order, and whether more follow. Each piece is sorted, so
+    /// this merges the pieces lazily, smallest key first, and copies out only the pairs
+    /// it returns (taking `limit + 1` from every piece first cost up to 64 times the
     /// page in copies).
     pub fn list(
         &self,
@@ -129,22 +131,22 @@ impl FrozenKv {
                 Included(&probe)
             }
         };
-        let mut shards: Vec<_> = self
-            .shards
+        let mut pieces: Vec<_> = self
+            .pieces
             .iter()
-            .map(|shard| {
-                shard
+            .map(|piece| {
+                piece
                     .range((start, Unbounded))
                     .map(Slot::record)
                     .take_while(move |record| record.key().starts_with(prefix))
             })
             .collect();
-        // Each shard's next record, smallest first (records order by key; a key is in one
-        // shard), with the shard it came from.
-        let mut order: BinaryHeap<Reverse<(&Record, usize)>> = shards
+        // Each piece's next record, smallest first (records order by key; a key is in one
+        // piece), with the piece it came from.
+        let mut order: BinaryHeap<Reverse<(&Record, usize)>> = pieces
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, shard)| shard.next().map(|record| Reverse((record, i))))
+            .filter_map(|(i, piece)| piece.next().map(|record| Reverse((record, i))))
             .collect();
         let mut found = Vec::with_capacity(limit.min(1024));
         while let Some(Reverse((record, i))) = order.pop() {
@@ -152,7 +154,7 @@ impl FrozenKv {
                 return (found, true);
             }
             found.push((Bytes::copy_from_slice(record.key()), record.into()));
-            if let Some(next) = shards[i].next() {
+            if let Some(next) = pieces[i].next() {
                 order.push(Reverse((next, i)));
             }
         }
@@ -161,12 +163,12 @@ impl FrozenKv {
 
     /// Builds a view at `revision` from records read back from a snapshot file.
     pub fn from_records(records: impl IntoIterator<Item = Record>, revision: u64) -> FrozenKv {
-        let mut shards = vec![KvMap::new(); SHARDS];
+        let mut pieces = vec![KvMap::new(); PIECES];
         for record in records {
-            shards[shard_of(record.key())].replace(Slot::new(record));
+            pieces[piece_of(record.key())].replace(Slot::new(record));
         }
         FrozenKv {
-            shards: shards.into_iter().map(Arc::new).collect(),
+            pieces: pieces.into_iter().map(Arc::new).collect(),
             revision,
             leases: Arc::default(),
         }
@@ -179,10 +181,10 @@ impl Default for FrozenKv {
     }
 }
 
-fn shard_of(key: &[u8]) -> usize {
+fn piece_of(key: &[u8]) -> usize {
     let mut h = DefaultHasher::new();
     key.hash(&mut h);
-    (h.finish() % SHARDS as u64) as usize
+    (h.finish() % PIECES as u64) as usize
 }
 
 #[derive(Default)]
@@ -202,12 +204,12 @@ impl KvStore {
 
     /// `key`'s record, if the map holds the key.
     fn record_of(&self, key: &[u8]) -> Option<&Record> {
-        self.map.shards[shard_of(key)]
+        self.map.pieces[piece_of(key)]
             .get(&Slot::probe(key))
             .map(Slot::record)
     }
 
-    /// The whole map as it is now, in O(shards).
+    /// The whole map as it is now, in O(pieces).
     pub fn freeze(&self) -> FrozenKv {
         self.map.clone()
     }
@@ -341,8 +343,8 @@ impl KvStore {
                     // A record of its own: slices of the entry would pin the whole buffer
                     // it was read into (raft-engine reads whole, possibly compressed,
                     // blocks). The history's copy too.
-                    let shard = &mut self.map.shards[shard_of(&key)];
-                    Arc::make_mut(shard).replace(Slot::new(Record::new(&key, &value, revision)));
+                    let piece = &mut self.map.pieces[piece_of(&key)];
+                    Arc::make_mut(piece).replace(Slot::new(Record::new(&key, &value, revision)));
                     let key = Bytes::copy_from_slice(&key);
                     if lease != NO_LEASE || self.map.leases.lease_of(&key).is_some() {
                         Arc::make_mut(&mut self.map.leases).attach(&key, lease);
@@ -361,9 +363,9 @@ impl KvStore {
 
     /// Deletes `key` at `revision`; whether it was there.
     fn delete_at(&mut self, key: Bytes, revision: u64) -> bool {
-        let shard = &mut self.map.shards[shard_of(&key)];
+        let piece = &mut self.map.pieces[piece_of(&key)];
         let probe = Slot::probe(&key);
-        if !(shard.contains(&probe) && Arc::make_mut(shard).remove(&probe)) {
+        if !(piece.contains(&probe) && Arc::make_mut(piece).remove(&probe)) {
             return false;
         }
         if self.map.leases.lease_of(&key).is_some() {
@@ -515,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn listing_is_in_key_order_across_shards() {
+    fn listing_is_in_key_order_across_pieces() {
         let mut kv = KvStore::default();
         for i in (0..500).rev() {
             put(&mut kv, &format!("p/{i:04}"), "v");

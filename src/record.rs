@@ -96,7 +96,7 @@ impl AsRef<[u8]> for ValueOf {
     }
 }
 
-/// Records are ordered and compared by key alone (a listing merges the map's shards in
+/// Records are ordered and compared by key alone (a listing merges the map's pieces in
 /// this order; the tree itself orders [`Slot`]s, which agree).
 impl PartialEq for Record {
     fn eq(&self, other: &Record) -> bool {
