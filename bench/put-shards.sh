@@ -18,12 +18,13 @@
 # the leaders stay spread: the most any forwarding could be made to cost nothing.
 # Prints per measured run: puts/s, p99, the cluster's CPU per 1,000 puts (utime + stime
 # of the 3 processes), fsyncs per second (all nodes), the mean synced log write (write
-# and fsync, as raftkvd_log_fsync_duration_seconds times it), puts per fsync on each node, raft
-# entries committed per put (below 1 when a group's entry carries several writes), and
-# two figures of node 1's loop rounds (one fsync each): the raft threads' CPU per round
-# (all nodes), and rounds per put: CONNS x node 1's fsyncs / puts, how many of node 1's
-# rounds a put's latency spans (each connection has one put in flight; with SPREAD=1 or
-# ROUTED=1, where every node takes requests, node 1's rounds stand for any node's).
+# and fsync, as raftkvd_log_fsync_duration_seconds times it), puts per fsync on each
+# node, raft entries committed per put (below 1 when a group's entry carries several
+# writes), and two figures of node 1's loop rounds (one fsync each): the raft threads'
+# CPU per round (all nodes), and rounds per put: CONNS x node 1's fsyncs / puts, how many
+# of node 1's rounds a put's latency spans (each connection has one put in flight; with
+# SPREAD=1 or ROUTED=1, where every node takes requests, node 1's rounds stand for any
+# node's).
 # Needs wrk, curl, python3, bc. Env: SHARDS, RUNS (default 1), DURATION (default 8),
 # WARMUP (default 2), CONNS (default 64), SPREAD (default 0), LEADERS (default 0),
 # ROUTED (default 0),
