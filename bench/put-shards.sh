@@ -47,20 +47,14 @@ PORTS=(13371 13372 13373)
 dir=""
 trap '[[ -n $dir ]] && RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null 2>&1 || true' EXIT
 
-# Sum of metric $1 over the nodes on ports $2... (default: all three).
+# Sum of metric $1 over the nodes on ports $2... (default: all three), times SCALE
+# (default 1: a count; 1e6 turns seconds into microseconds), as an integer.
 metric() {
   local name=$1 p
   shift
   for p in "${@:-${PORTS[@]}}"; do
-    curl -s "http://127.0.0.1:$p/metrics" | awk -v m="$name" '$1 == m {s += $2} END {printf "%d\n", s}'
-  done | paste -sd+ | bc
-}
-
-# Sum of metric $1 (seconds) over the three nodes, in microseconds.
-metric_us() {
-  local p
-  for p in "${PORTS[@]}"; do
-    curl -s "http://127.0.0.1:$p/metrics" | awk -v m="$1" '$1 == m {s += $2} END {printf "%d\n", s * 1e6}'
+    curl -s "http://127.0.0.1:$p/metrics" |
+      awk -v m="$name" -v scale="${SCALE:-1}" '$1 == m {s += $2} END {printf "%d\n", s * scale}'
   done | paste -sd+ | bc
 }
 
@@ -188,7 +182,7 @@ for ((run = 1; run <= RUNS; run++)); do
     fi
     put_load "$WARMUP" "w$run" "$dir/warmup.log"
     fsyncs0=$(metric raftkvd_log_fsync_duration_seconds_count)
-    fsync_us0=$(metric_us raftkvd_log_fsync_duration_seconds_sum)
+    fsync_us0=$(SCALE=1e6 metric raftkvd_log_fsync_duration_seconds_sum)
     entries0=$(metric raftkvd_committed_entries_total)
     # Node 1's fsyncs: one a loop round that wrote entries.
     cpu0=$(cpu_ticks) raft0=$(raft_ticks)
@@ -197,7 +191,7 @@ for ((run = 1; run <= RUNS; run++)); do
     cpu1=$(cpu_ticks) raft1=$(raft_ticks)
     rounds1=$(metric raftkvd_log_fsync_duration_seconds_count "${PORTS[0]}")
     fsyncs1=$(metric raftkvd_log_fsync_duration_seconds_count)
-    fsync_us1=$(metric_us raftkvd_log_fsync_duration_seconds_sum)
+    fsync_us1=$(SCALE=1e6 metric raftkvd_log_fsync_duration_seconds_sum)
     entries1=$(metric raftkvd_committed_entries_total)
     RAFTKVD=$RAFTKVD $CLUSTER raftkvd stop "$dir" >/dev/null
     lines=$(cat "$dir"/wrk.log.* | grep '^BENCH ' | sed 's/^BENCH //')
