@@ -25,6 +25,7 @@
 # of node 1's rounds a put's latency spans (each connection has one put in flight; with
 # SPREAD=1 or ROUTED=1, where every node takes requests, node 1's rounds stand for any
 # node's).
+# What it has shown, run by run, is kept in bench/put-shards.md.
 # Needs wrk, curl, python3, bc. Env: SHARDS, RUNS (default 1), DURATION (default 8),
 # WARMUP (default 2), CONNS (default 64), SPREAD (default 0), LEADERS (default 0),
 # ROUTED (default 0),
