@@ -122,7 +122,7 @@ fn a_full_disk_stops_writes_without_losing_an_acknowledged_one() {
 
 /// Bytes flipped inside a raft log file of a stopped node (one before the newest: see
 /// the README on damage in the newest file): it refuses to start, naming the log and the
-/// entries it cannot read, rather than serve or replicate them.
+/// entries it cannot read, rather than serve or replicate them, and says how to recover.
 #[test]
 fn a_damaged_raft_log_is_refused_at_start_up() {
     let mut cluster = Cluster::start("damaged-log", 1, &["--snapshot-count", "1000000"]);
@@ -156,6 +156,14 @@ fn a_damaged_raft_log_is_refused_at_start_up() {
     assert_eq!(status.code(), Some(1), "{status:?}");
     node.assert_logged("raft-log is damaged", "the log is named");
     node.assert_logged("cannot be read", "the entries are named");
+    node.assert_logged(
+        "add it back under a new id",
+        "the message names the safe recovery: the others hold the data",
+    );
+    node.assert_logged(
+        "do not put back an older copy",
+        "the message warns against the unsafe one",
+    );
 }
 
 /// Builds the fsync-failing shim (tests/faults/fail_fsync.c) into `dir`, or None where no
