@@ -27,6 +27,7 @@ mod http_server;
 mod join;
 mod kv;
 mod leases;
+mod log_tail;
 mod membership;
 mod metrics;
 mod node;
@@ -141,7 +142,7 @@ fn run(config: Config, logger: &Logger) -> Result<(), String> {
     refuse_if_removed(&data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
-    let engine = storage::open_engine(&data_dir.join("raft-log"))
+    let engine = storage::open_engine(&data_dir.join("raft-log"), logger)
         .map_err(|e| format!("cannot open the raft log in {}: {e}", data_dir.display()))?;
     let (mut store, recovered) = node::open_group(&engine, &data_dir, CLUSTER_GROUP, logger)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -25,9 +25,11 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft_engine::Command;
 
 use crate::entry_cache::EntryCache;
+use crate::log_tail::NewestFiles;
 use crate::snapshot::SnapshotMeta;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use raft_engine::{Config as EngineConfig, Engine, LogBatch, MessageExt};
+use slog::{warn, Logger};
 
 /// raft-engine keys of the per-group metadata.
 const KEY_HARD_STATE: &[u8] = b"hard_state";
@@ -81,8 +83,16 @@ pub struct LogStore {
     recent: EntryCache,
 }
 
-/// Opens (or creates) the raft-engine in `dir`.
-pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StoreError> {
+/// How to recover a member whose raft log is damaged, for the messages that refuse one.
+pub const DAMAGED_LOG_RECOVERY: &str = "In a cluster of several nodes the others hold the \
+     data: remove this node from the cluster, wipe its data dir and add it back under a new \
+     id; do not put back an older copy of this data dir while they run on, as the node would \
+     forget votes it cast and writes it acknowledged. A single-node cluster can only be \
+     restored from a copy of its data dir";
+
+/// Opens (or creates) the raft-engine in `dir`, refusing a newest log file whose
+/// recovery would drop synced batches (`log_tail.rs`).
+pub fn open_engine(dir: &Path, logger: &Logger) -> Result<Arc<Engine>, StoreError> {
     let config = EngineConfig {
         dir: dir.to_string_lossy().into_owned(),
         // raft-engine looks for obsolete log files only once the log exceeds
@@ -91,9 +101,39 @@ pub fn open_engine(dir: &Path) -> Result<Arc<Engine>, StoreError> {
         // that its disk use stays bounded near the threshold.
         target_file_size: raft_engine::ReadableSize::mb(8),
         purge_threshold: raft_engine::ReadableSize::mb(32),
+        // A recycled file holds its old batches past the log's end, which would hide
+        // damage from the tail judge; new files read as zeros there.
+        enable_log_recycle: false,
         ..Default::default()
     };
-    Ok(Arc::new(Engine::open(config)?))
+    let newest = NewestFiles::copy(dir)?;
+    let engine = Engine::open(config)?;
+    match newest.judge_cuts()? {
+        Ok(torn) => {
+            for t in torn {
+                warn!(logger, "cut a write torn by a crash from the raft log (it was never \
+                    synced, so never acknowledged)";
+                    "file" => %t.path.display(), "offset" => t.offset, "bytes" => t.bytes);
+            }
+            newest.mark_judged()?;
+            Ok(Arc::new(engine))
+        }
+        Err(damage) => {
+            drop(engine);
+            newest.put_back(&damage)?;
+            Err(StoreError::Corruption(format!(
+                "the newest raft log file {path} is damaged at byte {offset}: recovery would \
+                 drop the {bytes} bytes from there, which are not a write torn by a crash \
+                 ({why}) and may hold writes this node acknowledged and votes it cast. The \
+                 file is left as it was; refusing to start. {DAMAGED_LOG_RECOVERY} (or, giving \
+                 up what those bytes hold, cut the file there: truncate -s {offset} {path})",
+                path = damage.path.display(),
+                offset = damage.offset,
+                bytes = damage.bytes,
+                why = damage.why,
+            )))
+        }
+    }
 }
 
 /// Deletes group `group_id`'s whole log and state from `engine` and leaves a tombstone
@@ -564,7 +604,7 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("raftkvd-storage-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let engine = open_engine(&dir).unwrap();
+        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
         let mut store = LogStore::load(engine.clone(), 5).unwrap();
         let write = |store: &mut LogStore, entries: &[Entry]| {
             let mut batch = LogBatch::default();
@@ -626,7 +666,7 @@ mod tests {
     fn a_destroyed_group_keeps_only_its_tombstone_and_the_next_replica_its_id() {
         let dir = std::env::temp_dir().join(format!("raftkvd-storage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let engine = open_engine(&dir).unwrap();
+        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
         let mut store = LogStore::load(engine.clone(), 5).unwrap();
         let hs = HardState {
             term: 1,
@@ -650,7 +690,7 @@ mod tests {
         drop(other);
         drop(engine);
 
-        let engine = open_engine(&dir).unwrap();
+        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
         assert_eq!(destroyed_incarnation(&engine, 5), Some(1));
         assert_eq!(
             recorded_replica_id(&engine, 5),
@@ -681,7 +721,7 @@ mod tests {
         store.install_snapshot(&meta).unwrap();
         drop(store);
         drop(engine);
-        let engine = open_engine(&dir).unwrap();
+        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
         assert_eq!(recorded_replica_id(&engine, 5), Some(again));
         assert_eq!(destroyed_incarnation(&engine, 5), Some(1));
         let store = LogStore::load(engine.clone(), 5).unwrap();

@@ -166,6 +166,127 @@ fn a_damaged_raft_log_is_refused_at_start_up() {
     );
 }
 
+/// The newest append-queue file of raft-engine's log in `data_dir`.
+fn newest_log_file(data_dir: &Path) -> PathBuf {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("raft-log"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "raftlog"))
+        .collect();
+    files.sort();
+    files.pop().expect("a raft log file")
+}
+
+/// The (offset, length) of every batch in a raft-engine 0.4 log file (format 2): a
+/// 69-byte file header, then batches, each starting with its length (shifted left by
+/// 8 bits, big-endian) and ending with its checksum.
+fn log_batches(file: &[u8]) -> Vec<(usize, usize)> {
+    assert!(
+        file.starts_with(b"RAFT-LOG-FILE-HEADER-"),
+        "a raft-engine log file"
+    );
+    let mut batches = Vec::new();
+    let mut at = 69;
+    while at + 16 <= file.len() {
+        let len = (u64::from_be_bytes(file[at..at + 8].try_into().unwrap()) >> 8) as usize;
+        if len == 0 || at + len > file.len() {
+            break;
+        }
+        batches.push((at, len));
+        at += len;
+    }
+    assert_eq!(at, file.len(), "the batches fill a cleanly closed file");
+    batches
+}
+
+/// A byte flipped in a batch that later batches follow, in the newest log file, where
+/// raft-engine's recovery would cut the file silently: the node refuses to start,
+/// naming the file and the offset, leaves the file as it was (so every start refuses),
+/// and starts once the operator cuts the file as the message says.
+#[test]
+fn damage_in_the_newest_log_file_is_refused_not_cut() {
+    let mut cluster = Cluster::start("newest-log-damage", 1, &[]);
+    for i in 0..40 {
+        cluster.put_ok(1, &format!("k{i}"), &format!("v{i}"));
+    }
+    let node = cluster.node(1);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(15)).success());
+    let file = newest_log_file(&node.data_dir);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let batches = log_batches(&bytes);
+    assert!(batches.len() >= 40, "{} batches", batches.len());
+    let (at, len) = batches[batches.len() / 2];
+    bytes[at + len - 1] ^= 0x5a; // the batch's checksum
+    std::fs::write(&file, &bytes).unwrap();
+
+    for _ in 0..2 {
+        std::fs::write(&node.log, "").unwrap();
+        node.start();
+        let status = node.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "{status:?}");
+        node.assert_logged(
+            &format!("{} is damaged at byte {at}", file.display()),
+            "the file and the offset are named",
+        );
+        node.assert_logged("more log batches follow it", "the reason is given");
+        node.assert_logged("add it back under a new id", "the safe recovery is given");
+        node.assert_logged(&format!("truncate -s {at} "), "the last resort is given");
+        assert!(
+            std::fs::read(&file).unwrap() == bytes,
+            "the file is put back as it was, so the next start refuses too"
+        );
+    }
+
+    // The last resort, on a single node: the batches from the damage on are given up.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(at as u64)
+        .unwrap();
+    node.start();
+    cluster.wait_leader();
+    cluster.put_ok(1, "after", "cut");
+    cluster.wait_value(1, "k0", "v0");
+}
+
+/// A write a crash tore at the end of the newest log file (part of a batch, then the
+/// zeros raft-engine allocates ahead) is cut, logged, and the node starts with every
+/// write it acknowledged.
+#[test]
+fn a_write_torn_by_a_crash_is_cut_and_the_node_starts() {
+    let mut cluster = Cluster::start("torn-write", 1, &[]);
+    for i in 0..20 {
+        cluster.put_ok(1, &format!("k{i}"), &format!("v{i}"));
+    }
+    let node = cluster.node(1);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(15)).success());
+    let file = newest_log_file(&node.data_dir);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let end = bytes.len();
+    log_batches(&bytes);
+    // A 20,000-byte batch of which the first 5,000 bytes reached the file.
+    bytes.extend_from_slice(&(20_000u64 << 8).to_be_bytes());
+    bytes.extend_from_slice(&19_000u64.to_be_bytes());
+    bytes.extend((0..5_000 - 16).map(|i| (i % 200) as u8 + 1));
+    bytes.resize(end + 64 * 1024, 0);
+    std::fs::write(&file, &bytes).unwrap();
+
+    std::fs::write(&node.log, "").unwrap();
+    node.start();
+    cluster.wait_leader();
+    for i in 0..20 {
+        cluster.wait_value(1, &format!("k{i}"), &format!("v{i}"));
+    }
+    let node = cluster.node(1);
+    node.assert_logged("cut a write torn by a crash", "the cut is logged");
+    node.assert_logged(&format!("offset: {end}"), "where it was cut");
+    cluster.put_ok(1, "after", "torn");
+}
+
 /// Builds the fsync-failing shim (tests/faults/fail_fsync.c) into `dir`, or None where no
 /// C compiler is installed (the test then says so and passes vacuously).
 fn build_fsync_shim(dir: &Path) -> Option<PathBuf> {

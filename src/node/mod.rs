@@ -103,12 +103,9 @@ pub fn open_group(
     store.verify_entries().map_err(|e| {
         format!(
             "the raft log in {} is damaged: group {group_id}'s {e}. Refusing to start rather \
-             than serve or replicate what it cannot verify. In a cluster of several nodes the \
-             others hold the data: remove this node from the cluster, wipe its data dir and add \
-             it back under a new id; do not put back an older copy of this data dir while they \
-             run on, as the node would forget votes it cast and writes it acknowledged. A \
-             single-node cluster can only be restored from a copy of its data dir",
-            data_dir.join("raft-log").display()
+             than serve or replicate what it cannot verify. {}",
+            data_dir.join("raft-log").display(),
+            storage::DAMAGED_LOG_RECOVERY
         )
     })?;
     let recovered = snapshot::recover(
