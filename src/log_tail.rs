@@ -5,22 +5,23 @@
 //! That is right for a write a crash tore: it was never fsynced, so never acknowledged.
 //! It is wrong for bytes damaged at rest in batches that were synced: those may hold
 //! writes this node acknowledged and votes it cast, and forgetting them breaks raft. So
-//! the newest files are copied before the engine opens and what it cut is judged after,
-//! by the rule etcd applies to its write-ahead log's last record: a cut tail is torn if
-//! it runs out before its batch ends or holds a sector the disk never wrote (zeros), and
-//! nothing follows that batch. Anything else is damage: the file is put back as it was
-//! and the node refuses to start, saying where.
+//! the newest files are copied before the engine opens and what it cut is judged after.
+//! A whole batch signed for this file after the cut means synced data follows: damage.
+//! Otherwise the rule etcd applies to its write-ahead log's last record decides: a cut
+//! tail is torn if it runs out before its batch ends or holds a sector the disk never
+//! wrote (zeros), and nothing follows that batch. Anything else is damage too: the file
+//! is put back as it was and the node refuses to start, saying where.
 //!
 //! The rule needs the space past the log's end to read as zeros: raft-engine must not
 //! recycle log files (their old contents would follow the end), so the store turns
 //! recycling off, and a data dir written by a release that recycled is judged only from
 //! its second start on (the marker file below says when).
 //!
-//! The batch header read here is raft-engine 0.4's (log format 2); the disk-fault tests
-//! walk real log files by it, so a format change fails them.
+//! The batch layout read here (header, signed checksum) is raft-engine 0.4's, log format
+//! 2; the disk-fault tests judge real log files by it, so a format change fails them.
 //!
 //! This module must never let a cut of synced batches pass silently, and never refuse a
-//! tail that kill -9 or a power loss can leave.
+//! tail that kill -9 can leave, or a power cut with one write in flight.
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -38,6 +39,8 @@ const PAGE: usize = 4096;
 /// raft-engine's log batch header: the batch's length and compression type, then the
 /// offset of its item footer, each a big-endian u64.
 const BATCH_HEADER: usize = 16;
+/// The CRC32 (little-endian) that ends every batch.
+const CHECKSUM: usize = 4;
 
 /// What follows the point where recovery cut a file.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,12 +53,20 @@ pub enum Tail {
     Damaged { why: &'static str },
 }
 
-/// Judges the bytes of `file` from `cut`, where recovery cut it.
-pub fn judge(file: &[u8], cut: usize) -> Tail {
+/// Judges the bytes of `file` from `cut`, where recovery cut it. `signature` is what
+/// raft-engine signs this file's batches with (the low 32 bits of its number).
+pub fn judge(file: &[u8], cut: usize, signature: u32) -> Tail {
     let after = &file[cut.min(file.len())..];
     let written = written_len(after);
     if written == 0 {
         return Tail::Clean;
+    }
+    // The surest sign: a whole batch written for this very file comes after the cut.
+    // A crash tears only the last write, so nothing synced can follow a torn one.
+    if signed_batch_within(file, cut + 1, cut + written, signature) {
+        return Tail::Damaged {
+            why: "whole log batches of this file follow it",
+        };
     }
     if cut == 0 {
         // The file's own header was cut. A file a crash caught while it was being made
@@ -111,6 +122,28 @@ fn batch_len(bytes: &[u8]) -> Option<usize> {
     (compression_known && footer_fits).then_some(len)
 }
 
+/// Whether a whole batch signed for this file starts anywhere in `file[from..to]` and
+/// ends by `to`: its header well formed, and the checksum that ends it (over its item
+/// footer, XORed with `signature`) right. Another file's batches (a recycled file's
+/// old contents) are signed otherwise and do not count.
+fn signed_batch_within(file: &[u8], from: usize, to: usize, signature: u32) -> bool {
+    let to = to.min(file.len());
+    (from..to.saturating_sub(BATCH_HEADER)).any(|at| {
+        let Some(len) = batch_len(&file[at..to]) else {
+            return false;
+        };
+        let footer = u64::from_be_bytes(file[at + 8..at + BATCH_HEADER].try_into().unwrap());
+        let (Some(end), Ok(footer)) = (at.checked_add(len), usize::try_from(footer)) else {
+            return false;
+        };
+        if end > to || len < footer + CHECKSUM {
+            return false;
+        }
+        let (items, sum) = file[at + footer..end].split_at(len - footer - CHECKSUM);
+        crc32fast::hash(items) ^ signature == u32::from_le_bytes(sum.try_into().unwrap())
+    })
+}
+
 /// Whether some sector of the batch at `file[from..to]` reads as zeros: what a write
 /// leaves where it never reached the disk. Sectors are counted from the start of the
 /// file, as the disk counts them; the batch's first and last sectors are the parts of
@@ -133,6 +166,8 @@ fn has_unwritten_sector(file: &[u8], from: usize, to: usize) -> bool {
 /// A newest log file as it was before the engine opened.
 struct FileCopy {
     path: PathBuf,
+    /// The file's number, whose low 32 bits sign its batches.
+    seq: u64,
     bytes: Vec<u8>,
 }
 
@@ -173,10 +208,11 @@ impl NewestFiles {
                     .iter()
                     .filter(|(_, s, _)| s == suffix)
                     .max_by_key(|(seq, _, _)| *seq);
-                if let Some((_, _, path)) = newest {
+                if let Some((seq, _, path)) = newest {
                     let bytes = fs::read(path)?;
                     copies.push(FileCopy {
                         path: path.clone(),
+                        seq: *seq,
                         bytes,
                     });
                 }
@@ -204,7 +240,7 @@ impl NewestFiles {
                 0 // the header was cut and written again
             };
             let bytes = written_len(&copy.bytes[cut.min(copy.bytes.len())..]);
-            match judge(&copy.bytes, cut) {
+            match judge(&copy.bytes, cut, copy.seq as u32) {
                 Tail::Clean => {}
                 Tail::Torn => torn.push(TornWrite {
                     path: copy.path.clone(),
@@ -275,28 +311,39 @@ fn log_files(dir: &Path) -> io::Result<Vec<(u64, String, PathBuf)>> {
 mod tests {
     use super::*;
 
-    /// A file of `header` bytes, then batches of the given lengths, each a well-formed
-    /// header and non-zero filler, then `zeros` zero bytes. Returns it and each batch's
-    /// offset.
+    /// The signature of the files made here.
+    const SIG: u32 = 9;
+
+    /// A file of a 69-byte header, then batches of the given lengths (each at least 56:
+    /// a header, non-zero entries, a 40-byte item footer whose last 4 bytes are its
+    /// signed checksum), then `zeros` zero bytes. Returns it and each batch's offset.
     fn log_file(batches: &[usize], zeros: usize) -> (Vec<u8>, Vec<usize>) {
         let mut file = vec![0xaa; 69];
         let mut offsets = Vec::new();
         for &len in batches {
             offsets.push(file.len());
+            let footer = len - 40;
             file.extend_from_slice(&((len as u64) << 8).to_be_bytes());
-            file.extend_from_slice(&((len as u64) - 8).to_be_bytes());
-            file.extend((BATCH_HEADER..len).map(|i| (i % 251) as u8 + 1));
+            file.extend_from_slice(&(footer as u64).to_be_bytes());
+            file.extend((BATCH_HEADER..len - CHECKSUM).map(|i| (i % 251) as u8 + 1));
+            let items = &file[file.len() - (40 - CHECKSUM)..];
+            let sum = crc32fast::hash(items) ^ SIG;
+            file.extend_from_slice(&sum.to_le_bytes());
         }
         file.resize(file.len() + zeros, 0);
         (file, offsets)
+    }
+
+    fn damaged(tail: Tail, because: &str) -> bool {
+        matches!(tail, Tail::Damaged { why } if why.contains(because))
     }
 
     #[test]
     fn zeros_after_the_cut_are_clean() {
         let (file, offsets) = log_file(&[300, 5000], 8192);
         let end = offsets[1] + 5000;
-        assert_eq!(judge(&file, end), Tail::Clean);
-        assert_eq!(judge(&file[..end], end), Tail::Clean);
+        assert_eq!(judge(&file, end, SIG), Tail::Clean);
+        assert_eq!(judge(&file[..end], end, SIG), Tail::Clean);
     }
 
     #[test]
@@ -305,14 +352,15 @@ mod tests {
         // The write stopped at a page: the rest of the batch is zeros.
         let stop = (offsets[1] / PAGE + 2) * PAGE;
         file[stop..offsets[1] + 20_000].fill(0);
-        assert_eq!(judge(&file, offsets[1]), Tail::Torn);
+        assert_eq!(judge(&file, offsets[1], SIG), Tail::Torn);
         // Or inside the header itself.
         let (mut file, offsets) = log_file(&[300, 300], 8192);
         file[offsets[1] + 8..].fill(0);
-        assert_eq!(judge(&file, offsets[1]), Tail::Torn);
+        assert_eq!(judge(&file, offsets[1], SIG), Tail::Torn);
         // Or where the file ends, if it could not be allocated ahead.
         let (file, offsets) = log_file(&[300, 20_000], 0);
-        assert_eq!(judge(&file[..offsets[1] + 9000], offsets[1]), Tail::Torn);
+        let end = offsets[1] + 9000;
+        assert_eq!(judge(&file[..end], offsets[1], SIG), Tail::Torn);
     }
 
     #[test]
@@ -320,50 +368,95 @@ mod tests {
         let (mut file, offsets) = log_file(&[300, 5000], 8192);
         let sector = (offsets[1] / SECTOR + 3) * SECTOR;
         file[sector..sector + SECTOR].fill(0);
-        assert_eq!(judge(&file, offsets[1]), Tail::Torn);
+        assert_eq!(judge(&file, offsets[1], SIG), Tail::Torn);
         // The header's sector lost, later ones written.
         let (mut file, offsets) = log_file(&[1000, 5000], 8192);
         let first = offsets[1] / SECTOR * SECTOR;
         file[offsets[1]..first + SECTOR].fill(0);
-        assert_eq!(judge(&file, offsets[1]), Tail::Torn);
+        assert_eq!(judge(&file, offsets[1], SIG), Tail::Torn);
     }
 
     #[test]
     fn a_whole_batch_that_fails_its_checksum_is_damage() {
         let (mut file, offsets) = log_file(&[300, 5000], 8192);
         file[offsets[1] + 2000] ^= 0x10;
-        assert!(matches!(
-            judge(&file, offsets[1]),
-            Tail::Damaged { why } if why.contains("whole")
-        ));
+        assert!(damaged(judge(&file, offsets[1], SIG), "whole, yet"));
     }
 
     #[test]
     fn a_broken_batch_with_batches_after_it_is_damage() {
         let (file, offsets) = log_file(&[300, 400, 500, 600], 8192);
-        assert!(matches!(
-            judge(&file, offsets[1]),
-            Tail::Damaged { why } if why.contains("follow")
+        assert!(damaged(
+            judge(&file, offsets[1], SIG),
+            "of this file follow"
         ));
         // Its header flipped into nonsense.
         let (mut file, offsets) = log_file(&[300, 400, 500, 600], 8192);
         file[offsets[1] + 9] ^= 0xff;
-        assert!(matches!(judge(&file, offsets[1]), Tail::Damaged { .. }));
+        assert!(damaged(judge(&file, offsets[1], SIG), "follow"));
         // Its length flipped past the end of the file.
         let (mut file, offsets) = log_file(&[300, 400, 500, 600], 8192);
         file[offsets[1]] ^= 0x01;
-        assert!(matches!(
-            judge(&file, offsets[1]),
-            Tail::Damaged { why } if why.contains("claims")
+        assert!(damaged(judge(&file, offsets[1], SIG), "follow"));
+        // Its length flipped to end in the zeros past the log: alone, that looks like a
+        // write cut short.
+        let (mut file, offsets) = log_file(&[300, 400, 500, 600], 1 << 20);
+        file[offsets[1] + 4] ^= 0x01;
+        assert!(damaged(
+            judge(&file, offsets[1], SIG),
+            "of this file follow"
         ));
+        // Its header's sector zeroed (a write the disk lost): alone, that looks torn.
+        let (mut file, offsets) = log_file(&[1000, 5000, 600], 8192);
+        let first = offsets[1] / SECTOR * SECTOR;
+        file[offsets[1]..first + SECTOR].fill(0);
+        assert!(damaged(
+            judge(&file, offsets[1], SIG),
+            "of this file follow"
+        ));
+    }
+
+    #[test]
+    fn only_batches_signed_for_this_file_count() {
+        let (file, offsets) = log_file(&[300, 400, 500], 0);
+        let (last, end) = (offsets[2], file.len());
+        assert!(signed_batch_within(&file, last, end, SIG));
+        assert!(!signed_batch_within(&file, last, end, SIG + 1));
+        // Not whole by `to`, or starting before `from`.
+        assert!(!signed_batch_within(&file, last, end - 1, SIG));
+        assert!(!signed_batch_within(&file, last + 1, end, SIG));
     }
 
     #[test]
     fn a_file_header_cut_is_torn_only_when_nothing_follows() {
         let (mut file, _) = log_file(&[], 8192);
         file[40..].fill(0);
-        assert_eq!(judge(&file, 0), Tail::Torn);
+        assert_eq!(judge(&file, 0, SIG), Tail::Torn);
         let (file, _) = log_file(&[300, 400, 500], 8192);
-        assert!(matches!(judge(&file, 0), Tail::Damaged { .. }));
+        assert!(damaged(judge(&file, 0, SIG), "follow"));
+    }
+
+    #[test]
+    fn any_bytes_and_any_cut_are_judged_without_a_panic() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2_000 {
+            let (mut file, offsets) = log_file(&[300, 56, 700], (next() % 3000) as usize);
+            for _ in 0..(next() % 40) {
+                let at = (next() as usize) % file.len();
+                file[at] = next() as u8;
+            }
+            let cut = match next() % 3 {
+                0 => offsets[(next() % 3) as usize],
+                _ => (next() as usize) % (file.len() + 10),
+            };
+            let _ = judge(&file, cut, SIG);
+            let _ = judge(&file[..cut.min(file.len())], cut, SIG);
+        }
     }
 }

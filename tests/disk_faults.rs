@@ -166,6 +166,20 @@ fn a_damaged_raft_log_is_refused_at_start_up() {
     );
 }
 
+/// A single-node cluster that took `keys` writes (`k<i>` = `v<i>`) and was stopped
+/// cleanly, and its newest raft log file.
+fn stopped_after_writes(name: &str, keys: usize) -> (Cluster, PathBuf) {
+    let mut cluster = Cluster::start(name, 1, &[]);
+    for i in 0..keys {
+        cluster.put_ok(1, &format!("k{i}"), &format!("v{i}"));
+    }
+    let node = cluster.node(1);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(15)).success());
+    let file = newest_log_file(&node.data_dir);
+    (cluster, file)
+}
+
 /// The newest append-queue file of raft-engine's log in `data_dir`.
 fn newest_log_file(data_dir: &Path) -> PathBuf {
     let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("raft-log"))
@@ -206,14 +220,8 @@ fn log_batches(file: &[u8]) -> Vec<(usize, usize)> {
 /// and starts once the operator cuts the file as the message says.
 #[test]
 fn damage_in_the_newest_log_file_is_refused_not_cut() {
-    let mut cluster = Cluster::start("newest-log-damage", 1, &[]);
-    for i in 0..40 {
-        cluster.put_ok(1, &format!("k{i}"), &format!("v{i}"));
-    }
+    let (mut cluster, file) = stopped_after_writes("newest-log-damage", 40);
     let node = cluster.node(1);
-    node.signal("TERM");
-    assert!(node.wait_exit(Duration::from_secs(15)).success());
-    let file = newest_log_file(&node.data_dir);
     let mut bytes = std::fs::read(&file).unwrap();
     let batches = log_batches(&bytes);
     assert!(batches.len() >= 40, "{} batches", batches.len());
@@ -230,7 +238,10 @@ fn damage_in_the_newest_log_file_is_refused_not_cut() {
             &format!("{} is damaged at byte {at}", file.display()),
             "the file and the offset are named",
         );
-        node.assert_logged("more log batches follow it", "the reason is given");
+        node.assert_logged(
+            "whole log batches of this file follow it",
+            "the reason is given: batches signed for this file, checked as raft-engine checks them",
+        );
         node.assert_logged("add it back under a new id", "the safe recovery is given");
         node.assert_logged(&format!("truncate -s {at} "), "the last resort is given");
         assert!(
@@ -257,14 +268,8 @@ fn damage_in_the_newest_log_file_is_refused_not_cut() {
 /// write it acknowledged.
 #[test]
 fn a_write_torn_by_a_crash_is_cut_and_the_node_starts() {
-    let mut cluster = Cluster::start("torn-write", 1, &[]);
-    for i in 0..20 {
-        cluster.put_ok(1, &format!("k{i}"), &format!("v{i}"));
-    }
+    let (mut cluster, file) = stopped_after_writes("torn-write", 20);
     let node = cluster.node(1);
-    node.signal("TERM");
-    assert!(node.wait_exit(Duration::from_secs(15)).success());
-    let file = newest_log_file(&node.data_dir);
     let mut bytes = std::fs::read(&file).unwrap();
     let end = bytes.len();
     log_batches(&bytes);
