@@ -295,6 +295,43 @@ fn a_write_torn_by_a_crash_is_cut_and_the_node_starts() {
     cluster.put_ok(1, "after", "torn");
 }
 
+/// A log dir without the marker that tail judging leaves (one written by a release that
+/// let raft-engine recycle files, whose old contents follow the end of the log) is
+/// trusted once, as that release trusted it, and marked; from then on the same bytes
+/// after the end are refused.
+#[test]
+fn a_log_from_before_tail_judging_is_trusted_once_then_judged() {
+    let (mut cluster, file) = stopped_after_writes("pre-judging-log", 10);
+    let marker = file.with_file_name("raftkvd-log-tails-judged");
+    assert!(marker.exists(), "a new log is marked at once");
+    std::fs::remove_file(&marker).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let end = bytes.len();
+    bytes.extend(std::iter::repeat_n(0x77, 3000)); // not zeros, not a batch
+    std::fs::write(&file, &bytes).unwrap();
+
+    let node = cluster.node(1);
+    node.start();
+    cluster.wait_value(1, "k9", "v9");
+    assert!(marker.exists(), "trusted once, then marked");
+    let node = cluster.node(1);
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(15)).success());
+    assert!(
+        std::fs::read(&file).unwrap().len() >= end,
+        "the log kept its batches"
+    );
+
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend(std::iter::repeat_n(0x77, 3000));
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::write(&node.log, "").unwrap();
+    node.start();
+    let status = node.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    node.assert_logged("is damaged at byte", "judged now");
+}
+
 /// kill -9, again and again, while four clients write values of up to 600 KB (so the
 /// kill often lands in the middle of a multi-page write and tears it): every start
 /// succeeds, and every write acknowledged before a kill is there after it. The tail
