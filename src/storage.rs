@@ -120,13 +120,19 @@ pub fn open_engine(dir: &Path, logger: &Logger) -> Result<Arc<Engine>, StoreErro
         }
         Err(damage) => {
             drop(engine);
-            newest.put_back(&damage)?;
+            let kept = match newest.put_back(&damage) {
+                Ok(()) => "The file is left as it was".to_string(),
+                Err(e) => format!(
+                    "Putting the file back as it was failed ({e}): it now ends at that byte, \
+                     so do not start this node again before it is recovered"
+                ),
+            };
             Err(StoreError::Corruption(format!(
                 "the newest raft log file {path} is damaged at byte {offset}: recovery would \
                  drop the {bytes} bytes from there, which are not a write torn by a crash \
-                 ({why}) and may hold writes this node acknowledged and votes it cast. The \
-                 file is left as it was; refusing to start. {DAMAGED_LOG_RECOVERY} (or, giving \
-                 up what those bytes hold, cut the file there: truncate -s {offset} {path})",
+                 ({why}) and may hold writes this node acknowledged and votes it cast. {kept}; \
+                 refusing to start. {DAMAGED_LOG_RECOVERY} (or, giving up what those bytes \
+                 hold, cut the file there: truncate -s {offset} {path})",
                 path = damage.path.display(),
                 offset = damage.offset,
                 bytes = damage.bytes,
@@ -599,12 +605,16 @@ mod tests {
         }
     }
 
+    fn quiet() -> Logger {
+        Logger::root(slog::Discard, slog::o!())
+    }
+
     #[test]
     fn recent_entries_are_served_from_memory_as_the_log_has_them() {
         let dir =
             std::env::temp_dir().join(format!("raftkvd-storage-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+        let engine = open_engine(&dir, &quiet()).unwrap();
         let mut store = LogStore::load(engine.clone(), 5).unwrap();
         let write = |store: &mut LogStore, entries: &[Entry]| {
             let mut batch = LogBatch::default();
@@ -666,7 +676,7 @@ mod tests {
     fn a_destroyed_group_keeps_only_its_tombstone_and_the_next_replica_its_id() {
         let dir = std::env::temp_dir().join(format!("raftkvd-storage-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+        let engine = open_engine(&dir, &quiet()).unwrap();
         let mut store = LogStore::load(engine.clone(), 5).unwrap();
         let hs = HardState {
             term: 1,
@@ -690,7 +700,7 @@ mod tests {
         drop(other);
         drop(engine);
 
-        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+        let engine = open_engine(&dir, &quiet()).unwrap();
         assert_eq!(destroyed_incarnation(&engine, 5), Some(1));
         assert_eq!(
             recorded_replica_id(&engine, 5),
@@ -721,7 +731,7 @@ mod tests {
         store.install_snapshot(&meta).unwrap();
         drop(store);
         drop(engine);
-        let engine = open_engine(&dir, &slog::Logger::root(slog::Discard, slog::o!())).unwrap();
+        let engine = open_engine(&dir, &quiet()).unwrap();
         assert_eq!(recorded_replica_id(&engine, 5), Some(again));
         assert_eq!(destroyed_incarnation(&engine, 5), Some(1));
         let store = LogStore::load(engine.clone(), 5).unwrap();
