@@ -123,8 +123,8 @@ fn a_full_disk_stops_writes_without_losing_an_acknowledged_one() {
     cluster.put_ok(1, "after", "room again");
 }
 
-/// Bytes flipped inside a raft log file of a stopped node (one before the newest: see
-/// the README on damage in the newest file): it refuses to start, naming the log and the
+/// Bytes flipped inside a raft log file of a stopped node (one before the newest; the
+/// newest is the next test's): it refuses to start, naming the log and the
 /// entries it cannot read, rather than serve or replicate them, and says how to recover.
 #[test]
 fn a_damaged_raft_log_is_refused_at_start_up() {
