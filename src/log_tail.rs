@@ -17,6 +17,11 @@
 //! recycling off, and a data dir written by a release that recycled is judged only from
 //! its second start on (the marker file below says when).
 //!
+//! The search for signed batches looks at every offset, not only where the broken
+//! batch's header says the next one starts, because that header may be what is
+//! damaged. So a value crafted to hold a signed batch, torn by a crash as it was
+//! written, is refused rather than cut: a refusal an operator must answer, never a loss.
+//!
 //! The batch layout read here (header, signed checksum) is raft-engine 0.4's, log format
 //! 2; the disk-fault tests judge real log files by it, so a format change fails them.
 //!
