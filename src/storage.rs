@@ -93,21 +93,8 @@ pub const DAMAGED_LOG_RECOVERY: &str = "In a cluster of several nodes the others
 /// Opens (or creates) the raft-engine in `dir`, refusing a newest log file whose
 /// recovery would drop synced batches (`log_tail.rs`).
 pub fn open_engine(dir: &Path, logger: &Logger) -> Result<Arc<Engine>, StoreError> {
-    let config = EngineConfig {
-        dir: dir.to_string_lossy().into_owned(),
-        // raft-engine looks for obsolete log files only once the log exceeds
-        // purge_threshold (10 GiB by default, sized for TiKV), then deletes whole files,
-        // moving what is still live out of them. A small store wants small numbers, so
-        // that its disk use stays bounded near the threshold.
-        target_file_size: raft_engine::ReadableSize::mb(8),
-        purge_threshold: raft_engine::ReadableSize::mb(32),
-        // A recycled file holds its old batches past the log's end, which would hide
-        // damage from the tail judge; new files read as zeros there.
-        enable_log_recycle: false,
-        ..Default::default()
-    };
     let newest = NewestFiles::copy(dir)?;
-    let engine = Engine::open(config)?;
+    let engine = Engine::open(engine_config(dir))?;
     match newest.judge_cuts()? {
         Ok(torn) => {
             for t in torn {
@@ -139,6 +126,23 @@ pub fn open_engine(dir: &Path, logger: &Logger) -> Result<Arc<Engine>, StoreErro
                 why = damage.why,
             )))
         }
+    }
+}
+
+/// How raftkvd sets raft-engine up.
+fn engine_config(dir: &Path) -> EngineConfig {
+    EngineConfig {
+        dir: dir.to_string_lossy().into_owned(),
+        // raft-engine looks for obsolete log files only once the log exceeds
+        // purge_threshold (10 GiB by default, sized for TiKV), then deletes whole files,
+        // moving what is still live out of them. A small store wants small numbers, so
+        // that its disk use stays bounded near the threshold.
+        target_file_size: raft_engine::ReadableSize::mb(8),
+        purge_threshold: raft_engine::ReadableSize::mb(32),
+        // A recycled file holds its old batches past the log's end, which would hide
+        // damage from the tail judge; new files read as zeros there.
+        enable_log_recycle: false,
+        ..Default::default()
     }
 }
 
@@ -607,6 +611,13 @@ mod tests {
 
     fn quiet() -> Logger {
         Logger::root(slog::Discard, slog::o!())
+    }
+
+    /// The tail judge needs zeros past the log's end (`log_tail.rs`): a recycled file
+    /// would hold its old batches there, and every torn write would look like damage.
+    #[test]
+    fn log_files_are_never_recycled() {
+        assert!(!engine_config(Path::new("/tmp")).enable_log_recycle);
     }
 
     #[test]
