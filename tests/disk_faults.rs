@@ -136,14 +136,7 @@ fn a_damaged_raft_log_is_refused_at_start_up() {
     let node = cluster.node(1);
     node.signal("TERM");
     assert!(node.wait_exit(Duration::from_secs(15)).success());
-    let log_dir = node.data_dir.join("raft-log");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&log_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "raftlog"))
-        .collect();
-    files.sort();
+    let files = log_files(&node.data_dir);
     assert!(files.len() >= 2, "{files:?}");
     let file = &files[0];
     let mut bytes = std::fs::read(file).unwrap();
@@ -183,8 +176,8 @@ fn stopped_after_writes(name: &str, keys: usize) -> (Cluster, PathBuf) {
     (cluster, file)
 }
 
-/// The newest append-queue file of raft-engine's log in `data_dir`.
-fn newest_log_file(data_dir: &Path) -> PathBuf {
+/// The append-queue files of raft-engine's log in `data_dir`, oldest first.
+fn log_files(data_dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("raft-log"))
         .unwrap()
         .flatten()
@@ -192,7 +185,12 @@ fn newest_log_file(data_dir: &Path) -> PathBuf {
         .filter(|p| p.extension().is_some_and(|e| e == "raftlog"))
         .collect();
     files.sort();
-    files.pop().expect("a raft log file")
+    files
+}
+
+/// The newest append-queue file of raft-engine's log in `data_dir`.
+fn newest_log_file(data_dir: &Path) -> PathBuf {
+    log_files(data_dir).pop().expect("a raft log file")
 }
 
 /// The (offset, length) of every batch in a raft-engine 0.4 log file (format 2): a
