@@ -295,13 +295,7 @@ mod tests {
     /// aborting.
     #[test]
     fn random_messages_that_pass_never_make_raft_abort() {
-        let mut seed = 0x5eed_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::random::seeded(0x5eed);
         let kinds = [
             MessageType::MsgHup,
             MessageType::MsgBeat,
@@ -338,14 +332,18 @@ mod tests {
                 let small = |r: u64| r % 14;
                 let mut m = msg(kinds[(next() % kinds.len() as u64) as usize], small(next()));
                 m.from = next() % 4;
-                m.to = if next() % 8 == 0 { next() % 4 } else { 2 };
+                m.to = if next().is_multiple_of(8) {
+                    next() % 4
+                } else {
+                    2
+                };
                 m.index = small(next());
                 m.log_term = next() % 5;
                 m.commit = small(next());
-                m.reject = next() % 2 == 0;
+                m.reject = next().is_multiple_of(2);
                 m.reject_hint = small(next());
                 let n = next() % 4;
-                let start = if next() % 4 == 0 {
+                let start = if next().is_multiple_of(4) {
                     next() % 14
                 } else {
                     m.index + 1
@@ -371,7 +369,7 @@ mod tests {
                     let described = format!("{m:?}");
                     let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let _ = node.step(m);
-                        if next() % 3 == 0 {
+                        if next().is_multiple_of(3) {
                             node.tick();
                         }
                     }));
