@@ -344,15 +344,18 @@ fn kill_9_in_the_middle_of_large_writes_never_refuses_a_start() {
     let mut cluster = Cluster::start("kill9-large-writes", 1, &[]);
     let base = cluster.nodes[0].url("");
     let acknowledged = Arc::new(Mutex::new(HashMap::<String, String>::new()));
-    for round in 0..rounds {
+    let all_there = |cluster: &Cluster, after: &str| {
         cluster.wait_leader();
         for (key, value) in acknowledged.lock().unwrap().iter() {
             let (code, got) = http("GET", &format!("{base}{key}"), None);
             assert!(
                 code == 200 && got == *value,
-                "round {round}: {key} was acknowledged, now {code}"
+                "{after}: {key} was acknowledged, now {code}"
             );
         }
+    };
+    for round in 0..rounds {
+        all_there(&cluster, &format!("before round {round}"));
         let stop = Arc::new(AtomicBool::new(false));
         let puts = Arc::new(AtomicU64::new(0));
         let writers: Vec<_> = (0..4u64)
@@ -393,7 +396,7 @@ fn kill_9_in_the_middle_of_large_writes_never_refuses_a_start() {
         }
         cluster.nodes[0].start();
     }
-    cluster.wait_leader();
+    all_there(&cluster, "after the last kill");
     let torn = cluster.nodes[0]
         .log_text()
         .matches("cut a write torn by a crash")
