@@ -13,6 +13,7 @@
 
 mod api;
 mod background;
+mod backup;
 mod cluster_id;
 mod command;
 mod config;
@@ -344,6 +345,7 @@ async fn serve(
         entry_formats: formats.clone(),
         cluster_id: cluster_id.clone(),
         shards_settled: Default::default(),
+        restoring: Default::default(),
         max_value_bytes: config.max_value_bytes,
         request_timeout: config.request_timeout(),
         partition: config.enable_fault_injection.then_some(partition.clone()),

@@ -461,6 +461,65 @@ fn the_openapi_document_matches_the_server() {
         check(&doc, &cluster, c, &mut exercised);
     }
 
+    // Backups are bytes: the calls that send one fetch it first.
+    let bytes_of = |path: &str| {
+        let answer = reqwest::blocking::get(node.url(path)).unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "GET {path}");
+        Body::Raw(answer.bytes().unwrap().to_vec())
+    };
+    let whole = || Some(bytes_of("v1/backup"));
+    let group_two = || Some(bytes_of("v1/groups/2/backup"));
+    let not_a_backup = || Some(Body::Raw(b"RKVDBACK but not one".to_vec()));
+    let group_backup = "/v1/groups/{group}/backup";
+    let group_restore = "/v1/groups/{group}/restore";
+    let backup_calls = vec![
+        call("/v1/backup", "get", "/v1/backup", None, 200),
+        call(group_backup, "get", "/v1/groups/2/backup", None, 200),
+        call(group_backup, "get", "/v1/groups/9/backup", None, 404),
+        call(group_backup, "get", "/v1/groups/x/backup", None, 400),
+        call("/v1/restore", "post", "/v1/restore", not_a_backup(), 400),
+        call("/v1/restore", "post", "/v1/restore", whole(), 409),
+        call("/v1/restore", "post", "/v1/restore?merge=yes", whole(), 400),
+        call(
+            "/v1/restore",
+            "post",
+            "/v1/restore?merge=true",
+            whole(),
+            200,
+        ),
+        call(
+            group_restore,
+            "post",
+            "/v1/groups/2/restore",
+            group_two(),
+            200,
+        ),
+        call(
+            group_restore,
+            "post",
+            "/v1/groups/2/restore",
+            not_a_backup(),
+            400,
+        ),
+        call(
+            group_restore,
+            "post",
+            "/v1/groups/1/restore",
+            group_two(),
+            400,
+        ),
+        call(
+            group_restore,
+            "post",
+            "/v1/groups/9/restore",
+            group_two(),
+            404,
+        ),
+    ];
+    for c in &backup_calls {
+        check(&doc, &cluster, c, &mut exercised);
+    }
+
     let documented: BTreeSet<(String, String)> = doc["paths"]
         .as_object()
         .unwrap()

@@ -127,6 +127,14 @@ impl Api {
                 (_, None) => Err(Failure::method_not_allowed(method, "POST")),
             };
         }
+        if below == "backup" || below == "restore" {
+            return match (method.clone(), below) {
+                (Method::GET, "backup") => self.backup_one_group(group).await,
+                (Method::POST, "restore") => self.restore_one_group(group, req).await,
+                (_, "backup") => Err(Failure::method_not_allowed(method, "GET")),
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
+        }
         if below == "kv" {
             let query = req.uri().query().map(str::to_string);
             return match *method {
@@ -145,7 +153,7 @@ impl Api {
         self.serve_key(group, key, method, req).await
     }
 
-    fn group_exists(&self, group: u64) -> bool {
+    pub(super) fn group_exists(&self, group: u64) -> bool {
         group == CLUSTER_GROUP || self.membership.read().unwrap().groups.contains_key(&group)
     }
 

@@ -174,7 +174,7 @@ impl Api {
     /// Refuses (421) a key that `group` must not hold: in a sharded cluster the shards and
     /// the cluster group hold only their own keys, so that `/v1/kv` finds every key where
     /// it looks. (A group an operator created holds any key.)
-    fn check_owner(&self, group: u64, key: &[u8]) -> Result<(), Failure> {
+    pub(super) fn check_owner(&self, group: u64, key: &[u8]) -> Result<(), Failure> {
         let membership = self.membership.read().unwrap();
         let owner = sharding::group_of(key, &membership.shards);
         let sharded = group == CLUSTER_GROUP || membership.shards.contains(&group);

@@ -18,6 +18,7 @@
 //! waits for a read index. Leases exist only once every member reads them (409 before,
 //! `entry_formats::LEASES`).
 
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
@@ -139,28 +140,30 @@ impl Api {
                 .post_json(group, "/v1/leases".into(), body.to_string().into())
                 .await;
         }
+        let lease = self.grant_here(group, grant.ttl_seconds).await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "id": lease,
+                "ttl_seconds": grant.ttl_seconds,
+                "group": group,
+            }),
+        ))
+    }
+
+    /// Grants a lease of `ttl_seconds` in `group`, which this node hosts, under a fresh
+    /// id; returns the id.
+    async fn grant_here(&self, group: u64, ttl_seconds: u64) -> Result<u64, Failure> {
         let mut refusal = None;
         for _ in 0..GRANT_ATTEMPTS {
             let lease = leases::id_in(group, crate::random::random_u64() as u32);
-            let op = Op::GrantLease {
-                lease,
-                ttl_seconds: grant.ttl_seconds,
-            };
+            let op = Op::GrantLease { lease, ttl_seconds };
             match self
                 .router
                 .propose_op(group, op, self.request_timeout)
                 .await
             {
-                Ok(_) => {
-                    return Ok(json_response(
-                        StatusCode::CREATED,
-                        &serde_json::json!({
-                            "id": lease,
-                            "ttl_seconds": grant.ttl_seconds,
-                            "group": group,
-                        }),
-                    ))
-                }
+                Ok(_) => return Ok(lease),
                 Err(ProposeError::Lease(LeaseRefusal::Exists(_))) => {
                     refusal = Some(ProposeError::Lease(LeaseRefusal::Exists(lease)))
                 }
@@ -168,6 +171,29 @@ impl Api {
             }
         }
         Err(refusal.expect("every attempt was refused").into())
+    }
+
+    /// Grants a lease of `ttl_seconds` in `group`, here or on a node that hosts it;
+    /// returns its id.
+    pub(super) async fn grant_in(&self, group: u64, ttl_seconds: u64) -> Result<u64, Failure> {
+        if self.router.serving(group).is_some() {
+            return self.grant_here(group, ttl_seconds).await;
+        }
+        let body = serde_json::json!({"ttl_seconds": ttl_seconds, "group": group});
+        let answer = self
+            .post_json(group, "/v1/leases".into(), body.to_string().into())
+            .await?;
+        let body = answer.into_body().collect().await.map(|b| b.to_bytes());
+        let id = body
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|granted| granted["id"].as_u64());
+        id.ok_or_else(|| {
+            Failure::new(
+                StatusCode::BAD_GATEWAY,
+                format!("a node that hosts group {group} granted a lease but named no id"),
+            )
+        })
     }
 
     /// `GET /v1/leases[?group=G]`: the leases of every group that holds keys (or of
@@ -228,7 +254,7 @@ impl Api {
     }
 
     /// Every group that holds keys, so leases (see [`holds_keys`]).
-    fn groups_holding_keys(&self) -> Vec<u64> {
+    pub(super) fn groups_holding_keys(&self) -> Vec<u64> {
         let membership = self.membership.read().unwrap();
         std::iter::once(CLUSTER_GROUP)
             .chain(membership.groups.keys().copied())

@@ -7,6 +7,7 @@
 //! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
 //! | `/v1/groups...`: the raft groups, create one, the keys of one (forwarded to a node that hosts it, `forward.rs`) | `groups_v1.rs` |
 //! | `/v1/leases...`: grant, keep alive, show and revoke leases | `leases_v1.rs` |
+//! | `/v1/backup`, `/v1/restore`: every key in one file, and back | `backup_v1.rs` |
 //! | `/status`, `/health`, `/readyz`, `/metrics`, `/debug/partition`, `/debug/panic` | `admin.rs` |
 //!
 //! `GET /v1/openapi.json` serves the OpenAPI document of the `/v1` routes (`openapi.json`
@@ -40,6 +41,7 @@ use crate::router::{ProposeError, Router};
 use crate::tls::ClientCertificate;
 
 mod admin;
+mod backup_v1;
 mod forward;
 mod groups_v1;
 mod kv_v1;
@@ -71,6 +73,9 @@ pub struct Api {
     pub cluster_id: Arc<ClusterId>,
     /// Set once this node's list of shards is known to be current (`settle_shards`).
     pub shards_settled: std::sync::atomic::AtomicBool,
+    /// Set while a `POST /v1/restore` runs here: one at a time, as each holds a whole
+    /// backup in memory.
+    pub restoring: std::sync::atomic::AtomicBool,
     pub max_value_bytes: usize,
     pub request_timeout: Duration,
     /// Present only with `--enable-fault-injection`.
@@ -236,6 +241,14 @@ impl Api {
                 _ => Err(Failure::method_not_allowed(method, "DELETE")),
             };
         }
+        if rest == "/backup" || rest == "/restore" {
+            return match (method.clone(), rest) {
+                (Method::GET, "/backup") => self.backup().await,
+                (Method::POST, "/restore") => self.restore(req).await,
+                (_, "/backup") => Err(Failure::method_not_allowed(method, "GET")),
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
+        }
         if let Some(groups) = rest.strip_prefix("/groups") {
             if groups.is_empty() || groups.starts_with('/') {
                 return self.route_groups(req, method, groups).await;
@@ -387,9 +400,13 @@ fn is_operator_route(method: &Method, target: &str) -> bool {
             .strip_prefix("/groups/")
             .and_then(|g| g.split_once('/'))
             .is_some_and(|(_, sub)| {
-                sub == "members" || sub.starts_with("members/") || sub == "leader"
+                sub == "members"
+                    || sub.starts_with("members/")
+                    || sub == "leader"
+                    || sub == "restore"
             });
         return rest == "/members"
+            || rest == "/restore"
             || rest.starts_with("/members/")
             || rest == "/groups"
             || group_members;
@@ -427,6 +444,8 @@ fn route_of(method: &Method, path: &str) -> &'static str {
         ("POST", admin::PARTITION_ROUTE | admin::PANIC_ROUTE) => "admin",
         ("GET", "v1/kv") => "v1_list",
         ("POST", "v1/kv") => "v1_set_many",
+        ("GET", "v1/backup") => "v1_backup",
+        ("POST", "v1/restore") => "v1_restore",
         (_, t) if t.starts_with("v1/kv/") => match method.as_str() {
             "GET" => "v1_get",
             "PUT" => "v1_put",
@@ -545,6 +564,8 @@ mod tests {
             (&post, "v1/groups/2/members"),
             (&delete, "v1/groups/2/members/1"),
             (&post, "v1/groups/2/leader"),
+            (&post, "v1/restore"),
+            (&post, "v1/groups/2/restore"),
             (&post, "debug/partition"),
             (&post, "debug/panic"),
         ] {
@@ -559,6 +580,9 @@ mod tests {
             (&post, "v1/kv"),
             (&put, "v1/groups/2/kv/members"),
             (&delete, "v1/groups/2/kv/leader"),
+            (&get, "v1/backup"),
+            (&get, "v1/groups/2/backup"),
+            (&put, "v1/groups/2/kv/restore"),
         ] {
             assert!(!is_operator_route(method, target), "{method} {target}");
         }
@@ -580,6 +604,8 @@ mod tests {
     fn metrics_routes_keep_v1_apart_from_raftexample_keys() {
         assert_eq!(route_of(&Method::GET, "/v1/kv/a/b"), "v1_get");
         assert_eq!(route_of(&Method::GET, "/v1/kv"), "v1_list");
+        assert_eq!(route_of(&Method::GET, "/v1/backup"), "v1_backup");
+        assert_eq!(route_of(&Method::POST, "/v1/restore"), "v1_restore");
         assert_eq!(route_of(&Method::DELETE, "/v1/members/3"), "v1_members");
         assert_eq!(route_of(&Method::GET, "/a"), "get");
         assert_eq!(route_of(&Method::DELETE, "/3"), "remove_member");
