@@ -226,9 +226,9 @@ impl Api {
     /// Where every key of `backup` goes, in chunks of at most `--max-value-bytes`; refuses
     /// the whole backup if any key could not be written.
     fn plan_restore(&self, backup: &Backup) -> Result<Vec<Chunk>, Failure> {
-        // Pairs by destination group, then by the (source group, lease) they came with:
-        // a lease is granted anew in each group its keys land in.
-        let mut by_group: BTreeMap<(u64, Kind), Vec<(Pair, u64)>> = BTreeMap::new();
+        // Pairs by the group they go to, each with its lease's TTL (a lease is granted
+        // anew in each group its keys land in).
+        let mut by_group: BTreeMap<u64, Vec<(Pair, u64)>> = BTreeMap::new();
         for section in &backup.groups {
             if section.kind == Kind::Named && !self.group_exists(section.id) {
                 return Err(Failure::new(
@@ -271,13 +271,14 @@ impl Api {
                 let ttl = section.leases.iter().find(|(id, _)| *id == pair.lease);
                 let lease_ttl = ttl.map_or(0, |(_, ttl)| *ttl);
                 by_group
-                    .entry((group, section.kind))
+                    .entry(group)
                     .or_default()
                     .push((pair.clone(), lease_ttl));
             }
         }
         let mut chunks = Vec::new();
-        for ((group, kind), pairs) in by_group {
+        for (group, pairs) in by_group {
+            let kind = self.kind_of(group);
             let mut chunk = Chunk::new(group, kind);
             let mut bytes = 0;
             for (pair, ttl) in pairs {
@@ -337,6 +338,7 @@ impl Api {
         chunk: &mut Chunk,
         granted: &mut HashMap<(u64, u64), u64>,
     ) -> Result<(), Failure> {
+        let mut renamed = HashMap::new();
         for (lease, ttl) in &mut chunk.leases {
             let new = match granted.get(&(chunk.group, *lease)) {
                 Some(&new) => new,
@@ -346,10 +348,13 @@ impl Api {
                     new
                 }
             };
-            for pair in chunk.pairs.iter_mut().filter(|p| p.lease == *lease) {
+            renamed.insert(*lease, new);
+            *lease = new;
+        }
+        for pair in &mut chunk.pairs {
+            if let Some(&new) = renamed.get(&pair.lease) {
                 pair.lease = new;
             }
-            *lease = new;
         }
         Ok(())
     }
