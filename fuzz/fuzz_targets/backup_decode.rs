@@ -1,0 +1,7 @@
+//! Backup files, as `POST /v1/restore` reads them from any client.
+#![no_main]
+
+#[path = "../../src/backup.rs"]
+mod backup;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| backup::check_decoding(data));
