@@ -53,6 +53,9 @@ const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
 /// A put that attaches its key to a lease: key, value, lease id.
 const WRITE_PUT_LEASED: u8 = 3;
+/// A delete of every key that starts with a prefix: the prefix. A release that knows
+/// none stops at it (`entry_formats::DELETE_PREFIX`).
+const WRITE_DELETE_PREFIX: u8 = 4;
 
 /// The lease id of a key attached to none (etcd's word for it too).
 pub const NO_LEASE: u64 = 0;
@@ -86,6 +89,11 @@ pub enum Write {
     },
     Delete {
         key: Bytes,
+    },
+    /// Deletes every key that starts with `prefix` (all of them if it is empty), at the
+    /// command's one revision: etcd's `del --prefix`.
+    DeletePrefix {
+        prefix: Bytes,
     },
 }
 
@@ -225,6 +233,10 @@ impl Proposal {
                     buf.push(WRITE_DELETE);
                     put_bytes(&mut buf, key);
                 }
+                Write::DeletePrefix { prefix } => {
+                    buf.push(WRITE_DELETE_PREFIX);
+                    put_bytes(&mut buf, prefix);
+                }
             }
         }
         buf
@@ -360,6 +372,7 @@ impl Proposal {
                             Write::Put { key, value, lease }
                         }
                         WRITE_DELETE => Write::Delete { key: r.bytes()? },
+                        WRITE_DELETE_PREFIX => Write::DeletePrefix { prefix: r.bytes()? },
                         _ => return Err(DecodeError("unknown write")),
                     };
                     command.writes.push(write);
@@ -433,7 +446,7 @@ pub fn decode_entry(bytes: &Bytes) -> Result<Vec<Proposal>, DecodeError> {
 fn write_len(write: &Write) -> usize {
     match write {
         Write::Put { key, value, .. } => 17 + key.len() + value.len(),
-        Write::Delete { key } => 5 + key.len(),
+        Write::Delete { key } | Write::DeletePrefix { prefix: key } => 5 + key.len(),
     }
 }
 
@@ -622,6 +635,9 @@ mod tests {
                         key: Bytes::from_static(b"c"),
                         value: Bytes::from_static(b"2"),
                         lease: 1 << 32 | 3,
+                    },
+                    Write::DeletePrefix {
+                        prefix: Bytes::from_static(b"d/"),
                     },
                 ],
             }),

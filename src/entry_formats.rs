@@ -30,8 +30,10 @@ pub const REHOST: u8 = 3;
 /// Leases: their grant, keepalive and revoke, and puts that attach a key to one
 /// (`command.rs`, `leases.rs`).
 pub const LEASES: u8 = 4;
+/// Deletes of every key under a prefix (`command.rs`'s `Write::DeletePrefix`).
+pub const DELETE_PREFIX: u8 = 5;
 /// The newest format this build reads and writes.
-pub const NEWEST: u8 = LEASES;
+pub const NEWEST: u8 = DELETE_PREFIX;
 
 pub struct EntryFormats {
     /// The newest format this node reads.

@@ -356,9 +356,30 @@ impl KvStore {
                     });
                 }
                 Write::Delete { key } => deleted += u64::from(self.delete_at(key, revision)),
+                Write::DeletePrefix { prefix } => {
+                    for key in self.keys_under(&prefix) {
+                        deleted += u64::from(self.delete_at(key, revision));
+                    }
+                }
             }
         }
         Applied::Written { deleted }
+    }
+
+    /// Every key that starts with `prefix`, from every piece (in no order).
+    fn keys_under(&self, prefix: &[u8]) -> Vec<Bytes> {
+        let probe = Slot::probe(prefix);
+        self.map
+            .pieces
+            .iter()
+            .flat_map(|piece| {
+                piece
+                    .range(&probe..)
+                    .map(Slot::record)
+                    .take_while(|record| record.key().starts_with(prefix))
+                    .map(|record| Bytes::copy_from_slice(record.key()))
+            })
+            .collect()
     }
 
     /// Deletes `key` at `revision`; whether it was there.
@@ -452,6 +473,48 @@ mod tests {
         assert_eq!(kv.apply(delete), (4, Applied::Written { deleted: 1 }));
         assert!(kv.get(b"k").is_none());
         assert_eq!(kv.freeze().revision(), 4);
+    }
+
+    #[test]
+    fn a_prefix_delete_takes_every_key_under_it_at_one_revision_and_nothing_else() {
+        let now = Instant::now();
+        let mut kv = KvStore::default();
+        for i in 0..1000 {
+            put(&mut kv, &format!("a/{i}"), "v");
+        }
+        for key in ["a", "ab", "a.", "b/1"] {
+            put(&mut kv, key, "stays");
+        }
+        let (lease, _) = (1 << 32 | 5, kv.grant_lease(1 << 32 | 5, 60, now));
+        let leased = Command {
+            checks: vec![],
+            writes: vec![Write::Put {
+                key: b("a/leased"),
+                value: b("v"),
+                lease,
+            }],
+        };
+        kv.apply(leased);
+        let under = |prefix: &str| Command {
+            checks: vec![],
+            writes: vec![Write::DeletePrefix { prefix: b(prefix) }],
+        };
+        let (revision, applied) = kv.apply(under("a/"));
+        assert_eq!(applied, Applied::Written { deleted: 1001 });
+        assert_eq!(kv.len(), 4);
+        for key in ["a", "ab", "a.", "b/1"] {
+            assert_eq!(kv.get(key.as_bytes()).unwrap().value, "stays", "{key}");
+        }
+        assert_eq!(kv.leases().get(lease).unwrap().keys.len(), 0, "detached");
+        let found = kv.history().since(revision, revision, |_| true, usize::MAX);
+        let events = found.ok().unwrap().events;
+        assert_eq!(events.len(), 1001);
+        assert!(events
+            .iter()
+            .all(|e| e.revision == revision && e.value.is_none()));
+        assert_eq!(kv.apply(under("a/")).1, Applied::Written { deleted: 0 });
+        assert_eq!(kv.apply(under("")).1, Applied::Written { deleted: 4 });
+        assert_eq!(kv.len(), 0);
     }
 
     #[test]

@@ -126,6 +126,8 @@ fn the_openapi_document_matches_the_server() {
         call("/v1/kv", "get", "/v1/kv?prefix=doc%2Fx&limit=5", None, 200),
         call("/v1/kv", "get", "/v1/kv?prefix=doc%2F", None, 406),
         call("/v1/kv", "get", "/v1/kv?limit=0", None, 400),
+        call("/v1/kv", "delete", "/v1/kv?prefix=doc%2Fy", None, 200),
+        call("/v1/kv", "delete", "/v1/kv", None, 400),
         call("/v1/members", "get", "/v1/members", None, 200),
         call(
             "/v1/members",
@@ -351,6 +353,27 @@ fn the_openapi_document_matches_the_server() {
             400,
         ),
         call("/v1/groups/{group}/kv", "get", "/v1/groups/9/kv", None, 404),
+        call(
+            "/v1/groups/{group}/kv",
+            "delete",
+            "/v1/groups/2/kv?prefix=doc%2Fm2",
+            None,
+            200,
+        ),
+        call(
+            "/v1/groups/{group}/kv",
+            "delete",
+            "/v1/groups/2/kv",
+            None,
+            400,
+        ),
+        call(
+            "/v1/groups/{group}/kv",
+            "delete",
+            "/v1/groups/9/kv?prefix=a",
+            None,
+            404,
+        ),
         call("/v1/groups/{group}/kv", "get", "/v1/groups/2/kv", None, 406),
         call(group_kv, "get", "/v1/groups/9/kv/doc/g", None, 404),
         call(

@@ -404,3 +404,74 @@ fn leaders_spread_over_the_nodes_and_a_leadership_can_be_handed_over() {
     let (code, answer) = http_json("POST", &url, Some(json!({ "id": 9 })));
     assert_eq!(code, 400, "not a voter: {answer}");
 }
+
+/// `DELETE /v1/kv?prefix=`: every key under the prefix, from every group (through the
+/// hosts of the groups the node does not host), one revision per group; watchers see
+/// each delete; keys beside the prefix stay.
+#[test]
+fn a_prefix_delete_takes_every_key_under_it_from_every_shard() {
+    let cluster = Cluster::start(
+        "sharding-del-prefix",
+        3,
+        &["--shards", "4", "--replicas", "2"],
+    );
+    let url = |via: u64, path: &str| cluster.nodes[via as usize - 1].url(path);
+    for i in 0..100u64 {
+        put_v1(&cluster, 1 + i % 3, &format!("app/{i:03}"), "v");
+    }
+    for key in ["app", "apple", "b/1"] {
+        put_v1(&cluster, 1, key, "stays");
+    }
+    let watcher = common::watcher::Watcher::open(&url(2, "v1/watch?prefix=app"));
+
+    let (code, body) = http_json("DELETE", &url(1, "v1/kv"), None);
+    assert_eq!(code, 400, "no prefix: {body}");
+    let (code, done) = http_json("DELETE", &url(3, "v1/kv?prefix=app%2F"), None);
+    assert_eq!(code, 200, "{done}");
+    assert_eq!(done["deleted"], 100, "{done}");
+    let groups = done["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 4, "{done}");
+    let per_group: u64 = groups.iter().map(|g| g["deleted"].as_u64().unwrap()).sum();
+    assert_eq!(per_group, 100);
+
+    let (events, _) = watcher.events_until(|events| events.len() >= 100);
+    assert!(events.iter().all(|e| e["type"] == "delete"), "{events:?}");
+    for group in groups {
+        let at = events.iter().filter(|e| e["group"] == group["group"]);
+        assert!(
+            at.clone().all(|e| e["revision"] == group["revision"]),
+            "{group}"
+        );
+        assert_eq!(
+            at.count() as u64,
+            group["deleted"].as_u64().unwrap(),
+            "{group}"
+        );
+    }
+    for via in 1..=3 {
+        let (code, page) = http_json("GET", &url(via, "v1/kv?prefix=app"), None);
+        assert_eq!(code, 200, "{page}");
+        let keys: Vec<&str> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["app", "apple"], "node {via}");
+    }
+    let (code, again) = http_json("DELETE", &url(2, "v1/kv?prefix=app%2F"), None);
+    assert_eq!((code, &again["deleted"]), (200, &json!(0)), "{again}");
+
+    // One group's keys, all of them (an empty prefix), through a node that may not host it.
+    let (_, owner) = http_json("GET", &url(1, "v1/kv/b%2F1"), None);
+    let group = owner["group"].as_u64().unwrap();
+    let (code, one) = http_json(
+        "DELETE",
+        &url(3, &format!("v1/groups/{group}/kv?prefix=")),
+        None,
+    );
+    assert_eq!(code, 200, "{one}");
+    assert!(one["deleted"].as_u64().unwrap() >= 1, "{one}");
+    let (code, _) = http("GET", &url(2, "v1/kv/b%2F1"), None);
+    assert_eq!(code, 404);
+}

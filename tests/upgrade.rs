@@ -199,9 +199,10 @@ fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {
 /// oldest format (node 3 plays a member of an older release), the others write only that
 /// format, so it applies every write and stays up, a node removed from a group is not
 /// placed in it again (format 3), and no lease is granted nor key attached to one (format
-/// 4), and no watch of several keys is relayed from it (an older release would watch
-/// the last only); once it reads the newest too, the others start writing batches, may
-/// place the node again, grant leases and relay such watches.
+/// 4), no prefix is deleted (format 5), and no watch of several keys is relayed from it
+/// (an older release would watch the last only); once it reads the newest too, the
+/// others start writing batches, may place the node again, grant leases, delete
+/// prefixes and relay such watches.
 #[test]
 fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let mut cluster = common::Cluster::new("entry-format", 3, &["--enable-fault-injection"]);
@@ -214,13 +215,13 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     for thread in 0..16 {
         cluster.wait_value(3, &format!("old-{thread}-24"), "v");
     }
-    let writes_batches = "entry format written changed: every member reads it, format: 4";
+    let writes_batches = "entry format written changed: every member reads it, format: 5";
     assert!(!cluster.nodes[0].log_text().contains(writes_batches));
     // `/status` tells an operator how far the upgrade is: what a node reads, and what
     // every member reads (what the cluster writes).
     assert_eq!(
         entry_formats(&cluster.nodes[0]),
-        (4, 1),
+        (5, 1),
         "node 3 reads format 1 only"
     );
     assert_eq!(entry_formats(&cluster.nodes[2]).0, 1);
@@ -255,6 +256,11 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
         Some(b"v".to_vec()),
     );
     assert_eq!(leased_put.0, 409, "{leased_put:?}");
+    let delete_old = cluster.nodes[0].url("v1/kv?prefix=old-");
+    let delete_prefix = || http("DELETE", &delete_old, None);
+    let (code, text) = delete_prefix();
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("entry format 5"), "{text}");
     // Group 3 lives on node 3 alone: node 1 relays its watches from there, but not one
     // of several keys, which an older release would cut to the last.
     let (code, text) = http(
@@ -297,10 +303,10 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     );
     assert_eq!(
         entry_formats(&cluster.nodes[0]),
-        (4, 4),
-        "every member reads format 4 now"
+        (5, 5),
+        "every member reads format 5 now"
     );
-    assert_eq!(entry_formats(&cluster.nodes[2]).0, 4);
+    assert_eq!(entry_formats(&cluster.nodes[2]).0, 5);
     let leader = cluster.wait_leader();
     concurrent_puts(&cluster, leader, "new");
     for thread in 0..16 {
@@ -310,6 +316,12 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     assert_eq!(code, 201, "every member reads format 3 now: {text}");
     let (code, text) = grant();
     assert_eq!(code, 201, "every member reads format 4 now: {text}");
+    let (code, text) = delete_prefix();
+    assert_eq!(code, 200, "every member reads format 5 now: {text}");
+    assert!(
+        text.contains("\"deleted\":400"),
+        "16 threads of 25 old keys: {text}"
+    );
     let several = reqwest::blocking::Client::new()
         .get(group_3_watch("key=a&key=b"))
         .send()

@@ -1,5 +1,6 @@
 //! Backup files, as `POST /v1/restore` reads them from any client.
 #![no_main]
+#![allow(dead_code)]
 
 #[path = "../../src/backup.rs"]
 mod backup;

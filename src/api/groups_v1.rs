@@ -140,7 +140,8 @@ impl Api {
             return match *method {
                 Method::GET => self.list_group(group, query.as_deref()).await,
                 Method::POST => self.set_many_in(group, req).await,
-                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
+                Method::DELETE => self.delete_prefix_in(group, query.as_deref()).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST, DELETE")),
             };
         }
         let Some(key) = below.strip_prefix("kv/") else {

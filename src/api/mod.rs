@@ -4,6 +4,7 @@
 //! |------------------------------------------|-------------------|
 //! | raftexample's: `GET`/`PUT /<key>`, `POST`/`DELETE /<node-id>` | `raftexample.rs` |
 //! | `/v1/kv...`: keys with revisions, listing, multi-key set, compare-and-swap | `kv_v1.rs` |
+//! | `DELETE /v1/kv?prefix=`: every key under a prefix | `prefix_delete.rs` |
 //! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
 //! | `/v1/groups...`: the raft groups, create one, the keys of one (forwarded to a node that hosts it, `forward.rs`) | `groups_v1.rs` |
 //! | `/v1/leases...`: grant, keep alive, show and revoke leases | `leases_v1.rs` |
@@ -47,6 +48,7 @@ mod groups_v1;
 mod kv_v1;
 mod leases_v1;
 mod members_v1;
+mod prefix_delete;
 mod raftexample;
 mod request;
 mod watch_stream;
@@ -217,7 +219,8 @@ impl Api {
             return match *method {
                 Method::GET => self.list_keys(query).await,
                 Method::POST => self.set_many(req).await,
-                _ => Err(Failure::method_not_allowed(method, "GET, POST")),
+                Method::DELETE => self.delete_prefix(query).await,
+                _ => Err(Failure::method_not_allowed(method, "GET, POST, DELETE")),
             };
         }
         if let Some(raw) = rest.strip_prefix("/kv/") {
@@ -444,6 +447,7 @@ fn route_of(method: &Method, path: &str) -> &'static str {
         ("POST", admin::PARTITION_ROUTE | admin::PANIC_ROUTE) => "admin",
         ("GET", "v1/kv") => "v1_list",
         ("POST", "v1/kv") => "v1_set_many",
+        ("DELETE", "v1/kv") => "v1_delete",
         ("GET", "v1/backup") => "v1_backup",
         ("POST", "v1/restore") => "v1_restore",
         (_, t) if t.starts_with("v1/kv/") => match method.as_str() {
