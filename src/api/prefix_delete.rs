@@ -33,7 +33,8 @@ struct GroupDeleted {
 }
 
 impl Api {
-    /// `DELETE /v1/kv?prefix=<p>`: every group that holds keys, one after the other.
+    /// `DELETE /v1/kv?prefix=<p>`: every group that `/v1/kv` routes keys to (the shards,
+    /// or the cluster group), one after the other.
     pub(super) async fn delete_prefix(&self, query: Option<&str>) -> Reply {
         let prefix = prefix_param(query)?;
         self.check_every_member_reads_prefix_deletes()?;
