@@ -357,29 +357,14 @@ impl KvStore {
                 }
                 Write::Delete { key } => deleted += u64::from(self.delete_at(key, revision)),
                 Write::DeletePrefix { prefix } => {
-                    for key in self.keys_under(&prefix) {
+                    let (under, _) = self.map.list(&prefix, None, usize::MAX);
+                    for (key, _) in under {
                         deleted += u64::from(self.delete_at(key, revision));
                     }
                 }
             }
         }
         Applied::Written { deleted }
-    }
-
-    /// Every key that starts with `prefix`, from every piece (in no order).
-    fn keys_under(&self, prefix: &[u8]) -> Vec<Bytes> {
-        let probe = Slot::probe(prefix);
-        self.map
-            .pieces
-            .iter()
-            .flat_map(|piece| {
-                piece
-                    .range(&probe..)
-                    .map(Slot::record)
-                    .take_while(|record| record.key().starts_with(prefix))
-                    .map(|record| Bytes::copy_from_slice(record.key()))
-            })
-            .collect()
     }
 
     /// Deletes `key` at `revision`; whether it was there.

@@ -32,7 +32,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::forward::Forwarded;
-use super::{forward, parse_query, read_body, Api, Consistency, Failure, Reply};
+use super::{parse_query, read_body, Api, Consistency, Failure, Reply};
 use crate::backup::{self, Backup, GroupBackup, Kind, Pair};
 use crate::command::{Command, Write, NO_LEASE};
 use crate::router::CLUSTER_GROUP;
@@ -46,15 +46,6 @@ const MAX_KEY_BYTES: usize = 64 << 10;
 const PAIR_OVERHEAD: usize = 32;
 
 const OCTET_STREAM: &str = "application/octet-stream";
-
-/// One chunk of a restore: pairs for one group, with their new lease ids.
-struct Chunk {
-    group: u64,
-    kind: Kind,
-    /// (new id, TTL) of the leases its pairs name.
-    leases: Vec<(u64, u64)>,
-    pairs: Vec<Pair>,
-}
 
 impl Api {
     /// `GET /v1/backup`.
@@ -88,10 +79,7 @@ impl Api {
             headers: Vec::new(),
             body: Bytes::new(),
         };
-        let (status, body) = self.send_and_read(group, request).await?;
-        if status != StatusCode::OK {
-            return Err(forward::failure_of(status, &body));
-        }
+        let (_, body) = self.send_for_success(group, request).await?;
         let mut there = backup::decode(&body).map_err(|why| {
             Failure::new(
                 StatusCode::BAD_GATEWAY,
@@ -114,19 +102,19 @@ impl Api {
         // Freeze (a pointer copy per piece) and walk the copy without holding the lock.
         let frozen = self.map_of(group)?.read().unwrap().freeze();
         let leases = frozen.leases();
-        let mut pairs: Vec<Pair> = frozen
-            .iter()
-            .map(|record| Pair {
-                key: Bytes::copy_from_slice(record.key()),
-                value: record.value_bytes(),
-                revision: record.revision(),
+        let (every_key, _) = frozen.list(b"", None, usize::MAX);
+        let pairs: Vec<Pair> = every_key
+            .into_iter()
+            .map(|(key, versioned)| Pair {
                 lease: leases
-                    .lease_of(record.key())
+                    .lease_of(&key)
                     .filter(|&id| leases.contains(id))
                     .unwrap_or(NO_LEASE),
+                key,
+                value: versioned.value,
+                revision: versioned.revision,
             })
             .collect();
-        pairs.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let mut used: Vec<u64> = pairs
             .iter()
             .map(|p| p.lease)
@@ -198,8 +186,9 @@ impl Api {
         let mut granted = HashMap::new();
         let mut groups = BTreeSet::new();
         for mut chunk in chunks {
+            let (keys, group) = (chunk.pairs.len(), chunk.id);
             let step = match self.grant_chunk_leases(&mut chunk, &mut granted).await {
-                Ok(()) => self.write_chunk(&chunk).await,
+                Ok(()) => self.write_chunk(chunk).await,
                 Err(e) => Err(e),
             };
             if let Err(failure) = step {
@@ -212,8 +201,8 @@ impl Api {
                     ),
                 ));
             }
-            written += chunk.pairs.len();
-            groups.insert(chunk.group);
+            written += keys;
+            groups.insert(group);
         }
         slog::info!(self.logger, "backup restored";
             "keys" => written, "leases" => granted.len(), "merge" => merge);
@@ -223,9 +212,10 @@ impl Api {
         ))
     }
 
-    /// Where every key of `backup` goes, in chunks of at most `--max-value-bytes`; refuses
-    /// the whole backup if any key could not be written.
-    fn plan_restore(&self, backup: &Backup) -> Result<Vec<Chunk>, Failure> {
+    /// Where every key of `backup` goes, in chunks of at most `--max-value-bytes`, each a
+    /// section of the group it goes to (with the backed-up lease ids, and no revision);
+    /// refuses the whole backup if any key could not be written.
+    fn plan_restore(&self, backup: &Backup) -> Result<Vec<GroupBackup>, Failure> {
         // Pairs by the group they go to, each with its lease's TTL (a lease is granted
         // anew in each group its keys land in).
         let mut by_group: BTreeMap<u64, Vec<(Pair, u64)>> = BTreeMap::new();
@@ -279,12 +269,12 @@ impl Api {
         let mut chunks = Vec::new();
         for (group, pairs) in by_group {
             let kind = self.kind_of(group);
-            let mut chunk = Chunk::new(group, kind);
+            let mut chunk = chunk_of(group, kind);
             let mut bytes = 0;
             for (pair, ttl) in pairs {
                 let size = pair.key.len() + pair.value.len() + PAIR_OVERHEAD;
                 if !chunk.pairs.is_empty() && bytes + size > self.max_value_bytes {
-                    chunks.push(std::mem::replace(&mut chunk, Chunk::new(group, kind)));
+                    chunks.push(std::mem::replace(&mut chunk, chunk_of(group, kind)));
                     bytes = 0;
                 }
                 if pair.lease != NO_LEASE && !chunk.leases.iter().any(|(id, _)| *id == pair.lease) {
@@ -335,16 +325,16 @@ impl Api {
     /// the pairs' leases to the new ids.
     async fn grant_chunk_leases(
         &self,
-        chunk: &mut Chunk,
+        chunk: &mut GroupBackup,
         granted: &mut HashMap<(u64, u64), u64>,
     ) -> Result<(), Failure> {
         let mut renamed = HashMap::new();
         for (lease, ttl) in &mut chunk.leases {
-            let new = match granted.get(&(chunk.group, *lease)) {
+            let new = match granted.get(&(chunk.id, *lease)) {
                 Some(&new) => new,
                 None => {
-                    let new = self.grant_in(chunk.group, *ttl).await?;
-                    granted.insert((chunk.group, *lease), new);
+                    let new = self.grant_in(chunk.id, *ttl).await?;
+                    granted.insert((chunk.id, *lease), new);
                     new
                 }
             };
@@ -360,33 +350,21 @@ impl Api {
     }
 
     /// Writes one chunk, here or on a node that hosts its group.
-    async fn write_chunk(&self, chunk: &Chunk) -> Result<(), Failure> {
-        if self.router.serving(chunk.group).is_some() {
-            return self
-                .write_pairs_here(chunk.group, &chunk.pairs)
-                .await
-                .map(|_| ());
+    async fn write_chunk(&self, chunk: GroupBackup) -> Result<(), Failure> {
+        let group = chunk.id;
+        if self.router.serving(group).is_some() {
+            return self.write_pairs_here(group, &chunk.pairs).await.map(|_| ());
         }
         let file = backup::encode(&Backup {
-            groups: vec![GroupBackup {
-                id: chunk.group,
-                kind: chunk.kind,
-                revision: 0,
-                leases: chunk.leases.clone(),
-                pairs: chunk.pairs.clone(),
-            }],
+            groups: vec![chunk],
         });
         let request = Forwarded {
             method: Method::POST,
-            path: format!("/v1/groups/{}/restore", chunk.group),
+            path: format!("/v1/groups/{group}/restore"),
             headers: vec![(CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM))],
             body: file.into(),
         };
-        let (status, body) = self.send_and_read(chunk.group, request).await?;
-        match status.is_success() {
-            true => Ok(()),
-            false => Err(forward::failure_of(status, &body)),
-        }
+        self.send_for_success(group, request).await.map(|_| ())
     }
 
     /// `POST /v1/groups/<g>/restore`, on a node that hosts g: the file's one section, which
@@ -454,14 +432,14 @@ impl Drop for RestoreRunning<'_> {
     }
 }
 
-impl Chunk {
-    fn new(group: u64, kind: Kind) -> Chunk {
-        Chunk {
-            group,
-            kind,
-            leases: Vec::new(),
-            pairs: Vec::new(),
-        }
+/// An empty chunk of a restore for `group`.
+fn chunk_of(group: u64, kind: Kind) -> GroupBackup {
+    GroupBackup {
+        id: group,
+        kind,
+        revision: 0,
+        leases: Vec::new(),
+        pairs: Vec::new(),
     }
 }
 

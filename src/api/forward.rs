@@ -58,6 +58,18 @@ pub(super) struct Forwarded {
     pub body: Bytes,
 }
 
+impl Forwarded {
+    /// A POST of JSON `body` to client path `path`.
+    pub fn json_post(path: String, body: Bytes) -> Forwarded {
+        Forwarded {
+            method: Method::POST,
+            path,
+            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body,
+        }
+    }
+}
+
 /// How long a host may take to answer a request forwarded under `path`: a long poll
 /// (`?wait=true`, `api/watch_v1.rs`) as long as it asks to wait, anything else the
 /// request timeout; and a second more, so that the host's own timeout answers first.
@@ -209,20 +221,27 @@ impl Api {
         relay(answer).await
     }
 
+    /// Sends `request` to a node that hosts `group`: the status and body of a success,
+    /// anything else as this node's failure.
+    pub(super) async fn send_for_success(
+        &self,
+        group: u64,
+        request: Forwarded,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let (status, body) = self.send_and_read(group, request).await?;
+        match status.is_success() {
+            true => Ok((status, body)),
+            false => Err(failure_of(status, &body)),
+        }
+    }
+
     /// POSTs JSON `body` to client path `path` on a node that hosts `group` and relays
     /// its answer: a success as it came, anything else as this node's failure.
     pub(super) async fn post_json(&self, group: u64, path: String, body: Bytes) -> Reply {
-        let request = Forwarded {
-            method: Method::POST,
-            path,
-            headers: vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-            body,
-        };
-        let (status, body) = self.send_and_read(group, request).await?;
-        match status.is_success() {
-            true => Ok(super::json_bytes(status, body.to_vec())),
-            false => Err(failure_of(status, &body)),
-        }
+        let (status, body) = self
+            .send_for_success(group, Forwarded::json_post(path, body))
+            .await?;
+        Ok(super::json_bytes(status, body.to_vec()))
     }
 
     /// A GET of the JSON at client path `path` on a node that hosts `group`.

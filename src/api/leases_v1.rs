@@ -18,11 +18,10 @@
 //! waits for a read index. Leases exist only once every member reads them (409 before,
 //! `entry_formats::LEASES`).
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
-use super::forward::FORWARDED_HEADER;
+use super::forward::{Forwarded, FORWARDED_HEADER};
 use super::request::{number_param, parse_query};
 use super::{json_response, parse_json, read_body, Api, Consistency, Failure, Reply};
 use crate::command::Op;
@@ -180,13 +179,10 @@ impl Api {
             return self.grant_here(group, ttl_seconds).await;
         }
         let body = serde_json::json!({"ttl_seconds": ttl_seconds, "group": group});
-        let answer = self
-            .post_json(group, "/v1/leases".into(), body.to_string().into())
-            .await?;
-        let body = answer.into_body().collect().await.map(|b| b.to_bytes());
-        let id = body
+        let grant = Forwarded::json_post("/v1/leases".into(), body.to_string().into());
+        let (_, answer) = self.send_for_success(group, grant).await?;
+        let id = serde_json::from_slice::<serde_json::Value>(&answer)
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|granted| granted["id"].as_u64());
         id.ok_or_else(|| {
             Failure::new(

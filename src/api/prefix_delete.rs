@@ -18,7 +18,7 @@
 use hyper::{Method, StatusCode};
 
 use super::forward::Forwarded;
-use super::{forward, json_response, parse_query, Api, Failure, Reply};
+use super::{json_response, parse_query, Api, Failure, Reply};
 use crate::command::{Command, Write};
 use crate::entry_formats;
 use crate::router::CLUSTER_GROUP;
@@ -97,10 +97,7 @@ impl Api {
             headers: Vec::new(),
             body: Default::default(),
         };
-        let (status, body) = self.send_and_read(group, request).await?;
-        if status != StatusCode::OK {
-            return Err(forward::failure_of(status, &body));
-        }
+        let (_, body) = self.send_for_success(group, request).await?;
         serde_json::from_slice(&body).map_err(|e| {
             Failure::new(
                 StatusCode::BAD_GATEWAY,
