@@ -7,7 +7,8 @@
 //! every write it took in during one loop round into one entry (see `Node::propose_batch`).
 //! A [`Command`] is a list of writes (puts and deletes) applied together, at one revision,
 //! and only if every revision check it carries holds: that is how compare-and-swap and the
-//! atomic multi-key set work. A conf-change entry carries a [`MemberContext`] (the
+//! atomic multi-key set work. A [`Txn`] is etcd's transaction: compares, then one of two
+//! branches of writes and reads. A conf-change entry carries a [`MemberContext`] (the
 //! proposal id and the new member's peer URL) in its context; a normal entry's context
 //! names the term it was proposed in ([`proposed_term_context`]), so that a write lost
 //! with a leader can be proposed again without ever applying twice.
@@ -48,6 +49,9 @@ const OP_READD_GROUP_MEMBER: u8 = 8;
 const OP_GRANT_LEASE: u8 = 9;
 const OP_KEEP_LEASE_ALIVE: u8 = 10;
 const OP_REVOKE_LEASE: u8 = 11;
+/// Operation tag of a transaction with an else branch ([`Txn`]): compares, then the steps
+/// of each branch. A release that knows none stops at it (`entry_formats::TXN`).
+const OP_TXN_BRANCHES: u8 = 12;
 /// Write tags inside an [`OP_TXN`] command.
 const WRITE_PUT: u8 = 1;
 const WRITE_DELETE: u8 = 2;
@@ -56,6 +60,12 @@ const WRITE_PUT_LEASED: u8 = 3;
 /// A delete of every key that starts with a prefix: the prefix. A release that knows
 /// none stops at it (`entry_formats::DELETE_PREFIX`).
 const WRITE_DELETE_PREFIX: u8 = 4;
+/// A read inside a [`Txn`] branch: the key. (Among the write tags, as a branch's steps
+/// are writes and reads in one list.)
+const STEP_GET: u8 = 16;
+/// A [`Compare`]'s target: a key's revision (u64), or its value (length-prefixed).
+const TARGET_REVISION: u8 = 1;
+const TARGET_VALUE: u8 = 2;
 
 /// The lease id of a key attached to none (etcd's word for it too).
 pub const NO_LEASE: u64 = 0;
@@ -127,11 +137,79 @@ impl Command {
     }
 }
 
+/// How a [`Compare`] relates the key's current state to its operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    Equal = 1,
+    NotEqual = 2,
+    Less = 3,
+    Greater = 4,
+}
+
+impl Order {
+    fn from_tag(tag: u8) -> Result<Order, DecodeError> {
+        Ok(match tag {
+            1 => Order::Equal,
+            2 => Order::NotEqual,
+            3 => Order::Less,
+            4 => Order::Greater,
+            _ => return Err(DecodeError("unknown compare order")),
+        })
+    }
+
+    /// Whether `current` stands in this order to `operand`.
+    pub fn holds<T: Ord + ?Sized>(self, current: &T, operand: &T) -> bool {
+        match self {
+            Order::Equal => current == operand,
+            Order::NotEqual => current != operand,
+            Order::Less => current < operand,
+            Order::Greater => current > operand,
+        }
+    }
+}
+
+/// What a [`Compare`] looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The revision that last wrote the key (0: absent).
+    Revision(u64),
+    /// The key's value, in byte order; a compare on the value of an absent key fails
+    /// whatever its order (as etcd's).
+    Value(Bytes),
+}
+
+/// One condition of a [`Txn`]: `key`'s target stands in `order` to the operand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compare {
+    pub key: Bytes,
+    pub order: Order,
+    pub target: Target,
+}
+
+/// One step of a [`Txn`] branch: a write, or a read of one key that sees the branch's
+/// writes before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Write(Write),
+    Get { key: Bytes },
+}
+
+/// etcd's transaction: if every compare holds, the `success` steps, else the `failure`
+/// steps; either way at one revision, and atomically.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub success: Vec<Step>,
+    pub failure: Vec<Step>,
+}
+
 /// What a proposal asks the group that applies it to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Change the group's key-value map.
     Kv(Command),
+    /// Change the group's key-value map by a transaction with an else branch.
+    Txn(Txn),
     /// Create raft group `group` on `members` (node ids). This and the next two are
     /// proposed to the cluster group only, whose log is the table of groups.
     CreateGroup { group: u64, members: Vec<u64> },
@@ -213,41 +291,22 @@ impl Proposal {
         }
         buf.extend_from_slice(&(writes.len() as u32).to_le_bytes());
         for write in writes {
-            match write {
-                Write::Put {
-                    key,
-                    value,
-                    lease: NO_LEASE,
-                } => {
-                    buf.push(WRITE_PUT);
-                    put_bytes(&mut buf, key);
-                    put_bytes(&mut buf, value);
-                }
-                Write::Put { key, value, lease } => {
-                    buf.push(WRITE_PUT_LEASED);
-                    put_bytes(&mut buf, key);
-                    put_bytes(&mut buf, value);
-                    buf.extend_from_slice(&lease.to_le_bytes());
-                }
-                Write::Delete { key } => {
-                    buf.push(WRITE_DELETE);
-                    put_bytes(&mut buf, key);
-                }
-                Write::DeletePrefix { prefix } => {
-                    buf.push(WRITE_DELETE_PREFIX);
-                    put_bytes(&mut buf, prefix);
-                }
-            }
+            put_write(&mut buf, write);
         }
         buf
     }
 
-    /// Every op but a key-value command: the table of groups' and the leases'.
+    /// Every op but a key-value command: transactions with an else branch, the table of
+    /// groups' and the leases'.
     fn encode_group_op(&self) -> Vec<u8> {
         let mut buf = vec![FORMAT_VERSION];
         put_id(&mut buf, self.id);
         match &self.op {
             Op::Kv(_) => unreachable!("encoded by Proposal::encode"),
+            Op::Txn(txn) => {
+                buf.push(OP_TXN_BRANCHES);
+                put_txn(&mut buf, txn);
+            }
             Op::CreateGroup { group, members } => {
                 buf.push(OP_CREATE_GROUP);
                 buf.extend_from_slice(&group.to_le_bytes());
@@ -357,30 +416,18 @@ impl Proposal {
                     command.checks.push(RevisionCheck { key, revision });
                 }
                 for _ in 0..r.count()? {
-                    let write = match r.u8()? {
-                        WRITE_PUT => Write::Put {
-                            key: r.bytes()?,
-                            value: r.bytes()?,
-                            lease: NO_LEASE,
-                        },
-                        WRITE_PUT_LEASED => {
-                            let (key, value, lease) = (r.bytes()?, r.bytes()?, r.u64()?);
-                            if lease == NO_LEASE {
-                                // Written as WRITE_PUT: one encoding per value.
-                                return Err(DecodeError("a leased put without a lease"));
-                            }
-                            Write::Put { key, value, lease }
-                        }
-                        WRITE_DELETE => Write::Delete { key: r.bytes()? },
-                        WRITE_DELETE_PREFIX => Write::DeletePrefix { prefix: r.bytes()? },
-                        _ => return Err(DecodeError("unknown write")),
-                    };
-                    command.writes.push(write);
+                    let tag = r.u8()?;
+                    command.writes.push(r.write(tag)?);
                 }
                 if r.at != bytes.len() {
                     return Err(DecodeError("trailing bytes"));
                 }
                 Op::Kv(command)
+            }
+            OP_TXN_BRANCHES => {
+                let txn = r.txn()?;
+                r.end()?;
+                Op::Txn(txn)
             }
             _ => return Err(DecodeError("unknown operation")),
         };
@@ -441,6 +488,66 @@ pub fn decode_entry(bytes: &Bytes) -> Result<Vec<Proposal>, DecodeError> {
         return Err(DecodeError("trailing bytes"));
     }
     Ok(proposals)
+}
+
+/// One write, as a command's and a transaction's steps carry it: its tag, then its fields.
+fn put_write(buf: &mut Vec<u8>, write: &Write) {
+    match write {
+        Write::Put {
+            key,
+            value,
+            lease: NO_LEASE,
+        } => {
+            buf.push(WRITE_PUT);
+            put_bytes(buf, key);
+            put_bytes(buf, value);
+        }
+        Write::Put { key, value, lease } => {
+            buf.push(WRITE_PUT_LEASED);
+            put_bytes(buf, key);
+            put_bytes(buf, value);
+            buf.extend_from_slice(&lease.to_le_bytes());
+        }
+        Write::Delete { key } => {
+            buf.push(WRITE_DELETE);
+            put_bytes(buf, key);
+        }
+        Write::DeletePrefix { prefix } => {
+            buf.push(WRITE_DELETE_PREFIX);
+            put_bytes(buf, prefix);
+        }
+    }
+}
+
+/// A [`Txn`]: the compares (count u32; each key, target tag, order tag, operand), then
+/// each branch's steps (count u32; each a write, or [`STEP_GET`] and a key).
+fn put_txn(buf: &mut Vec<u8>, txn: &Txn) {
+    buf.extend_from_slice(&(txn.compares.len() as u32).to_le_bytes());
+    for compare in &txn.compares {
+        put_bytes(buf, &compare.key);
+        match &compare.target {
+            Target::Revision(revision) => {
+                buf.extend_from_slice(&[TARGET_REVISION, compare.order as u8]);
+                buf.extend_from_slice(&revision.to_le_bytes());
+            }
+            Target::Value(value) => {
+                buf.extend_from_slice(&[TARGET_VALUE, compare.order as u8]);
+                put_bytes(buf, value);
+            }
+        }
+    }
+    for branch in [&txn.success, &txn.failure] {
+        buf.extend_from_slice(&(branch.len() as u32).to_le_bytes());
+        for step in branch {
+            match step {
+                Step::Write(write) => put_write(buf, write),
+                Step::Get { key } => {
+                    buf.push(STEP_GET);
+                    put_bytes(buf, key);
+                }
+            }
+        }
+    }
 }
 
 fn write_len(write: &Write) -> usize {
@@ -554,6 +661,55 @@ impl<B: AsRef<[u8]> + ?Sized> Reader<'_, B> {
 }
 
 impl Reader<'_, Bytes> {
+    /// A write written by `put_write`, whose tag was just read.
+    fn write(&mut self, tag: u8) -> Result<Write, DecodeError> {
+        Ok(match tag {
+            WRITE_PUT => Write::Put {
+                key: self.bytes()?,
+                value: self.bytes()?,
+                lease: NO_LEASE,
+            },
+            WRITE_PUT_LEASED => {
+                let (key, value, lease) = (self.bytes()?, self.bytes()?, self.u64()?);
+                if lease == NO_LEASE {
+                    // Written as WRITE_PUT: one encoding per value.
+                    return Err(DecodeError("a leased put without a lease"));
+                }
+                Write::Put { key, value, lease }
+            }
+            WRITE_DELETE => Write::Delete { key: self.bytes()? },
+            WRITE_DELETE_PREFIX => Write::DeletePrefix {
+                prefix: self.bytes()?,
+            },
+            _ => return Err(DecodeError("unknown write")),
+        })
+    }
+
+    /// A transaction written by `put_txn`.
+    fn txn(&mut self) -> Result<Txn, DecodeError> {
+        let mut txn = Txn::default();
+        for _ in 0..self.count()? {
+            let key = self.bytes()?;
+            let (target, order) = (self.u8()?, Order::from_tag(self.u8()?)?);
+            let target = match target {
+                TARGET_REVISION => Target::Revision(self.u64()?),
+                TARGET_VALUE => Target::Value(self.bytes()?),
+                _ => return Err(DecodeError("unknown compare target")),
+            };
+            txn.compares.push(Compare { key, order, target });
+        }
+        for branch in [&mut txn.success, &mut txn.failure] {
+            for _ in 0..self.count()? {
+                let step = match self.u8()? {
+                    STEP_GET => Step::Get { key: self.bytes()? },
+                    tag => Step::Write(self.write(tag)?),
+                };
+                branch.push(step);
+            }
+        }
+        Ok(txn)
+    }
+
     /// A length-prefixed field, as a slice sharing the payload's buffer.
     fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.u32()? as usize;
@@ -648,6 +804,56 @@ mod tests {
     fn checked_multi_write_round_trips() {
         let p = checked_txn();
         assert_eq!(Proposal::decode(&p.encode().into()), Ok(p));
+    }
+
+    #[test]
+    fn a_txn_with_both_branches_round_trips_and_truncations_are_errors() {
+        let b = |text: &'static str| Bytes::from_static(text.as_bytes());
+        let txn = Txn {
+            compares: vec![
+                Compare {
+                    key: b("a"),
+                    order: Order::Less,
+                    target: Target::Revision(9),
+                },
+                Compare {
+                    key: b("b"),
+                    order: Order::NotEqual,
+                    target: Target::Value(b("x")),
+                },
+            ],
+            success: vec![
+                Step::Write(Write::Put {
+                    key: b("a"),
+                    value: b("1"),
+                    lease: 1 << 32 | 3,
+                }),
+                Step::Get { key: b("a") },
+            ],
+            failure: vec![
+                Step::Write(Write::Delete { key: b("b") }),
+                Step::Write(Write::DeletePrefix { prefix: b("p/") }),
+                Step::Get { key: b("c") },
+            ],
+        };
+        let p = Proposal {
+            id: ProposalId {
+                incarnation: 3,
+                seq: 4,
+            },
+            op: Op::Txn(txn),
+        };
+        let encoded = p.encode();
+        assert_eq!(Proposal::decode(&encoded.clone().into()), Ok(p));
+        for cut in 0..encoded.len() {
+            let cut = Bytes::copy_from_slice(&encoded[..cut]);
+            assert!(Proposal::decode(&cut).is_err(), "cut at {cut:?}");
+        }
+        let empty = Proposal {
+            id: ProposalId::NONE,
+            op: Op::Txn(Txn::default()),
+        };
+        assert_eq!(Proposal::decode(&empty.encode().into()), Ok(empty));
     }
 
     #[test]

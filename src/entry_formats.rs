@@ -32,8 +32,10 @@ pub const REHOST: u8 = 3;
 pub const LEASES: u8 = 4;
 /// Deletes of every key under a prefix (`command.rs`'s `Write::DeletePrefix`).
 pub const DELETE_PREFIX: u8 = 5;
+/// Transactions with an else branch and reads (`command.rs`'s `Op::Txn`).
+pub const TXN: u8 = 6;
 /// The newest format this build reads and writes.
-pub const NEWEST: u8 = DELETE_PREFIX;
+pub const NEWEST: u8 = TXN;
 
 pub struct EntryFormats {
     /// The newest format this node reads.

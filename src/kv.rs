@@ -21,6 +21,10 @@
 //!
 //! The group's leases (`leases.rs`) are part of the map: a put may attach its key to one,
 //! and revoking one deletes its keys here, at one revision.
+//!
+//! A transaction ([`Txn`]) evaluates its compares against the map as the entry finds it,
+//! then applies one branch's steps in order at one revision; its reads see the writes
+//! before them, and come back in [`TxnOutcome`].
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -29,7 +33,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::command::{Command, Write, NO_LEASE};
+use crate::command::{Command, Compare, Step, Target, Txn, Write, NO_LEASE};
 use crate::history::{Event, History};
 use crate::leases::{LeaseRefusal, Leases};
 use crate::record::{Record, Slot};
@@ -66,6 +70,29 @@ pub enum Applied {
     CheckFailed { key: Bytes, revision: u64 },
     /// A lease operation, or a put naming a lease, was refused; nothing was written.
     Lease(LeaseRefusal),
+    /// A transaction ran one of its branches.
+    Txn(TxnOutcome),
+}
+
+/// What a transaction did: which branch ran, and what each of its steps found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnOutcome {
+    /// Whether every compare held, so the success branch ran (else the failure branch).
+    pub succeeded: bool,
+    pub steps: Vec<StepOutcome>,
+}
+
+/// What one step of a transaction's branch found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    Put,
+    /// A delete, and how many keys it found.
+    Deleted(u64),
+    /// A read: the key's value and revision, if the map held it.
+    Got {
+        key: Bytes,
+        found: Option<Versioned>,
+    },
 }
 
 /// Enough pieces that copying one is a small pause even with millions of keys.
@@ -329,42 +356,104 @@ impl KvStore {
                 };
             }
         }
-        for write in &command.writes {
-            if let Write::Put { lease, .. } = write {
-                if *lease != NO_LEASE && !self.map.leases.contains(*lease) {
-                    return Applied::Lease(LeaseRefusal::NotFound(*lease));
-                }
-            }
+        if let Some(refused) = self.missing_lease(&command.writes) {
+            return refused;
         }
         let mut deleted = 0;
         for write in command.writes {
-            match write {
-                Write::Put { key, value, lease } => {
-                    // A record of its own: slices of the entry would pin the whole buffer
-                    // it was read into (raft-engine reads whole, possibly compressed,
-                    // blocks). The history's copy too.
-                    let piece = &mut self.map.pieces[piece_of(&key)];
-                    Arc::make_mut(piece).replace(Slot::new(Record::new(&key, &value, revision)));
-                    let key = Bytes::copy_from_slice(&key);
-                    if lease != NO_LEASE || self.map.leases.lease_of(&key).is_some() {
-                        Arc::make_mut(&mut self.map.leases).attach(&key, lease);
-                    }
-                    self.changed(Event {
-                        revision,
-                        key,
-                        value: Some(Bytes::copy_from_slice(&value)),
-                    });
-                }
-                Write::Delete { key } => deleted += u64::from(self.delete_at(key, revision)),
-                Write::DeletePrefix { prefix } => {
-                    let (under, _) = self.map.list(&prefix, None, usize::MAX);
-                    for (key, _) in under {
-                        deleted += u64::from(self.delete_at(key, revision));
-                    }
-                }
-            }
+            deleted += self.write_at(write, revision);
         }
         Applied::Written { deleted }
+    }
+
+    /// Applies one committed transaction at the next revision: the success branch if
+    /// every compare holds, else the failure branch. Returns the revision it took.
+    pub fn apply_txn(&mut self, txn: Txn) -> (u64, Applied) {
+        self.map.revision += 1;
+        let revision = self.map.revision;
+        let succeeded = txn.compares.iter().all(|c| self.holds(c));
+        let branch = match succeeded {
+            true => txn.success,
+            false => txn.failure,
+        };
+        let writes = branch.iter().filter_map(|step| match step {
+            Step::Write(write) => Some(write),
+            Step::Get { .. } => None,
+        });
+        if let Some(refused) = self.missing_lease(writes) {
+            return (revision, refused);
+        }
+        let steps = branch
+            .into_iter()
+            .map(|step| match step {
+                Step::Write(put @ Write::Put { .. }) => {
+                    self.write_at(put, revision);
+                    StepOutcome::Put
+                }
+                Step::Write(delete) => StepOutcome::Deleted(self.write_at(delete, revision)),
+                Step::Get { key } => StepOutcome::Got {
+                    found: self.get(&key),
+                    key,
+                },
+            })
+            .collect();
+        (revision, Applied::Txn(TxnOutcome { succeeded, steps }))
+    }
+
+    /// Whether `compare` holds of the map as it is.
+    fn holds(&self, compare: &Compare) -> bool {
+        let record = self.record_of(&compare.key);
+        match &compare.target {
+            Target::Revision(operand) => {
+                let current = record.map_or(0, Record::revision);
+                compare.order.holds(&current, operand)
+            }
+            Target::Value(operand) => {
+                record.is_some_and(|r| compare.order.holds(r.value(), &operand[..]))
+            }
+        }
+    }
+
+    /// The refusal of `writes` if a put among them names a lease the map lacks: they
+    /// must then write nothing.
+    fn missing_lease<'w>(&self, writes: impl IntoIterator<Item = &'w Write>) -> Option<Applied> {
+        writes.into_iter().find_map(|write| match write {
+            Write::Put { lease, .. } if *lease != NO_LEASE && !self.map.leases.contains(*lease) => {
+                Some(Applied::Lease(LeaseRefusal::NotFound(*lease)))
+            }
+            _ => None,
+        })
+    }
+
+    /// Applies one write at `revision`; returns how many keys its delete found.
+    fn write_at(&mut self, write: Write, revision: u64) -> u64 {
+        match write {
+            Write::Put { key, value, lease } => {
+                // A record of its own: slices of the entry would pin the whole buffer it
+                // was read into (raft-engine reads whole, possibly compressed, blocks).
+                // The history's copy too.
+                let piece = &mut self.map.pieces[piece_of(&key)];
+                Arc::make_mut(piece).replace(Slot::new(Record::new(&key, &value, revision)));
+                let key = Bytes::copy_from_slice(&key);
+                if lease != NO_LEASE || self.map.leases.lease_of(&key).is_some() {
+                    Arc::make_mut(&mut self.map.leases).attach(&key, lease);
+                }
+                self.changed(Event {
+                    revision,
+                    key,
+                    value: Some(Bytes::copy_from_slice(&value)),
+                });
+                0
+            }
+            Write::Delete { key } => u64::from(self.delete_at(key, revision)),
+            Write::DeletePrefix { prefix } => {
+                let (under, _) = self.map.list(&prefix, None, usize::MAX);
+                under
+                    .into_iter()
+                    .map(|(key, _)| u64::from(self.delete_at(key, revision)))
+                    .sum()
+            }
+        }
     }
 
     /// Deletes `key` at `revision`; whether it was there.
@@ -458,6 +547,109 @@ mod tests {
         assert_eq!(kv.apply(delete), (4, Applied::Written { deleted: 1 }));
         assert!(kv.get(b"k").is_none());
         assert_eq!(kv.freeze().revision(), 4);
+    }
+
+    #[test]
+    fn a_txn_runs_one_branch_at_one_revision_and_its_reads_see_its_writes() {
+        use crate::command::{Compare, Order, Step, Target, Txn};
+        let mut kv = KvStore::default();
+        put(&mut kv, "k", "b"); // revision 1
+        let compare = |order, target| Compare {
+            key: b("k"),
+            order,
+            target,
+        };
+        let txn = |compares: Vec<Compare>| Txn {
+            compares,
+            success: vec![
+                Step::Write(Write::Put {
+                    key: b("s"),
+                    value: b("yes"),
+                    lease: NO_LEASE,
+                }),
+                Step::Get { key: b("s") },
+            ],
+            failure: vec![
+                Step::Write(Write::Delete { key: b("k") }),
+                Step::Get { key: b("k") },
+                Step::Write(Write::Delete { key: b("none") }),
+            ],
+        };
+        let ran = |kv: &mut KvStore, compares| match kv.apply_txn(txn(compares)) {
+            (revision, Applied::Txn(outcome)) => (revision, outcome),
+            other => panic!("{other:?}"),
+        };
+        // Every order of both targets, against k = "b" at revision 1.
+        for (order, target, holds) in [
+            (Order::Equal, Target::Revision(1), true),
+            (Order::NotEqual, Target::Revision(1), false),
+            (Order::Less, Target::Revision(2), true),
+            (Order::Greater, Target::Revision(1), false),
+            (Order::Equal, Target::Value(b("b")), true),
+            (Order::Less, Target::Value(b("c")), true),
+            (Order::Greater, Target::Value(b("c")), false),
+            (Order::NotEqual, Target::Value(b("a")), true),
+        ] {
+            let c = compare(order, target.clone());
+            assert_eq!(kv.holds(&c), holds, "{order:?} {target:?}");
+        }
+        let (revision, outcome) = ran(&mut kv, vec![compare(Order::Equal, Target::Revision(1))]);
+        assert_eq!(revision, 2);
+        assert!(outcome.succeeded);
+        let got = Some(Versioned {
+            value: b("yes"),
+            revision: 2,
+        });
+        assert_eq!(
+            outcome.steps,
+            vec![
+                StepOutcome::Put,
+                StepOutcome::Got {
+                    key: b("s"),
+                    found: got
+                }
+            ]
+        );
+        // Every compare must hold; the failure branch's read sees its own delete.
+        let both = vec![
+            compare(Order::Equal, Target::Revision(1)),
+            compare(Order::Equal, Target::Value(b("nope"))),
+        ];
+        let (revision, outcome) = ran(&mut kv, both);
+        assert_eq!(revision, 3);
+        assert!(!outcome.succeeded);
+        assert_eq!(
+            outcome.steps,
+            vec![
+                StepOutcome::Deleted(1),
+                StepOutcome::Got {
+                    key: b("k"),
+                    found: None
+                },
+                StepOutcome::Deleted(0),
+            ]
+        );
+        // An absent key is at revision 0, and no compare of its value holds.
+        assert!(kv.holds(&compare(Order::Equal, Target::Revision(0))));
+        for order in [Order::Equal, Order::NotEqual, Order::Less, Order::Greater] {
+            assert!(!kv.holds(&compare(order, Target::Value(b("")))));
+        }
+        // A put naming a lease the map lacks: the branch writes nothing.
+        let leased = Txn {
+            success: vec![
+                Step::Write(Write::Delete { key: b("s") }),
+                Step::Write(Write::Put {
+                    key: b("t"),
+                    value: b("v"),
+                    lease: 1 << 32 | 9,
+                }),
+            ],
+            ..Txn::default()
+        };
+        let refused = Applied::Lease(LeaseRefusal::NotFound(1 << 32 | 9));
+        assert_eq!(kv.apply_txn(leased), (4, refused));
+        assert_eq!(kv.get(b"s").unwrap().value, "yes");
+        assert!(kv.get(b"t").is_none());
     }
 
     #[test]

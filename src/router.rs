@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::command::{Command, Op};
-use crate::kv::SharedKv;
+use crate::kv::{SharedKv, TxnOutcome};
 use crate::leases::LeaseRefusal;
 use crate::snapshot::WrittenSnapshot;
 
@@ -85,12 +85,25 @@ pub enum MemberChange {
 }
 
 /// What a proposal did once its entry was applied on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     /// The revision the command took: the revision of every key it wrote.
     pub revision: u64,
     /// Keys its deletes found and removed.
     pub deleted: u64,
+    /// A transaction's branch and what its steps found (`Op::Txn` only).
+    pub txn: Option<Box<TxnOutcome>>,
+}
+
+impl Written {
+    /// A command that took `revision` and deleted nothing.
+    pub fn at(revision: u64) -> Written {
+        Written {
+            revision,
+            deleted: 0,
+            txn: None,
+        }
+    }
 }
 
 pub type Reply = oneshot::Sender<Result<Written, ProposeError>>;

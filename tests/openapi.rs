@@ -128,6 +128,33 @@ fn the_openapi_document_matches_the_server() {
         call("/v1/kv", "get", "/v1/kv?limit=0", None, 400),
         call("/v1/kv", "delete", "/v1/kv?prefix=doc%2Fy", None, 200),
         call("/v1/kv", "delete", "/v1/kv", None, 400),
+        call(
+            "/v1/txn",
+            "post",
+            "/v1/txn",
+            Some(Body::Json(json!({
+                "compare": [{"key": "doc/x", "op": "=", "value": "1"}],
+                "success": [{"put": {"key": "doc/t", "value": "t"}}, {"get": {"key": "doc/bin"}}],
+                "failure": [{"delete": {"key": "doc/t"}}],
+            }))),
+            200,
+        ),
+        call(
+            "/v1/txn",
+            "post",
+            "/v1/txn",
+            Some(Body::Json(json!({"success": []}))),
+            400,
+        ),
+        call(
+            "/v1/txn",
+            "post",
+            "/v1/txn",
+            Some(Body::Json(
+                json!({"success": [{"put": {"key": "doc/l", "value": "v", "lease": (1u64 << 32) | 99}}]}),
+            )),
+            404,
+        ),
         call("/v1/members", "get", "/v1/members", None, 200),
         call(
             "/v1/members",
@@ -375,6 +402,23 @@ fn the_openapi_document_matches_the_server() {
             404,
         ),
         call("/v1/groups/{group}/kv", "get", "/v1/groups/2/kv", None, 406),
+        call(
+            "/v1/groups/{group}/txn",
+            "post",
+            "/v1/groups/2/txn",
+            Some(Body::Json(json!({
+                "compare": [{"key": "doc/m", "revision": 0}],
+                "failure": [{"get": {"key": "doc/m"}}, {"delete": {"key": "doc/gone"}}],
+            }))),
+            200,
+        ),
+        call(
+            "/v1/groups/{group}/txn",
+            "post",
+            "/v1/groups/9/txn",
+            Some(Body::Json(json!({"success": [{"get": {"key": "a"}}]}))),
+            404,
+        ),
         call(group_kv, "get", "/v1/groups/9/kv/doc/g", None, 404),
         call(
             group_kv,

@@ -128,6 +128,37 @@ fn eight_shards_on_three_nodes_serve_every_key_from_every_node() {
     let wrong = used.iter().find(|g| **g != group_of[a]).unwrap();
     let (code, answer) = http_json("GET", &url(1, &format!("v1/groups/{wrong}/kv/{a}")), None);
     assert_eq!(code, 421, "{answer}");
+
+    // A transaction over one group's keys runs there from every node (the two that
+    // host it, and the one that forwards it); across groups it is refused.
+    let (k0, k1, k2) = (keys[0], keys[1], keys[2]);
+    for via in 1..=3u64 {
+        let txn = json!({
+            "compare": [{"key": k0, "value": "many"}],
+            "success": [{"put": {"key": k1, "value": format!("txn{via}")}}, {"get": {"key": k2}}],
+        });
+        let (code, answer) = http_json("POST", &url(via, "v1/txn"), Some(txn));
+        assert_eq!(code, 200, "through node {via}: {answer}");
+        assert_eq!(
+            (&answer["succeeded"], &answer["group"]),
+            (&json!(true), &json!(group)),
+            "{answer}"
+        );
+        assert_eq!(answer["responses"][1]["get"]["value"], "many", "{answer}");
+        let (_, got) = http_json("GET", &url(via % 3 + 1, &format!("v1/kv/{k1}")), None);
+        assert_eq!(got["value"], format!("txn{via}"), "{got}");
+    }
+    let across = json!({"success": [{"get": {"key": a}}, {"get": {"key": b}}]});
+    let (code, answer) = http_json("POST", &url(2, "v1/txn"), Some(across));
+    assert_eq!(code, 409, "{answer}");
+    assert!(answer["error"]
+        .as_str()
+        .unwrap()
+        .contains("different groups"));
+    let misrouted = json!({"success": [{"put": {"key": a, "value": "x"}}]});
+    let txn_in_wrong = url(1, &format!("v1/groups/{wrong}/txn"));
+    let (code, answer) = http_json("POST", &txn_in_wrong, Some(misrouted));
+    assert_eq!(code, 421, "{answer}");
 }
 
 #[test]

@@ -198,11 +198,11 @@ fn concurrent_puts(cluster: &common::Cluster, via: u64, prefix: &str) {
 /// A rolling upgrade that brings new entry formats: while one member reads only the
 /// oldest format (node 3 plays a member of an older release), the others write only that
 /// format, so it applies every write and stays up, a node removed from a group is not
-/// placed in it again (format 3), and no lease is granted nor key attached to one (format
-/// 4), no prefix is deleted (format 5), and no watch of several keys is relayed from it
-/// (an older release would watch the last only); once it reads the newest too, the
-/// others start writing batches, may place the node again, grant leases, delete
-/// prefixes and relay such watches.
+/// placed in it again (format 3), no lease is granted nor key attached to one (format
+/// 4), no prefix is deleted (format 5), no transaction runs (format 6), and no watch of
+/// several keys is relayed from it (an older release would watch the last only); once it
+/// reads the newest too, the others start writing batches, may place the node again,
+/// grant leases, delete prefixes, run transactions and relay such watches.
 #[test]
 fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let mut cluster = common::Cluster::new("entry-format", 3, &["--enable-fault-injection"]);
@@ -215,13 +215,13 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     for thread in 0..16 {
         cluster.wait_value(3, &format!("old-{thread}-24"), "v");
     }
-    let writes_batches = "entry format written changed: every member reads it, format: 5";
+    let writes_batches = "entry format written changed: every member reads it, format: 6";
     assert!(!cluster.nodes[0].log_text().contains(writes_batches));
     // `/status` tells an operator how far the upgrade is: what a node reads, and what
     // every member reads (what the cluster writes).
     assert_eq!(
         entry_formats(&cluster.nodes[0]),
-        (5, 1),
+        (6, 1),
         "node 3 reads format 1 only"
     );
     assert_eq!(entry_formats(&cluster.nodes[2]).0, 1);
@@ -261,6 +261,14 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     let (code, text) = delete_prefix();
     assert_eq!(code, 409, "{text}");
     assert!(text.contains("entry format 5"), "{text}");
+    let txn_url = cluster.nodes[0].url("v1/txn");
+    let txn = || {
+        let body = br#"{"compare": [{"key": "old-0-0", "value": "v"}], "success": [{"delete": {"key": "old-0-0"}}]}"#;
+        http("POST", &txn_url, Some(body.to_vec()))
+    };
+    let (code, text) = txn();
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("entry format 6"), "{text}");
     // Group 3 lives on node 3 alone: node 1 relays its watches from there, but not one
     // of several keys, which an older release would cut to the last.
     let (code, text) = http(
@@ -303,10 +311,10 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     );
     assert_eq!(
         entry_formats(&cluster.nodes[0]),
-        (5, 5),
-        "every member reads format 5 now"
+        (6, 6),
+        "every member reads format 6 now"
     );
-    assert_eq!(entry_formats(&cluster.nodes[2]).0, 5);
+    assert_eq!(entry_formats(&cluster.nodes[2]).0, 6);
     let leader = cluster.wait_leader();
     concurrent_puts(&cluster, leader, "new");
     for thread in 0..16 {
@@ -316,11 +324,14 @@ fn a_new_entry_format_is_written_only_once_every_member_reads_it() {
     assert_eq!(code, 201, "every member reads format 3 now: {text}");
     let (code, text) = grant();
     assert_eq!(code, 201, "every member reads format 4 now: {text}");
+    let (code, text) = txn();
+    assert_eq!(code, 200, "every member reads format 6 now: {text}");
+    assert!(text.contains("\"succeeded\":true"), "{text}");
     let (code, text) = delete_prefix();
     assert_eq!(code, 200, "every member reads format 5 now: {text}");
     assert!(
-        text.contains("\"deleted\":400"),
-        "16 threads of 25 old keys: {text}"
+        text.contains("\"deleted\":399"),
+        "16 threads of 25 old keys, one deleted by the transaction: {text}"
     );
     let several = reqwest::blocking::Client::new()
         .get(group_3_watch("key=a&key=b"))

@@ -88,6 +88,164 @@ fn revisions_and_compare_and_swap() {
 /// Concurrent writes are batched, several to a raft entry, yet each takes its own
 /// revision, every member agrees on it, and compare-and-swaps that land in the same
 /// entry still see each other: of many racing from one revision, exactly one wins.
+/// `POST /v1/txn`: a lock taken by the first of two clients (the second learns the
+/// holder in its failure branch), released by a compare on the value; a counter that
+/// four clients on three nodes increment by compare-and-swap transactions loses no
+/// increment; bad bodies are refused and write nothing.
+#[test]
+fn transactions_compare_then_run_one_branch_atomically() {
+    let cluster = Cluster::start("v1-txn", 3, &[]);
+    let url = |via: u64, path: &str| cluster.nodes[via as usize - 1].url(path);
+    let acquire = |owner: &str| {
+        json!({
+            "compare": [{"key": "lock", "revision": 0}],
+            "success": [{"put": {"key": "lock", "value": owner}}],
+            "failure": [{"get": {"key": "lock"}}],
+        })
+    };
+    let (code, first) = http_json("POST", &url(1, "v1/txn"), Some(acquire("alice")));
+    assert_eq!((code, &first["succeeded"]), (200, &json!(true)), "{first}");
+    assert_eq!(first["responses"], json!([{"put": {}}]), "{first}");
+    let (code, second) = http_json("POST", &url(2, "v1/txn"), Some(acquire("bob")));
+    assert_eq!(
+        (code, &second["succeeded"]),
+        (200, &json!(false)),
+        "{second}"
+    );
+    let holder = &second["responses"][0]["get"];
+    assert_eq!(holder["value"], "alice", "{second}");
+    assert_eq!(holder["revision"], first["revision"], "{second}");
+    let release = |owner: &str| {
+        json!({
+            "compare": [{"key": "lock", "value": owner}],
+            "success": [{"delete": {"key": "lock"}}, {"get": {"key": "lock"}}],
+        })
+    };
+    let (code, refused) = http_json("POST", &url(3, "v1/txn"), Some(release("bob")));
+    assert_eq!(
+        (code, &refused["succeeded"]),
+        (200, &json!(false)),
+        "{refused}"
+    );
+    assert_eq!(
+        refused["responses"],
+        json!([]),
+        "no failure branch: {refused}"
+    );
+    let (_, got) = http_json("GET", &url(3, "v1/kv/lock"), None);
+    assert_eq!(got["value"], "alice");
+    let (code, released) = http_json("POST", &url(3, "v1/txn"), Some(release("alice")));
+    assert_eq!(code, 200, "{released}");
+    assert_eq!(
+        released["responses"],
+        json!([{"delete": {"deleted": 1}}, {"get": {"key": "lock", "found": false}}]),
+        "the read sees the delete before it: {released}"
+    );
+    for via in 1..=3 {
+        assert_eq!(http("GET", &url(via, "v1/kv/lock"), None).0, 404);
+    }
+
+    // Read-modify-write by compare-and-swap: every increment lands exactly once.
+    let (clients, increments) = (4u64, 10u64);
+    std::thread::scope(|scope| {
+        for client in 0..clients {
+            let url = &url;
+            scope.spawn(move || {
+                let via = 1 + client % 3;
+                let mut done = 0;
+                while done < increments {
+                    let (code, now) = http_json("GET", &url(via, "v1/kv/counter"), None);
+                    let (count, at) = match code {
+                        404 => (0, 0),
+                        200 => (
+                            now["value"].as_str().unwrap().parse::<u64>().unwrap(),
+                            revision(&now),
+                        ),
+                        _ => continue,
+                    };
+                    let txn = json!({
+                        "compare": [{"key": "counter", "revision": at}],
+                        "success": [{"put": {"key": "counter", "value": (count + 1).to_string()}}],
+                    });
+                    let (code, answer) = http_json("POST", &url(via, "v1/txn"), Some(txn));
+                    if code == 200 && answer["succeeded"] == json!(true) {
+                        done += 1;
+                    }
+                }
+            });
+        }
+    });
+    let total = (clients * increments).to_string();
+    for via in 1..=3 {
+        cluster.wait_value(via, "counter", &total);
+    }
+    // Orders other than equality, on revisions and on values.
+    let (_, counter) = http_json("GET", &url(1, "v1/kv/counter"), None);
+    let ordered = json!({
+        "compare": [
+            {"key": "counter", "op": ">", "revision": 0},
+            {"key": "counter", "op": "<", "revision": revision(&counter) + 1},
+            {"key": "counter", "op": "!=", "value": "0"},
+            {"key": "counter", "op": "<", "value": "9"},
+        ],
+        "success": [{"get": {"key": "counter"}}],
+    });
+    let (code, answer) = http_json("POST", &url(2, "v1/txn"), Some(ordered));
+    assert_eq!(
+        (code, &answer["succeeded"]),
+        (200, &json!(true)),
+        "{answer}"
+    );
+
+    // Refused before anything is proposed, or applied without writing.
+    let bad = [
+        (json!({"success": []}), "no steps"),
+        (json!({"success": [{"get": {"key": ""}}]}), "empty"),
+        (
+            json!({"compare": [{"key": "a"}], "success": [{"get": {"key": "a"}}]}),
+            "exactly one",
+        ),
+        (
+            json!({"compare": [{"key": "a", "revision": 1, "value": "v"}], "success": [{"get": {"key": "a"}}]}),
+            "exactly one",
+        ),
+        (
+            json!({"compare": [{"key": "a", "op": "~", "revision": 1}], "success": [{"get": {"key": "a"}}]}),
+            "invalid JSON",
+        ),
+        (
+            json!({"success": [{"put": {"key": "a", "value": "1"}}, {"delete": {"key": "a"}}]}),
+            "twice",
+        ),
+        (
+            json!({"success": [{"range": {"key": "a"}}]}),
+            "invalid JSON",
+        ),
+        (
+            json!({"success": [{"get": {"key": "a"}}], "else": []}),
+            "invalid JSON",
+        ),
+        (
+            json!({"success": vec![json!({"get": {"key": "a"}}); 129]}),
+            "at most 128",
+        ),
+    ];
+    for (body, why) in bad {
+        let (code, answer) = http_json("POST", &url(1, "v1/txn"), Some(body.clone()));
+        assert_eq!(code, 400, "{body}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(why), "{body}: {error}");
+    }
+    assert_eq!(http("GET", &url(1, "v1/txn"), None).0, 405);
+    let leased = json!({"success": [
+        {"put": {"key": "unleased", "value": "v"}},
+        {"put": {"key": "leased", "value": "v", "lease": (1u64 << 32) | 77}},
+    ]});
+    let (code, answer) = http_json("POST", &url(1, "v1/txn"), Some(leased));
+    assert_eq!(code, 404, "{answer}");
+    assert_eq!(http("GET", &url(1, "v1/kv/unleased"), None).0, 404);
+}
+
 #[test]
 fn batched_writes_each_take_their_own_revision() {
     const WRITERS: usize = 16;

@@ -7,6 +7,9 @@ mod membership;
 #[path = "../../src/replica_id.rs"]
 mod replica_id;
 
+#[path = "../../src/command.rs"]
+mod command;
+
 #[path = "../../src/api/request.rs"]
 mod request;
 

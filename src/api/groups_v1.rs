@@ -135,6 +135,12 @@ impl Api {
                 _ => Err(Failure::method_not_allowed(method, "POST")),
             };
         }
+        if below == "txn" {
+            return match *method {
+                Method::POST => self.txn_in(group, req).await,
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
+        }
         if below == "kv" {
             let query = req.uri().query().map(str::to_string);
             return match *method {

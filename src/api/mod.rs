@@ -5,6 +5,7 @@
 //! | raftexample's: `GET`/`PUT /<key>`, `POST`/`DELETE /<node-id>` | `raftexample.rs` |
 //! | `/v1/kv...`: keys with revisions, listing, multi-key set, compare-and-swap | `kv_v1.rs` |
 //! | `DELETE /v1/kv?prefix=`: every key under a prefix | `prefix_delete.rs` |
+//! | `POST /v1/txn`: compares, then one of two branches, atomically | `txn_v1.rs` |
 //! | `/v1/members...`: the member list, add, remove | `members_v1.rs` |
 //! | `/v1/groups...`: the raft groups, create one, the keys of one (forwarded to a node that hosts it, `forward.rs`) | `groups_v1.rs` |
 //! | `/v1/leases...`: grant, keep alive, show and revoke leases | `leases_v1.rs` |
@@ -51,6 +52,7 @@ mod members_v1;
 mod prefix_delete;
 mod raftexample;
 mod request;
+mod txn_v1;
 mod watch_stream;
 mod watch_v1;
 
@@ -225,6 +227,12 @@ impl Api {
         }
         if let Some(raw) = rest.strip_prefix("/kv/") {
             return self.route_key(req, method, raw).await;
+        }
+        if rest == "/txn" {
+            return match *method {
+                Method::POST => self.txn(req).await,
+                _ => Err(Failure::method_not_allowed(method, "POST")),
+            };
         }
         if let Some(leases) = rest.strip_prefix("/leases") {
             if leases.is_empty() || leases.starts_with('/') {
@@ -448,6 +456,7 @@ fn route_of(method: &Method, path: &str) -> &'static str {
         ("GET", "v1/kv") => "v1_list",
         ("POST", "v1/kv") => "v1_set_many",
         ("DELETE", "v1/kv") => "v1_delete",
+        ("POST", "v1/txn") => "v1_txn",
         ("GET", "v1/backup") => "v1_backup",
         ("POST", "v1/restore") => "v1_restore",
         (_, t) if t.starts_with("v1/kv/") => match method.as_str() {

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 
+use crate::command::{Compare, Order, Step, Target, Txn, Write};
 use crate::membership::parse_node_id;
 
 /// A request that failed: the status and the message the client sees, and for a failed
@@ -140,6 +141,11 @@ pub fn v1_rest(target: &str) -> Option<&str> {
         .filter(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// Bytes as two lowercase hex digits each (a value JSON cannot carry as text).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Parses a JSON body into `T`, with serde's explanation on failure.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(body)
@@ -158,6 +164,162 @@ pub fn parse_pairs(body: &[u8]) -> Result<BTreeMap<String, String>, Failure> {
         return Err(Failure::bad_request("a key must not be empty"));
     }
     Ok(pairs)
+}
+
+/// The most compares and steps one transaction may hold, all branches together (etcd's
+/// `--max-txn-ops` default).
+pub const MAX_TXN_ITEMS: usize = 128;
+
+/// The body of `POST /v1/txn`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TxnBody {
+    #[serde(default)]
+    compare: Vec<CompareBody>,
+    #[serde(default)]
+    success: Vec<StepBody>,
+    #[serde(default)]
+    failure: Vec<StepBody>,
+}
+
+/// `{"key", "op", "revision"}` or `{"key", "op", "value"}`; `op` is `=` unless given.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompareBody {
+    key: String,
+    #[serde(default)]
+    op: OrderBody,
+    revision: Option<u64>,
+    value: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+enum OrderBody {
+    #[default]
+    #[serde(rename = "=")]
+    Equal,
+    #[serde(rename = "!=")]
+    NotEqual,
+    #[serde(rename = "<")]
+    Less,
+    #[serde(rename = ">")]
+    Greater,
+}
+
+/// `{"put": {"key", "value", "lease"}}`, `{"delete": {"key"}}` or `{"get": {"key"}}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum StepBody {
+    Put {
+        key: String,
+        value: String,
+        #[serde(default)]
+        lease: u64,
+    },
+    Delete {
+        key: String,
+    },
+    Get {
+        key: String,
+    },
+}
+
+/// The body of a transaction: at least one step, at most [`MAX_TXN_ITEMS`] compares and
+/// steps, no empty key, each compare on a revision or a value (not both), and no key
+/// written twice in one branch (which would leave one of the writes unseen).
+pub fn parse_txn(body: &[u8]) -> Result<Txn, Failure> {
+    let body: TxnBody = parse_json(body)?;
+    let items = body.compare.len() + body.success.len() + body.failure.len();
+    if items > MAX_TXN_ITEMS {
+        return Err(Failure::bad_request(format!(
+            "the transaction holds {items} compares and steps; at most {MAX_TXN_ITEMS} are allowed"
+        )));
+    }
+    if body.success.is_empty() && body.failure.is_empty() {
+        return Err(Failure::bad_request(
+            "the transaction has no steps: give \"success\" or \"failure\" a put, delete or get",
+        ));
+    }
+    let compares = body
+        .compare
+        .into_iter()
+        .map(|c| {
+            let target = match (c.revision, c.value) {
+                (Some(revision), None) => Target::Revision(revision),
+                (None, Some(value)) => Target::Value(value.into()),
+                _ => {
+                    return Err(Failure::bad_request(format!(
+                        "the compare of key {:?} needs exactly one of \"revision\" and \"value\"",
+                        c.key
+                    )))
+                }
+            };
+            let order = match c.op {
+                OrderBody::Equal => Order::Equal,
+                OrderBody::NotEqual => Order::NotEqual,
+                OrderBody::Less => Order::Less,
+                OrderBody::Greater => Order::Greater,
+            };
+            Ok(Compare {
+                key: txn_key(c.key)?,
+                order,
+                target,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Txn {
+        compares,
+        success: txn_branch(body.success, "success")?,
+        failure: txn_branch(body.failure, "failure")?,
+    })
+}
+
+fn txn_branch(steps: Vec<StepBody>, name: &str) -> Result<Vec<Step>, Failure> {
+    let mut written = std::collections::HashSet::new();
+    let mut branch = Vec::with_capacity(steps.len());
+    for step in steps {
+        let step = match step {
+            StepBody::Get { key } => Step::Get { key: txn_key(key)? },
+            StepBody::Delete { key } => Step::Write(Write::Delete { key: txn_key(key)? }),
+            StepBody::Put { key, value, lease } => Step::Write(Write::Put {
+                key: txn_key(key)?,
+                value: value.into(),
+                lease,
+            }),
+        };
+        if let Step::Write(Write::Put { key, .. } | Write::Delete { key }) = &step {
+            if !written.insert(key.clone()) {
+                return Err(Failure::bad_request(format!(
+                    "the {name} branch writes key {:?} twice",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+        }
+        branch.push(step);
+    }
+    Ok(branch)
+}
+
+fn txn_key(key: String) -> Result<Bytes, Failure> {
+    match key.is_empty() {
+        true => Err(Failure::bad_request("a key must not be empty")),
+        false => Ok(key.into()),
+    }
+}
+
+/// Every key a transaction names, in its compares and both branches.
+pub fn txn_keys(txn: &Txn) -> impl Iterator<Item = &Bytes> {
+    let compared = txn.compares.iter().map(|c| &c.key);
+    let stepped = txn
+        .success
+        .iter()
+        .chain(&txn.failure)
+        .map(|step| match step {
+            Step::Get { key } => key,
+            Step::Write(Write::Put { key, .. } | Write::Delete { key }) => key,
+            Step::Write(Write::DeletePrefix { prefix }) => prefix,
+        });
+    compared.chain(stepped)
 }
 
 /// A group id from a path: a positive integer.
@@ -193,6 +355,29 @@ pub fn check_parsing(data: &[u8]) {
     }
     if let Ok(pairs) = parse_pairs(body) {
         assert!(!pairs.is_empty() && !pairs.contains_key(""));
+    }
+    if let Ok(txn) = parse_txn(body) {
+        let items = txn.compares.len() + txn.success.len() + txn.failure.len();
+        assert!(items <= MAX_TXN_ITEMS && txn.success.len() + txn.failure.len() > 0);
+        assert!(
+            txn_keys(&txn).all(|key| !key.is_empty()),
+            "an empty key was accepted"
+        );
+        for branch in [&txn.success, &txn.failure] {
+            let written: Vec<_> = branch
+                .iter()
+                .filter_map(|step| match step {
+                    Step::Write(Write::Put { key, .. } | Write::Delete { key }) => Some(key),
+                    _ => None,
+                })
+                .collect();
+            let distinct: std::collections::HashSet<_> = written.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                written.len(),
+                "a key written twice was accepted"
+            );
+        }
     }
 }
 

@@ -669,7 +669,7 @@ pub(super) fn event_json(group: u64, event: &Event) -> EventLine<'_> {
         key: String::from_utf8_lossy(&event.key),
         value: text.and_then(Result::ok),
         value_hex: match (text, &event.value) {
-            (Some(Err(_)), Some(value)) => Some(value.iter().map(|b| format!("{b:02x}")).collect()),
+            (Some(Err(_)), Some(value)) => Some(super::request::hex(value)),
             _ => None,
         },
         revision: event.revision,

@@ -662,6 +662,7 @@ impl Group {
         for Proposal { id, op } in proposals {
             let outcome = match op {
                 Op::Kv(_)
+                | Op::Txn(_)
                 | Op::GrantLease { .. }
                 | Op::KeepLeaseAlive { .. }
                 | Op::RevokeLease { .. }
@@ -673,6 +674,7 @@ impl Group {
                     Err(ProposeError::Misrouted)
                 }
                 Op::Kv(command) => outcome_of(kv.apply(command)),
+                Op::Txn(txn) => outcome_of(kv.apply_txn(txn)),
                 Op::GrantLease { lease, ttl_seconds } => {
                     outcome_of(kv.grant_lease(lease, ttl_seconds, Instant::now()))
                 }
@@ -686,10 +688,7 @@ impl Group {
                     // Takes a revision, as every entry without a key does.
                     let revision = kv.skip_revision();
                     self.apply_placement(entry.index, placement)
-                        .map(|()| Written {
-                            revision,
-                            deleted: 0,
-                        })
+                        .map(|()| Written::at(revision))
                 }
             };
             outcomes.push((id, outcome));
@@ -706,7 +705,14 @@ impl Group {
 /// What a client hears of a command the map applied at a revision.
 fn outcome_of((revision, applied): (u64, Applied)) -> Result<Written, ProposeError> {
     match applied {
-        Applied::Written { deleted } => Ok(Written { revision, deleted }),
+        Applied::Written { deleted } => Ok(Written {
+            deleted,
+            ..Written::at(revision)
+        }),
+        Applied::Txn(outcome) => Ok(Written {
+            txn: Some(Box::new(outcome)),
+            ..Written::at(revision)
+        }),
         Applied::CheckFailed { key, revision } => Err(ProposeError::CheckFailed { key, revision }),
         Applied::Lease(refusal) => Err(ProposeError::Lease(refusal)),
     }

@@ -313,13 +313,7 @@ impl Group {
         info!(self.logger, "membership changed"; "group" => self.id,
             "change" => ?cc.get_change_type(), "node" => node_of(node), "raft_id" => node, "index" => entry.index,
             "term" => entry.term, "voters" => ?self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>());
-        self.answer(
-            context.id,
-            Ok(Written {
-                revision,
-                deleted: 0,
-            }),
-        );
+        self.answer(context.id, Ok(Written::at(revision)));
         Ok(())
     }
 }

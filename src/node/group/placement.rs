@@ -13,8 +13,8 @@ use crate::membership::Placement;
 use crate::router::{ProposeError, CLUSTER_GROUP};
 
 impl Group {
-    /// Applies a change of the table of groups (any `Op` but the map's: `Kv` and the
-    /// leases') committed at `index`.
+    /// Applies a change of the table of groups (any `Op` but the map's: `Kv`, `Txn` and
+    /// the leases') committed at `index`.
     pub(super) fn apply_placement(&mut self, index: u64, op: Op) -> Result<(), ProposeError> {
         if !self.is_cluster_group() {
             error!(self.logger, "ignoring a change of the table of groups outside the cluster group"; "index" => index, "op" => ?op);
@@ -25,6 +25,7 @@ impl Group {
         let mut membership = self.membership.write().unwrap();
         let (group, outcome) = match op {
             Op::Kv(_)
+            | Op::Txn(_)
             | Op::GrantLease { .. }
             | Op::KeepLeaseAlive { .. }
             | Op::RevokeLease { .. } => unreachable!("a command of the map is not a placement"),
