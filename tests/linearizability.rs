@@ -9,8 +9,10 @@
 //! `POST /debug/partition` hook (`--enable-fault-injection`), which drops raft messages
 //! silently, so traffic stalls instead of being reset.
 //!
-//! Beside them, `CAS_CLIENTS` clients increment one counter with compare-and-swap on
-//! `/v1/kv` (read value and revision, write value + 1 `?if_revision=`). A CAS that two
+//! Beside them, `CAS_CLIENTS` clients increment one counter with compare-and-swap (read
+//! value and revision, write value + 1 only at that revision): half with a conditional
+//! PUT on `/v1/kv` (`?if_revision=`), half with a `/v1/txn` transaction, whose failure
+//! branch reads the counter (it must have moved past that revision). A CAS that two
 //! clients both won from the same revision would write the same number twice; a lost
 //! update would leave the counter below the number of acknowledged increments. After
 //! healing, the counter must be at least the acknowledged increments and at most those

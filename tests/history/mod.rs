@@ -201,6 +201,9 @@ pub struct CasTally {
     pub unknown: usize,
     /// CAS writes refused with 412 (another client got there first).
     pub refused: usize,
+    /// Transactions refused with 409 while a member's entry format was not yet known
+    /// (a node just added, not heard from yet): nothing was written.
+    pub gated: usize,
     pub unexpected: Vec<String>,
 }
 
@@ -232,34 +235,63 @@ pub fn run_cas_client(id: usize, bases: Bases, tally: Arc<Mutex<CasTally>>, stop
             continue;
         };
         let next = value + 1;
-        let url = format!("{base}/v1/kv/{COUNTER}?if_revision={revision}");
-        let (code, body) = http_with_timeout(
-            "PUT",
-            &url,
-            Some(next.to_string().into_bytes()),
-            CLIENT_TIMEOUT,
-        );
+        // Odd clients swap through a transaction, even ones through a conditional PUT:
+        // both must win at most once from a revision.
+        let by_txn = id % 2 == 1;
+        let (method, url, body) = match by_txn {
+            false => (
+                "PUT",
+                format!("{base}/v1/kv/{COUNTER}?if_revision={revision}"),
+                next.to_string(),
+            ),
+            true => (
+                "POST",
+                format!("{base}/v1/txn"),
+                serde_json::json!({
+                    "compare": [{"key": COUNTER, "revision": revision}],
+                    "success": [{"put": {"key": COUNTER, "value": next.to_string()}}],
+                    "failure": [{"get": {"key": COUNTER}}],
+                })
+                .to_string(),
+            ),
+        };
+        let (code, body) = http_with_timeout(method, &url, Some(body.into_bytes()), CLIENT_TIMEOUT);
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let mut tally = tally.lock().unwrap();
+        let code = match (code, &answer["succeeded"]) {
+            (200, serde_json::Value::Bool(false)) => {
+                // The compare failed: the counter the failure branch read must have moved.
+                let seen = &answer["responses"][0]["get"];
+                if seen["revision"].as_u64().unwrap_or(0) == revision {
+                    tally.unexpected.push(format!(
+                        "POST {url}: the compare on revision {revision} failed, yet the \
+                         failure branch read that revision: {body}"
+                    ));
+                }
+                412
+            }
+            (code, _) => code,
+        };
         match code {
             200 => {
                 tally.acked.push(next);
-                let revision = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["revision"].as_u64());
-                match revision {
+                match answer["revision"].as_u64() {
                     Some(revision) => tally.acked_at.push((next, revision)),
                     None => tally
                         .unexpected
-                        .push(format!("PUT {url}: 200 without a revision: {body}")),
+                        .push(format!("{method} {url}: 200 without a revision: {body}")),
                 }
             }
             412 => tally.refused += 1,
+            409 if by_txn && body.contains("entry format") => tally.gated += 1,
             0 | 503 => {
                 tally.unknown += 1;
                 drop(tally);
                 thread::sleep(RETRY_PAUSE);
             }
-            other => tally.unexpected.push(format!("PUT {url}: {other} {body}")),
+            other => tally
+                .unexpected
+                .push(format!("{method} {url}: {other} {body}")),
         }
     }
 }
@@ -447,8 +479,9 @@ fn check_counter(tally: &CasTally, value: u64) -> Result<(), String> {
     let high = low + tally.unknown as u64;
     eprintln!(
         "compare-and-swap counter: {value}; {distinct} increments acknowledged, {} refused \
-         (412), {} of unknown outcome",
-        tally.refused, tally.unknown
+         (412, or a failed transaction compare), {} transactions refused while a new \
+         member's entry format was unknown (409), {} of unknown outcome",
+        tally.refused, tally.gated, tally.unknown
     );
     if !(low..=high).contains(&value) || acked.last().is_some_and(|&max| value < max) {
         return Err(format!(
