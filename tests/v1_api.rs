@@ -237,6 +237,13 @@ fn transactions_compare_then_run_one_branch_atomically() {
         assert!(error.contains(why), "{body}: {error}");
     }
     assert_eq!(http("GET", &url(1, "v1/txn"), None).0, 405);
+    // A key longer than a backup may hold is refused here as by the multi-key set.
+    let long = "k".repeat(64 * 1024 + 1);
+    let too_long = json!({"success": [{"put": {"key": long, "value": "v"}}]});
+    let (code, answer) = http_json("POST", &url(1, "v1/txn"), Some(too_long));
+    assert_eq!(code, 413, "{answer}");
+    let (code, answer) = http_json("POST", &url(1, "v1/kv"), Some(json!({ long: "v" })));
+    assert_eq!(code, 413, "{answer}");
     let leased = json!({"success": [
         {"put": {"key": "unleased", "value": "v"}},
         {"put": {"key": "leased", "value": "v", "lease": (1u64 << 32) | 77}},

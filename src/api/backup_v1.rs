@@ -32,6 +32,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::forward::Forwarded;
+use super::request::MAX_KEY_BYTES;
 use super::{parse_query, read_body, Api, Consistency, Failure, Reply};
 use crate::backup::{self, Backup, GroupBackup, Kind, Pair};
 use crate::command::{Command, Write, NO_LEASE};
@@ -40,8 +41,6 @@ use crate::router::CLUSTER_GROUP;
 /// The largest backup file `POST /v1/restore` reads (the map lives in memory, so a
 /// larger one would not fit a small node anyway).
 const MAX_RESTORE_BYTES: usize = 1 << 30;
-/// The longest key a backup may hold (what an entry makes room for, `config.rs`).
-const MAX_KEY_BYTES: usize = 64 << 10;
 /// What a pair costs in a command besides its key and value (lengths, tag, lease).
 const PAIR_OVERHEAD: usize = 32;
 

@@ -152,7 +152,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Fail
         .map_err(|e| Failure::bad_request(format!("invalid JSON body: {e}")))
 }
 
-/// The body of a multi-key set: `{"key": "value", ...}`, one key at least, none empty.
+/// The longest key a JSON body may name (a key in a path is shorter still: hyper refuses
+/// a longer request line), and a backup may hold, so that every key written can be
+/// restored.
+pub const MAX_KEY_BYTES: usize = 64 << 10;
+
+/// The body of a multi-key set: `{"key": "value", ...}`, one key at least, none empty
+/// or over [`MAX_KEY_BYTES`].
 pub fn parse_pairs(body: &[u8]) -> Result<BTreeMap<String, String>, Failure> {
     let pairs: BTreeMap<String, String> = parse_json(body)?;
     if pairs.is_empty() {
@@ -160,10 +166,27 @@ pub fn parse_pairs(body: &[u8]) -> Result<BTreeMap<String, String>, Failure> {
             "the body names no keys: send {\"key\": \"value\", ...}",
         ));
     }
-    if pairs.contains_key("") {
-        return Err(Failure::bad_request("a key must not be empty"));
+    for key in pairs.keys() {
+        check_key(key)?;
     }
     Ok(pairs)
+}
+
+/// Refuses an empty key (400) and one over [`MAX_KEY_BYTES`] (413).
+fn check_key(key: &str) -> Result<(), Failure> {
+    if key.is_empty() {
+        return Err(Failure::bad_request("a key must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a key of {} bytes is longer than the {MAX_KEY_BYTES} bytes allowed",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The most compares and steps one transaction may hold, all branches together (etcd's
@@ -225,7 +248,7 @@ enum StepBody {
 }
 
 /// The body of a transaction: at least one step, at most [`MAX_TXN_ITEMS`] compares and
-/// steps, no empty key, each compare on a revision or a value (not both), and no key
+/// steps, no key empty or over [`MAX_KEY_BYTES`], each compare on a revision or a value (not both), and no key
 /// written twice in one branch (which would leave one of the writes unseen).
 pub fn parse_txn(body: &[u8]) -> Result<Txn, Failure> {
     let body: TxnBody = parse_json(body)?;
@@ -301,10 +324,8 @@ fn txn_branch(steps: Vec<StepBody>, name: &str) -> Result<Vec<Step>, Failure> {
 }
 
 fn txn_key(key: String) -> Result<Bytes, Failure> {
-    match key.is_empty() {
-        true => Err(Failure::bad_request("a key must not be empty")),
-        false => Ok(key.into()),
-    }
+    check_key(&key)?;
+    Ok(key.into())
 }
 
 /// Every key a transaction names, in its compares and both branches.
@@ -355,6 +376,7 @@ pub fn check_parsing(data: &[u8]) {
     }
     if let Ok(pairs) = parse_pairs(body) {
         assert!(!pairs.is_empty() && !pairs.contains_key(""));
+        assert!(pairs.keys().all(|key| key.len() <= MAX_KEY_BYTES));
     }
     if let Ok(txn) = parse_txn(body) {
         let items = txn.compares.len() + txn.success.len() + txn.failure.len();
