@@ -400,6 +400,27 @@ impl KvStore {
         (revision, Applied::Txn(TxnOutcome { succeeded, steps }))
     }
 
+    /// A transaction whose steps are all reads, evaluated on the map as it is, writing
+    /// nothing (a linearizable reader waits for its read index first, as for a GET).
+    pub fn read_txn(&self, txn: &Txn) -> TxnOutcome {
+        let succeeded = txn.compares.iter().all(|c| self.holds(c));
+        let branch = match succeeded {
+            true => &txn.success,
+            false => &txn.failure,
+        };
+        let steps = branch
+            .iter()
+            .filter_map(|step| match step {
+                Step::Get { key } => Some(StepOutcome::Got {
+                    key: key.clone(),
+                    found: self.get(key),
+                }),
+                Step::Write(_) => None,
+            })
+            .collect();
+        TxnOutcome { succeeded, steps }
+    }
+
     /// Whether `compare` holds of the map as it is.
     fn holds(&self, compare: &Compare) -> bool {
         let record = self.record_of(&compare.key);
@@ -650,6 +671,20 @@ mod tests {
         assert_eq!(kv.apply_txn(leased), (4, refused));
         assert_eq!(kv.get(b"s").unwrap().value, "yes");
         assert!(kv.get(b"t").is_none());
+        // Only reads: evaluated as the map is, at no new revision.
+        let read = Txn {
+            compares: vec![compare(Order::Equal, Target::Revision(0))],
+            success: vec![Step::Get { key: b("s") }],
+            failure: vec![Step::Get { key: b("k") }],
+        };
+        let outcome = kv.read_txn(&read);
+        assert!(outcome.succeeded, "k is absent");
+        let found = Some(Versioned {
+            value: b("yes"),
+            revision: 2,
+        });
+        assert_eq!(outcome.steps, vec![StepOutcome::Got { key: b("s"), found }]);
+        assert_eq!(kv.revision(), 4);
     }
 
     #[test]

@@ -15,18 +15,21 @@
 //!
 //! The compares are evaluated where the entry is applied, in log order, so on every
 //! member alike: nothing between the check and the writes. Every key a transaction
-//! names must belong to one group (409 otherwise, as for `POST /v1/kv`). Only once every
-//! member reads entry format 6 (`entry_formats::TXN`; 409 before): an older release
-//! would stop at the entry.
+//! names must belong to one group (409 otherwise, as for `POST /v1/kv`). A transaction
+//! that writes is proposed only once every member reads entry format 6
+//! (`entry_formats::TXN`; 409 before): an older release would stop at the entry. One
+//! that only reads takes no entry: it is evaluated after a read index, as a GET is.
 
 use std::collections::BTreeSet;
 
+use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Request, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::request::{hex, parse_txn, txn_keys};
-use super::{json_response, read_body, Api, Failure, Reply};
+use super::{json_response, read_body, Api, Consistency, Failure, Reply};
 use crate::command::{Op, Step, Txn, Write, NO_LEASE};
 use crate::entry_formats;
 use crate::kv::{StepOutcome, TxnOutcome};
@@ -37,7 +40,6 @@ impl Api {
     pub(super) async fn txn(&self, req: Request<Incoming>) -> Reply {
         let body = read_body(req, self.max_value_bytes).await?;
         let txn = parse_txn(&body)?;
-        self.check_every_member_reads_txns()?;
         self.settle_shards(None).await?;
         let groups: BTreeSet<u64> = txn_keys(&txn).map(|key| self.owner_of(key)).collect();
         if groups.len() > 1 {
@@ -65,7 +67,6 @@ impl Api {
     pub(super) async fn txn_in(&self, group: u64, req: Request<Incoming>) -> Reply {
         let body = read_body(req, self.max_value_bytes).await?;
         let txn = parse_txn(&body)?;
-        self.check_every_member_reads_txns()?;
         for key in txn_keys(&txn) {
             self.check_owner(group, key)?;
         }
@@ -73,6 +74,10 @@ impl Api {
     }
 
     async fn run_txn(&self, group: u64, txn: Txn) -> Reply {
+        if is_read_only(&txn) {
+            return self.read_txn(group, txn).await;
+        }
+        self.check_every_member_reads_txns()?;
         for step in txn.success.iter().chain(&txn.failure) {
             if let Step::Write(Write::Put { key, lease, .. }) = step {
                 if *lease != NO_LEASE {
@@ -90,16 +95,19 @@ impl Api {
                 "the transaction was applied but its outcome was lost; read its keys to see it",
             ));
         };
-        let TxnOutcome { succeeded, steps } = *outcome;
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({
-                "succeeded": succeeded,
-                "revision": written.revision,
-                "group": group,
-                "responses": steps.into_iter().map(step_json).collect::<Vec<Value>>(),
-            }),
-        ))
+        Ok(txn_response(*outcome, written.revision, group))
+    }
+
+    /// A transaction that only reads (etcd serves these without a log entry too): after
+    /// a read index, as a linearizable GET, its compares and reads are evaluated on this
+    /// replica's map under one lock, so at one revision. It writes nothing, so any
+    /// release's members allow it.
+    async fn read_txn(&self, group: u64, txn: Txn) -> Reply {
+        self.wait_until_readable(group, Consistency::Linearizable)
+            .await?;
+        let map = self.map_of(group)?;
+        let map = map.read().unwrap();
+        Ok(txn_response(map.read_txn(&txn), map.revision(), group))
     }
 
     fn check_every_member_reads_txns(&self) -> Result<(), Failure> {
@@ -115,6 +123,25 @@ impl Api {
             ),
         ))
     }
+}
+
+/// Whether every step of both branches is a read.
+fn is_read_only(txn: &Txn) -> bool {
+    (txn.success.iter().chain(&txn.failure)).all(|step| matches!(step, Step::Get { .. }))
+}
+
+/// The answer to a transaction that took (or, read-only, saw) `revision`.
+fn txn_response(outcome: TxnOutcome, revision: u64, group: u64) -> Response<Full<Bytes>> {
+    let TxnOutcome { succeeded, steps } = outcome;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "succeeded": succeeded,
+            "revision": revision,
+            "group": group,
+            "responses": steps.into_iter().map(step_json).collect::<Vec<Value>>(),
+        }),
+    )
 }
 
 /// One step's answer. A value that is not UTF-8 comes as `value_hex`: the transaction
