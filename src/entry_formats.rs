@@ -8,8 +8,16 @@
 //! remembers it per peer, in memory and in its data dir (`entry-formats`), so that a
 //! restart does not forget it: a node restarted while a member is down would otherwise
 //! write the oldest format, refuse leases and not batch writes until that member came
-//! back. A peer never heard from, or one too old to say, counts as reading format 1
-//! only. A node never trusts a peer's word for its own reading: an entry newer than it
+//! back. A peer too old to say counts as reading format 1 only.
+//!
+//! A member never heard from counts as reading what the cluster has written, which only
+//! rises (etcd's cluster version never goes down either): the newest format that every
+//! member had said it reads at once, remembered in the same file. So adding a member
+//! does not make the others fall back to older formats (single entries, no leases, no
+//! transactions) until it first talks: a new member must run a release that reads what
+//! the cluster writes, and one that does not stops at the first entry it cannot read,
+//! with a message saying to upgrade it. Until a node has heard every member once (a new
+//! node, or one whose file was lost), that is format 1. A node never trusts a peer's word for its own reading: an entry newer than it
 //! reads stops it (`node/group.rs`), so a member downgraded to an older release while it
 //! was down stops at the first entry it cannot read, with a message saying so, until it
 //! is upgraded again (what it says once it is up is heard within a second).
@@ -42,6 +50,9 @@ pub struct EntryFormats {
     own: u8,
     /// The newest format each peer said it reads.
     peers: Mutex<HashMap<u64, u8>>,
+    /// The newest format every member had said it reads at once: what a member never
+    /// heard from counts as reading.
+    reached: Mutex<u8>,
     /// What `writable` answered last, to log a change once.
     last_writable: Mutex<u8>,
     /// Where `peers` is kept across restarts (none in unit tests).
@@ -53,26 +64,40 @@ impl EntryFormats {
         EntryFormats {
             own,
             peers: Mutex::default(),
+            reached: Mutex::new(SINGLE),
             last_writable: Mutex::new(SINGLE),
             file: None,
         }
     }
 
     /// The same, remembering what peers said in `file` (read now, if it exists; a line
-    /// `<node id> <format>` per peer). A damaged file is forgotten, not trusted: the
-    /// peers are heard again within a second of being up.
+    /// `<node id> <format>` per peer, and `reached <format>`). A damaged file is
+    /// forgotten, not trusted: the peers are heard again within a second of being up.
+    /// (Releases before `reached` find the file damaged, and so hear their peers again.)
     pub fn remembered_in(own: u8, file: PathBuf) -> EntryFormats {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let mut reached = SINGLE;
         let peers = text
             .lines()
             .map(|line| {
                 let (id, format) = line.split_once(' ')?;
-                Some((id.parse().ok()?, format.parse().ok()?))
+                let format: u8 = format.parse().ok()?;
+                if id == REACHED {
+                    reached = format;
+                    return Some(None);
+                }
+                Some(Some((id.parse().ok()?, format)))
             })
-            .collect::<Option<HashMap<u64, u8>>>()
-            .unwrap_or_default();
+            .collect::<Option<Vec<Option<(u64, u8)>>>>();
+        let Some(peers) = peers else {
+            return EntryFormats {
+                file: Some(file),
+                ..EntryFormats::new(own)
+            };
+        };
         EntryFormats {
-            peers: Mutex::new(peers),
+            peers: Mutex::new(peers.into_iter().flatten().collect()),
+            reached: Mutex::new(reached),
             file: Some(file),
             ..EntryFormats::new(own)
         }
@@ -98,12 +123,7 @@ impl EntryFormats {
         };
         let mut changed = peers.clone();
         changed.insert(peer, newest);
-        let mut lines: Vec<String> = changed
-            .iter()
-            .map(|(id, f)| format!("{id} {f}\n"))
-            .collect();
-        lines.sort();
-        match crate::durable::write_file(file, lines.concat().as_bytes()) {
+        match write_down(file, &changed, *self.reached.lock().unwrap()) {
             Ok(()) => {
                 *peers = changed;
                 Ok(())
@@ -117,20 +137,34 @@ impl EntryFormats {
 
     /// Whether this node and every one of `members` read `format`.
     pub fn all_read(&self, members: impl Iterator<Item = u64>, format: u8) -> bool {
-        let peers = self.peers.lock().unwrap();
-        self.own >= format
-            && members
-                .into_iter()
-                .all(|id| peers.get(&id).copied().unwrap_or(SINGLE) >= format)
+        self.newest_all_read(members) >= format
     }
 
-    /// The newest format this node and every one of `members` read: what this node
-    /// writes to a group of them (`/status` shows it for the cluster's members).
+    /// The newest format this node and every one of `members` read (a member never heard
+    /// from: what the cluster has reached): what this node writes to a group of them
+    /// (`/status` shows it for the cluster's members). If every one of them has said
+    /// what it reads, that is what the cluster has reached, if it is newer.
     pub fn newest_all_read(&self, members: impl Iterator<Item = u64>) -> u8 {
         let peers = self.peers.lock().unwrap();
-        members
-            .map(|id| peers.get(&id).copied().unwrap_or(SINGLE))
-            .fold(self.own, u8::min)
+        let mut reached = self.reached.lock().unwrap();
+        let (mut newest, mut all_heard) = (self.own, true);
+        for id in members {
+            let said = peers.get(&id).copied();
+            all_heard &= said.is_some();
+            newest = newest.min(said.unwrap_or(*reached));
+        }
+        if all_heard && newest > *reached {
+            // Written down before it counts; if it cannot be, it counts from the next
+            // time it can.
+            let written = match &self.file {
+                Some(file) => write_down(file, &peers, newest).is_ok(),
+                None => true,
+            };
+            if written {
+                *reached = newest;
+            }
+        }
+        newest.min(self.own)
     }
 
     /// [`Self::newest_all_read`], and whether that changed since the last call.
@@ -141,6 +175,21 @@ impl EntryFormats {
         *last = newest;
         (newest, changed)
     }
+}
+
+/// The first word of the file's line that remembers what the cluster has reached.
+const REACHED: &str = "reached";
+
+/// Writes what peers said, and what the cluster reached, to `file`.
+fn write_down(
+    file: &std::path::Path,
+    peers: &HashMap<u64, u8>,
+    reached: u8,
+) -> std::io::Result<()> {
+    let mut lines: Vec<String> = peers.iter().map(|(id, f)| format!("{id} {f}\n")).collect();
+    lines.sort();
+    lines.push(format!("{REACHED} {reached}\n"));
+    crate::durable::write_file(file, lines.concat().as_bytes())
 }
 
 /// Parses the header's value; a peer that sends none reads format 1 only.
@@ -171,6 +220,14 @@ mod tests {
         assert_eq!(formats.writable([2, 3].into_iter()), (BATCH, true));
         assert_eq!(formats.writable([2].into_iter()), (BATCH, false));
         assert_eq!(
+            formats.writable([2, 3, 4].into_iter()).0,
+            BATCH,
+            "4, never heard from, counts as reading what the cluster reached"
+        );
+        formats.heard(4, SINGLE).unwrap();
+        assert_eq!(formats.writable([2, 3, 4].into_iter()).0, SINGLE);
+        assert_eq!(formats.writable([2, 3].into_iter()).0, BATCH);
+        assert_eq!(
             EntryFormats::new(SINGLE).writable([2].into_iter()).0,
             SINGLE
         );
@@ -183,6 +240,13 @@ mod tests {
         let restarted = EntryFormats::remembered_in(NEWEST, file.clone());
         assert_eq!(restarted.writable([2].into_iter()).0, LEASES);
         assert_eq!(restarted.writable([2, 5].into_iter()).0, BATCH);
+        // What the cluster reached is remembered too: a member never heard from (7, added
+        // since) counts as reading it, one that said less counts as what it said.
+        let again = EntryFormats::remembered_in(NEWEST, file.clone());
+        assert_eq!(again.writable([2, 7].into_iter()).0, LEASES);
+        again.heard(7, BATCH).unwrap();
+        assert_eq!(again.writable([2, 7].into_iter()).0, BATCH);
+        assert_eq!(again.writable([2].into_iter()).0, LEASES);
         std::fs::write(&file, "2 x\n").unwrap();
         let damaged = EntryFormats::remembered_in(NEWEST, file.clone());
         assert_eq!(damaged.writable([2].into_iter()).0, SINGLE);

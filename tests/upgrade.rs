@@ -353,3 +353,58 @@ fn entry_formats(node: &common::Node) -> (u64, u64) {
         node.status_u64("cluster_entry_format"),
     )
 }
+
+/// Once every member has said it reads the newest format, a member added later counts
+/// as reading it too until it talks (etcd's cluster version never goes down either): in
+/// the time between `POST /<id>` and the new node's first word, the cluster keeps
+/// writing batches and takes transactions and leases (all were refused or off before).
+/// The new node then joins and serves what was written meanwhile.
+#[test]
+fn a_member_added_later_counts_as_reading_what_the_cluster_writes() {
+    let mut cluster = common::Cluster::start("format-reached", 3, &[]);
+    cluster.wait_leader();
+    poll_until(
+        "every node to hear that every member reads the newest format",
+        || cluster.nodes.iter().all(|n| entry_formats(n) == (6, 6)),
+        || cluster.logs(),
+    );
+    // Each node logs the format it writes when it first proposes (then at each change).
+    for id in 1..=3 {
+        cluster.put_ok(id, &format!("first{id}"), "v");
+    }
+    let mut urls: Vec<String> = cluster.nodes.iter().map(|n| n.peer_url.clone()).collect();
+    urls.push(format!("http://127.0.0.1:{}", free_port()));
+    let (code, text) = http(
+        "POST",
+        &cluster.nodes[0].url("4"),
+        Some(urls[3].clone().into_bytes()),
+    );
+    assert_eq!(code, 204, "{text}");
+    let changes = |node: &common::Node| {
+        node.log_text()
+            .matches("entry format written changed")
+            .count()
+    };
+    let before: Vec<usize> = cluster.nodes.iter().map(changes).collect();
+    // Node 4 is a member that no one has heard from.
+    for node in &cluster.nodes {
+        assert_eq!(entry_formats(node), (6, 6), "node {}", node.id);
+    }
+    let txn = br#"{"compare": [{"key": "meanwhile", "revision": 0}], "success": [{"put": {"key": "meanwhile", "value": "v"}}]}"#;
+    let (code, text) = http("POST", &cluster.nodes[1].url("v1/txn"), Some(txn.to_vec()));
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("\"succeeded\":true"), "{text}");
+    let grant = br#"{"ttl_seconds": 60}"#.to_vec();
+    let (code, text) = http("POST", &cluster.nodes[2].url("v1/leases"), Some(grant));
+    assert_eq!(code, 201, "{text}");
+    for i in 0..20 {
+        cluster.put_ok(1 + i % 3, &format!("k{i}"), "v");
+    }
+    let after: Vec<usize> = cluster.nodes.iter().map(changes).collect();
+    assert_eq!(before, after, "no node fell back to an older format");
+
+    cluster.add_node_spec(4, &urls, &[], true);
+    cluster.node(4).start();
+    cluster.wait_value(4, "meanwhile", "v");
+    cluster.wait_value(4, "k19", "v");
+}
