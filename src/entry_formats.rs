@@ -17,10 +17,13 @@
 //! transactions) until it first talks: a new member must run a release that reads what
 //! the cluster writes, and one that does not stops at the first entry it cannot read,
 //! with a message saying to upgrade it. Until a node has heard every member once (a new
-//! node, or one whose file was lost), that is format 1. A node never trusts a peer's word for its own reading: an entry newer than it
-//! reads stops it (`node/group.rs`), so a member downgraded to an older release while it
-//! was down stops at the first entry it cannot read, with a message saying so, until it
-//! is upgraded again (what it says once it is up is heard within a second).
+//! node, or one whose file was lost), that is format 1. What one given peer does
+//! ([`EntryFormats::said`]) is only ever what it said.
+//!
+//! A node never trusts a peer's word for its own reading: an entry newer than it reads
+//! stops it (`node/group.rs`), so a member downgraded to an older release while it was
+//! down stops at the first entry it cannot read, with a message saying so, until it is
+//! upgraded again (what it says once it is up is heard within a second).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -135,6 +138,16 @@ impl EntryFormats {
         }
     }
 
+    /// Whether `peer` itself has said it reads `format` (for what that one node will do
+    /// with a request, not for what the cluster may write).
+    pub fn said(&self, peer: u64, format: u8) -> bool {
+        self.peers
+            .lock()
+            .unwrap()
+            .get(&peer)
+            .is_some_and(|&f| f >= format)
+    }
+
     /// Whether this node and every one of `members` read `format`.
     pub fn all_read(&self, members: impl Iterator<Item = u64>, format: u8) -> bool {
         self.newest_all_read(members) >= format
@@ -232,6 +245,10 @@ mod tests {
             SINGLE
         );
         assert!(formats.all_read([2, 3].into_iter(), BATCH));
+        assert!(
+            formats.said(2, BATCH) && !formats.said(9, BATCH),
+            "9 said nothing"
+        );
         let file = std::env::temp_dir().join(format!("raftkvd-formats-{}", std::process::id()));
         let remembered = EntryFormats::remembered_in(NEWEST, file.clone());
         assert_eq!(remembered.writable([2].into_iter()).0, SINGLE);

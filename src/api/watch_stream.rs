@@ -436,7 +436,7 @@ impl RemoteFollower {
     /// (those before entry format 4, `entry_formats::LEASES`) take only the last, and a
     /// relay through one would miss the others' events without a word.
     fn host_reads_several_keys(&self, node: u64) -> bool {
-        (self.api.entry_formats).all_read(std::iter::once(node), entry_formats::LEASES)
+        (self.api.entry_formats).said(node, entry_formats::LEASES)
     }
 
     pub(super) async fn run(mut self, first: reqwest::Response, stream: Stream) {
